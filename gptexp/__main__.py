@@ -1,0 +1,3 @@
+from gptexp.train import main
+
+main()

@@ -1,0 +1,400 @@
+"""The checkpoint format and a run's checkpoint directory.
+
+One file per checkpoint (``step_0000500.pt``), a plain dict of tensors, numbers, strings,
+lists and dicts that ``torch.load(..., weights_only=True)`` reads without allow-listing any
+class. ``manifest.json`` lists the valid checkpoints with their sha256; a file that is not
+listed, or whose bytes do not hash to the listed value, does not exist as far as loading is
+concerned.
+
+Every write is crash-safe: a temporary file in the same directory, flushed and fsynced, renamed
+over its final name, and the directory fsynced; the manifest is rewritten the same way.
+Retention deletes files only after the new checkpoint and the manifest that lists it are
+durable. Writes may run in a background thread from a snapshot of the state, so training
+stalls only for the copy.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import logging
+import os
+import pickle
+import signal
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from gptexp.config import CheckpointConfig
+
+log = logging.getLogger(__name__)
+
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+TMP_SUFFIX = ".tmp"
+
+# Test hook: "STEP:PHASE" makes the writer SIGKILL its own process while saving STEP, at
+# PHASE "write" (part of the temporary file written) or "rename" (file in place, manifest not
+# yet updated). It lets the crash tests reach the instants that matter.
+CRASH_HOOK_ENV = "GPTEXP_TEST_CRASH_IN_SAVE"
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint could not be written or no valid checkpoint could be read."""
+
+
+@dataclass
+class CheckpointEntry:
+    file: str
+    step: int
+    sha256: str
+    bytes: int
+    metric: float | None = None
+    reasons: list[str] = field(default_factory=list)
+    time: float = 0.0
+
+
+def checkpoint_name(step: int) -> str:
+    return f"step_{step:07d}.pt"
+
+
+# ----------------------------------------------------------------------------- durable I/O
+
+
+def fsync_dir(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` so that a crash leaves either the old or the new file."""
+    tmp = path.with_name(path.name + TMP_SUFFIX)
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    fsync_dir(path.parent)
+
+
+def atomic_write_json(path: Path, obj: Any) -> None:
+    atomic_write_bytes(path, (json.dumps(obj, indent=2) + "\n").encode("utf-8"))
+
+
+class _HashingWriter(io.RawIOBase):
+    """A write-only file wrapper that hashes and counts what passes through it."""
+
+    def __init__(self, f, crash_after: int | None = None) -> None:
+        super().__init__()
+        self.f = f
+        self.sha = hashlib.sha256()
+        self.count = 0
+        self.crash_after = crash_after
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, data) -> int:
+        data = bytes(data)
+        self.f.write(data)
+        self.sha.update(data)
+        self.count += len(data)
+        if self.crash_after is not None and self.count >= self.crash_after:
+            self.f.flush()
+            os.kill(os.getpid(), signal.SIGKILL)
+        return len(data)
+
+    def flush(self) -> None:
+        self.f.flush()
+
+
+def _crash_phase(step: int) -> str | None:
+    spec = os.environ.get(CRASH_HOOK_ENV)
+    if not spec:
+        return None
+    hook_step, _, phase = spec.partition(":")
+    if int(hook_step) != step:
+        return None
+    return phase or "write"
+
+
+def sha256_file(path: Path) -> str:
+    sha = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            sha.update(chunk)
+    return sha.hexdigest()
+
+
+def snapshot(obj: Any) -> Any:
+    """A deep copy of a state dict whose tensors are CPU clones, safe to write later.
+
+    Training mutates parameters and optimizer state in place; the background writer must see
+    the values of the moment the checkpoint was taken.
+    """
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().to("cpu", copy=True)
+    if isinstance(obj, dict):
+        return {key: snapshot(value) for key, value in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(snapshot(value) for value in obj)
+    return obj
+
+
+def load_checkpoint_file(path: Path) -> dict[str, Any]:
+    """``torch.load`` with ``weights_only=True``: no code in the file can run."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as error:
+        raise CheckpointError(
+            f"{path}: refused to load: it holds objects other than plain data "
+            f"({str(error).splitlines()[0]})"
+        ) from None
+    except (RuntimeError, EOFError, OSError) as error:
+        raise CheckpointError(f"{path}: unreadable ({str(error).splitlines()[0]})") from None
+    if not isinstance(state, dict) or "model" not in state or "step" not in state:
+        raise CheckpointError(f"{path}: not a gptexp checkpoint (no model/step)")
+    if state.get("format_version", 0) > FORMAT_VERSION:
+        raise CheckpointError(
+            f"{path}: format version {state['format_version']} is newer than this gptexp "
+            f"reads ({FORMAT_VERSION}); upgrade gptexp"
+        )
+    return state
+
+
+# ----------------------------------------------------------------------------- the directory
+
+
+class CheckpointManager:
+    """Owns ``<run>/checkpoints``: save policy, crash-safe writes, retention and loading."""
+
+    def __init__(self, directory: Path, policy: CheckpointConfig) -> None:
+        self.directory = Path(directory)
+        self.policy = policy
+        self._pending: threading.Thread | None = None
+        self._pending_error: BaseException | None = None
+        self._lock = threading.Lock()
+        self.save_seconds: list[float] = []  # time training stalled per save (snapshot)
+        self.write_seconds: list[float] = []  # time each write took in the writer
+
+    # -- manifest
+
+    def entries(self) -> list[CheckpointEntry]:
+        """The manifest's checkpoints, oldest first (no verification)."""
+        path = self.directory / MANIFEST
+        if not path.is_file():
+            return []
+        try:
+            data = json.loads(path.read_text())
+            return [CheckpointEntry(**entry) for entry in data["checkpoints"]]
+        except (json.JSONDecodeError, KeyError, TypeError) as error:
+            raise CheckpointError(f"{path}: damaged manifest ({error})") from None
+
+    def _write_manifest(self, entries: list[CheckpointEntry]) -> None:
+        entries = sorted(entries, key=lambda e: e.step)
+        atomic_write_json(
+            self.directory / MANIFEST,
+            {"format_version": FORMAT_VERSION, "checkpoints": [asdict(e) for e in entries]},
+        )
+
+    def remove_stale_temporaries(self) -> None:
+        """Temporary files are what a crash in the middle of a write leaves behind."""
+        for tmp in self.directory.glob(f"*{TMP_SUFFIX}"):
+            tmp.unlink(missing_ok=True)
+
+    # -- policy
+
+    def _better(self, a: float, b: float) -> bool:
+        return a < b if self.policy.mode == "min" else a > b
+
+    def ranks_among_best(self, metric: float, entries: list[CheckpointEntry]) -> bool:
+        if self.policy.keep_best == 0:
+            return False
+        scored = [e.metric for e in entries if e.metric is not None]
+        beaten_by = sum(1 for other in scored if not self._better(metric, other))
+        return beaten_by < self.policy.keep_best
+
+    def wants(self, step: int, metric: float | None, final: bool) -> list[str]:
+        """Why a checkpoint should be written at ``step`` (empty: it should not)."""
+        p = self.policy
+        if not p.enabled:
+            return []
+        reasons = []
+        if final:
+            reasons.append("final")
+        if p.every_steps and step % p.every_steps == 0:
+            reasons.append("periodic")
+        if p.keep_every and step % p.keep_every == 0:
+            reasons.append("milestone")
+        if metric is not None and p.keep_best:
+            self.wait()  # ranking needs the manifest of every earlier save
+            if self.ranks_among_best(metric, self.entries()):
+                reasons.append("best")
+        return reasons
+
+    def retained(self, entries: list[CheckpointEntry]) -> list[CheckpointEntry]:
+        """The checkpoints the policy keeps; the newest is always kept (resume needs it)."""
+        p = self.policy
+        by_step = sorted(entries, key=lambda e: e.step)
+        keep = {e.step for e in by_step[-max(1, p.keep_last) :]}
+        scored = [e for e in by_step if e.metric is not None]
+        key = (lambda e: e.metric) if p.mode == "min" else (lambda e: -e.metric)
+        keep |= {e.step for e in sorted(scored, key=key)[: p.keep_best]}
+        if p.keep_every:
+            keep |= {e.step for e in by_step if e.step % p.keep_every == 0}
+        return [e for e in by_step if e.step in keep]
+
+    # -- saving
+
+    def save(
+        self,
+        state: dict[str, Any],
+        step: int,
+        metric: float | None,
+        reasons: list[str],
+        *,
+        asynchronous: bool | None = None,
+    ) -> None:
+        """Write ``state`` as the checkpoint of ``step``.
+
+        With ``asynchronous`` (the policy's ``async_save`` by default) the state is copied and
+        written by a background thread; the call returns after the copy. Errors of a
+        background write surface at the next ``save`` or ``wait``.
+        """
+        asynchronous = self.policy.async_save if asynchronous is None else asynchronous
+        self.wait()
+        self.directory.mkdir(parents=True, exist_ok=True)
+        started = time.perf_counter()
+        if asynchronous:
+            frozen = snapshot(state)
+            self._pending = threading.Thread(
+                target=self._write_in_background,
+                args=(frozen, step, metric, reasons),
+                name=f"checkpoint-{step}",
+                daemon=False,
+            )
+            self._pending.start()
+            self.save_seconds.append(time.perf_counter() - started)
+        else:
+            self._write(state, step, metric, reasons)
+            self.save_seconds.append(time.perf_counter() - started)
+
+    def wait(self) -> None:
+        """Block until the background write (if any) is durable; re-raise its error."""
+        if self._pending is not None:
+            self._pending.join()
+            self._pending = None
+        if self._pending_error is not None:
+            error, self._pending_error = self._pending_error, None
+            raise error
+
+    def _write_in_background(self, state, step, metric, reasons) -> None:
+        try:
+            self._write(state, step, metric, reasons)
+        except BaseException as error:  # handed to the training thread by wait()
+            self._pending_error = error
+
+    def _write(self, state: dict[str, Any], step: int, metric, reasons: list[str]) -> None:
+        started = time.perf_counter()
+        name = checkpoint_name(step)
+        final_path = self.directory / name
+        tmp = self.directory / (name + TMP_SUFFIX)
+        phase = _crash_phase(step)
+        try:
+            with open(tmp, "wb") as f:
+                writer = _HashingWriter(f, crash_after=4096 if phase == "write" else None)
+                torch.save(state, writer)
+                f.flush()
+                os.fsync(f.fileno())
+            size, digest = writer.count, writer.sha.hexdigest()
+            os.replace(tmp, final_path)
+            fsync_dir(self.directory)
+        except OSError as error:
+            tmp.unlink(missing_ok=True)
+            raise CheckpointError(
+                f"could not write checkpoint {final_path} ({error.strerror or error}); "
+                "the earlier checkpoints are intact"
+            ) from None
+        if phase == "rename":
+            os.kill(os.getpid(), signal.SIGKILL)
+
+        entry = CheckpointEntry(name, step, digest, size, metric, reasons, time.time())
+        with self._lock:
+            entries = [e for e in self.entries() if e.step != step] + [entry]
+            self._write_manifest(entries)  # the new checkpoint is durable and listed
+            kept = self.retained(entries)
+            if len(kept) < len(entries):
+                self._write_manifest(kept)  # un-list first, then delete
+                kept_files = {e.file for e in kept}
+                for dropped in entries:
+                    if dropped.file not in kept_files:
+                        (self.directory / dropped.file).unlink(missing_ok=True)
+        self.write_seconds.append(time.perf_counter() - started)
+
+    # -- loading
+
+    def verify(self, entry: CheckpointEntry) -> str | None:
+        """None when the file matches its manifest entry, else what is wrong with it."""
+        path = self.directory / entry.file
+        if not path.is_file():
+            return "missing"
+        if path.stat().st_size != entry.bytes:
+            return f"truncated or extended ({path.stat().st_size} bytes, listed {entry.bytes})"
+        if sha256_file(path) != entry.sha256:
+            return "corrupted (sha256 differs from the manifest)"
+        return None
+
+    def load(self, entry: CheckpointEntry) -> dict[str, Any]:
+        problem = self.verify(entry)
+        if problem is not None:
+            raise CheckpointError(f"{self.directory / entry.file}: {problem}")
+        return load_checkpoint_file(self.directory / entry.file)
+
+    def find(self, which: str | int) -> CheckpointEntry:
+        """The manifest entry for ``last``, ``best`` or a step number (not verified)."""
+        entries = self.entries()
+        if not entries:
+            raise CheckpointError(f"{self.directory}: no checkpoint")
+        if which == "last":
+            return entries[-1]
+        if which == "best":
+            scored = [e for e in entries if e.metric is not None]
+            if not scored:
+                return entries[-1]
+            key = (lambda e: e.metric) if self.policy.mode == "min" else (lambda e: -e.metric)
+            return min(scored, key=key)
+        for entry in entries:
+            if entry.step == int(which):
+                return entry
+        steps = ", ".join(str(e.step) for e in entries)
+        raise CheckpointError(f"{self.directory}: no checkpoint at step {which} (have: {steps})")
+
+    def load_latest_valid(
+        self, warn: Callable[[str], None] = log.warning
+    ) -> tuple[CheckpointEntry, dict[str, Any]] | None:
+        """The newest checkpoint that verifies and loads; damaged ones are skipped, with a
+        message. None when there is no valid checkpoint at all."""
+        listed = {e.file for e in self.entries()}
+        if self.directory.is_dir():
+            for path in sorted(self.directory.glob("step_*.pt")):
+                if path.name not in listed:
+                    warn(f"ignoring {path}: not in the manifest (its write never completed)")
+        for entry in reversed(self.entries()):
+            try:
+                return entry, self.load(entry)
+            except CheckpointError as error:
+                warn(f"skipping checkpoint: {error}; falling back to an older one")
+        return None

@@ -1,0 +1,215 @@
+"""The run directory: its layout, its status file, its lock and its log.
+
+Everything needed to resume, evaluate or compare a run lives inside its directory, so every
+tool takes just a path. ``run.json`` records the status (running | finished | interrupted |
+failed) and the facts of the run; ``.lock`` is held (``flock``) by the process training it.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import logging
+import os
+import platform
+import socket
+import subprocess
+import sys
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from gptexp.checkpoint import atomic_write_json
+
+log = logging.getLogger(__name__)
+
+RUNNING, FINISHED, INTERRUPTED, FAILED = "running", "finished", "interrupted", "failed"
+
+
+class RunError(RuntimeError):
+    """A path that is not a usable run directory, or a run that is busy."""
+
+
+class RunDirectory:
+    """Paths and status of one run directory."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path).resolve()
+
+    hydra_dir = property(lambda self: self.path / ".hydra")
+    config_yaml = property(lambda self: self.path / ".hydra" / "config.yaml")
+    overrides_yaml = property(lambda self: self.path / ".hydra" / "overrides.yaml")
+    run_json = property(lambda self: self.path / "run.json")
+    metrics = property(lambda self: self.path / "metrics.jsonl")
+    checkpoints = property(lambda self: self.path / "checkpoints")
+    tokenizer = property(lambda self: self.path / "tokenizer.json")
+    eval_dir = property(lambda self: self.path / "eval")
+    samples = property(lambda self: self.path / "samples.txt")
+    log_file = property(lambda self: self.path / "train.log")
+    lock_file = property(lambda self: self.path / ".lock")
+
+    def __repr__(self) -> str:
+        return f"RunDirectory({str(self.path)!r})"
+
+    def is_run(self) -> bool:
+        return self.run_json.is_file()
+
+    def read_status(self) -> dict[str, Any]:
+        if not self.run_json.is_file():
+            return {}
+        try:
+            return json.loads(self.run_json.read_text())
+        except json.JSONDecodeError as error:
+            raise RunError(f"{self.run_json}: damaged ({error})") from None
+
+    def update_status(self, **fields: Any) -> dict[str, Any]:
+        status = self.read_status() | fields
+        atomic_write_json(self.run_json, status)
+        return status
+
+    def overrides(self) -> list[str]:
+        """What the user changed at launch (Hydra's overrides.yaml), or []."""
+        if not self.overrides_yaml.is_file():
+            return []
+        from omegaconf import OmegaConf
+
+        return [str(item) for item in OmegaConf.load(self.overrides_yaml)]
+
+    @contextmanager
+    def lock(self):
+        """Hold the run's lock for the duration; a second trainer gets a clear RunError.
+
+        ``flock`` is released by the kernel when the process dies, however it dies, so a
+        killed run never leaves a stale lock behind.
+        """
+        self.path.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.lock_file, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "unknown"
+                raise RunError(
+                    f"{self.path} is being trained by a live process (pid {holder}); "
+                    "stop it first, or wait for it to finish"
+                ) from None
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+            yield
+        finally:
+            os.close(fd)  # closing releases the flock
+
+
+def require_run(path: str | Path) -> RunDirectory:
+    """The run at ``path``, or a RunError saying why it is not one."""
+    run = RunDirectory(path)
+    if not run.path.exists():
+        raise RunError(f"{path}: no such directory")
+    if not run.path.is_dir():
+        raise RunError(f"{path}: not a directory")
+    if not run.is_run() and not run.config_yaml.is_file():
+        raise RunError(
+            f"{path}: not a gptexp run directory (no run.json or .hydra/config.yaml); "
+            "runs are the directories that python -m gptexp.train creates under outputs/"
+        )
+    return run
+
+
+def discard_unstarted(run: RunDirectory) -> None:
+    """Remove what Hydra wrote for a run that failed validation before it started.
+
+    Only Hydra's own files go, and a directory only when it is then empty, so a run (or
+    anything else) that was already there is never touched.
+    """
+    if run.is_run() or run.checkpoints.exists() or not run.path.is_dir():
+        return
+    for name in ("config.yaml", "hydra.yaml", "overrides.yaml"):
+        (run.hydra_dir / name).unlink(missing_ok=True)
+    for path in (run.log_file, run.lock_file):
+        path.unlink(missing_ok=True)
+    for directory in (run.hydra_dir, run.path):
+        try:
+            directory.rmdir()
+        except OSError:
+            return
+
+
+def git_commit() -> str | None:
+    """The commit of the gptexp source tree (with ``-dirty`` for local changes), if any."""
+    source = Path(__file__).resolve().parent
+    try:
+        commit = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=source, capture_output=True, text=True, timeout=5
+        )
+        if commit.returncode != 0:
+            return None
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=source,
+            capture_output=True,
+            text=True,
+            timeout=5,
+        )
+        return commit.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+
+
+def environment() -> dict[str, Any]:
+    """Host, process and library facts recorded in run.json."""
+    import hydra
+    import numpy
+    import omegaconf
+    import torch
+
+    return {
+        "host": socket.gethostname(),
+        "pid": os.getpid(),
+        "platform": platform.platform(),
+        "python": sys.version.split()[0],
+        "versions": {
+            "torch": torch.__version__,
+            "hydra": hydra.__version__,
+            "omegaconf": omegaconf.__version__,
+            "numpy": numpy.__version__,
+        },
+        "git_commit": git_commit(),
+        "argv": sys.argv,
+    }
+
+
+def now() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%S%z")
+
+
+@contextmanager
+def run_logging(run: RunDirectory | None, console_level: int = logging.INFO):
+    """Send gptexp's log records to ``<run>/train.log`` (appending) and to stderr.
+
+    Handlers are removed on exit, so the jobs of a multirun each log to their own file.
+    """
+    root = logging.getLogger()
+    handlers: list[logging.Handler] = []
+    fmt = logging.Formatter("[%(asctime)s][%(name)s][%(levelname)s] %(message)s")
+    if run is not None:
+        file_handler = logging.FileHandler(run.log_file, mode="a", encoding="utf-8")
+        file_handler.setFormatter(fmt)
+        file_handler.setLevel(logging.INFO)
+        handlers.append(file_handler)
+    console = logging.StreamHandler(sys.stderr)
+    console.setFormatter(logging.Formatter("%(message)s"))
+    console.setLevel(console_level)
+    handlers.append(console)
+    # Hydra's own console handler sits on the root logger; set it aside meanwhile so that
+    # each line is printed once.
+    previous_level, previous_handlers = root.level, root.handlers[:]
+    root.handlers = handlers
+    root.setLevel(logging.INFO)
+    try:
+        yield console
+    finally:
+        for handler in handlers:
+            handler.close()
+        root.handlers = previous_handlers
+        root.setLevel(previous_level)

@@ -1,0 +1,96 @@
+"""``python -m gptexp.train [overrides]``: compose the config with Hydra, then train.
+
+A thin entry: Hydra composes ``conf/train.yaml`` over the typed schema, the config becomes
+typed dataclasses once, here, and :func:`gptexp.trainer.run_training` does the rest. The
+return value is the final validation loss, which Hydra's sweepers (Optuna) minimise.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Any
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from hydra.experimental.callback import Callback
+from hydra.types import RunMode
+from omegaconf import DictConfig, OmegaConf
+
+from gptexp.cli import EXIT_USER_ERROR, report_errors
+from gptexp.config import ConfigError, register_configs, to_train_config
+from gptexp.run import RunDirectory, RunError, discard_unstarted, run_logging
+from gptexp.trainer import Distributed, init_distributed, run_training
+
+CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
+
+
+def task_config(config: DictConfig) -> DictConfig:
+    """The composed config without Hydra's own node."""
+    return OmegaConf.masked_copy(config, [k for k in config if k != "hydra"])
+
+
+class ValidateBeforeRun(Callback):
+    """Checks a single run before Hydra creates its directory or writes any file there."""
+
+    def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
+        try:
+            to_train_config(task_config(config))
+            run = RunDirectory(config.hydra.run.dir)
+            if run.is_run():
+                raise RunError(
+                    f"{run.path} already holds a run; continue it with "
+                    f"make resume RUN={run.path} (or choose another hydra.run.dir)"
+                )
+        except (ConfigError, RunError) as error:
+            print(f"error: {error}", file=sys.stderr)
+            sys.exit(EXIT_USER_ERROR)
+
+
+def _shared_run_dir(own: Path, dist_ctx: Distributed) -> Path:
+    """Under torchrun every rank composes its own config; all use rank 0's directory."""
+    if not dist_ctx.enabled:
+        return own
+    import torch.distributed as dist
+
+    box = [str(own)]
+    dist.broadcast_object_list(box, src=0)
+    shared = Path(box[0])
+    if shared != own:
+        discard_unstarted(RunDirectory(own))
+    return shared
+
+
+def train(cfg: DictConfig) -> float | None:
+    """Hydra's task function: one run (one job of a multirun)."""
+    hydra_cfg = HydraConfig.get()
+    multirun = hydra_cfg.mode == RunMode.MULTIRUN
+    overrides = list(hydra_cfg.overrides.task)
+    dist_ctx = Distributed.from_env()
+    init_distributed(dist_ctx, str(cfg.training.device))
+    run = RunDirectory(_shared_run_dir(Path(hydra_cfg.runtime.output_dir), dist_ctx))
+
+    def body() -> float | None:
+        return run_training(
+            to_train_config(cfg),
+            run,
+            resume=False,
+            wandb_group=Path(hydra_cfg.sweep.dir).name if multirun else None,
+            wandb_name=",".join(overrides) or None,
+        )
+
+    try:
+        with run_logging(run if dist_ctx.is_main else None):
+            return report_errors(body, raise_instead=multirun)
+    finally:
+        if not multirun and dist_ctx.is_main:
+            discard_unstarted(run)  # bad input leaves no half-made run directory behind
+
+
+def main() -> None:
+    register_configs()
+    hydra.main(config_path=CONF_DIR, config_name="train", version_base=None)(train)()
+
+
+if __name__ == "__main__":
+    main()

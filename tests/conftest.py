@@ -1,0 +1,95 @@
+"""Shared test helpers: real configs composed with Hydra, real entry points as subprocesses.
+
+Everything runs on the CPU, offline, with one torch thread (bit-exactness depends on the
+thread count), and writes only under pytest's tmp_path.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+
+from gptexp.config import TrainConfig, register_configs, to_train_config
+
+ROOT = Path(__file__).resolve().parent.parent
+CONF_DIR = ROOT / "conf"
+
+# A run of a few seconds: nano model, tiny batches, frequent evaluation and checkpoints.
+FAST = [
+    "model=nano",
+    "training=debug",
+    "training.num_threads=1",
+    "training.device=cpu",
+]
+
+
+@pytest.fixture(autouse=True)
+def _offline_and_isolated(tmp_path, monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    monkeypatch.setenv("GPTEXP_CACHE", str(tmp_path / "cache"))
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+
+
+def compose_config(overrides: list[str] | None = None) -> TrainConfig:
+    """conf/train.yaml composed with ``overrides`` and made typed, as the entry point does."""
+    register_configs()
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base=None):
+        cfg = compose(config_name="train", overrides=overrides or [])
+    return to_train_config(cfg)
+
+
+def subprocess_env(**extra: str) -> dict[str, str]:
+    env = dict(os.environ)
+    env.update(
+        OMP_NUM_THREADS="1",
+        PYTHONUNBUFFERED="1",
+        WANDB_MODE=env.get("WANDB_MODE", "offline"),
+        PYTHONPATH=str(ROOT) + os.pathsep + env.get("PYTHONPATH", ""),
+    )
+    env.update(extra)
+    return env
+
+
+def run_module(
+    module: str, *args: str, cwd: Path, env: dict[str, str] | None = None, timeout: float = 180
+) -> subprocess.CompletedProcess:
+    """``python -m <module> args...`` in ``cwd``; output captured as text."""
+    return subprocess.run(
+        [sys.executable, "-m", module, *args],
+        cwd=cwd,
+        env=env or subprocess_env(),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def train(run_dir: Path, *overrides: str, cwd: Path, env=None) -> subprocess.CompletedProcess:
+    """A real ``python -m gptexp.train`` into ``run_dir`` with the FAST settings."""
+    return run_module(
+        "gptexp.train", *FAST, *overrides, f"hydra.run.dir={run_dir}", cwd=cwd, env=env
+    )
+
+
+def read_metrics(run_dir: Path) -> list[dict]:
+    path = run_dir / "metrics.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+
+@pytest.fixture(scope="session")
+def finished_run(tmp_path_factory) -> Path:
+    """One finished FAST run shared by read-only tests (eval, export, compare)."""
+    base = tmp_path_factory.mktemp("shared_run")
+    run_dir = base / "run"
+    result = train(run_dir, cwd=base)
+    assert result.returncode == 0, result.stderr
+    return run_dir
