@@ -122,6 +122,36 @@ def lr_factor(step: int, cfg: TrainingConfig) -> float:
     return (cfg.min_lr + cosine * (cfg.lr - cfg.min_lr)) / cfg.lr
 
 
+@torch.no_grad()
+def evaluate_loss(
+    model: GPT,
+    tokens: torch.Tensor,
+    *,
+    block_size: int,
+    batch_size: int,
+    seed: int,
+    split: str,
+    batches: int,
+    device: torch.device,
+    precision: str = "fp32",
+) -> float:
+    """Mean loss of ``model`` over the fixed evaluation batches 0..batches-1 of ``split``.
+
+    The trainer's ``val/loss`` and ``python -m gptexp.eval`` both come from here, so the same
+    checkpoint gives the same number in both.
+    """
+    was_training = model.training
+    model.eval()
+    losses = []
+    for i in range(batches):
+        x, y = sample_batch(tokens, block_size, batch_size, seed=seed, split=split, step=i)
+        with autocast_context(device, precision):
+            _, loss = model(x.to(device), y.to(device))
+        losses.append(loss.item())
+    model.train(was_training)
+    return sum(losses) / len(losses)
+
+
 # ----------------------------------------------------------------------------- RNG state
 
 
@@ -369,22 +399,21 @@ class Trainer:
 
     # -- evaluation
 
-    @torch.no_grad()
     def evaluate(self, split: str = "val") -> float:
         """Mean loss over the fixed evaluation batches of ``split``."""
         tokens = self.corpus.val if split == "val" else self.corpus.train
         t = self.cfg.training
-        self.model.eval()
-        losses = []
-        for i in range(t.eval_batches):
-            x, y = sample_batch(
-                tokens, self.cfg.model.block_size, t.batch_size, seed=t.seed, split=split, step=i
-            )
-            with self.autocast:
-                _, loss = self.model(x.to(self.device), y.to(self.device))
-            losses.append(loss.item())
-        self.model.train()
-        return sum(losses) / len(losses)
+        return evaluate_loss(
+            self.model,
+            tokens,
+            block_size=self.cfg.model.block_size,
+            batch_size=t.batch_size,
+            seed=t.seed,
+            split=split,
+            batches=t.eval_batches,
+            device=self.device,
+            precision=t.precision,
+        )
 
     def write_sample(self) -> None:
         """Append a short generated text to samples.txt (its own RNG: training's is untouched)."""
