@@ -139,18 +139,22 @@ def sha256_file(path: Path) -> str:
     return sha.hexdigest()
 
 
-def snapshot(obj: Any) -> Any:
+def snapshot(obj: Any, _copies: dict[int, torch.Tensor] | None = None) -> Any:
     """A deep copy of a state dict whose tensors are CPU clones, safe to write later.
 
     Training mutates parameters and optimizer state in place; the background writer must see
-    the values of the moment the checkpoint was taken.
+    the values of the moment the checkpoint was taken. A tensor that appears twice (tied
+    embeddings) is copied once and stays shared, so it is written once.
     """
+    copies = {} if _copies is None else _copies
     if isinstance(obj, torch.Tensor):
-        return obj.detach().to("cpu", copy=True)
+        if id(obj) not in copies:
+            copies[id(obj)] = obj.detach().to("cpu", copy=True)
+        return copies[id(obj)]
     if isinstance(obj, dict):
-        return {key: snapshot(value) for key, value in obj.items()}
+        return {key: snapshot(value, copies) for key, value in obj.items()}
     if isinstance(obj, (list, tuple)):
-        return type(obj)(snapshot(value) for value in obj)
+        return type(obj)(snapshot(value, copies) for value in obj)
     return obj
 
 
