@@ -103,13 +103,18 @@ class _HashingWriter(io.RawIOBase):
         self.sha = hashlib.sha256()
         self.count = 0
         self.crash_after = crash_after
+        self.error: OSError | None = None  # torch re-raises write errors as RuntimeError
 
     def writable(self) -> bool:
         return True
 
     def write(self, data) -> int:
         data = bytes(data)
-        self.f.write(data)
+        try:
+            self.f.write(data)
+        except OSError as error:
+            self.error = error
+            raise
         self.sha.update(data)
         self.count += len(data)
         if self.crash_after is not None and self.count >= self.crash_after:
@@ -317,6 +322,7 @@ class CheckpointManager:
         final_path = self.directory / name
         tmp = self.directory / (name + TMP_SUFFIX)
         phase = _crash_phase(step)
+        writer = None
         try:
             with open(tmp, "wb") as f:
                 writer = _HashingWriter(f, crash_after=4096 if phase == "write" else None)
@@ -326,10 +332,12 @@ class CheckpointManager:
             size, digest = writer.count, writer.sha.hexdigest()
             os.replace(tmp, final_path)
             fsync_dir(self.directory)
-        except OSError as error:
+        except (OSError, RuntimeError) as error:
             tmp.unlink(missing_ok=True)
+            cause = writer.error if writer is not None and writer.error is not None else error
+            reason = getattr(cause, "strerror", None) or str(cause).splitlines()[0]
             raise CheckpointError(
-                f"could not write checkpoint {final_path} ({error.strerror or error}); "
+                f"could not write checkpoint {final_path} ({reason}); "
                 "the earlier checkpoints are intact"
             ) from None
         if phase == "rename":

@@ -1,0 +1,314 @@
+"""The checkpoint directory: crash-safe writes, verification, fallback, retention, safe loading.
+
+In-process and fast; the crash and resume behaviour through the real entry points is in
+test_resume.py.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from gptexp.checkpoint import (
+    MANIFEST,
+    CheckpointError,
+    CheckpointManager,
+    checkpoint_name,
+    load_checkpoint_file,
+    sha256_file,
+    snapshot,
+)
+from gptexp.config import CheckpointConfig
+
+
+def policy(**overrides) -> CheckpointConfig:
+    base = dict(every_steps=10, keep_last=2, keep_best=1, keep_every=0, async_save=False)
+    return CheckpointConfig(**(base | overrides))
+
+
+def fake_state(step: int) -> dict:
+    return {
+        "format_version": 1,
+        "model": {"w": torch.full((4, 4), float(step)), "b": torch.arange(step + 1.0)},
+        "optimizer": {"state": {0: {"exp_avg": torch.ones(3) * step}}, "param_groups": []},
+        "step": step,
+        "rng": [{"torch": torch.get_rng_state()}],
+        "config": {"model": {"n_layer": 2}},
+    }
+
+
+def save(manager: CheckpointManager, step: int, metric: float | None = None) -> None:
+    manager.save(fake_state(step), step, metric, ["periodic"])
+
+
+def listed_steps(manager: CheckpointManager) -> list[int]:
+    return [e.step for e in manager.entries()]
+
+
+def files_on_disk(directory: Path) -> set[str]:
+    return {p.name for p in directory.glob("step_*.pt")}
+
+
+# ----------------------------------------------------------------------------- writes
+
+
+@pytest.mark.parametrize("asynchronous", [False, True])
+def test_save_lists_checkpoint_with_hash_and_loads_weights_only(tmp_path, asynchronous):
+    manager = CheckpointManager(tmp_path, policy(async_save=asynchronous))
+    save(manager, 10, metric=2.5)
+    manager.wait()
+    (entry,) = manager.entries()
+    path = tmp_path / entry.file
+    assert entry.file == checkpoint_name(10) == "step_0000010.pt"
+    assert entry.sha256 == sha256_file(path) and entry.bytes == path.stat().st_size
+    assert entry.metric == 2.5
+    state = torch.load(path, weights_only=True)  # plain data: no allow-listing needed
+    assert torch.equal(state["model"]["w"], torch.full((4, 4), 10.0))
+    assert not list(tmp_path.glob("*.tmp")), "no temporary file survives a completed save"
+
+
+def test_async_save_writes_the_values_of_the_moment_it_was_called(tmp_path):
+    manager = CheckpointManager(tmp_path, policy(async_save=True))
+    state = fake_state(10)
+    manager.save(state, 10, None, ["periodic"])
+    state["model"]["w"].add_(100.0)  # training goes on mutating tensors in place
+    manager.wait()
+    loaded = manager.load(manager.find("last"))
+    assert torch.equal(loaded["model"]["w"], torch.full((4, 4), 10.0))
+
+
+def test_snapshot_keeps_shared_tensors_shared():
+    weight = torch.randn(3, 3)
+    copy = snapshot({"wte": weight, "lm_head": weight})
+    assert copy["wte"] is copy["lm_head"], "tied weights are written once"
+    assert copy["wte"] is not weight and torch.equal(copy["wte"], weight)
+
+
+# ----------------------------------------------------------------------------- verification
+
+
+def test_truncated_newest_falls_back_with_message(tmp_path):
+    manager = CheckpointManager(tmp_path, policy(keep_last=3))
+    for step in (10, 20, 30):
+        save(manager, step)
+    newest = tmp_path / checkpoint_name(30)
+    newest.write_bytes(newest.read_bytes()[:100])
+    messages: list[str] = []
+    entry, state = manager.load_latest_valid(warn=messages.append)
+    assert entry.step == 20 and state["step"] == 20
+    assert any("step_0000030.pt" in m and "truncated" in m for m in messages)
+
+
+def test_bit_flipped_newest_falls_back(tmp_path):
+    manager = CheckpointManager(tmp_path, policy(keep_last=3))
+    for step in (10, 20):
+        save(manager, step)
+    newest = tmp_path / checkpoint_name(20)
+    data = bytearray(newest.read_bytes())
+    data[len(data) // 2] ^= 0x01  # one bit, same size
+    newest.write_bytes(bytes(data))
+    messages: list[str] = []
+    entry, _ = manager.load_latest_valid(warn=messages.append)
+    assert entry.step == 10
+    assert any("sha256" in m for m in messages)
+
+
+def test_missing_newest_falls_back(tmp_path):
+    manager = CheckpointManager(tmp_path, policy(keep_last=3))
+    for step in (10, 20):
+        save(manager, step)
+    (tmp_path / checkpoint_name(20)).unlink()
+    messages: list[str] = []
+    entry, _ = manager.load_latest_valid(warn=messages.append)
+    assert entry.step == 10
+    assert any("missing" in m for m in messages)
+
+
+def test_unlisted_newest_does_not_exist(tmp_path):
+    """A file renamed into place whose manifest update never happened is ignored."""
+    manager = CheckpointManager(tmp_path, policy(keep_last=3))
+    save(manager, 10)
+    torch.save(fake_state(20), tmp_path / checkpoint_name(20))
+    messages: list[str] = []
+    entry, _ = manager.load_latest_valid(warn=messages.append)
+    assert entry.step == 10
+    assert any("step_0000020.pt" in m and "not in the manifest" in m for m in messages)
+
+
+def test_no_valid_checkpoint_is_none(tmp_path):
+    manager = CheckpointManager(tmp_path, policy())
+    assert manager.load_latest_valid(warn=lambda m: None) is None
+    save(manager, 10)
+    (tmp_path / checkpoint_name(10)).write_bytes(b"garbage")
+    assert manager.load_latest_valid(warn=lambda m: None) is None
+
+
+def test_find_by_name_and_step(tmp_path):
+    manager = CheckpointManager(tmp_path, policy(keep_last=5, keep_best=5))
+    for step, metric in ((10, 3.0), (20, 1.0), (30, 2.0)):
+        save(manager, step, metric)
+    assert manager.find("last").step == 30
+    assert manager.find("best").step == 20
+    assert manager.find(10).step == 10
+    with pytest.raises(CheckpointError, match="no checkpoint at step 15 .*10, 20, 30"):
+        manager.find(15)
+
+
+def test_stale_temporary_files_are_removed(tmp_path):
+    manager = CheckpointManager(tmp_path, policy())
+    save(manager, 10)
+    (tmp_path / "step_0000020.pt.tmp").write_bytes(b"half a checkpoint")
+    manager.remove_stale_temporaries()
+    assert files_on_disk(tmp_path) == {"step_0000010.pt"}
+    assert not list(tmp_path.glob("*.tmp"))
+
+
+# ----------------------------------------------------------------------------- safe loading
+
+
+class _RunsCode:
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+@pytest.mark.parametrize("how", ["torch.save", "raw pickle"])
+def test_checkpoint_that_would_run_code_is_refused(tmp_path, how):
+    marker = tmp_path / "pwned"
+    path = tmp_path / checkpoint_name(10)
+    payload = {"model": _RunsCode(marker), "step": 10}
+    if how == "torch.save":
+        torch.save(payload, path)
+    else:
+        path.write_bytes(pickle.dumps(payload))
+    with pytest.raises(CheckpointError, match="refused to load"):
+        load_checkpoint_file(path)
+    assert not marker.exists(), "the payload's code must never run"
+
+
+def test_listed_malicious_checkpoint_is_skipped_for_an_older_valid_one(tmp_path):
+    manager = CheckpointManager(tmp_path, policy(keep_last=3))
+    save(manager, 10)
+    marker = tmp_path / "pwned"
+    evil = tmp_path / checkpoint_name(20)
+    torch.save({"model": _RunsCode(marker), "step": 20}, evil)
+    manifest = json.loads((tmp_path / MANIFEST).read_text())
+    entry = dict(manifest["checkpoints"][0])
+    entry.update(file=evil.name, step=20, sha256=sha256_file(evil), bytes=evil.stat().st_size)
+    manifest["checkpoints"].append(entry)
+    (tmp_path / MANIFEST).write_text(json.dumps(manifest))
+    messages: list[str] = []
+    found, _ = manager.load_latest_valid(warn=messages.append)
+    assert found.step == 10
+    assert any("refused" in m for m in messages)
+    assert not marker.exists()
+
+
+# ----------------------------------------------------------------------------- disk full
+
+_FULL_DISK_SCRIPT = """
+import resource, sys, torch
+from pathlib import Path
+from gptexp.checkpoint import CheckpointManager, CheckpointError
+from gptexp.config import CheckpointConfig
+directory = Path(sys.argv[1])
+manager = CheckpointManager(directory, CheckpointConfig(every_steps=10, keep_last=5,
+                                                        async_save=sys.argv[2] == "async"))
+# The earlier checkpoints are small; the new one is larger than the file-size limit allows.
+resource.setrlimit(resource.RLIMIT_FSIZE, (200_000, 200_000))
+big = {"model": {"w": torch.zeros(100_000)}, "step": 30}
+try:
+    manager.save(big, 30, None, ["periodic"])
+    manager.wait()
+except CheckpointError as error:
+    print(error)
+    sys.exit(3)
+"""
+
+
+@pytest.mark.parametrize("mode", ["sync", "async"])
+def test_disk_full_during_save_is_a_clear_error_and_keeps_earlier_checkpoints(tmp_path, mode):
+    manager = CheckpointManager(tmp_path, policy(keep_last=5))
+    for step in (10, 20):
+        save(manager, step)
+    manifest_before = (tmp_path / MANIFEST).read_bytes()
+    result = subprocess.run(
+        [sys.executable, "-c", _FULL_DISK_SCRIPT, str(tmp_path), mode],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=Path(__file__).resolve().parent.parent,
+    )
+    assert result.returncode == 3, result.stderr
+    assert "could not write checkpoint" in result.stdout
+    assert "earlier checkpoints are intact" in result.stdout
+    assert (tmp_path / MANIFEST).read_bytes() == manifest_before
+    assert files_on_disk(tmp_path) == {"step_0000010.pt", "step_0000020.pt"}
+    assert not list(tmp_path.glob("*.tmp")), "the partial file is removed"
+    for entry in manager.entries():
+        assert manager.load(entry)["step"] == entry.step
+
+
+# ----------------------------------------------------------------------------- retention
+
+
+def test_retention_keeps_exactly_what_the_policy_says_over_a_long_run(tmp_path):
+    """200 steps: periodic every 10, evaluations every 25 with a noisy falling metric."""
+    cfg = policy(every_steps=10, keep_last=3, keep_best=2, keep_every=50)
+    manager = CheckpointManager(tmp_path, cfg)
+    metrics = {}
+    for step in range(1, 201):
+        metric = None
+        if step % 25 == 0:
+            metric = 10.0 / step + (0.5 if step in (100, 175) else 0.0)  # two bad evals
+            metrics[step] = metric
+        reasons = manager.wants(step, metric, final=step == 200)
+        if reasons:
+            manager.save(fake_state(step), step, metric, reasons)
+    manager.wait()
+    best_two = sorted(metrics, key=metrics.get)[:2]
+    expected = {180, 190, 200} | set(best_two) | {50, 100, 150, 200}
+    assert sorted(listed_steps(manager)) == sorted(expected)
+    assert files_on_disk(tmp_path) == {checkpoint_name(s) for s in expected}
+    assert manager.find("best").step == min(metrics, key=metrics.get)
+
+
+def test_best_checkpoints_survive_periodic_retention(tmp_path):
+    manager = CheckpointManager(tmp_path, policy(every_steps=10, keep_last=1, keep_best=1))
+    manager.save(fake_state(10), 10, 0.5, ["periodic", "best"])  # the best, early
+    for step in range(20, 110, 10):
+        manager.save(fake_state(step), step, 1.0 + step, ["periodic"])
+    assert listed_steps(manager) == [10, 100]
+
+
+def test_best_only_policy_saves_on_improvement_and_keeps_newest(tmp_path):
+    manager = CheckpointManager(tmp_path, policy(every_steps=0, keep_last=1, keep_best=1))
+    for step, metric in ((10, 3.0), (20, 2.0), (30, 2.5), (40, 1.5)):
+        reasons = manager.wants(step, metric, final=False)
+        assert ("best" in reasons) == (metric in (3.0, 2.0, 1.5))
+        if reasons:
+            manager.save(fake_state(step), step, metric, reasons)
+    manager.save(fake_state(50), 50, None, manager.wants(50, None, final=True))
+    assert listed_steps(manager) == [40, 50]
+
+
+def test_max_mode_ranks_higher_as_better(tmp_path):
+    manager = CheckpointManager(tmp_path, policy(keep_last=1, keep_best=1, mode="max"))
+    for step, metric in ((10, 0.2), (20, 0.9), (30, 0.4)):
+        manager.save(fake_state(step), step, metric, ["periodic"])
+    assert listed_steps(manager) == [20, 30]
+    assert manager.find("best").step == 20
+
+
+def test_disabled_policy_wants_nothing(tmp_path):
+    manager = CheckpointManager(tmp_path, CheckpointConfig(enabled=False, every_steps=10))
+    assert manager.wants(10, 1.0, final=True) == []
