@@ -1,0 +1,226 @@
+"""Exact resume through the real entry points: however a run is stopped, it ends bit-identical.
+
+Each test compares against one uninterrupted run: final parameters and optimizer state must be
+bit-identical and metrics.jsonl must hold the same train/val losses with no step twice.
+Threads are pinned to one (conftest), since 1 vs 2 threads give different floating point sums.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from gptexp.checkpoint import CRASH_HOOK_ENV, CheckpointManager
+from gptexp.config import CheckpointConfig
+from tests.conftest import FAST, ROOT, read_metrics, run_module, subprocess_env, train
+
+pytestmark = pytest.mark.slow
+
+# Dropout and gradient accumulation on, so the RNG state and micro-batches are exercised.
+EXACT = [
+    "model.dropout=0.1",
+    "training.max_steps=60",
+    "training.grad_accum=2",
+    "training.eval_every=20",
+    "training.log_every=5",
+    "checkpoint.every_steps=10",
+    "checkpoint.keep_last=2",
+]
+
+
+def start(run_dir: Path, *overrides: str, cwd: Path, env=None) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, "-m", "gptexp.train", *FAST, *EXACT, *overrides,
+         f"hydra.run.dir={run_dir}"],
+        cwd=cwd,
+        env=env or subprocess_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def resume(run_dir: Path, *overrides: str, env=None) -> subprocess.CompletedProcess:
+    return run_module("gptexp.resume", f"run={run_dir}", *overrides, cwd=ROOT, env=env)
+
+
+def wait_for_step(run_dir: Path, step: int, proc: subprocess.Popen, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if any(r["step"] >= step for r in read_metrics(run_dir)):
+            return
+        if proc.poll() is not None:
+            raise AssertionError(f"run ended (rc {proc.returncode}) before step {step}")
+        time.sleep(0.02)
+    raise AssertionError(f"step {step} not reached in {timeout}s")
+
+
+def losses(run_dir: Path) -> list[tuple]:
+    return [(r["step"], r.get("train/loss"), r.get("val/loss")) for r in read_metrics(run_dir)]
+
+
+def last_checkpoint(run_dir: Path) -> dict:
+    manager = CheckpointManager(run_dir / "checkpoints", CheckpointConfig())
+    return manager.load(manager.find("last"))
+
+
+def assert_same_end_state(run_dir: Path, reference: Path) -> None:
+    a, b = last_checkpoint(run_dir), last_checkpoint(reference)
+    assert a["step"] == b["step"] == 60
+    assert a["tokens_seen"] == b["tokens_seen"]
+    for key, tensor in b["model"].items():
+        assert torch.equal(a["model"][key], tensor), f"parameter {key} differs"
+    state_a, state_b = a["optimizer"]["state"], b["optimizer"]["state"]
+    assert state_a.keys() == state_b.keys()
+    for index in state_b:
+        for name, tensor in state_b[index].items():
+            assert torch.equal(state_a[index][name], tensor), f"optimizer {index}.{name} differs"
+    assert losses(run_dir) == losses(reference)
+    steps = [r["step"] for r in read_metrics(run_dir)]
+    assert steps == sorted(set(steps)), "metrics.jsonl holds a step twice or out of order"
+
+
+@pytest.fixture(scope="module")
+def straight_run(tmp_path_factory) -> Path:
+    base = tmp_path_factory.mktemp("straight")
+    result = train(base / "run", *EXACT, cwd=base)
+    assert result.returncode == 0, result.stderr
+    return base / "run"
+
+
+def test_sigterm_then_make_resume_is_bit_identical(tmp_path, straight_run):
+    run_dir = tmp_path / "run"
+    proc = start(run_dir, cwd=tmp_path)
+    wait_for_step(run_dir, 15, proc)
+    proc.send_signal(signal.SIGTERM)
+    _, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 130, stderr
+    assert "stopped by SIGTERM" in stderr
+    status = json.loads((run_dir / "run.json").read_text())
+    assert status["status"] == "interrupted"
+    assert "signal" in CheckpointManager(run_dir / "checkpoints", CheckpointConfig()).entries()[
+        -1
+    ].reasons
+    overrides_before = (run_dir / ".hydra" / "overrides.yaml").read_bytes()
+    config_before = (run_dir / ".hydra" / "config.yaml").read_bytes()
+
+    result = subprocess.run(
+        ["make", "resume", f"RUN={run_dir}", f"PYTHON={sys.executable}"],
+        cwd=ROOT,
+        env=subprocess_env(),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stderr
+    assert_same_end_state(run_dir, straight_run)
+    assert (run_dir / ".hydra" / "overrides.yaml").read_bytes() == overrides_before
+    assert (run_dir / ".hydra" / "config.yaml").read_bytes() == config_before
+    status = json.loads((run_dir / "run.json").read_text())
+    assert status["status"] == "finished"
+    assert [r["from_step"] for r in status["resumes"]] == [status["resumes"][0]["from_step"]]
+
+
+def test_sigkill_at_any_instant_even_mid_save_resumes_bit_identical(tmp_path, straight_run):
+    run_dir = tmp_path / "run"
+    checkpoints = run_dir / "checkpoints"
+
+    # 1. killed while the checkpoint of step 20 is half written
+    proc = start(run_dir, cwd=tmp_path, env=subprocess_env(**{CRASH_HOOK_ENV: "20:write"}))
+    proc.communicate(timeout=60)
+    assert proc.returncode == -signal.SIGKILL
+    assert (checkpoints / "step_0000020.pt.tmp").exists(), "the hook fired mid-write"
+    assert [e.step for e in CheckpointManager(checkpoints, CheckpointConfig()).entries()] == [10]
+
+    # 2. resumed from step 10, killed after step 30's file is in place but before the
+    #    manifest lists it
+    result = resume(run_dir, env=subprocess_env(**{CRASH_HOOK_ENV: "30:rename"}))
+    assert result.returncode == -signal.SIGKILL, result.stderr
+    assert "resuming from step_0000010.pt" in result.stderr
+    assert (checkpoints / "step_0000030.pt").exists()
+    assert not (checkpoints / "step_0000020.pt.tmp").exists(), "stale temporaries are cleaned"
+
+    # 3. resumed from step 20 (30 is unlisted), killed at a random instant
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "gptexp.resume", f"run={run_dir}"],
+        cwd=ROOT,
+        env=subprocess_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    wait_for_step(run_dir, 35, proc)
+    time.sleep(random.Random(7).uniform(0.0, 0.3))
+    proc.kill()
+    _, stderr = proc.communicate(timeout=60)
+    assert "step_0000030.pt: not in the manifest" in stderr
+    assert "resuming from step_0000020.pt" in stderr
+
+    # 4. resumed to the end
+    result = resume(run_dir)
+    assert result.returncode == 0, result.stderr
+    assert_same_end_state(run_dir, straight_run)
+
+
+def test_live_run_cannot_be_resumed_twice_and_second_ctrl_c_damages_nothing(tmp_path):
+    run_dir = tmp_path / "run"
+    proc = start(run_dir, "training.max_steps=100000", "checkpoint.every_steps=5", cwd=tmp_path)
+    wait_for_step(run_dir, 12, proc)
+
+    result = resume(run_dir)
+    assert result.returncode == 2
+    assert f"pid {proc.pid}" in result.stderr and "live process" in result.stderr
+
+    proc.send_signal(signal.SIGINT)
+    proc.send_signal(signal.SIGINT)  # the impatient second Ctrl-C aborts at once
+    proc.communicate(timeout=60)
+    assert proc.returncode != 0
+    manager = CheckpointManager(run_dir / "checkpoints", CheckpointConfig())
+    assert manager.entries(), "the periodic checkpoints are still listed"
+    for entry in manager.entries():
+        assert manager.verify(entry) is None, f"{entry.file} damaged"
+    status = json.loads((run_dir / "run.json").read_text())
+    assert status["status"] in ("interrupted", "running")  # running: aborted before the write
+
+
+def test_extend_a_finished_run_and_refuse_what_cannot_apply(tmp_path, straight_run):
+    run_dir = tmp_path / "run"
+    shutil.copytree(straight_run, run_dir)
+    metrics_before = (run_dir / "metrics.jsonl").read_bytes()
+
+    refused = [
+        (["model.n_layer=3"], "model.n_layer: 2 -> 3"),
+        (["data.tokenizer=bpe"], "data.tokenizer: 'char' -> 'bpe'"),
+        (["model=small"], "group choices"),
+        (["training.lr=-1"], "training.lr"),
+    ]
+    for overrides, message in refused:
+        result = resume(run_dir, *overrides)
+        assert result.returncode == 2, (overrides, result.stderr)
+        assert message in result.stderr, result.stderr
+    assert (run_dir / "metrics.jsonl").read_bytes() == metrics_before, "refusals change nothing"
+
+    result = resume(tmp_path / "nowhere")
+    assert result.returncode == 2 and "no such directory" in result.stderr
+    (tmp_path / "empty").mkdir()
+    result = resume(tmp_path / "empty")
+    assert result.returncode == 2 and "not a gptexp run directory" in result.stderr
+
+    result = resume(run_dir, "training.max_steps=70")
+    assert result.returncode == 0, result.stderr
+    records = read_metrics(run_dir)
+    assert records[-1]["step"] == 70 and "val/loss" in records[-1]
+    assert records[: len(losses(straight_run))] == read_metrics(straight_run)
+    status = json.loads((run_dir / "run.json").read_text())
+    assert status["status"] == "finished" and status["step"] == 70
+    assert status["resumes"][-1]["overrides"] == ["training.max_steps=70"]
+    assert status["config"]["training"]["max_steps"] == 70
