@@ -1,0 +1,110 @@
+"""``python -m gptexp.export run=<dir> [ckpt=last|best|<step>] [out=<dir>]``: a checkpoint's
+model as plain files that need nothing of gptexp's checkpoint format.
+
+The export directory holds ``model.safetensors`` (the weights; the output layer is tied to the
+token embedding, so that matrix is stored once), ``config.json`` (the model's shape and
+vocabulary size) and ``tokenizer.json``. :func:`load_export` reads it back into a ``GPT`` and
+its tokenizer. The default directory is ``<run>/export/<ckpt>/``.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import safetensors.torch
+
+from gptexp.checkpoint import atomic_write_bytes, atomic_write_json
+from gptexp.cli import report_errors
+from gptexp.config import ModelConfig
+from gptexp.data import Tokenizer, tokenizer_from_json
+from gptexp.eval import check_ckpt, load_run_checkpoint, parse_key_values, rebuild_model
+from gptexp.model import GPT
+from gptexp.run import require_run, run_logging
+
+USAGE = "usage: python -m gptexp.export run=<run dir> [ckpt=last|best|<step>] [out=<dir>]"
+
+EXPORT_FORMAT = "gptexp-export"
+EXPORT_VERSION = 1
+WEIGHTS, CONFIG, TOKENIZER = "model.safetensors", "config.json", "tokenizer.json"
+
+# Parameters that are the same tensor as another one. safetensors refuses tensors that share
+# memory, and storing the matrix twice would double the largest weight: it is stored under its
+# source name only and re-tied on load.
+TIED_WEIGHTS = {"lm_head.weight": "wte.weight"}
+
+
+@dataclass
+class ExportOptions:
+    run: str
+    ckpt: str = "last"
+    out: str | None = None  # default: <run>/export/<ckpt>/
+
+    def __post_init__(self) -> None:
+        check_ckpt(self.ckpt)
+
+
+def save_export(model: GPT, tokenizer: Tokenizer, out: Path, source: dict[str, Any]) -> None:
+    """Write ``model`` and ``tokenizer`` to ``out`` (each file atomically)."""
+    weights = {
+        name: tensor.detach().to("cpu").contiguous()
+        for name, tensor in model.state_dict().items()
+        if name not in TIED_WEIGHTS
+    }
+    config = {
+        "format": EXPORT_FORMAT,
+        "version": EXPORT_VERSION,
+        "model": asdict(model.cfg),
+        "vocab_size": model.vocab_size,
+        "tied_weights": TIED_WEIGHTS,
+        "source": source,
+    }
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(out / WEIGHTS, safetensors.torch.save(weights, metadata={"format": "pt"}))
+    atomic_write_bytes(out / TOKENIZER, tokenizer.to_json().encode("utf-8"))
+    atomic_write_json(out / CONFIG, config)  # last: a directory with config.json is complete
+
+
+def load_export(directory: str | Path) -> tuple[GPT, Tokenizer]:
+    """The model (in eval mode, on the CPU) and tokenizer of an export directory."""
+    directory = Path(directory)
+    config = json.loads((directory / CONFIG).read_text(encoding="utf-8"))
+    if config.get("format") != EXPORT_FORMAT or config.get("version", 0) > EXPORT_VERSION:
+        raise ValueError(
+            f"{directory / CONFIG}: not a gptexp export this version reads "
+            f"(format {config.get('format')!r}, version {config.get('version')!r})"
+        )
+    model = GPT(ModelConfig(**config["model"]), int(config["vocab_size"]))
+    weights = safetensors.torch.load_file(directory / WEIGHTS)
+    for tied, source in config["tied_weights"].items():
+        weights[tied] = weights[source]
+    model.load_state_dict(weights)  # strict: every parameter present, every shape right
+    tokenizer = tokenizer_from_json((directory / TOKENIZER).read_text(encoding="utf-8"))
+    return model.eval(), tokenizer
+
+
+def export(options: ExportOptions) -> Path:
+    run = require_run(options.run)
+    loaded = load_run_checkpoint(run, options.ckpt)
+    rebuilt = rebuild_model(loaded.state)
+    out = Path(options.out) if options.out else run.path / "export" / loaded.label
+    source = {"run": str(run.path), "checkpoint": loaded.entry.file, "step": loaded.entry.step}
+    save_export(rebuilt.model, rebuilt.tokenizer, out, source)
+    size = (out / WEIGHTS).stat().st_size
+    print(
+        f"exported {loaded.entry.file} (step {loaded.entry.step}) of {run.path}\n"
+        f"  to {out}: {WEIGHTS} ({size / 1e6:.2f} MB), {CONFIG}, {TOKENIZER}"
+    )
+    return out
+
+
+def main() -> None:
+    with run_logging(None):
+        report_errors(lambda: export(parse_key_values(sys.argv[1:], ExportOptions, USAGE)))
+
+
+if __name__ == "__main__":
+    main()
