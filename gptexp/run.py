@@ -199,6 +199,8 @@ def run_logging(run: RunDirectory | None, console_level: int = logging.INFO):
         handlers.append(file_handler)
     console = logging.StreamHandler(sys.stderr)
     console.setFormatter(logging.Formatter("%(message)s"))
+    if int(os.environ.get("RANK", "0")) > 0:
+        console_level = max(console_level, logging.WARNING)  # under torchrun, rank 0 reports
     console.setLevel(console_level)
     handlers.append(console)
     # Hydra's own console handler sits on the root logger; set it aside meanwhile so that

@@ -231,11 +231,15 @@ class StopRequest:
 
 
 class Progress:
-    """A tqdm bar on a terminal; plain log lines (every ``log_every`` steps) elsewhere."""
+    """A tqdm bar on a terminal; plain log lines (every ``log_every`` steps) elsewhere.
 
-    def __init__(self, enabled: bool, start: int, total: int) -> None:
+    Only rank 0 reports; ``bar=False`` keeps the plain lines even on a terminal.
+    """
+
+    def __init__(self, shown: bool, bar: bool, start: int, total: int) -> None:
+        self.shown = shown
         self.bar = None
-        if enabled and sys.stderr.isatty():
+        if shown and bar and sys.stderr.isatty():
             from tqdm import tqdm
 
             self.bar = tqdm(total=total, initial=start, unit="step", dynamic_ncols=True)
@@ -248,6 +252,8 @@ class Progress:
         return self.bar is not None
 
     def update(self, step: int, postfix: dict[str, str]) -> None:
+        if not self.shown:
+            return
         if self.bar is not None:
             self.bar.n = step
             self.bar.set_postfix(postfix, refresh=True)
@@ -533,7 +539,7 @@ class Trainer:
 
         if ck.on_signal:
             self.stop.install()
-        progress = Progress(t.progress and self.dist.is_main, self.step, t.max_steps)
+        progress = Progress(self.dist.is_main, t.progress, self.step, t.max_steps)
         # Throughput counts the time of the updates (and checkpoint stalls), not evaluation.
         window_seconds, window_tokens = 0.0, 0
         if self.step >= t.max_steps:
