@@ -1,0 +1,277 @@
+"""The config tree: every option composes into typed config, and bad input is refused early.
+
+A user relies on two things here: any ``group=option`` listed under ``conf/`` works as shipped,
+and a typo, a wrong type or an impossible value stops the command before any work with a
+message that names the key, without creating or touching a run directory.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from hydra.errors import HydraException
+from omegaconf import OmegaConf
+
+from gptexp.config import ConfigError, TrainConfig, config_to_dict, to_train_config
+from gptexp.data import prepare_corpus
+from tests.conftest import (
+    CONF_DIR,
+    FAST,
+    compose_config,
+    read_metrics,
+    run_module,
+    subprocess_env,
+)
+
+GROUPS = ("model", "data", "training", "checkpoint", "logger", "experiment")
+
+
+def group_options(group: str) -> list[str]:
+    return sorted(path.stem for path in (CONF_DIR / group).glob("*.yaml"))
+
+
+ALL_OPTIONS = [(group, option) for group in GROUPS for option in group_options(group)]
+
+
+@pytest.fixture
+def small_text(tmp_path) -> Path:
+    """A short UTF-8 corpus: 2,000 characters, so a 200-character validation split."""
+    path = tmp_path / "small.txt"
+    path.write_text(("the quick brown fox jumps over the lazy dog. " * 50)[:2000], encoding="utf-8")
+    return path
+
+
+def _extra_for(group: str, option: str, tmp_path: Path) -> list[str]:
+    """What an option needs besides itself (data=text needs a file)."""
+    if group == "data" and option == "text":
+        return [f"data.path={tmp_path / 'corpus.txt'}"]
+    return []
+
+
+def _assert_applied(expected: dict, actual, where: str) -> None:
+    """Every key set in a YAML file shows up with its value in the typed config."""
+    for key, value in expected.items():
+        if key in ("defaults", "hydra") or value == "???":  # ???: given on the command line
+            continue
+        assert hasattr(actual, key), f"{where}.{key} missing from the typed config"
+        got = getattr(actual, key)
+        if isinstance(value, dict):
+            _assert_applied(value, got, f"{where}.{key}")
+        else:
+            assert got == value, f"{where}.{key}: YAML says {value!r}, config has {got!r}"
+
+
+def test_every_group_has_options():
+    for group in GROUPS:
+        assert group_options(group), f"conf/{group}/ has no options"
+    assert {"nano", "tiny", "small", "gpt2"} <= set(group_options("model"))
+    assert {"default", "debug"} <= set(group_options("training"))
+    assert {"none", "wandb"} <= set(group_options("logger"))
+
+
+def test_defaults_compose_to_typed_config():
+    cfg = compose_config()
+    assert isinstance(cfg, TrainConfig)
+    assert (cfg.model.n_layer, cfg.model.n_head, cfg.model.n_embd) == (4, 4, 128)
+    assert cfg.data.name == "pydocs" and cfg.data.path is None
+    assert cfg.logger.wandb is False
+    assert cfg.experiment is None
+
+
+@pytest.mark.parametrize(("group", "option"), ALL_OPTIONS, ids=[f"{g}={o}" for g, o in ALL_OPTIONS])
+def test_every_option_composes_and_converts(group, option, tmp_path):
+    cfg = compose_config([f"{group}={option}", *_extra_for(group, option, tmp_path)])
+    assert isinstance(cfg, TrainConfig)
+    # Round trip through a plain dict (what checkpoints and run.json store).
+    assert to_train_config(config_to_dict(cfg)) == cfg
+    spec = OmegaConf.to_container(OmegaConf.load(CONF_DIR / group / f"{option}.yaml"))
+    if group == "experiment":
+        assert cfg.experiment == option
+        _assert_applied(spec, cfg, "")
+    else:
+        _assert_applied(spec, getattr(cfg, group), group)
+
+
+def test_model_shapes_of_the_issue():
+    shapes = {name: compose_config([f"model={name}"]).model for name in ("nano", "tiny", "gpt2")}
+    tiny, gpt2 = shapes["tiny"], shapes["gpt2"]
+    assert (tiny.n_layer, tiny.n_head, tiny.n_embd, tiny.block_size) == (4, 4, 128, 128)
+    assert (gpt2.n_layer, gpt2.n_head, gpt2.n_embd, gpt2.block_size) == (12, 12, 768, 1024)
+    assert gpt2.bias is True
+
+
+def test_experiment_shakespeare_char_is_the_reference_run():
+    cfg = compose_config(["experiment=shakespeare_char"])
+    t = cfg.training
+    assert cfg.data.name == "shakespeare" and cfg.data.tokenizer == "char"
+    assert (cfg.model.n_layer, cfg.model.n_head, cfg.model.n_embd, cfg.model.block_size) == (
+        4,
+        4,
+        128,
+        128,
+    )
+    assert (cfg.model.dropout, cfg.model.bias, t.precision) == (0.0, False, "fp32")
+    assert (t.max_steps, t.batch_size, t.lr, t.min_lr, t.warmup_steps) == (300, 32, 1e-3, 1e-4, 100)
+    assert (t.beta2, t.weight_decay, t.grad_clip, t.num_threads) == (0.99, 0.1, 1.0, 2)
+
+
+def test_command_line_overrides_win_over_group_files():
+    cfg = compose_config(["experiment=quick", "training.max_steps=7", "model.dropout=0.1"])
+    assert cfg.training.max_steps == 7
+    assert cfg.model.dropout == 0.1
+    assert cfg.model.n_layer == 2  # from the experiment's model=nano
+
+
+# ----------------------------------------------------------------------------- bad input
+
+# (overrides, the key the message must name). Each is one class of bad input.
+BAD_AT_COMPOSITION = {
+    "typo": (["training.lrr=1"], "training.lrr"),
+    "unknown top-level key": (["trainig.lr=1"], "trainig"),
+    "wrong type float": (["training.lr=abc"], "training.lr"),
+    "wrong type int": (["model.n_layer=two"], "model.n_layer"),
+    "wrong type bool": (["model.bias=maybe"], "model.bias"),
+}
+BAD_VALUES = {
+    "n_embd not divisible by n_head": (["model.n_embd=100", "model.n_head=3"], "model.n_embd"),
+    "lr negative": (["training.lr=-1"], "training.lr"),
+    "lr zero": (["training.lr=0"], "training.lr"),
+    "unknown device": (["training.device=tpu"], "training.device"),
+    "missing data.path for data=text": (["data=text"], "data.path"),
+    "unknown tokenizer": (["data.tokenizer=words"], "data.tokenizer"),
+    "val_fraction out of range": (["data.val_fraction=1.5"], "data.val_fraction"),
+}
+
+
+@pytest.mark.parametrize(
+    ("overrides", "key"), BAD_AT_COMPOSITION.values(), ids=BAD_AT_COMPOSITION.keys()
+)
+def test_composition_rejects_typos_and_wrong_types(overrides, key):
+    with pytest.raises(HydraException) as error:
+        compose_config(overrides)
+    assert key in str(error.value)
+
+
+@pytest.mark.parametrize(
+    ("tree", "key"),
+    [
+        ({"training": {"lrr": 1}}, "training.lrr"),
+        ({"bogus": 1}, "bogus"),
+        ({"training": {"lr": "abc"}}, "training.lr"),
+        ({"model": {"n_layer": "two"}}, "model.n_layer"),
+        ({"training": {"max_steps": 1.5}}, "training.max_steps"),
+        ({"model": {"bias": "maybe"}}, "model.bias"),
+    ],
+)
+def test_to_train_config_names_the_key_of_typos_and_wrong_types(tree, key):
+    """A plain dict (e.g. a checkpoint's config) is checked like a composed config."""
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        to_train_config(tree)
+
+
+@pytest.mark.parametrize(("overrides", "key"), BAD_VALUES.values(), ids=BAD_VALUES.keys())
+def test_impossible_values_name_the_key(overrides, key):
+    with pytest.raises(ConfigError) as error:
+        compose_config(overrides)
+    assert str(error.value).startswith(key)
+
+
+def test_typed_config_validates_on_construction():
+    base = compose_config()
+    with pytest.raises(ConfigError, match=r"^training\.lr"):
+        dataclasses.replace(base.training, lr=-0.5)
+    with pytest.raises(ConfigError, match=r"^model\.n_embd"):
+        dataclasses.replace(base.model, n_embd=30, n_head=4)
+
+
+def test_block_size_longer_than_the_corpus_names_the_key(small_text):
+    cfg = compose_config(["data=text", f"data.path={small_text}", "model.block_size=256"])
+    with pytest.raises(ConfigError, match=r"^model\.block_size=256"):
+        prepare_corpus(cfg.data, cfg.model.block_size)
+    # The same file works with a block that fits its 200-character validation split.
+    prepare_corpus(cfg.data, 64)
+
+
+# ----------------------------------------------------------------------------- through the CLI
+
+CLI_CASES = {
+    "typo": (["training.lrr=1"], "training.lrr"),
+    "wrong type": (["training.lr=abc"], "training.lr"),
+    "n_embd % n_head": (["model.n_embd=100", "model.n_head=3"], "model.n_embd"),
+    "lr <= 0": (["training.lr=0"], "training.lr"),
+    "unknown device": (["training.device=tpu"], "training.device"),
+    "missing data.path": (["data=text"], "data.path"),
+    "block_size > corpus": (["model.block_size=100000"], "model.block_size"),
+}
+
+
+@dataclasses.dataclass
+class CliResult:
+    returncode: int
+    stderr: str
+    cwd: Path
+    run_dir: Path
+
+
+@pytest.fixture(scope="module")
+def bad_cli_results(tmp_path_factory) -> dict[str, CliResult]:
+    """Each bad command line of CLI_CASES, run once; side by side, since each start costs
+    seconds of imports."""
+    base = tmp_path_factory.mktemp("bad_cli")
+    env = subprocess_env(GPTEXP_CACHE=str(base / "cache"))
+    launched = {}
+    for number, (name, (overrides, _)) in enumerate(CLI_CASES.items()):
+        cwd = base / f"case{number}"
+        cwd.mkdir()
+        run_dir = cwd / "runs" / "bad"
+        command = [sys.executable, "-m", "gptexp.train", *FAST, *overrides]
+        process = subprocess.Popen(
+            [*command, f"hydra.run.dir={run_dir}"],
+            cwd=cwd,
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        launched[name] = (process, cwd, run_dir)
+    results = {}
+    for name, (process, cwd, run_dir) in launched.items():
+        _, stderr = process.communicate(timeout=180)
+        results[name] = CliResult(process.returncode, stderr, cwd, run_dir)
+    return results
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", CLI_CASES.keys())
+def test_cli_refuses_bad_input_without_a_run_directory(case, bad_cli_results):
+    result, key = bad_cli_results[case], CLI_CASES[case][1]
+    assert result.returncode != 0
+    assert key in result.stderr
+    assert "Traceback" not in result.stderr
+    assert not result.run_dir.exists()
+    assert not (result.cwd / "outputs").exists()
+
+
+@pytest.mark.slow
+def test_cli_refuses_to_relaunch_into_a_finished_run(finished_run, tmp_path):
+    run_dir = tmp_path / "run"
+    shutil.copytree(finished_run, run_dir)  # the shared run stays pristine whatever happens
+    kept = ["run.json", "metrics.jsonl", ".hydra/overrides.yaml", ".hydra/config.yaml"]
+    before = {name: (run_dir / name).read_bytes() for name in kept}
+    checkpoints = sorted(p.name for p in (run_dir / "checkpoints").iterdir())
+
+    result = run_module(
+        "gptexp.train", *FAST, "training.lr=0.5", f"hydra.run.dir={run_dir}", cwd=tmp_path
+    )
+
+    assert result.returncode != 0
+    assert "already holds a run" in result.stderr and str(run_dir) in result.stderr
+    assert "make resume" in result.stderr
+    assert {name: (run_dir / name).read_bytes() for name in kept} == before
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == checkpoints
+    assert read_metrics(run_dir)[-1]["step"] == 20

@@ -1,0 +1,189 @@
+"""``python -m gptexp.train`` end to end: the run directory of DESIGN, and learning.
+
+The read-only checks share the session's ``finished_run`` (a real subprocess run with the
+FAST settings of conftest); the finer checks call the trainer in-process.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import re
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import OmegaConf, open_dict
+
+from gptexp import train as train_entry
+from gptexp.config import register_configs, to_train_config
+from gptexp.data import tokenizer_from_json
+from gptexp.run import RunDirectory
+from gptexp.trainer import run_training
+from tests.conftest import CONF_DIR, FAST, compose_config, read_metrics, train
+
+RUN_FILES = [
+    ".hydra/config.yaml",
+    ".hydra/overrides.yaml",
+    "run.json",
+    "metrics.jsonl",
+    "checkpoints/manifest.json",
+    "tokenizer.json",
+    "train.log",
+    "samples.txt",
+]
+# What a tqdm bar draws; plain log lines have none of it.
+BAR_MARKS = ("\r", "█", "▏", "▎", "▍", "▌", "▋", "▊", "▉", "it/s]", "step/s]", "%|")
+
+
+@pytest.mark.parametrize("name", RUN_FILES)
+def test_run_directory_has_every_file_of_design(finished_run, name):
+    path = finished_run / name
+    assert path.is_file(), f"{name} missing from the run directory"
+    assert path.stat().st_size > 0
+
+
+def test_hydra_files_record_the_config_and_the_overrides(finished_run):
+    assert OmegaConf.load(finished_run / ".hydra/overrides.yaml") == FAST
+    stored = to_train_config(OmegaConf.load(finished_run / ".hydra/config.yaml"))
+    assert stored == compose_config(FAST)
+
+
+def test_run_json_records_status_versions_commit_and_seed(finished_run):
+    status = json.loads((finished_run / "run.json").read_text())
+    assert status["status"] == "finished"
+    assert status["seed"] == 1337
+    assert "git_commit" in status  # None outside a git checkout, a commit here
+    assert status["git_commit"] is None or re.fullmatch(
+        r"[0-9a-f]{40}(-dirty)?", status["git_commit"]
+    )
+    assert status["versions"]["torch"] == torch.__version__
+    assert {"hydra", "omegaconf"} <= status["versions"].keys()
+    assert status["started"] and status["ended"]
+    assert status["step"] == status["max_steps"] == 20
+    assert status["world_size"] == 1
+    assert status["config"]["model"]["n_layer"] == 2
+
+
+def test_metrics_are_step_stamped_flat_records(finished_run):
+    records = read_metrics(finished_run)
+    assert all(isinstance(r["step"], int) for r in records)
+    steps = [r["step"] for r in records]
+    assert steps == sorted(set(steps)) == list(range(21))  # log_every=1: no gap, no repeat
+    keys = set().union(*records)
+    assert {"train/loss", "val/loss", "lr", "throughput/tokens_per_s"} <= keys
+    for record in records:
+        assert all(not isinstance(value, dict) for value in record.values())  # flat
+    train_records = [r for r in records if "train/loss" in r]
+    assert all(r["throughput/tokens_per_s"] > 0 and r["lr"] > 0 for r in train_records)
+
+
+def test_validation_loss_goes_down(finished_run):
+    val = {r["step"]: r["val/loss"] for r in read_metrics(finished_run) if "val/loss" in r}
+    assert 0 in val and 20 in val
+    assert val[20] < val[0] - 0.3
+
+
+def test_checkpoint_manifest_lists_valid_checkpoints(finished_run):
+    manifest = json.loads((finished_run / "checkpoints/manifest.json").read_text())
+    entries = manifest["checkpoints"]
+    assert entries and entries[-1]["step"] == 20  # the final step is always saved
+    for entry in entries:
+        path = finished_run / "checkpoints" / entry["file"]
+        assert hashlib.sha256(path.read_bytes()).hexdigest() == entry["sha256"]
+    state = torch.load(finished_run / "checkpoints" / entries[-1]["file"], weights_only=True)
+    assert state["step"] == 20
+    assert "model" in state and state["config"]["model"]["n_layer"] == 2
+
+
+def test_saved_tokenizer_reloads_and_decodes_the_samples(finished_run):
+    tokenizer = tokenizer_from_json((finished_run / "tokenizer.json").read_text("utf-8"))
+    assert tokenizer.vocab_size == json.loads((finished_run / "run.json").read_text())["vocab_size"]
+    samples = (finished_run / "samples.txt").read_text(encoding="utf-8")
+    assert samples.startswith("=== step 20\n")
+    generated = samples.split("\n", 1)[1].rstrip("\n")
+    assert tokenizer.decode(tokenizer.encode(generated)) == generated
+
+
+def test_train_log_holds_the_progress_lines(finished_run):
+    log = (finished_run / "train.log").read_text(encoding="utf-8")
+    assert "step 0: val/loss" in log
+    assert re.search(r"step 20/20 \| loss [\d.]+ \| val [\d.]+ \| tok/s [\d,]+ \| eta", log)
+
+
+@pytest.mark.slow
+def test_plain_log_lines_when_output_is_not_a_terminal(tmp_path):
+    run_dir = tmp_path / "run"
+    result = train(run_dir, "training.max_steps=6", "training.log_every=2", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    output = result.stdout + result.stderr
+    lines = re.findall(
+        r"^step (\d+)/6 \| loss [\d.]+ \| val [\d.]+ \| tok/s [\d,]+ \| eta \S+$",
+        output,
+        flags=re.MULTILINE,
+    )
+    assert lines == ["2", "4", "6"]
+    for mark in BAR_MARKS:
+        assert mark not in output
+
+
+# ----------------------------------------------------------------------------- in-process
+
+
+def test_run_training_returns_the_final_validation_loss(tmp_path):
+    cfg = compose_config([*FAST, "training.max_steps=4", "training.eval_every=2"])
+    run = RunDirectory(tmp_path / "run")
+    result = run_training(cfg, run, resume=False)
+    records = read_metrics(run.path)
+    assert isinstance(result, float)
+    assert result == records[-1]["val/loss"]
+    assert records[-1]["step"] == 4
+    assert json.loads(run.run_json.read_text())["final/val_loss"] == result
+
+
+def test_hydra_task_returns_the_validation_loss_for_sweepers(tmp_path):
+    """What a Hydra sweeper (Optuna) receives from ``gptexp.train.train``."""
+    register_configs()
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base=None):
+        cfg = compose(
+            config_name="train",
+            overrides=[*FAST, "training.max_steps=3", "checkpoint=none"],
+            return_hydra_config=True,
+        )
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()  # Hydra creates the run directory before it calls the task
+    with open_dict(cfg):
+        cfg.hydra.runtime.output_dir = str(run_dir)
+    HydraConfig.instance().set_config(cfg)
+    try:
+        result = train_entry.train(train_entry.task_config(cfg))  # Hydra drops its own node
+    finally:
+        HydraConfig.instance().cfg = None
+        GlobalHydra.instance().clear()
+    assert isinstance(result, float) and math.isfinite(result)
+    assert result == read_metrics(run_dir)[-1]["val/loss"]
+
+
+def test_bf16_precision_trains_on_cpu(tmp_path):
+    cfg = compose_config([*FAST, "training.precision=bf16", "training.max_steps=3"])
+    run = RunDirectory(tmp_path / "run")
+    result = run_training(cfg, run, resume=False)
+    assert math.isfinite(result)
+    records = read_metrics(run.path)
+    assert all(math.isfinite(r["train/loss"]) for r in records if "train/loss" in r)
+    assert json.loads(run.run_json.read_text())["status"] == "finished"
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_cuda_without_cuda_is_a_clear_error(tmp_path):
+    run_dir = tmp_path / "run"
+    result = train(run_dir, "training.device=cuda", cwd=tmp_path)
+    assert result.returncode == 2
+    assert "training.device='cuda'" in result.stderr and "no CUDA device" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert not run_dir.exists()
