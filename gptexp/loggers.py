@@ -52,7 +52,7 @@ class MetricsFile:
 
     def log(self, record: dict[str, Any]) -> None:
         if self._file is None:
-            self._file = open(self.path, "a", encoding="utf-8")
+            self._file = open(self.path, "a", encoding="utf-8")  # noqa: SIM115 (kept open)
         self._file.write(_line(record))
         self._file.flush()  # one line at a time: a crash loses at most the line in flight
 
@@ -63,7 +63,9 @@ class MetricsFile:
 
 
 def _line(record: dict[str, Any]) -> str:
-    clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in record.items()}
+    clean = {
+        k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in record.items()
+    }
     return json.dumps(clean) + "\n"
 
 
@@ -91,6 +93,14 @@ def wandb_mode(requested: str) -> str:
     if netrc.is_file() and "api.wandb.ai" in netrc.read_text(errors="replace"):
         return "online"
     return "offline"
+
+
+# Trainer.summary() names -> W&B summary names distinct from the per-step metrics.
+SUMMARY_NAMES = {
+    "best/val/loss": "best/val_loss",
+    "best/train/loss": "best/train_loss",
+    "throughput/tokens_per_s": "throughput/median_tokens_per_s",
+}
 
 
 class WandbMirror:
@@ -129,8 +139,10 @@ class WandbMirror:
         self.run.log({"trainer/step": record["step"], **values}, step=record["step"])
 
     def summary(self, values: dict[str, Any]) -> None:
+        """The run's figures in W&B's run table; names that a logged metric also uses get their
+        own (W&B would otherwise overwrite them with the metric's last value)."""
         for key, value in values.items():
-            self.run.summary[key] = value
+            self.run.summary[SUMMARY_NAMES.get(key, key)] = value
 
     def finish(self, exit_code: int = 0) -> None:
         self.run.finish(exit_code=exit_code)

@@ -90,8 +90,22 @@ def resume(argv: list[str]) -> float | None:
     run = require_run(path)
     cfg, changes = resume_config(run, overrides)
     note = {"overrides": overrides, "changes": {k: list(v) for k, v in changes.items()}}
+    # The same W&B run again: its id comes from the checkpoint, its group and name from run.json
+    # (or, for a run killed before it recorded them, from what its launch changed).
+    status = run.read_status()
+    wandb_group = status.get("wandb_group")
+    wandb_name = status.get("wandb_name", ",".join(run.overrides()) or None)
     with run_logging(run if Distributed.from_env().is_main else None):
-        return report_errors(lambda: run_training(cfg, run, resume=True, resume_note=note))
+        return report_errors(
+            lambda: run_training(
+                cfg,
+                run,
+                resume=True,
+                resume_note=note,
+                wandb_group=wandb_group,
+                wandb_name=wandb_name,
+            )
+        )
 
 
 def main() -> None:

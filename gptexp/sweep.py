@@ -1,0 +1,184 @@
+"""Sweeps: which run directory a multirun job trains in, and the summary of a sweep directory.
+
+A sweep directory holds one run directory per job (``<sweep>/<job num>/``). Launching the same
+sweep into the same directory again continues it: a job whose config equals the stored config
+(run.json ``config``) of a run already there skips that run when it finished and resumes it
+when it did not. Matching goes by config, not by job number, because job numbers shift when
+the sweep's value lists change.
+
+After each job and at the end of the sweep, :class:`SweepSummary` writes ``<sweep>/sweep.json``
+and ``<sweep>/summary.md``: one row per run with its overrides, status and losses.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import logging
+import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from hydra.experimental.callback import Callback
+from hydra.types import RunMode
+from omegaconf import DictConfig, OmegaConf
+
+from gptexp.checkpoint import atomic_write_bytes, atomic_write_json
+from gptexp.run import FINISHED, RunDirectory
+
+log = logging.getLogger(__name__)
+
+START, RESUME, SKIP = "start", "resume", "skip"
+EXIT_JOBS_FAILED = 1
+
+
+@dataclass
+class JobPlan:
+    """Where a multirun job trains and what it does there."""
+
+    run: RunDirectory
+    action: str  # START a new run | RESUME an unfinished one | SKIP a finished one
+
+
+def runs_in(sweep_dir: Path) -> list[RunDirectory]:
+    """The job directories of a sweep (those with run.json or Hydra's files), in job order."""
+    if not sweep_dir.is_dir():
+        return []
+    found = [
+        RunDirectory(child)
+        for child in sweep_dir.iterdir()
+        if child.is_dir() and ((child / "run.json").is_file() or (child / ".hydra").is_dir())
+    ]
+    return sorted(found, key=lambda run: _job_order(run.path.name))
+
+
+def _job_order(name: str) -> tuple[int, str]:
+    number, _, rest = name.partition("-")
+    return (int(number), rest) if number.isdigit() else (sys.maxsize, name)
+
+
+def as_stored(config: dict[str, Any]) -> dict[str, Any]:
+    """``config`` as run.json holds it (JSON round trip: tuples become lists)."""
+    return json.loads(json.dumps(config))
+
+
+def plan_job(own: RunDirectory, config: dict[str, Any], overrides: list[str]) -> JobPlan:
+    """Decide where the job whose Hydra directory is ``own`` trains.
+
+    ``config`` is the job's typed config as a dict. A run in the sweep directory with the same
+    config is the job's run (``own`` is preferred, then a finished one); otherwise the job
+    starts in ``own``, or, when ``own`` already holds a run of another config (the sweep's
+    value lists changed since the first launch), in a new directory next to it.
+    """
+    wanted = as_stored(config)
+    matches = [run for run in runs_in(own.path.parent) if run.read_status().get("config") == wanted]
+    if matches:
+        matches.sort(key=lambda run: (run != own, run.read_status().get("status") != FINISHED))
+        chosen = matches[0]
+        if chosen != own:
+            _hand_back(own, overrides)
+        finished = chosen.read_status().get("status") == FINISHED
+        return JobPlan(chosen, SKIP if finished else RESUME)
+    if not own.is_run():
+        return JobPlan(own, START)
+    fresh = _claim_directory_next_to(own)
+    for name in ("config.yaml", "hydra.yaml", "overrides.yaml"):
+        source = own.hydra_dir / name
+        if source.is_file():
+            atomic_write_bytes(fresh.hydra_dir / name, source.read_bytes())
+    _hand_back(own, overrides)
+    log.info("%s holds a run of another config; this job starts in %s", own.path, fresh.path)
+    return JobPlan(fresh, START)
+
+
+def _claim_directory_next_to(own: RunDirectory) -> RunDirectory:
+    """``<own>-1``, ``<own>-2``, ...: the first that does not exist, created atomically.
+
+    The suffix keeps these names apart from Hydra's job numbers, which a later job of the same
+    launch may still be about to use.
+    """
+    for index in range(1, 10_000):
+        candidate = own.path.with_name(f"{own.path.name}-{index}")
+        try:
+            os.mkdir(candidate)
+        except FileExistsError:
+            continue
+        (candidate / ".hydra").mkdir()
+        return RunDirectory(candidate)
+    raise RuntimeError(f"no free directory name next to {own.path}")
+
+
+def _hand_back(own: RunDirectory, overrides: list[str]) -> None:
+    """Undo what Hydra wrote into ``own`` for a job that trains elsewhere.
+
+    A directory that held nothing else disappears; a run that was already there (whose
+    ``.hydra`` files Hydra has just overwritten with this job's) gets its own composed config
+    and overrides back from its run.json. Its hydra.yaml keeps describing this launch.
+    """
+    from gptexp.run import discard_unstarted
+
+    if not own.is_run():
+        discard_unstarted(own)
+        return
+    status = own.read_status()
+    if isinstance(status.get("config"), dict):
+        own.config_yaml.write_text(OmegaConf.to_yaml(OmegaConf.create(status["config"])))
+    if isinstance(status.get("overrides"), list):
+        own.overrides_yaml.write_text(OmegaConf.to_yaml(OmegaConf.create(status["overrides"])))
+    elif own.overrides() == overrides:
+        log.warning("%s: its original overrides.yaml could not be restored", own.path)
+
+
+# ----------------------------------------------------------------------------- the summary
+
+
+def write_summary(sweep_dir: Path) -> list[dict[str, Any]]:
+    """Write ``sweep.json`` and ``summary.md`` for the runs in ``sweep_dir``; returns the rows.
+
+    Jobs of a parallel launcher finish in their own processes; the lock makes the last writer
+    the one that saw every run's final status.
+    """
+    from gptexp.compare import markdown_table, run_rows, table_columns
+
+    sweep_dir.mkdir(parents=True, exist_ok=True)
+    with open(sweep_dir / ".summary.lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        rows = run_rows(runs_in(sweep_dir))
+        atomic_write_json(sweep_dir / "sweep.json", {"sweep_dir": str(sweep_dir), "jobs": rows})
+        text = f"# Sweep {sweep_dir.name}\n\n{markdown_table(rows, table_columns(rows))}"
+        atomic_write_bytes(sweep_dir / "summary.md", text.encode("utf-8"))
+    return rows
+
+
+class SweepSummary(Callback):
+    """Keeps ``sweep.json`` / ``summary.md`` up to date and reports the sweep at its end.
+
+    ``fail_on_failed_jobs``: the command exits with status 1 when a job failed (the others
+    still ran). An Optuna search turns it off: a failed trial is part of the search.
+    """
+
+    def __init__(self, fail_on_failed_jobs: bool = True) -> None:
+        self.fail_on_failed_jobs = fail_on_failed_jobs
+
+    def on_job_end(self, config: DictConfig, **kwargs: Any) -> None:
+        if config.hydra.mode == RunMode.MULTIRUN:
+            write_summary(Path(config.hydra.sweep.dir))
+
+    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        from gptexp.compare import table_columns, text_table
+
+        sweep_dir = Path(config.hydra.sweep.dir)
+        rows = write_summary(sweep_dir)
+        print(text_table(rows, table_columns(rows)), file=sys.stderr)
+        failed = [row["run"] for row in rows if row["status"] != FINISHED]
+        print(f"sweep summary: {sweep_dir / 'summary.md'}", file=sys.stderr)
+        if failed:
+            print(
+                f"{len(failed)} of {len(rows)} runs did not finish: {', '.join(failed)}; "
+                f"launch the same command with hydra.sweep.dir={sweep_dir} to continue them",
+                file=sys.stderr,
+            )
+            if self.fail_on_failed_jobs:
+                sys.exit(EXIT_JOBS_FAILED)
