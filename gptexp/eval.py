@@ -360,11 +360,11 @@ def evaluate_run(run: RunDirectory, options: EvalOptions, samples: int) -> EvalR
         )
     training = rebuilt.training
     device = resolve_device(options.device or training.device)
-    if training.num_threads:
-        torch.set_num_threads(training.num_threads)  # the trainer's thread count: same sums
     rebuilt.model.to(device)
     prompt_ids = encode_prompt(rebuilt.tokenizer, options.prompt)
     corpus = reload_corpus(rebuilt, state, options.data_path)
+    if training.num_threads:
+        torch.set_num_threads(training.num_threads)  # the trainer's thread count: same sums
 
     batches = options.batches or training.eval_batches
     batch_size = options.batch_size or training.batch_size

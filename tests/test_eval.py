@@ -1,0 +1,279 @@
+"""``python -m gptexp.eval`` through the real entry point: numbers equal to the trainer's,
+determinism, samples, sweeps, interrupted and old runs, and bad input that changes nothing."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import math
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+import gptexp.eval
+from gptexp.checkpoint import sha256_file
+from gptexp.data import python_docs_text
+from tests.conftest import FAST, read_metrics, run_module, subprocess_env
+
+
+def evaluate(run_dir: Path, *args: str) -> subprocess.CompletedProcess:
+    return run_module("gptexp.eval", f"run={run_dir}", *args, cwd=run_dir.parent)
+
+
+def call_main(main, *args: str) -> tuple[int, str]:
+    """An entry point's ``main()`` in this process (no interpreter start-up): exit code and
+    stderr. The checks with a process of their own are the other bad-input tests."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(sys, "argv", ["gptexp", *args])
+        stderr = io.StringIO()
+        patch.setattr(sys, "stderr", stderr)
+        try:
+            main()
+        except SystemExit as stop:
+            return int(stop.code or 0), stderr.getvalue()
+    return 0, stderr.getvalue()
+
+
+def result(run_dir: Path, label: str) -> dict:
+    return json.loads((run_dir / "eval" / f"{label}.json").read_text())
+
+
+def logged_val_loss(run_dir: Path, step: int) -> float:
+    (value,) = [
+        r["val/loss"] for r in read_metrics(run_dir) if r["step"] == step and "val/loss" in r
+    ]
+    return value
+
+
+def files_of(run_dir: Path, skip: str | None = None) -> dict[str, str]:
+    """Every file of the run with its sha256 (``skip``: a top-level folder left out)."""
+    return {
+        str(path.relative_to(run_dir)): hashlib.sha256(path.read_bytes()).hexdigest()
+        for path in sorted(run_dir.rglob("*"))
+        if path.is_file() and path.relative_to(run_dir).parts[0] != skip
+    }
+
+
+@pytest.fixture
+def run_copy(finished_run: Path, tmp_path: Path) -> Path:
+    """A private copy of the shared finished run (steps 10 and 20 checkpointed), to write to."""
+    copy = tmp_path / "run"
+    shutil.copytree(finished_run, copy, ignore=shutil.ignore_patterns("eval", "export"))
+    return copy
+
+
+def rewrite_checkpoint(run_dir: Path, step: int, edit) -> None:
+    """Apply ``edit`` to a checkpoint's dict and re-list it in the manifest (a run made by
+    another version of gptexp, as far as the loader can tell)."""
+    path = run_dir / "checkpoints" / f"step_{step:07d}.pt"
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    edit(state)
+    torch.save(state, path)
+    manifest_path = run_dir / "checkpoints" / "manifest.json"
+    manifest = json.loads(manifest_path.read_text())
+    for entry in manifest["checkpoints"]:
+        if entry["file"] == path.name:
+            entry["sha256"], entry["bytes"] = sha256_file(path), path.stat().st_size
+    manifest_path.write_text(json.dumps(manifest))
+
+
+# ----------------------------------------------------------------------------- numbers
+
+
+def test_eval_loss_equals_logged_val_loss_and_is_deterministic(run_copy: Path) -> None:
+    before = files_of(run_copy)
+    sampling = ("samples=2", "max_new_tokens=40", "prompt=def ")
+    first = evaluate(run_copy, *sampling)
+    assert first.returncode == 0, first.stderr
+    last = result(run_copy, "last")
+    assert last["step"] == 20 and last["checkpoint"] == "step_0000020.pt"
+    assert last["loss"] == logged_val_loss(run_copy, 20)  # exactly: same function, batches
+    assert last["logged_val_loss"] == last["loss"]
+    assert last["perplexity"] == pytest.approx(math.exp(last["loss"]))
+    # A char tokenizer has one token per character: bits per char = bits per token.
+    assert last["bits_per_char"] == pytest.approx(last["loss"] / math.log(2))
+    assert "loss" in first.stdout and "(equal)" in first.stdout
+    samples = (run_copy / "eval" / "samples_last.txt").read_text()
+    assert samples.count(")\ndef ") == 2  # two samples, each continuing the prompt
+    assert files_of(run_copy, skip="eval") == before  # only eval/ was written
+
+    again = evaluate(run_copy, *sampling)
+    assert again.returncode == 0, again.stderr
+    assert result(run_copy, "last")["loss"] == last["loss"]
+    assert (run_copy / "eval" / "samples_last.txt").read_text() == samples
+
+    code, stderr = call_main(gptexp.eval.main, f"run={run_copy}", *sampling, "seed=7")
+    assert code == 0, stderr
+    assert (run_copy / "eval" / "samples_last.txt").read_text() != samples
+    assert result(run_copy, "last")["logged_val_loss"] is None  # other batches: no comparison
+
+
+# ----------------------------------------------------------------------------- sweeps
+
+
+@pytest.fixture(scope="module")
+def sweep_dir(tmp_path_factory) -> Path:
+    """A real two-job multirun: job 0 checkpoints, job 1 runs with checkpoint=none."""
+    base = tmp_path_factory.mktemp("sweep")
+    sweep = base / "sweep"
+    done = run_module(
+        "gptexp.train", "-m", *FAST, "checkpoint=default,none", f"hydra.sweep.dir={sweep}", cwd=base
+    )
+    assert done.returncode == 0, done.stderr
+    return sweep
+
+
+def test_sweep_prints_one_table_and_lists_the_run_without_checkpoint(sweep_dir: Path) -> None:
+    done = run_module("gptexp.eval", f"run={sweep_dir}", cwd=sweep_dir.parent)
+    assert done.returncode == 0, done.stderr
+    rows = {line.split()[0]: line for line in done.stdout.splitlines() if line[:1].isdigit()}
+    assert "checkpoint=default" in rows["0"] and "step_0000020.pt" in rows["0"]
+    assert f"{result(sweep_dir / '0', 'last')['loss']:.4f}" in rows["0"]
+    assert "checkpoint=none" in rows["1"] and "no checkpoint" in rows["1"]
+    assert "training=debug" not in done.stdout  # overrides every run shares are left out
+    assert not (sweep_dir / "1" / "eval").exists()
+
+
+def test_run_without_checkpoint_is_an_error(sweep_dir: Path) -> None:
+    before = files_of(sweep_dir / "1")
+    code, stderr = call_main(gptexp.eval.main, f"run={sweep_dir / '1'}")
+    assert code == 2
+    assert "no checkpoint" in stderr and "checkpoint.enabled=false" in stderr
+    assert files_of(sweep_dir / "1") == before
+
+
+# ----------------------------------------------------------------------------- runs of any age
+
+
+def test_interrupted_run_is_evaluated(tmp_path: Path) -> None:
+    run_dir = tmp_path / "interrupted"
+    command = [sys.executable, "-m", "gptexp.train", *FAST, "training.max_steps=100000"]
+    command += ["checkpoint.every_steps=5", f"hydra.run.dir={run_dir}"]
+    with open(tmp_path / "train.out", "w") as out:
+        training = subprocess.Popen(
+            command, cwd=tmp_path, env=subprocess_env(), stdout=out, stderr=subprocess.STDOUT
+        )
+        manifest = run_dir / "checkpoints" / "manifest.json"
+        deadline = time.monotonic() + 120  # a guard against a hang, not a speed requirement
+        while not (manifest.exists() and json.loads(manifest.read_text())["checkpoints"]):
+            assert training.poll() is None, (tmp_path / "train.out").read_text()
+            assert time.monotonic() < deadline, "no checkpoint was written"
+            time.sleep(0.05)
+        training.send_signal(signal.SIGTERM)
+        assert training.wait(timeout=120) == 130
+    status = json.loads((run_dir / "run.json").read_text())
+    assert status["status"] == "interrupted"
+
+    done = evaluate(run_dir)
+    assert done.returncode == 0, done.stderr
+    assert "--- sample 1" in done.stdout
+    record = result(run_dir, "last")
+    assert record["status"] == "interrupted"
+    assert record["step"] == status["step"]  # the checkpoint the signal made
+    assert math.isfinite(record["loss"])
+
+
+def test_run_with_a_config_key_that_no_longer_exists(run_copy: Path) -> None:
+    """An older gptexp had a ``training.ema`` option and an ``optimizer`` group."""
+
+    def add_old_keys(config: dict) -> None:
+        config["training"]["ema"] = 0.999
+        config["optimizer"] = {"name": "lion"}
+
+    rewrite_checkpoint(run_copy, 20, lambda state: add_old_keys(state["config"]))
+    status = json.loads((run_copy / "run.json").read_text())
+    add_old_keys(status["config"])
+    (run_copy / "run.json").write_text(json.dumps(status))
+    hydra_config = yaml.safe_load((run_copy / ".hydra" / "config.yaml").read_text())
+    add_old_keys(hydra_config)
+    (run_copy / ".hydra" / "config.yaml").write_text(yaml.safe_dump(hydra_config))
+    overrides = run_copy / ".hydra" / "overrides.yaml"
+    overrides.write_text(overrides.read_text() + "- optimizer=lion\n")
+
+    done = evaluate(run_copy, "samples=0")
+    assert done.returncode == 0, done.stderr
+    record = result(run_copy, "last")
+    assert record["loss"] == logged_val_loss(run_copy, 20)
+    assert record["ignored_config_keys"] == ["optimizer.name", "training.ema"]
+    assert "training.ema" in done.stderr
+
+
+def test_changed_text_is_refused_and_a_moved_text_is_found(run_copy: Path, tmp_path: Path) -> None:
+    """The run says its text is a file; that file now holds something else."""
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text(python_docs_text()[:-1000], encoding="utf-8")  # edited since training
+
+    def point_at_file(state: dict) -> None:
+        state["config"]["data"] |= {"name": "text", "path": str(corpus)}
+
+    rewrite_checkpoint(run_copy, 20, point_at_file)
+    before = files_of(run_copy)
+    code, stderr = call_main(gptexp.eval.main, f"run={run_copy}", "ckpt=20")
+    assert code == 2
+    assert "differs from the one this run was trained on" in stderr
+    assert files_of(run_copy) == before
+
+    original = tmp_path / "original.txt"
+    original.write_text(python_docs_text(), encoding="utf-8")
+    moved = evaluate(run_copy, "ckpt=20", f"data.path={original}", "samples=0")
+    assert moved.returncode == 0, moved.stderr
+    assert result(run_copy, "step_0000020")["loss"] == logged_val_loss(run_copy, 20)
+
+
+# ----------------------------------------------------------------------------- bad input
+
+
+def test_corrupt_checkpoint(run_copy: Path) -> None:
+    newest = run_copy / "checkpoints" / "step_0000020.pt"
+    data = bytearray(newest.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    newest.write_bytes(bytes(data))
+    before = files_of(run_copy)
+
+    code, stderr = call_main(gptexp.eval.main, f"run={run_copy}", "ckpt=20")
+    assert code == 2
+    assert "step_0000020.pt" in stderr and "corrupted" in stderr
+    assert files_of(run_copy) == before
+
+    # last: the damaged newest checkpoint is named and the newest valid one is used.
+    fallback = evaluate(run_copy, "samples=0")
+    assert fallback.returncode == 0, fallback.stderr
+    assert "step_0000020.pt" in fallback.stderr
+    record = result(run_copy, "last")
+    assert record["step"] == 10 and record["skipped_checkpoints"]
+    assert record["loss"] == logged_val_loss(run_copy, 10)
+    assert files_of(run_copy, skip="eval") == before
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["ckpt=15"], "no checkpoint at step 15 (have: 10, 20)"),
+        (["ckpt=newest"], "ckpt='newest': must be last, best or a step number"),
+        (["prompt=snow ☃"], "prompt='snow ☃': characters not in the tokenizer's vocabulary"),
+        (["batchez=3"], "unknown key 'batchez'"),
+        (["batches=many"], "batches='many': must be int"),
+    ],
+)
+def test_bad_arguments(finished_run: Path, args: list[str], message: str) -> None:
+    before = files_of(finished_run)
+    code, stderr = call_main(gptexp.eval.main, f"run={finished_run}", *args)
+    assert code == 2
+    assert message in stderr
+    assert files_of(finished_run) == before
+
+
+def test_not_a_run(tmp_path: Path) -> None:
+    (tmp_path / "notes.txt").write_text("not a run")
+    done = run_module("gptexp.eval", f"run={tmp_path}", cwd=tmp_path)
+    assert done.returncode == 2
+    assert f"error: {tmp_path}: neither a gptexp run directory" in done.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"]

@@ -1,0 +1,90 @@
+"""``python -m gptexp.export``: safetensors + JSON config + tokenizer that load back into the
+same model without gptexp's checkpoint format."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+
+import gptexp.export
+from gptexp.config import ModelConfig
+from gptexp.export import load_export
+from gptexp.model import GPT
+from tests.conftest import run_module
+from tests.test_eval import call_main, files_of
+
+
+@pytest.fixture
+def run_copy(finished_run: Path, tmp_path: Path) -> Path:
+    copy = tmp_path / "run"
+    shutil.copytree(finished_run, copy, ignore=shutil.ignore_patterns("eval", "export"))
+    return copy
+
+
+def checkpoint_model(run_dir: Path, step: int) -> GPT:
+    """The model of a checkpoint, read the plain way (what export must reproduce)."""
+    state = torch.load(
+        run_dir / "checkpoints" / f"step_{step:07d}.pt", map_location="cpu", weights_only=True
+    )
+    model = GPT(ModelConfig(**state["config"]["model"]), state["vocab_size"])
+    model.load_state_dict(state["model"])
+    return model.eval()
+
+
+def test_export_round_trip(run_copy: Path) -> None:
+    before = files_of(run_copy)
+    done = run_module("gptexp.export", f"run={run_copy}", "ckpt=best", cwd=run_copy.parent)
+    assert done.returncode == 0, done.stderr
+    out = run_copy / "export" / "best"
+    assert sorted(p.name for p in out.iterdir()) == [
+        "config.json",
+        "model.safetensors",
+        "tokenizer.json",
+    ]
+    assert files_of(run_copy, skip="export") == before
+
+    # The tied output matrix is stored once, under the embedding's name.
+    with safe_open(out / "model.safetensors", framework="pt") as weights:
+        names = set(weights.keys())
+    assert "wte.weight" in names and "lm_head.weight" not in names
+    config = json.loads((out / "config.json").read_text())
+    assert config["source"]["step"] == 20 and config["vocab_size"] == 103
+
+    model, tokenizer = load_export(out)
+    assert model.lm_head.weight is model.wte.weight  # still tied after loading
+    assert tokenizer.to_json() == (run_copy / "tokenizer.json").read_text()
+    ids = torch.tensor([tokenizer.encode("def evaluate(run):\n    return")])
+    expected, _ = checkpoint_model(run_copy, 20)(ids)
+    logits, _ = model(ids)
+    assert torch.equal(logits, expected)
+
+
+def test_export_to_a_chosen_directory(run_copy: Path, tmp_path: Path) -> None:
+    out = tmp_path / "exported"
+    code, stderr = call_main(gptexp.export.main, f"run={run_copy}", "ckpt=10", f"out={out}")
+    assert code == 0, stderr
+    model, tokenizer = load_export(out)
+    ids = torch.tensor([tokenizer.encode("x = 1")])
+    assert torch.equal(model(ids)[0], checkpoint_model(run_copy, 10)(ids)[0])
+    assert json.loads((out / "config.json").read_text())["source"]["step"] == 10
+    assert not (run_copy / "export").exists()
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["ckpt=15"], "no checkpoint at step 15 (have: 10, 20)"),
+        (["format=onnx"], "unknown key 'format'"),
+    ],
+)
+def test_export_bad_input_changes_nothing(run_copy: Path, args: list[str], message: str) -> None:
+    before = files_of(run_copy)
+    code, stderr = call_main(gptexp.export.main, f"run={run_copy}", *args)
+    assert code == 2
+    assert message in stderr
+    assert files_of(run_copy) == before
