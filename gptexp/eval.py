@@ -41,7 +41,15 @@ from gptexp.config import (
     TrainingConfig,
     config_to_dict,
 )
-from gptexp.data import Corpus, DataError, Tokenizer, load_text, prepare_corpus, tokenizer_from_json
+from gptexp.data import (
+    Corpus,
+    DataError,
+    Tokenizer,
+    load_text,
+    prepare_corpus,
+    sha256_text,
+    tokenizer_from_json,
+)
 from gptexp.loggers import flatten, read_metrics
 from gptexp.model import GPT
 from gptexp.resume import stored_config
@@ -215,7 +223,7 @@ def _known_fields(schema: type[Options], values: dict[str, Any]) -> Options:
     return schema(**{key: value for key, value in values.items() if key in names})
 
 
-def rebuild_model(state: dict[str, Any], device: torch.device | None = None) -> RebuiltRun:
+def rebuild_model(state: dict[str, Any]) -> RebuiltRun:
     """The model, tokenizer and settings of a checkpoint, from the checkpoint alone.
 
     Only ``config.model`` has to match today's schema exactly (it shapes the weights); keys
@@ -251,29 +259,24 @@ def rebuild_model(state: dict[str, Any], device: torch.device | None = None) -> 
         raise CheckpointError(
             f"the weights do not fit the stored model config ({str(error).splitlines()[0]})"
         ) from None
-    model.to(device or torch.device("cpu")).eval()
+    model.eval()
     return RebuiltRun(model, tokenizer, model_cfg, data_cfg, training, ignored)
 
 
-def reload_corpus(rebuilt: RebuiltRun, state: dict[str, Any], data_path: str | None) -> Corpus:
-    """The run's text, tokenized with the run's tokenizer; refused unless it is the same text."""
+def reload_corpus(rebuilt: RebuiltRun, fingerprint: str | None) -> tuple[Corpus, str]:
+    """The run's text (checked against the fingerprint the run recorded) and its corpus,
+    tokenized with the run's own tokenizer."""
     data_cfg = rebuilt.data_cfg
-    if data_path is not None:
-        data_cfg = dataclasses.replace(data_cfg, path=data_path)
-    where = f"data.name={data_cfg.name!r}" + (
-        f" data.path={data_cfg.path!r}" if data_cfg.path else ""
-    )
-    changed = f"{where}: the text differs from the one this run was trained on"
-    hint = "evaluate with the original text (data.path=<a copy of it>)"
-    try:
-        corpus = prepare_corpus(data_cfg, rebuilt.model_cfg.block_size, rebuilt.tokenizer)
-    except DataError as error:
-        if "not in the tokenizer's vocabulary" in str(error):
-            raise DataError(f"{changed} ({error}); {hint}") from None
-        raise
-    if corpus.fingerprint != state.get("data_fingerprint"):
-        raise DataError(f"{changed} (sha256 differs); {hint}")
-    return corpus
+    text = load_text(data_cfg)
+    if sha256_text(text) != fingerprint:
+        where = f"data.name={data_cfg.name!r}" + (
+            f" data.path={data_cfg.path!r}" if data_cfg.path else ""
+        )
+        raise DataError(
+            f"{where}: the text differs from the one this run was trained on (sha256); "
+            "evaluate with the original text (data.path=<a copy of it>)"
+        )
+    return prepare_corpus(data_cfg, rebuilt.model_cfg.block_size, rebuilt.tokenizer), text
 
 
 # ----------------------------------------------------------------------------- one run
@@ -287,20 +290,12 @@ class EvalResult:
     samples: list[str]
 
 
-def units_per_token(
-    corpus: Corpus, rebuilt: RebuiltRun, split: str, data_path: str | None
-) -> float:
+def units_per_token(corpus: Corpus, tokenizer: Tokenizer, text: str, split: str) -> float:
     """Characters (char tokenizer) or UTF-8 bytes (BPE) per token of the split's text."""
     if split == "val":
         return corpus.val_units_per_token
-    data_cfg = (
-        rebuilt.data_cfg
-        if data_path is None
-        else dataclasses.replace(rebuilt.data_cfg, path=data_path)
-    )
     # Units add up over the split point, so the train split's are the whole text's minus val's.
-    train_units = rebuilt.tokenizer.units(load_text(data_cfg)) - corpus.val_units
-    return train_units / max(1, len(corpus.train))
+    return (tokenizer.units(text) - corpus.val_units) / max(1, len(corpus.train))
 
 
 def encode_prompt(tokenizer: Tokenizer, prompt: str) -> list[int]:
@@ -361,8 +356,10 @@ def evaluate_run(run: RunDirectory, options: EvalOptions, samples: int) -> EvalR
     training = rebuilt.training
     device = resolve_device(options.device or training.device)
     rebuilt.model.to(device)
+    if options.data_path is not None:
+        rebuilt.data_cfg = dataclasses.replace(rebuilt.data_cfg, path=options.data_path)
     prompt_ids = encode_prompt(rebuilt.tokenizer, options.prompt)
-    corpus = reload_corpus(rebuilt, state, options.data_path)
+    corpus, text = reload_corpus(rebuilt, state.get("data_fingerprint"))
     if training.num_threads:
         torch.set_num_threads(training.num_threads)  # the trainer's thread count: same sums
 
@@ -383,6 +380,7 @@ def evaluate_run(run: RunDirectory, options: EvalOptions, samples: int) -> EvalR
     )
     unit = rebuilt.tokenizer.unit
     bits_per_token = loss / math.log(2)
+    bits_per_unit = bits_per_token / units_per_token(corpus, rebuilt.tokenizer, text, options.split)
     as_trained = (options.split, batches, batch_size, seed) == (
         "val",
         training.eval_batches,
@@ -407,8 +405,7 @@ def evaluate_run(run: RunDirectory, options: EvalOptions, samples: int) -> EvalR
         "perplexity": math.exp(loss),
         "bits_per_token": bits_per_token,
         "unit": unit,
-        f"bits_per_{unit}": bits_per_token
-        / units_per_token(corpus, rebuilt, options.split, options.data_path),
+        f"bits_per_{unit}": bits_per_unit,
         # The trainer's number for this checkpoint; equal to loss when evaluated as trained.
         "logged_val_loss": logged_val_loss(run, entry.step) if as_trained else None,
         "ignored_config_keys": rebuilt.ignored_keys,
