@@ -298,6 +298,17 @@ def units_per_token(corpus: Corpus, tokenizer: Tokenizer, text: str, split: str)
     return (tokenizer.units(text) - corpus.val_units) / max(1, len(corpus.train))
 
 
+def evaluation_device(requested: str | None, trained_on: str) -> torch.device:
+    """``requested``, or the device the run trained on; one this machine lacks is an error
+    that says how to evaluate elsewhere."""
+    try:
+        return resolve_device(requested or trained_on)
+    except ConfigError as error:
+        reason = str(error).partition(": ")[2]
+        key = f"device={requested!r}" if requested else f"the run's training.device={trained_on!r}"
+        raise ConfigError(f"{key}: {reason}; evaluate with device=cpu") from None
+
+
 def encode_prompt(tokenizer: Tokenizer, prompt: str) -> list[int]:
     if not prompt:
         return [0]
@@ -354,7 +365,11 @@ def evaluate_run(run: RunDirectory, options: EvalOptions, samples: int) -> EvalR
             ", ".join(rebuilt.ignored_keys),
         )
     training = rebuilt.training
-    device = resolve_device(options.device or training.device)
+    device = evaluation_device(options.device, training.device)
+    precision = training.precision
+    if precision == "fp16" and device.type != "cuda":
+        log.warning("the run trained in fp16, which needs CUDA: evaluating in fp32 on %s", device)
+        precision = "fp32"
     rebuilt.model.to(device)
     if options.data_path is not None:
         rebuilt.data_cfg = dataclasses.replace(rebuilt.data_cfg, path=options.data_path)
@@ -376,7 +391,7 @@ def evaluate_run(run: RunDirectory, options: EvalOptions, samples: int) -> EvalR
         split=options.split,
         batches=batches,
         device=device,
-        precision=training.precision,
+        precision=precision,
     )
     unit = rebuilt.tokenizer.unit
     bits_per_token = loss / math.log(2)
@@ -400,7 +415,7 @@ def evaluate_run(run: RunDirectory, options: EvalOptions, samples: int) -> EvalR
         "block_size": rebuilt.model_cfg.block_size,
         "seed": seed,
         "device": str(device),
-        "precision": training.precision,
+        "precision": precision,
         "loss": loss,
         "perplexity": math.exp(loss),
         "bits_per_token": bits_per_token,
@@ -462,15 +477,15 @@ def print_run_result(result: EvalResult) -> None:
 # ----------------------------------------------------------------------------- a sweep
 
 
+def looks_like_run(path: Path) -> bool:
+    """What require_run accepts: a run.json or (a run that never started) Hydra's config."""
+    run = RunDirectory(path)
+    return run.is_run() or run.config_yaml.is_file()
+
+
 def sweep_runs(path: Path) -> list[RunDirectory]:
     """The run directories directly under ``path``, in numeric (Hydra job) order."""
-    if not path.is_dir():
-        return []
-    runs = [
-        RunDirectory(sub)
-        for sub in path.iterdir()
-        if sub.is_dir() and (RunDirectory(sub).is_run() or RunDirectory(sub).config_yaml.is_file())
-    ]
+    runs = [RunDirectory(sub) for sub in path.iterdir() if sub.is_dir() and looks_like_run(sub)]
     return sorted(runs, key=lambda run: _job_order(run.path.name))
 
 
@@ -536,8 +551,7 @@ def evaluate_sweep(path: Path, runs: list[RunDirectory], options: EvalOptions) -
 def evaluate(options: EvalOptions) -> list[EvalResult]:
     """Evaluate the run (or every run of the sweep) at ``options.run``."""
     path = Path(options.run)
-    candidate = RunDirectory(path)
-    if path.is_dir() and not candidate.is_run() and not candidate.config_yaml.is_file():
+    if path.is_dir() and not looks_like_run(path):
         runs = sweep_runs(path)
         if not runs:
             raise RunError(
