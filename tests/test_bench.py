@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 
 from tests.conftest import run_module
 
@@ -82,3 +83,32 @@ def test_bench_refuses_a_missing_corpus(tmp_path):
     assert result.returncode == 1
     assert "nope.txt: no such file" in result.stderr
     assert not (tmp_path / "outputs").exists()
+
+
+def test_reused_snapshot_buffers_keep_each_checkpoint_consistent(tmp_path):
+    """The bench's stall fix: from its second save on, the manager copies into the buffers of
+    the previous snapshot. Each checkpoint must still hold the values of its own step, and a
+    tied weight must still be written once."""
+    from gptexp.checkpoint import CheckpointManager
+    from gptexp.config import CheckpointConfig
+
+    manager = CheckpointManager(tmp_path, CheckpointConfig(every_steps=1, keep_last=3))
+    weight = torch.zeros(64, 64)
+    for step in (1, 2, 3):
+        weight.fill_(step)
+        # state_dict() returns a distinct tensor object per name for tied weights
+        manager.save(
+            {"model": {"wte": weight.detach(), "head": weight.detach()}, "step": step},
+            step,
+            None,
+            ["periodic"],
+        )
+        weight.fill_(-1.0)  # training mutates in place while the writer runs
+    manager.wait()
+    for entry in manager.entries():
+        state = manager.load(entry)
+        assert torch.equal(state["model"]["wte"], torch.full((64, 64), float(entry.step)))
+        assert state["model"]["wte"].untyped_storage().data_ptr() == (
+            state["model"]["head"].untyped_storage().data_ptr()
+        ), "the tied weight is stored once"
+        assert entry.bytes < 2 * 64 * 64 * 4
