@@ -177,9 +177,10 @@ def shakespeare_text(path: str | None) -> str:
         return text
     cached = cache_dir() / "tinyshakespeare.txt"
     if cached.is_file():
-        text = cached.read_text(encoding="utf-8")
-        if sha256_text(text) == SHAKESPEARE_SHA256:
-            return text
+        # Hash the bytes, not decoded text: a damaged cache may not even be UTF-8.
+        raw = cached.read_bytes()
+        if hashlib.sha256(raw).hexdigest() == SHAKESPEARE_SHA256:
+            return raw.decode("utf-8")
         log.warning("cached %s is damaged (sha256 differs); downloading it again", cached)
     log.info("downloading tiny-shakespeare from %s", SHAKESPEARE_URL)
     try:

@@ -225,3 +225,16 @@ def test_shakespeare_download_is_checked_and_cached(monkeypatch):
     monkeypatch.setattr(urllib.request, "urlopen", lambda *a, **k: _Response(good.encode()))
     prepare_corpus(data_config("data=shakespeare"), block_size=16)
     assert cached.read_text(encoding="utf-8") == good
+
+
+def test_shakespeare_damaged_cache_is_downloaded_again(monkeypatch):
+    good = "JULIET:\nO Romeo, Romeo! wherefore art thou Romeo?\n" * 20
+    monkeypatch.setattr(data, "SHAKESPEARE_SHA256", hashlib.sha256(good.encode()).hexdigest())
+    cached = data.cache_dir() / "tinyshakespeare.txt"
+    cached.parent.mkdir(parents=True)
+    for damaged in (good[:-7].encode(), b"\xff\xfe not UTF-8 at all \x80"):
+        cached.write_bytes(damaged)
+        monkeypatch.setattr(urllib.request, "urlopen", lambda *a, **k: _Response(good.encode()))
+        corpus = prepare_corpus(data_config("data=shakespeare"), block_size=16)
+        assert corpus.tokenizer.decode(corpus.train.tolist() + corpus.val.tolist()) == good
+        assert cached.read_bytes() == good.encode()
