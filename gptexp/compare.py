@@ -277,7 +277,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     )
     parser.add_argument("paths", nargs="+", help="a sweep directory, or run directories")
     parser.add_argument(
-        "--sort", metavar="KEY", help="column to sort by, e.g. final_val_loss; -KEY descending"
+        "--sort",
+        metavar="KEY",
+        help="column to sort by, e.g. final_val_loss; --sort=-KEY sorts descending",
     )
     parser.add_argument(
         "--filter",

@@ -33,6 +33,8 @@ from gptexp.trainer import (
 
 log = logging.getLogger(__name__)
 
+BASIC_SWEEPER = "hydra._internal.core_plugins.basic_sweeper.BasicSweeper"
+
 CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
 
 
@@ -85,7 +87,14 @@ def train(cfg: DictConfig) -> float | None:
     wandb_name = ",".join(overrides) or None
     if multirun:
         share_cores_between_jobs(hydra_cfg, int(cfg.training.num_threads))
-        return sweep_job(cfg, run, overrides, wandb_group, wandb_name, dist_ctx)
+        # Hydra's basic sweeper stops after a batch with a failed job and skips the summary,
+        # so there a failed job returns NaN; other sweepers (Optuna) need the exception to
+        # record a failed trial (a returned NaN crashes hydra-optuna-sweeper 1.3).
+        raise_failures = hydra_cfg.sweeper._target_ != BASIC_SWEEPER
+        result = sweep_job(cfg, run, overrides, wandb_group, wandb_name, dist_ctx)
+        if raise_failures and not math.isfinite(result):
+            raise JobFailed(f"{run.path}: failed (see its run.json and train.log)")
+        return result
 
     def body() -> float | None:
         return run_training(
@@ -100,6 +109,10 @@ def train(cfg: DictConfig) -> float | None:
             if run.is_run():  # for make resume: the same W&B run name again
                 run.update_status(overrides=overrides, wandb_group=None, wandb_name=wandb_name)
             discard_unstarted(run)  # bad input leaves no half-made run directory behind
+
+
+class JobFailed(RuntimeError):
+    """A multirun job that failed; its run.json says why."""
 
 
 def share_cores_between_jobs(hydra_cfg: DictConfig, num_threads: int) -> None:
@@ -129,9 +142,8 @@ def sweep_job(
     """One job of a multirun: start, resume or skip its run; never stop the other jobs.
 
     A job that fails (bad config, bad data, NaN loss) is recorded as failed in its run.json
-    and returns NaN, which the basic sweeper ignores and Optuna records as a failed trial; the
-    sweep goes on. A stop on a signal ends the whole sweep (exit 130): launching the same
-    command into the same sweep directory continues it.
+    and returns NaN; the sweep goes on. A stop on a signal ends the whole sweep (exit 130):
+    launching the same command into the same sweep directory continues it.
     """
     try:
         typed = to_train_config(cfg)
