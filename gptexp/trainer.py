@@ -737,6 +737,8 @@ def _start_status(run, cfg, trainer, dist_ctx, resume, resume_note) -> None:
         "world_size": dist_ctx.world_size,
         "data_fingerprint": trainer.corpus.fingerprint,
         "wandb_id": trainer.wandb_id,
+        "wandb_group": trainer.wandb_group,
+        "wandb_name": trainer.wandb_name,
         "max_steps": cfg.training.max_steps,
         "config": config_to_dict(cfg),
         "ended": None,
