@@ -292,10 +292,15 @@ class CheckpointManager:
         return reasons
 
     def retained(self, entries: list[CheckpointEntry]) -> list[CheckpointEntry]:
-        """The checkpoints the policy keeps; the newest is always kept (resume needs it)."""
+        """The checkpoints the policy keeps: the newest ``keep_last`` periodic ones, the
+        ``keep_best`` best, every ``keep_every``-th step, and always the newest checkpoint of
+        any kind (resume needs it)."""
         p = self.policy
         by_step = sorted(entries, key=lambda e: e.step)
-        keep = {e.step for e in by_step[-max(1, p.keep_last) :]}
+        periodic = [e for e in by_step if "periodic" in e.reasons]
+        keep = {by_step[-1].step} if by_step else set()
+        if p.keep_last:
+            keep |= {e.step for e in periodic[-p.keep_last :]}
         scored = [e for e in by_step if e.metric is not None]
         key = (lambda e: e.metric) if p.mode == "min" else (lambda e: -e.metric)
         keep |= {e.step for e in sorted(scored, key=key)[: p.keep_best]}

@@ -26,6 +26,9 @@ log = logging.getLogger(__name__)
 
 RUNNING, FINISHED, INTERRUPTED, FAILED = "running", "finished", "interrupted", "failed"
 
+# A log record with this attribute set (``extra={FILE_ONLY: True}``) goes to train.log only.
+FILE_ONLY = "file_only"
+
 
 class RunError(RuntimeError):
     """A path that is not a usable run directory, or a run that is busy."""
@@ -202,6 +205,7 @@ def run_logging(run: RunDirectory | None, console_level: int = logging.INFO):
     if int(os.environ.get("RANK", "0")) > 0:
         console_level = max(console_level, logging.WARNING)  # under torchrun, rank 0 reports
     console.setLevel(console_level)
+    console.addFilter(lambda record: not getattr(record, FILE_ONLY, False))
     handlers.append(console)
     # Hydra's own console handler sits on the root logger; set it aside meanwhile so that
     # each line is printed once.

@@ -31,6 +31,7 @@ from gptexp.loggers import MetricsFile, WandbMirror
 from gptexp.model import GPT
 from gptexp.run import (
     FAILED,
+    FILE_ONLY,
     FINISHED,
     INTERRUPTED,
     RUNNING,
@@ -257,12 +258,19 @@ class Progress:
         if self.bar is not None:
             self.bar.n = step
             self.bar.set_postfix(postfix, refresh=True)
-            return
         elapsed = time.perf_counter() - self.start_time
         done = step - self.start_step
         eta = elapsed / done * (self.total - step) if done else 0.0
         fields = " | ".join(f"{k} {v}" for k, v in postfix.items())
-        log.info("step %d/%d | %s | eta %s", step, self.total, fields, _duration(eta))
+        # With a bar on the terminal the line goes to train.log only.
+        log.info(
+            "step %d/%d | %s | eta %s",
+            step,
+            self.total,
+            fields,
+            _duration(eta),
+            extra={FILE_ONLY: self.bar is not None},
+        )
 
     def close(self) -> None:
         if self.bar is not None:
@@ -688,9 +696,16 @@ def run_training(
                 if resume:
                     _rewind_metrics(run, found[0].step if found else None)
                 _start_status(run, cfg, trainer, dist_ctx, resume, resume_note)
+            log.info("run directory: %s", run.path)
             try:
                 result = trainer.fit()
                 status = FINISHED
+                log.info(
+                    "finished at step %d: val/loss %s; evaluate with: python -m gptexp.eval run=%s",
+                    trainer.step,
+                    "n/a" if result is None else f"{result:.4f}",
+                    run.path,
+                )
                 return result
             except (TrainingInterrupted, KeyboardInterrupt):
                 status = INTERRUPTED
@@ -751,5 +766,6 @@ def _start_status(run, cfg, trainer, dist_ctx, resume, resume_note) -> None:
         resumes.append({"at": now(), "from_step": trainer.step, **(resume_note or {})})
         fields["resumes"] = resumes
     run.update_status(**fields)
-    run.checkpoints.mkdir(parents=True, exist_ok=True)
-    trainer.checkpoints.remove_stale_temporaries()
+    if cfg.checkpoint.enabled:
+        run.checkpoints.mkdir(parents=True, exist_ok=True)
+        trainer.checkpoints.remove_stale_temporaries()
