@@ -19,21 +19,17 @@ from hydra.experimental.callback import Callback
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
-from gptexp.cli import EXIT_INTERRUPTED, EXIT_USER_ERROR, report_errors
-from gptexp.config import ConfigError, config_to_dict, register_configs, to_train_config
-from gptexp.run import FAILED, RunDirectory, RunError, discard_unstarted, now, run_logging
-from gptexp.sweep import RESUME, SKIP, plan_job
+from gptexp.cli import EXIT_USER_ERROR, report_errors
+from gptexp.config import ConfigError, register_configs, to_train_config
+from gptexp.run import RunDirectory, RunError, discard_unstarted, run_logging
+from gptexp.sweep import BASIC_SWEEPER, JobFailed, share_cores_between_jobs, sweep_job
 from gptexp.trainer import (
-    USER_ERRORS,
     Distributed,
-    TrainingInterrupted,
     init_distributed,
     run_training,
 )
 
 log = logging.getLogger(__name__)
-
-BASIC_SWEEPER = "hydra._internal.core_plugins.basic_sweeper.BasicSweeper"
 
 CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
 
@@ -109,86 +105,6 @@ def train(cfg: DictConfig) -> float | None:
             if run.is_run():  # for make resume: the same W&B run name again
                 run.update_status(overrides=overrides, wandb_group=None, wandb_name=wandb_name)
             discard_unstarted(run)  # bad input leaves no half-made run directory behind
-
-
-class JobFailed(RuntimeError):
-    """A multirun job that failed; its run.json says why."""
-
-
-def share_cores_between_jobs(hydra_cfg: DictConfig, num_threads: int) -> None:
-    """Under a launcher that runs n jobs at once on this machine (joblib's ``n_jobs``), a job
-    that leaves ``training.num_threads`` at 0 gets cores / n torch threads instead of PyTorch's
-    default of every core, which would make the jobs fight over them."""
-    n_jobs = OmegaConf.select(hydra_cfg, "launcher.n_jobs", default=None)
-    if num_threads or not isinstance(n_jobs, int) or n_jobs == 1:
-        return
-    import os
-
-    import torch
-
-    cores = os.cpu_count() or 1
-    parallel = cores if n_jobs < 1 else min(n_jobs, cores)
-    torch.set_num_threads(max(1, cores // parallel))
-
-
-def sweep_job(
-    cfg: DictConfig,
-    own: RunDirectory,
-    overrides: list[str],
-    wandb_group: str | None,
-    wandb_name: str | None,
-    dist_ctx: Distributed,
-) -> float:
-    """One job of a multirun: start, resume or skip its run; never stop the other jobs.
-
-    A job that fails (bad config, bad data, NaN loss) is recorded as failed in its run.json
-    and returns NaN; the sweep goes on. A stop on a signal ends the whole sweep (exit 130):
-    launching the same command into the same sweep directory continues it.
-    """
-    try:
-        typed = to_train_config(cfg)
-    except ConfigError as error:
-        print(f"error: {error}", file=sys.stderr)
-        if dist_ctx.is_main:
-            own.update_status(status=FAILED, error=str(error), overrides=overrides, ended=now())
-        return math.nan
-    plan = plan_job(own, config_to_dict(typed), overrides) if dist_ctx.is_main else None
-    if dist_ctx.enabled:  # every rank trains in rank 0's choice
-        import torch.distributed as dist
-
-        box = [plan]
-        dist.broadcast_object_list(box, src=0)
-        plan = box[0]
-    assert plan is not None
-    if plan.action == SKIP:
-        print(f"{plan.run.path}: finished already (same config); skipped", file=sys.stderr)
-        final = plan.run.read_status().get("final/val_loss")
-        return math.nan if final is None else final
-    if dist_ctx.is_main:
-        plan.run.update_status(
-            overrides=overrides, wandb_group=wandb_group, wandb_name=wandb_name
-        )
-    with run_logging(plan.run if dist_ctx.is_main else None):
-        if plan.action == RESUME:
-            log.info("%s: unfinished run of the same config; resuming it", plan.run.path)
-        try:
-            result = run_training(
-                typed,
-                plan.run,
-                resume=plan.action == RESUME,
-                resume_note={"sweep_job": own.path.name},
-                wandb_group=wandb_group,
-                wandb_name=wandb_name,
-            )
-        except (*USER_ERRORS, FloatingPointError) as error:
-            log.error("job failed: %s", error)
-            if dist_ctx.is_main:
-                plan.run.update_status(status=FAILED, error=str(error), ended=now())
-            return math.nan
-        except TrainingInterrupted as stop:
-            log.warning("%s; the sweep stops here", stop)
-            sys.exit(EXIT_INTERRUPTED)
-    return math.nan if result is None else result
 
 
 def main() -> None:
