@@ -83,7 +83,7 @@ class BenchPlan:
 
     @classmethod
     def full(cls, threads: int, compile: bool) -> BenchPlan:
-        return cls("full", "tiny", 32, 30, 3, 5, 2048, (4, 84), 5, True, compile, threads)
+        return cls("full", "tiny", 32, 30, 3, 7, 2048, (4, 84), 5, True, compile, threads)
 
     @classmethod
     def quick(cls, threads: int, compile: bool) -> BenchPlan:
@@ -259,6 +259,7 @@ def step_times(train_log: Path, offset: int = 0) -> dict[int, float]:
 class TrainingRun:
     tokens_per_s: float  # steady state, wall clock between the trainer's step lines
     logged_tokens_per_s: float  # median of the trainer's own throughput/tokens_per_s
+    loop_overhead_s: float  # per step: wall clock minus the trainer's own train_step time
     first_step_s: float  # command to the end of the first optimizer step
     max_rss_bytes: int
     losses: list[float]
@@ -301,10 +302,15 @@ def framework_training(
         raise BenchError(f"{run_dir / 'train.log'}: step lines missing\n{child.stderr[-2000:]}")
     steady_s = (times[last] - times[first]) / (last - first)
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    logged = [r["throughput/tokens_per_s"] for r in records if first < r["step"] < plan.steps]
+    steady = [r for r in records if first < r["step"] <= last]
+    logged = [r["throughput/tokens_per_s"] for r in steady]
+    # The trainer times train_step alone; the rest of the wall clock is its loop's own cost
+    # (logging, metrics, checkpoint policy, signal checks).
+    update_s = statistics.mean(plan.tokens_per_step / value for value in logged)
     return TrainingRun(
         tokens_per_s=plan.tokens_per_step / steady_s,
         logged_tokens_per_s=median(logged),
+        loop_overhead_s=steady_s - update_s,
         first_step_s=times[1] - child.launched_at,
         max_rss_bytes=child.max_rss_bytes,
         losses=[r["train/loss"] for r in records if "train/loss" in r],
@@ -535,6 +541,7 @@ def eval_in_process(plan: BenchPlan, model: GPT, tokens: torch.Tensor) -> float:
 @dataclass
 class Measurements:
     import_torch_s: list[float] = field(default_factory=list)
+    matmul_flops_per_s: dict[str, list[float]] = field(default_factory=dict)
     framework: list[TrainingRun] = field(default_factory=list)
     reference: list[float] = field(default_factory=list)
     reference_losses: list[float] = field(default_factory=list)
@@ -570,12 +577,6 @@ def measure(plan: BenchPlan, data: DataConfig, workdir: Path, say: Callable[[str
     torch.set_num_threads(plan.threads)
     results: dict[str, Any] = {}
 
-    say(f"matmul peak ({plan.matmul_size}x{plan.matmul_size}, fp32 and bf16)")
-    peaks = {
-        "fp32": median([matmul_flops_per_s(torch.float32, plan.matmul_size) for _ in range(3)]),
-        "bf16": median([matmul_flops_per_s(torch.bfloat16, plan.matmul_size) for _ in range(3)]),
-    }
-
     train_config = bench_train_config(plan, data)
     corpus = prepare_corpus(data, train_config.model.block_size)
     vocab = corpus.tokenizer.vocab_size
@@ -584,10 +585,15 @@ def measure(plan: BenchPlan, data: DataConfig, workdir: Path, say: Callable[[str
     reference_model: GPT | None = None
     for repeat in range(plan.repeats):
         say(
-            f"repeat {repeat + 1}/{plan.repeats}: import torch, gptexp.train, plain loop, "
-            + ", ".join(settings)
+            f"repeat {repeat + 1}/{plan.repeats}: import torch, matmul peaks, gptexp.train, "
+            "plain loop, " + ", ".join(settings)
         )
         m.import_torch_s.append(run_child(["-c", "import torch"], workdir).wall_s)
+        # The peaks in alternation with the training they are compared with.
+        for dtype, name in ((torch.float32, "fp32"), (torch.bfloat16, "bf16")):
+            m.matmul_flops_per_s.setdefault(name, []).append(
+                matmul_flops_per_s(dtype, plan.matmul_size)
+            )
         m.framework.append(framework_training(plan, data, workdir / f"fp32-{repeat}", workdir))
         tokens_per_s, losses, reference_model = reference_training(
             plan, train_config, corpus.train, vocab
@@ -638,20 +644,20 @@ def measure(plan: BenchPlan, data: DataConfig, workdir: Path, say: Callable[[str
         "matmul_size": plan.matmul_size,
         "flops_per_token": flops_per_token,
     }
-    results.update(summarise(plan, m, peaks, flops_per_token, eval_engine, tiny, gpt2))
+    results.update(summarise(plan, m, flops_per_token, eval_engine, tiny, gpt2))
     return results
 
 
 def summarise(
     plan: BenchPlan,
     m: Measurements,
-    peaks: dict[str, float],
     flops_per_token: int,
     eval_engine: float,
     tiny: dict[str, Any],
     gpt2: dict[str, Any] | None,
 ) -> dict[str, Any]:
     framework = median([r.tokens_per_s for r in m.framework])
+    peaks = {name: median(values) for name, values in m.matmul_flops_per_s.items()}
     reference = median(m.reference)
     best_tokens = {name: median([r.tokens_per_s for r in runs]) for name, runs in m.best.items()}
     best_name = max(best_tokens, key=best_tokens.__getitem__)
@@ -671,6 +677,12 @@ def summarise(
             "reference_tokens_per_s": reference,
             "reference_tokens_per_s_each": m.reference,
             "framework_over_reference": framework / reference,
+            "framework_over_reference_each": [
+                r.tokens_per_s / ref for r, ref in zip(m.framework, m.reference, strict=True)
+            ],
+            # Time per step the trainer's loop spends outside train_step (median over runs).
+            "framework_loop_overhead_ms_per_step": 1000
+            * median([r.loop_overhead_s for r in m.framework]),
             "framework_ms_per_step": 1000 * plan.tokens_per_step / framework,
             "reference_ms_per_step": 1000 * plan.tokens_per_step / reference,
             # The reference trains the same model on the same batches: equal losses show it.
@@ -679,6 +691,7 @@ def summarise(
         },
         "efficiency": {
             "matmul_flops_per_s": peaks,
+            "matmul_flops_per_s_each": m.matmul_flops_per_s,
             "flops_per_token": flops_per_token,
             "fp32_framework_flops_per_s": framework * flops_per_token,
             "fp32_framework_share_of_peak": framework * flops_per_token / peaks["fp32"],
@@ -785,6 +798,12 @@ def table(results: dict[str, Any]) -> str:
             f"{t['framework_tokens_per_s']:,.0f}",
             f"{t['reference_tokens_per_s']:,.0f} plain loop",
             f"{t['framework_over_reference']:.3f}",
+        ),
+        (
+            "  trainer loop outside train_step",
+            f"{t['framework_loop_overhead_ms_per_step']:.2f} ms/step",
+            f"{t['reference_ms_per_step']:.1f} ms/step plain loop",
+            f"{t['framework_loop_overhead_ms_per_step'] / t['reference_ms_per_step']:.4f}",
         ),
     ]
     for name, value in t["settings_tokens_per_s"].items():
