@@ -319,7 +319,7 @@ def framework_training(
 
 def reference_training(
     plan: BenchPlan, train_config: TrainConfig, tokens: torch.Tensor, vocab: int
-):
+) -> tuple[float, list[float], GPT]:
     """A minimal plain-PyTorch loop: the same model, initialisation, optimizer, schedule,
     clipping and batches as the trainer, and nothing else. Returns (tokens/s, losses, model)."""
     t, shape = train_config.training, train_config.model
