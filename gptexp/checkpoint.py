@@ -109,18 +109,18 @@ class _HashingWriter(io.RawIOBase):
         return True
 
     def write(self, data) -> int:
-        data = bytes(data)
+        data = memoryview(data)  # hash and write without copying the chunk
         try:
             self.f.write(data)
         except OSError as error:
             self.error = error
             raise
         self.sha.update(data)
-        self.count += len(data)
+        self.count += data.nbytes
         if self.crash_after is not None and self.count >= self.crash_after:
             self.f.flush()
             os.kill(os.getpid(), signal.SIGKILL)
-        return len(data)
+        return data.nbytes
 
     def flush(self) -> None:
         self.f.flush()

@@ -305,7 +305,9 @@ class Trainer:
         t = cfg.training
         if t.num_threads:
             torch.set_num_threads(t.num_threads)
-        torch.use_deterministic_algorithms(t.deterministic)
+        if t.deterministic != torch.are_deterministic_algorithms_enabled():
+            # Only on a change: the call imports torch's compiler stack (about 1 s of start-up).
+            torch.use_deterministic_algorithms(t.deterministic)
         self.device = resolve_device(t.device, dist_ctx.local_rank)
         check_precision(self.device, t.precision)
 
