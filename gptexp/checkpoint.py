@@ -263,14 +263,15 @@ class CheckpointManager:
 
     # -- policy
 
-    def _better(self, a: float, b: float) -> bool:
+    def is_better(self, a: float, b: float) -> bool:
+        """Whether metric ``a`` beats ``b`` in the policy's mode (min or max)."""
         return a < b if self.policy.mode == "min" else a > b
 
     def ranks_among_best(self, metric: float, entries: list[CheckpointEntry]) -> bool:
         if self.policy.keep_best == 0:
             return False
         scored = [e.metric for e in entries if e.metric is not None]
-        beaten_by = sum(1 for other in scored if not self._better(metric, other))
+        beaten_by = sum(1 for other in scored if not self.is_better(metric, other))
         return beaten_by < self.policy.keep_best
 
     def wants(self, step: int, metric: float | None, final: bool) -> list[str]:

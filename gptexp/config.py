@@ -77,9 +77,14 @@ class DataConfig:
         _one_of("data.name", self.name, DATA_SOURCES)
         _one_of("data.tokenizer", self.tokenizer, TOKENIZERS)
         _require(
-            0.0 < self.val_fraction < 1.0, "data.val_fraction", "must be in (0, 1)", self.val_fraction
+            0.0 < self.val_fraction < 1.0,
+            "data.val_fraction",
+            "must be in (0, 1)",
+            self.val_fraction,
         )
-        _require(self.vocab_size >= 257, "data.vocab_size", "must be >= 257 (bytes)", self.vocab_size)
+        _require(
+            self.vocab_size >= 257, "data.vocab_size", "must be >= 257 (bytes)", self.vocab_size
+        )
         if self.name == "text":
             _require(bool(self.path), "data.path", "is required when data.name=text", self.path)
 
@@ -124,7 +129,10 @@ class TrainingConfig:
             _require(value >= 0, f"training.{key}", "must be >= 0", value)
         _require(self.lr > 0 and math.isfinite(self.lr), "training.lr", "must be > 0", self.lr)
         _require(
-            0 <= self.min_lr <= self.lr, "training.min_lr", f"must be in [0, lr={self.lr}]", self.min_lr
+            0 <= self.min_lr <= self.lr,
+            "training.min_lr",
+            f"must be in [0, lr={self.lr}]",
+            self.min_lr,
         )
         _require(self.weight_decay >= 0, "training.weight_decay", "must be >= 0", self.weight_decay)
         for key in ("beta1", "beta2"):

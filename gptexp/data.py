@@ -226,9 +226,7 @@ class Corpus:
         return self.val_units / max(1, len(self.val))
 
 
-def prepare_corpus(
-    cfg: DataConfig, block_size: int, tokenizer: Tokenizer | None = None
-) -> Corpus:
+def prepare_corpus(cfg: DataConfig, block_size: int, tokenizer: Tokenizer | None = None) -> Corpus:
     """Load the text, tokenize it (training a tokenizer unless one is given) and split it.
 
     The split is by position: the last ``val_fraction`` of the text is validation.

@@ -10,7 +10,6 @@ checkpoint (the model's shape, the data, the tokenizer) are refused with a diff.
 from __future__ import annotations
 
 import sys
-from pathlib import Path
 from typing import Any
 
 from omegaconf import OmegaConf

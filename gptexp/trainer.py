@@ -279,8 +279,10 @@ class Progress:
 
 def _duration(seconds: float) -> str:
     seconds = int(seconds)
-    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m" if seconds >= 3600 else (
-        f"{seconds // 60}m{seconds % 60:02d}s"
+    return (
+        f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+        if seconds >= 3600
+        else (f"{seconds // 60}m{seconds % 60:02d}s")
     )
 
 
@@ -438,7 +440,11 @@ class Trainer:
         self.model.eval()
         with self.autocast:
             ids = self.model.generate(
-                start, self.cfg.training.sample_tokens, temperature=0.8, top_k=50, generator=generator
+                start,
+                self.cfg.training.sample_tokens,
+                temperature=0.8,
+                top_k=50,
+                generator=generator,
             )
         self.model.train()
         text = self.corpus.tokenizer.decode(ids[0, 1:].tolist())
@@ -465,8 +471,10 @@ class Trainer:
             x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
             last = micro == t.grad_accum - 1
             # DDP all-reduces gradients only on the last micro-batch of the update.
-            sync = contextlib.nullcontext() if last or not self.dist.enabled else (
-                self.forward_model.no_sync()
+            sync = (
+                contextlib.nullcontext()
+                if last or not self.dist.enabled
+                else (self.forward_model.no_sync())
             )
             with sync:
                 with self.autocast:
@@ -484,8 +492,8 @@ class Trainer:
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
-        self.tokens_seen += t.batch_size * self.cfg.model.block_size * t.grad_accum * (
-            self.dist.world_size
+        self.tokens_seen += (
+            t.batch_size * self.cfg.model.block_size * t.grad_accum * (self.dist.world_size)
         )
         return total / t.grad_accum, grad_norm
 
@@ -590,9 +598,9 @@ class Trainer:
                 metric = None
                 if evaluated:
                     metric = self.last_val_loss if ck.monitor == "val/loss" else loss
-                    if metric is not None and math.isfinite(metric) and (
+                    if math.isfinite(metric) and (
                         self.best_metric is None
-                        or (metric < self.best_metric if ck.mode == "min" else metric > self.best_metric)
+                        or self.checkpoints.is_better(metric, self.best_metric)
                     ):
                         self.best_metric = metric
                 if math.isnan(loss):
@@ -659,7 +667,9 @@ class Trainer:
 
 def init_distributed(dist_ctx: Distributed, device_kind: str) -> None:
     if dist_ctx.enabled and not dist.is_initialized():
-        backend = "nccl" if device_kind in ("cuda", "auto") and torch.cuda.is_available() else "gloo"
+        backend = (
+            "nccl" if device_kind in ("cuda", "auto") and torch.cuda.is_available() else "gloo"
+        )
         dist.init_process_group(backend=backend)
 
 
@@ -714,7 +724,11 @@ def run_training(
                 raise
             finally:
                 if dist_ctx.is_main:
-                    fields: dict[str, Any] = {"status": status, "ended": now(), "step": trainer.step}
+                    fields: dict[str, Any] = {
+                        "status": status,
+                        "ended": now(),
+                        "step": trainer.step,
+                    }
                     fields |= {k: v for k, v in trainer.summary().items() if v is not None}
                     run.update_status(**fields)
                 trainer.close(status)

@@ -25,8 +25,16 @@ SETTINGS = ["model.dropout=0.1", "training.max_steps=16", "checkpoint.every_step
 
 def torchrun(module: str, *args: str, env=None) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-         "-m", module, *args],
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node=2",
+            "-m",
+            module,
+            *args,
+        ],
         cwd=ROOT,
         env=env or subprocess_env(),
         capture_output=True,

@@ -39,8 +39,15 @@ EXACT = [
 
 def start(run_dir: Path, *overrides: str, cwd: Path, env=None) -> subprocess.Popen:
     return subprocess.Popen(
-        [sys.executable, "-m", "gptexp.train", *FAST, *EXACT, *overrides,
-         f"hydra.run.dir={run_dir}"],
+        [
+            sys.executable,
+            "-m",
+            "gptexp.train",
+            *FAST,
+            *EXACT,
+            *overrides,
+            f"hydra.run.dir={run_dir}",
+        ],
         cwd=cwd,
         env=env or subprocess_env(),
         stdout=subprocess.PIPE,
@@ -107,9 +114,10 @@ def test_sigterm_then_make_resume_is_bit_identical(tmp_path, straight_run):
     assert "stopped by SIGTERM" in stderr
     status = json.loads((run_dir / "run.json").read_text())
     assert status["status"] == "interrupted"
-    assert "signal" in CheckpointManager(run_dir / "checkpoints", CheckpointConfig()).entries()[
-        -1
-    ].reasons
+    assert (
+        "signal"
+        in CheckpointManager(run_dir / "checkpoints", CheckpointConfig()).entries()[-1].reasons
+    )
     overrides_before = (run_dir / ".hydra" / "overrides.yaml").read_bytes()
     config_before = (run_dir / ".hydra" / "config.yaml").read_bytes()
 
