@@ -85,11 +85,17 @@ def read_metrics(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
 
 
+FINISHED_RUN_OVERRIDES = ["checkpoint.every_steps=10"]
+
+
 @pytest.fixture(scope="session")
 def finished_run(tmp_path_factory) -> Path:
-    """One finished FAST run shared by read-only tests (eval, export, compare)."""
+    """One finished FAST run shared by read-only tests (eval, export, compare).
+
+    20 steps, evaluated at 10 and 20, with periodic checkpoints at steps 10 and 20.
+    """
     base = tmp_path_factory.mktemp("shared_run")
     run_dir = base / "run"
-    result = train(run_dir, cwd=base)
+    result = train(run_dir, *FINISHED_RUN_OVERRIDES, cwd=base)
     assert result.returncode == 0, result.stderr
     return run_dir

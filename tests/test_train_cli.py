@@ -23,7 +23,14 @@ from gptexp.config import register_configs, to_train_config
 from gptexp.data import tokenizer_from_json
 from gptexp.run import RunDirectory
 from gptexp.trainer import run_training
-from tests.conftest import CONF_DIR, FAST, compose_config, read_metrics, train
+from tests.conftest import (
+    CONF_DIR,
+    FAST,
+    FINISHED_RUN_OVERRIDES,
+    compose_config,
+    read_metrics,
+    train,
+)
 
 RUN_FILES = [
     ".hydra/config.yaml",
@@ -47,9 +54,10 @@ def test_run_directory_has_every_file_of_design(finished_run, name):
 
 
 def test_hydra_files_record_the_config_and_the_overrides(finished_run):
-    assert OmegaConf.load(finished_run / ".hydra/overrides.yaml") == FAST
+    launched_with = [*FAST, *FINISHED_RUN_OVERRIDES]
+    assert OmegaConf.load(finished_run / ".hydra/overrides.yaml") == launched_with
     stored = to_train_config(OmegaConf.load(finished_run / ".hydra/config.yaml"))
-    assert stored == compose_config(FAST)
+    assert stored == compose_config(launched_with)
 
 
 def test_run_json_records_status_versions_commit_and_seed(finished_run):
