@@ -20,7 +20,7 @@ help:  ## List the targets
 install:  ## Install gptexp and its dev + sweep extras (CPU PyTorch where no GPU is present)
 	@if ! $(PYTHON) -c "import torch" 2>/dev/null && ! command -v nvidia-smi >/dev/null 2>&1; then \
 		echo "no NVIDIA GPU: installing the CPU build of PyTorch $(TORCH_VERSION)"; \
-		$(PIP) install "torch==$(TORCH_VERSION)+cpu" --extra-index-url $(TORCH_CPU_INDEX); \
+		$(PIP) install --retries 1 "torch==$(TORCH_VERSION)+cpu" --extra-index-url $(TORCH_CPU_INDEX); \
 	fi
 	$(PIP) install -e ".[dev,sweep]"
 

@@ -21,6 +21,7 @@ were measured on, and a table is printed. ``--quick`` runs every part at toy siz
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import platform
@@ -511,27 +512,19 @@ def eval_entry_seconds(run_dir: Path, batches: int, workdir: Path) -> float:
 def eval_in_process(plan: BenchPlan, model: GPT, tokens: torch.Tensor) -> float:
     """Tokens/s of :func:`gptexp.trainer.evaluate_loss`, the function the entry point runs."""
     batches = plan.eval_batches[1]
-    evaluate_loss(
+    score = functools.partial(
+        evaluate_loss,
         model,
         tokens,
         block_size=model.cfg.block_size,
         batch_size=plan.batch_size,
         seed=0,
         split="val",
-        batches=1,
-        device=torch.device("cpu"),
-    )  # warm-up
-    started = time.perf_counter()
-    evaluate_loss(
-        model,
-        tokens,
-        block_size=model.cfg.block_size,
-        batch_size=plan.batch_size,
-        seed=0,
-        split="val",
-        batches=batches,
         device=torch.device("cpu"),
     )
+    score(batches=1)  # warm-up
+    started = time.perf_counter()
+    score(batches=batches)
     return batches * plan.tokens_per_step / (time.perf_counter() - started)
 
 
