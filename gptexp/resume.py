@@ -12,6 +12,7 @@ from __future__ import annotations
 import sys
 from typing import Any
 
+import yaml
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
@@ -31,7 +32,14 @@ def stored_config(run: RunDirectory) -> dict[str, Any]:
     status = run.read_status()
     if isinstance(status.get("config"), dict):
         return status["config"]
-    return OmegaConf.to_container(OmegaConf.load(run.config_yaml), resolve=True)  # type: ignore[return-value]
+    if not run.config_yaml.is_file():
+        raise RunError(
+            f"{run.path}: no stored config (run.json has none, .hydra/config.yaml is missing)"
+        )
+    try:
+        return OmegaConf.to_container(OmegaConf.load(run.config_yaml), resolve=True)  # type: ignore[return-value]
+    except (OmegaConfBaseException, yaml.YAMLError) as error:
+        raise RunError(f"{run.config_yaml}: damaged ({str(error).splitlines()[0]})") from None
 
 
 def parse_overrides(overrides: list[str]) -> list[str]:
