@@ -699,7 +699,7 @@ def run_training(
     lock = run.lock() if dist_ctx.is_main else contextlib.nullcontext()
     try:
         with lock:
-            found = _latest_checkpoint(run) if resume else None
+            found = _latest_checkpoint(run, cfg) if resume else None
             trainer = Trainer(
                 cfg, run, dist_ctx, found[1] if found else None, wandb_group, wandb_name
             )
@@ -736,9 +736,9 @@ def run_training(
         shutdown_distributed(dist_ctx)
 
 
-def _latest_checkpoint(run: RunDirectory):
+def _latest_checkpoint(run: RunDirectory, cfg: TrainConfig):
     """(entry, state) of the newest valid checkpoint, or None (training restarts at 0)."""
-    found = CheckpointManager(run.checkpoints, _any_policy()).load_latest_valid()
+    found = CheckpointManager(run.checkpoints, cfg.checkpoint).load_latest_valid()
     if found is None:
         log.warning("%s has no valid checkpoint: training restarts from step 0", run.path)
     else:
@@ -751,12 +751,6 @@ def _rewind_metrics(run: RunDirectory, step: int | None) -> None:
     dropped = MetricsFile(run.metrics).rewind(-1 if step is None else step)
     if dropped:
         log.info("metrics.jsonl: dropped %d records logged after step %s", dropped, step)
-
-
-def _any_policy():
-    from gptexp.config import CheckpointConfig
-
-    return CheckpointConfig()
 
 
 def _start_status(run, cfg, trainer, dist_ctx, resume, resume_note) -> None:
