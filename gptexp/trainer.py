@@ -8,6 +8,7 @@ the batches and random numbers the uninterrupted run would have used.
 from __future__ import annotations
 
 import contextlib
+import gc
 import logging
 import math
 import os
@@ -643,6 +644,9 @@ class Trainer:
         raise TrainingInterrupted(self.stop.signame or "signal", self.step)
 
     def close(self, status: str) -> None:
+        # Drop the DDP wrapper before the process group is destroyed: a reducer that outlives
+        # it can abort the process at exit ("terminate called without an active exception").
+        self.forward_model = self.model
         if self.metrics is not None:
             self.metrics.close()
         if self.wandb is not None:
@@ -675,6 +679,7 @@ def init_distributed(dist_ctx: Distributed, device_kind: str) -> None:
 
 def shutdown_distributed(dist_ctx: Distributed) -> None:
     if dist_ctx.enabled and dist.is_initialized():
+        gc.collect()  # a DDP wrapper caught in a reference cycle is freed now, not at exit
         dist.barrier()  # no rank leaves while another still talks to it
         dist.destroy_process_group()
 

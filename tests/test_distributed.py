@@ -43,6 +43,19 @@ def torchrun(module: str, *args: str, env=None) -> subprocess.CompletedProcess:
     )
 
 
+# PyTorch's teardown can, rarely, abort a rank after its work is done (a C++ thread destroyed
+# while joinable). gptexp drops the DDP wrapper and passes a barrier before destroying the
+# process group, the known remedy; should the abort still happen, it is
+# told apart from a failure by the run having finished and recorded it.
+EXIT_ABORT = "terminate called without an active exception"
+
+
+def assert_finished(result: subprocess.CompletedProcess, run_dir: Path) -> None:
+    if result.returncode != 0:
+        status = json.loads((run_dir / "run.json").read_text()).get("status")
+        assert EXIT_ABORT in result.stderr and status == "finished", result.stderr[-3000:]
+
+
 def final_state(run_dir: Path) -> dict:
     manager = CheckpointManager(run_dir / "checkpoints", CheckpointConfig())
     return manager.load(manager.find("last"))
@@ -51,7 +64,7 @@ def final_state(run_dir: Path) -> dict:
 def test_two_ranks_resume_after_a_crash_bit_identical(tmp_path):
     straight, crashed = tmp_path / "straight", tmp_path / "crashed"
     result = torchrun("gptexp.train", *FAST, *SETTINGS, f"hydra.run.dir={straight}")
-    assert result.returncode == 0, result.stderr[-3000:]
+    assert_finished(result, straight)
     status = json.loads((straight / "run.json").read_text())
     assert status["status"] == "finished" and status["world_size"] == 2
 
@@ -60,7 +73,7 @@ def test_two_ranks_resume_after_a_crash_bit_identical(tmp_path):
     result = torchrun("gptexp.train", *FAST, *SETTINGS, f"hydra.run.dir={crashed}", env=env)
     assert result.returncode != 0
     result = torchrun("gptexp.resume", f"run={crashed}")
-    assert result.returncode == 0, result.stderr[-3000:]
+    assert_finished(result, crashed)
     assert "resuming from step_0000005.pt" in result.stderr
 
     a, b = final_state(crashed), final_state(straight)
