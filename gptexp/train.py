@@ -102,8 +102,8 @@ def train(cfg: DictConfig) -> float | None:
             return report_errors(body)
     finally:
         if dist_ctx.is_main:
-            if run.is_run():  # for make resume: the same W&B run name again
-                run.update_status(overrides=overrides, wandb_group=None, wandb_name=wandb_name)
+            if run.is_run():  # what the launch changed, for compare and sweeps
+                run.update_status(overrides=overrides)
             discard_unstarted(run)  # bad input leaves no half-made run directory behind
 
 

@@ -624,8 +624,11 @@ class Trainer:
         return self.last_val_loss
 
     def _maybe_save(self, metric: float | None, final: bool) -> None:
-        reasons = self.checkpoints.wants(self.step, metric, final) if self.dist.is_main else []
-        if self.dist.enabled:  # rank 0 decides; every rank joins the RNG gather
+        # Periodic, milestone and final saves depend on the step alone, so every rank decides
+        # them itself; "best" ranks against the manifest, which rank 0 alone reads, so at an
+        # evaluation rank 0's decision is broadcast (every rank joins the RNG gather).
+        reasons = self.checkpoints.wants(self.step, metric if self.dist.is_main else None, final)
+        if self.dist.enabled and metric is not None:
             box = [reasons]
             dist.broadcast_object_list(box, src=0)
             reasons = box[0]
