@@ -6,6 +6,8 @@ thread count), and writes only under pytest's tmp_path.
 
 from __future__ import annotations
 
+import hashlib
+import io
 import json
 import os
 import subprocess
@@ -99,3 +101,26 @@ def finished_run(tmp_path_factory) -> Path:
     result = train(run_dir, *FINISHED_RUN_OVERRIDES, cwd=base)
     assert result.returncode == 0, result.stderr
     return run_dir
+
+
+def call_main(main, *args: str) -> tuple[int, str]:
+    """An entry point's ``main()`` in this process (no interpreter start-up): exit code and
+    stderr. The checks with a process of their own are the other bad-input tests."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(sys, "argv", ["gptexp", *args])
+        stderr = io.StringIO()
+        patch.setattr(sys, "stderr", stderr)
+        try:
+            main()
+        except SystemExit as stop:
+            return int(stop.code or 0), stderr.getvalue()
+    return 0, stderr.getvalue()
+
+
+def files_of(run_dir: Path, skip: str | None = None) -> dict[str, str]:
+    """Every file of the run with its sha256 (``skip``: a top-level folder left out)."""
+    return {
+        str(path.relative_to(run_dir)): hashlib.sha256(path.read_bytes()).hexdigest()
+        for path in sorted(run_dir.rglob("*"))
+        if path.is_file() and path.relative_to(run_dir).parts[0] != skip
+    }

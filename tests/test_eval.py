@@ -3,8 +3,6 @@ determinism, samples, sweeps, interrupted and old runs, and bad input that chang
 
 from __future__ import annotations
 
-import hashlib
-import io
 import json
 import math
 import shutil
@@ -21,25 +19,11 @@ import yaml
 import gptexp.eval
 from gptexp.checkpoint import sha256_file
 from gptexp.data import python_docs_text
-from tests.conftest import FAST, read_metrics, run_module, subprocess_env
+from tests.conftest import FAST, call_main, files_of, read_metrics, run_module, subprocess_env
 
 
 def evaluate(run_dir: Path, *args: str) -> subprocess.CompletedProcess:
     return run_module("gptexp.eval", f"run={run_dir}", *args, cwd=run_dir.parent)
-
-
-def call_main(main, *args: str) -> tuple[int, str]:
-    """An entry point's ``main()`` in this process (no interpreter start-up): exit code and
-    stderr. The checks with a process of their own are the other bad-input tests."""
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(sys, "argv", ["gptexp", *args])
-        stderr = io.StringIO()
-        patch.setattr(sys, "stderr", stderr)
-        try:
-            main()
-        except SystemExit as stop:
-            return int(stop.code or 0), stderr.getvalue()
-    return 0, stderr.getvalue()
 
 
 def result(run_dir: Path, label: str) -> dict:
@@ -51,15 +35,6 @@ def logged_val_loss(run_dir: Path, step: int) -> float:
         r["val/loss"] for r in read_metrics(run_dir) if r["step"] == step and "val/loss" in r
     ]
     return value
-
-
-def files_of(run_dir: Path, skip: str | None = None) -> dict[str, str]:
-    """Every file of the run with its sha256 (``skip``: a top-level folder left out)."""
-    return {
-        str(path.relative_to(run_dir)): hashlib.sha256(path.read_bytes()).hexdigest()
-        for path in sorted(run_dir.rglob("*"))
-        if path.is_file() and path.relative_to(run_dir).parts[0] != skip
-    }
 
 
 @pytest.fixture

@@ -15,8 +15,7 @@ import gptexp.export
 from gptexp.config import ModelConfig
 from gptexp.export import load_export
 from gptexp.model import GPT
-from tests.conftest import run_module
-from tests.test_eval import call_main, files_of
+from tests.conftest import call_main, files_of, run_module
 
 
 @pytest.fixture
