@@ -34,7 +34,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -44,12 +44,15 @@ import torch
 from gptexp.checkpoint import CheckpointManager, snapshot
 from gptexp.config import CheckpointConfig, DataConfig, ModelConfig, TrainConfig, TrainingConfig
 from gptexp.data import prepare_corpus, sample_batch
+from gptexp.evaluation import evaluate_loss
 from gptexp.model import GPT
-from gptexp.run import RunDirectory
-from gptexp.trainer import Distributed, Trainer, evaluate_loss, lr_factor
+from gptexp.optim import lr_factor
+from gptexp.rundir import RunDirectory
+from gptexp.runtime import Distributed
+from gptexp.trainer import Trainer
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
-CONF_DIR = PROJECT_ROOT / "conf"
+CONF_DIR = Path(__file__).resolve().parent / "conf"
 GPT2_VOCAB = 50257
 BENCH_FORMAT = 1
 # A step line of the trainer's log: "[2026-11-28 19:09:12,303][gptexp.trainer][INFO] step 1/3 |"
@@ -353,9 +356,7 @@ def bench_train_config(plan: BenchPlan, data: DataConfig) -> TrainConfig:
     """The typed config the entry point composes from :func:`train_overrides` (fp32)."""
     from gptexp.config import LoggerConfig
 
-    defaults = _composed_training_defaults()
-    training = replace(
-        defaults,
+    training = TrainingConfig(
         batch_size=plan.batch_size,
         max_steps=plan.steps,
         log_every=1,
@@ -374,13 +375,6 @@ def bench_train_config(plan: BenchPlan, data: DataConfig) -> TrainConfig:
         checkpoint=CheckpointConfig(),
         logger=LoggerConfig(),
     )
-
-
-def _composed_training_defaults() -> TrainingConfig:
-    from omegaconf import OmegaConf
-
-    values = OmegaConf.to_container(OmegaConf.load(CONF_DIR / "training" / "default.yaml"))
-    return TrainingConfig(**values)  # type: ignore[arg-type]
 
 
 # ----------------------------------------------------------------------------- checkpoints
@@ -460,7 +454,8 @@ def tiny_checkpoint_cost(plan: BenchPlan, data: DataConfig, workdir: Path) -> di
     cfg = bench_train_config(plan, data)
     run = RunDirectory(workdir / "tiny-checkpoints")
     run.path.mkdir(parents=True)
-    trainer = Trainer(cfg, run, Distributed())
+    corpus = prepare_corpus(cfg.data, cfg.model.block_size)
+    trainer = Trainer(cfg, run, Distributed(), corpus)
     trainer.train_step()
     result = checkpoint_cost(
         trainer.state_dict(None),

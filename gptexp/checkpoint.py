@@ -15,38 +15,28 @@ stalls only for the copy.
 
 from __future__ import annotations
 
-import hashlib
-import io
 import json
 import logging
 import os
 import pickle
-import signal
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
+from functools import cmp_to_key
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from gptexp.config import CheckpointConfig
+from gptexp.errors import CheckpointError
+from gptexp.fsio import TMP_SUFFIX, HashingWriter, atomic_write_json, fsync_dir, sha256_file
 
 log = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
-TMP_SUFFIX = ".tmp"
-
-# Test hook: "STEP:PHASE" makes the writer SIGKILL its own process while saving STEP, at
-# PHASE "write" (part of the temporary file written) or "rename" (file in place, manifest not
-# yet updated). It lets the crash tests reach the instants that matter.
-CRASH_HOOK_ENV = "GPTEXP_TEST_CRASH_IN_SAVE"
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint could not be written or no valid checkpoint could be read."""
 
 
 @dataclass
@@ -62,86 +52,6 @@ class CheckpointEntry:
 
 def checkpoint_name(step: int) -> str:
     return f"step_{step:07d}.pt"
-
-
-# ----------------------------------------------------------------------------- durable I/O
-
-
-def fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` so that a crash leaves either the old or the new file."""
-    tmp = path.with_name(path.name + TMP_SUFFIX)
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    fsync_dir(path.parent)
-
-
-def atomic_write_json(path: Path, obj: Any) -> None:
-    atomic_write_bytes(path, (json.dumps(obj, indent=2) + "\n").encode("utf-8"))
-
-
-class _HashingWriter(io.RawIOBase):
-    """A write-only file wrapper that hashes and counts what passes through it."""
-
-    def __init__(self, f, crash_after: int | None = None) -> None:
-        super().__init__()
-        self.f = f
-        self.sha = hashlib.sha256()
-        self.count = 0
-        self.crash_after = crash_after
-        self.error: OSError | None = None  # torch re-raises write errors as RuntimeError
-
-    def writable(self) -> bool:
-        return True
-
-    def write(self, data) -> int:
-        data = memoryview(data)  # hash and write without copying the chunk
-        try:
-            self.f.write(data)
-        except OSError as error:
-            self.error = error
-            raise
-        self.sha.update(data)
-        self.count += data.nbytes
-        if self.crash_after is not None and self.count >= self.crash_after:
-            self.f.flush()
-            os.kill(os.getpid(), signal.SIGKILL)
-        return data.nbytes
-
-    def flush(self) -> None:
-        self.f.flush()
-
-
-def _crash_phase(step: int) -> str | None:
-    spec = os.environ.get(CRASH_HOOK_ENV)
-    if not spec:
-        return None
-    hook_step, _, phase = spec.partition(":")
-    if int(hook_step) != step:
-        return None
-    return phase or "write"
-
-
-def sha256_file(path: Path) -> str:
-    sha = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            sha.update(chunk)
-    return sha.hexdigest()
 
 
 def snapshot(obj: Any, buffers: dict[tuple, torch.Tensor] | None = None) -> Any:
@@ -264,8 +174,19 @@ class CheckpointManager:
     # -- policy
 
     def is_better(self, a: float, b: float) -> bool:
-        """Whether metric ``a`` beats ``b`` in the policy's mode (min or max)."""
+        """Whether metric ``a`` beats ``b`` in the policy's mode (min or max): the one
+        ordering of metrics that best-k retention, ``ckpt=best`` and the best metric use."""
         return a < b if self.policy.mode == "min" else a > b
+
+    def best_first(self, entries: list[CheckpointEntry]) -> list[CheckpointEntry]:
+        """The entries that carry a metric, best first (ties: the earlier step first)."""
+
+        def order(a: CheckpointEntry, b: CheckpointEntry) -> int:
+            if self.is_better(a.metric, b.metric):
+                return -1
+            return 1 if self.is_better(b.metric, a.metric) else a.step - b.step
+
+        return sorted((e for e in entries if e.metric is not None), key=cmp_to_key(order))
 
     def ranks_among_best(self, metric: float, entries: list[CheckpointEntry]) -> bool:
         if self.policy.keep_best == 0:
@@ -302,9 +223,7 @@ class CheckpointManager:
         keep = {by_step[-1].step} if by_step else set()
         if p.keep_last:
             keep |= {e.step for e in periodic[-p.keep_last :]}
-        scored = [e for e in by_step if e.metric is not None]
-        key = (lambda e: e.metric) if p.mode == "min" else (lambda e: -e.metric)
-        keep |= {e.step for e in sorted(scored, key=key)[: p.keep_best]}
+        keep |= {e.step for e in self.best_first(by_step)[: p.keep_best]}
         if p.keep_every:
             keep |= {e.step for e in by_step if e.step % p.keep_every == 0}
         return [e for e in by_step if e.step in keep]
@@ -365,11 +284,10 @@ class CheckpointManager:
         name = checkpoint_name(step)
         final_path = self.directory / name
         tmp = self.directory / (name + TMP_SUFFIX)
-        phase = _crash_phase(step)
         writer = None
         try:
             with open(tmp, "wb") as f:
-                writer = _HashingWriter(f, crash_after=4096 if phase == "write" else None)
+                writer = HashingWriter(f)
                 torch.save(state, writer)
                 f.flush()
                 os.fsync(f.fileno())
@@ -384,9 +302,6 @@ class CheckpointManager:
                 f"could not write checkpoint {final_path} ({reason}); "
                 "the earlier checkpoints are intact"
             ) from None
-        if phase == "rename":
-            os.kill(os.getpid(), signal.SIGKILL)
-
         entry = CheckpointEntry(name, step, digest, size, metric, reasons, time.time())
         with self._lock:
             entries = [e for e in self.entries() if e.step != step] + [entry]
@@ -427,11 +342,8 @@ class CheckpointManager:
         if which == "last":
             return entries[-1]
         if which == "best":
-            scored = [e for e in entries if e.metric is not None]
-            if not scored:
-                return entries[-1]
-            key = (lambda e: e.metric) if self.policy.mode == "min" else (lambda e: -e.metric)
-            return min(scored, key=key)
+            ranked = self.best_first(entries)
+            return ranked[0] if ranked else entries[-1]
         for entry in entries:
             if entry.step == int(which):
                 return entry

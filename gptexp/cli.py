@@ -1,29 +1,47 @@
-"""How the entry points report bad input and stops: one message, one exit code.
+"""The command-line convention every gptexp command shares, and the one place where commands
+exit.
 
-User errors (bad config, missing data, unusable checkpoint, busy run) print ``error: ...`` and
-exit 2; a clean stop on a signal exits 130. Inside a Hydra multirun the exception is raised
-instead, so the sweeper records the job as failed and the other jobs go on.
+Arguments are ``key=value`` (``--key=value`` is the same, a bare ``--flag`` is ``flag=true``),
+checked against the command's options dataclass through OmegaConf: an unknown key, a value of
+the wrong type or an impossible value is the same kind of ``error: ...`` in every command.
+Commands that take several run directories take them as positional paths. ``--help`` lists
+the keys. Exit codes (gptexp.errors): 0 done, 1 failed, 2 bad input, 130 interrupted.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import sys
+import typing
 from collections.abc import Callable
-from typing import TypeVar
+from typing import Any, TypeVar
 
-from gptexp.trainer import USER_ERRORS, TrainingInterrupted
+from omegaconf import OmegaConf
+from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
+
+from gptexp.errors import (
+    EXIT_FAILURE,
+    EXIT_INTERRUPTED,
+    EXIT_USER_ERROR,
+    USER_ERRORS,
+    ConfigError,
+    JobFailed,
+    TrainingInterrupted,
+)
 
 log = logging.getLogger("gptexp")
 
-EXIT_USER_ERROR = 2
-EXIT_INTERRUPTED = 130
-
 T = TypeVar("T")
+Options = TypeVar("Options")
+
+POSITIONAL = "paths"  # the options field that collects positional arguments, where there is one
 
 
-def report_errors(body: Callable[[], T], *, raise_instead: bool = False) -> T:
-    """Run ``body``; turn user errors and signal stops into a message and an exit code."""
+def run_command(body: Callable[[], T], *, raise_instead: bool = False) -> T:
+    """Run ``body``; bad input exits 2 with one ``error:`` line, a clean stop on a signal 130,
+    a failed run 1. ``raise_instead`` (a job of a multirun) re-raises after the message so the
+    sweep records the job and goes on."""
     try:
         return body()
     except USER_ERRORS as error:
@@ -36,3 +54,82 @@ def report_errors(body: Callable[[], T], *, raise_instead: bool = False) -> T:
         if raise_instead:
             raise
         sys.exit(EXIT_INTERRUPTED)
+    except (FloatingPointError, JobFailed) as error:
+        log.error("failed: %s", error)
+        if raise_instead:
+            raise
+        sys.exit(EXIT_FAILURE)
+    except KeyboardInterrupt:
+        log.warning("interrupted")
+        sys.exit(EXIT_INTERRUPTED)
+
+
+def describe_options(schema: type, usage: str) -> str:
+    """``usage`` and one line per key: its type, its default and its comment."""
+    hints = typing.get_type_hints(schema)
+    aliases = {name: alias for alias, name in getattr(schema, "ALIASES", {}).items()}
+    lines = [usage, "", "keys:"]
+    for f in dataclasses.fields(schema):
+        if f.name == POSITIONAL:
+            continue
+        default = "required" if f.default is dataclasses.MISSING else f"default {f.default!r}"
+        if f.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
+            default = "repeatable"
+        kind = getattr(hints[f.name], "__name__", str(hints[f.name])).replace("typing.", "")
+        note = f.metadata.get("help", "")
+        lines.append(f"  {aliases.get(f.name, f.name):<16} {kind:<12} {default}  {note}".rstrip())
+    return "\n".join(lines)
+
+
+def parse_options(argv: list[str], schema: type[Options], usage: str) -> Options:
+    """``argv`` as an instance of ``schema`` (a dataclass validated in ``__post_init__``)."""
+    if any(arg in ("-h", "--help") for arg in argv):
+        print(describe_options(schema, usage))
+        sys.exit(0)
+    fields = {f.name: f for f in dataclasses.fields(schema)}  # type: ignore[arg-type]
+    hints = typing.get_type_hints(schema)
+    aliases: dict[str, str] = getattr(schema, "ALIASES", {})
+    values: dict[str, Any] = {}
+    for arg in argv:
+        key, value = _split(arg)
+        if key is None:
+            if POSITIONAL not in fields:
+                raise ConfigError(f"unexpected argument {arg!r} (arguments are key=value)\n{usage}")
+            values.setdefault(POSITIONAL, []).append(arg)
+            continue
+        name = aliases.get(key, key)
+        if name not in fields or name == POSITIONAL:
+            known = ", ".join(sorted({**{n: n for n in fields if n != POSITIONAL}, **aliases}))
+            raise ConfigError(f"unknown key {key!r} (known keys: {known})")
+        if typing.get_origin(hints[name]) is list:
+            values.setdefault(name, []).append(value)
+        elif value.lower() in ("none", "null") and type(None) in typing.get_args(hints[name]):
+            values[name] = None
+        else:
+            values[name] = value
+    try:
+        merged = OmegaConf.merge(OmegaConf.structured(schema), values)
+        return OmegaConf.to_object(merged)  # type: ignore[return-value]
+    except MissingMandatoryValue as error:
+        key = getattr(error, "full_key", "") or "an argument"
+        raise ConfigError(f"{key}=... is required\n{usage}") from None
+    except OmegaConfBaseException as error:
+        key = getattr(error, "full_key", None) or "argument"
+        cli_key = {v: k for k, v in aliases.items()}.get(key, key)
+        message = str(error).splitlines()[0]
+        if "could not be converted" in message and key in hints:
+            kinds = [k for k in typing.get_args(hints[key]) or (hints[key],) if k is not type(None)]
+            message = f"must be {kinds[0].__name__}"
+        raise ConfigError(f"{cli_key}={values.get(key)!r}: {message}") from None
+
+
+def _split(arg: str) -> tuple[str | None, str]:
+    """``key=value`` / ``--key=value`` -> (key, value); ``--flag`` -> (flag, "true");
+    anything else is positional -> (None, arg)."""
+    if arg.startswith("--"):
+        key, sep, value = arg[2:].partition("=")
+        return key.replace("-", "_"), (value if sep else "true")
+    key, sep, value = arg.partition("=")
+    if sep and key and key.replace(".", "").replace("_", "").isalnum():
+        return key, value
+    return None, arg

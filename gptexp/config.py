@@ -11,15 +11,14 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 from dataclasses import dataclass, field
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-
-class ConfigError(ValueError):
-    """A configuration value that cannot work; the message names the key."""
+from gptexp.errors import ConfigError
 
 
 def _require(ok: bool, key: str, message: str, value: Any) -> None:
@@ -74,6 +73,10 @@ class DataConfig:
     val_fraction: float = 0.1
 
     def __post_init__(self) -> None:
+        if self.path:
+            # Stored absolute, so eval and resume find the file from any directory; the form
+            # typed at launch stays in .hydra/overrides.yaml.
+            self.path = os.path.abspath(os.path.expanduser(self.path))
         _one_of("data.name", self.name, DATA_SOURCES)
         _one_of("data.tokenizer", self.tokenizer, TOKENIZERS)
         _require(
@@ -87,6 +90,11 @@ class DataConfig:
         )
         if self.name == "text":
             _require(bool(self.path), "data.path", "is required when data.name=text", self.path)
+        if self.name == "pydocs" and self.path:
+            raise ConfigError(
+                f"data.path={self.path!r}: does not apply to data=pydocs (Python's own docs, "
+                "which need no file); to train on your file use data=text data.path=..."
+            )
 
 
 DEVICES = ("auto", "cpu", "cuda", "mps")
@@ -97,7 +105,7 @@ PRECISIONS = ("fp32", "bf16", "fp16")
 class TrainingConfig:
     """Optimisation, schedule, cadence, seed and hardware of one run."""
 
-    max_steps: int = 2000
+    max_steps: int = 1000
     batch_size: int = 32
     grad_accum: int = 1
     lr: float = 1e-3
@@ -107,7 +115,7 @@ class TrainingConfig:
     beta1: float = 0.9
     beta2: float = 0.99
     grad_clip: float = 1.0  # 0 disables clipping
-    eval_every: int = 250  # 0 disables periodic evaluation (the final step is still evaluated)
+    eval_every: int = 200  # 0 disables periodic evaluation (the final step is still evaluated)
     eval_batches: int = 20
     log_every: int = 10
     seed: int = 1337
@@ -157,7 +165,7 @@ class CheckpointConfig:
     """
 
     enabled: bool = True
-    every_steps: int = 500  # 0: no periodic checkpoints
+    every_steps: int = 250  # 0: no periodic checkpoints
     keep_last: int = 2
     keep_best: int = 1
     keep_every: int = 0  # 0: no milestones
@@ -209,7 +217,12 @@ class LoggerConfig:
 
 @dataclass
 class TrainConfig:
-    """The whole configuration of a training run (``conf/train.yaml``)."""
+    """The whole configuration of a training run (``gptexp/conf/train.yaml``).
+
+    These dataclasses are the one source of defaults: the YAML files under ``gptexp/conf``
+    hold only what an option changes, so a config built in code equals the one the command
+    line composes with no overrides.
+    """
 
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)

@@ -19,7 +19,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from gptexp.config import ConfigError, DataConfig
+from gptexp.config import DataConfig
+from gptexp.errors import ConfigError, DataError
+from gptexp.fsio import atomic_write_bytes, sha256_text
 
 log = logging.getLogger(__name__)
 
@@ -29,10 +31,6 @@ SHAKESPEARE_URL = (
 SHAKESPEARE_SHA256 = "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed"
 
 SPLITS = {"train": 0, "val": 1}
-
-
-class DataError(RuntimeError):
-    """The text cannot be had or used; the message says why and what to do."""
 
 
 # ----------------------------------------------------------------------------- tokenizers
@@ -152,10 +150,6 @@ def cache_dir() -> Path:
     return Path(os.environ.get("GPTEXP_CACHE", Path.home() / ".cache" / "gptexp"))
 
 
-def sha256_text(text: str) -> str:
-    return hashlib.sha256(text.encode("utf-8")).hexdigest()
-
-
 def _read_utf8(path: Path, key: str) -> str:
     if not path.is_file():
         raise DataError(f"{key}={str(path)!r}: no such file")
@@ -194,9 +188,7 @@ def shakespeare_text(path: str | None) -> str:
     if hashlib.sha256(raw).hexdigest() != SHAKESPEARE_SHA256:
         raise DataError(f"download from {SHAKESPEARE_URL} failed its sha256 check; not cached")
     cached.parent.mkdir(parents=True, exist_ok=True)
-    tmp = cached.with_suffix(".tmp")
-    tmp.write_bytes(raw)
-    tmp.replace(cached)
+    atomic_write_bytes(cached, raw)
     return raw.decode("utf-8")
 
 
@@ -219,21 +211,39 @@ class Corpus:
     train: torch.Tensor  # (N_train,) int64
     val: torch.Tensor  # (N_val,) int64
     fingerprint: str  # sha256 of the text
-    val_units: int  # characters (or bytes) in the validation text, for bits per unit
+    train_units: int  # characters (or bytes) of each split's text, for bits per unit
+    val_units: int
 
-    @property
-    def val_units_per_token(self) -> float:
-        return self.val_units / max(1, len(self.val))
+    def units_per_token(self, split: str) -> float:
+        """Characters (char tokenizer) or UTF-8 bytes (BPE) per token of ``split``."""
+        units, tokens = (
+            (self.val_units, self.val) if split == "val" else (self.train_units, self.train)
+        )
+        return units / max(1, len(tokens))
 
 
-def prepare_corpus(cfg: DataConfig, block_size: int, tokenizer: Tokenizer | None = None) -> Corpus:
+def prepare_corpus(
+    cfg: DataConfig,
+    block_size: int,
+    tokenizer: Tokenizer | None = None,
+    expected_fingerprint: str | None = None,
+) -> Corpus:
     """Load the text, tokenize it (training a tokenizer unless one is given) and split it.
 
-    The split is by position: the last ``val_fraction`` of the text is validation.
+    The split is by position: the last ``val_fraction`` of the text is validation. A run that
+    already trained on a text gives its ``expected_fingerprint``: another text is refused
+    before it is tokenized, wherever the file is now.
     """
     text = load_text(cfg)
     if not text:
         raise DataError(f"data.name={cfg.name!r}: the text is empty")
+    fingerprint = sha256_text(text)
+    if expected_fingerprint is not None and fingerprint != expected_fingerprint:
+        where = f"data.path={cfg.path!r}" if cfg.path else f"data={cfg.name}"
+        raise DataError(
+            f"{where}: the text differs from the one this run was trained on (sha256); "
+            "use the original text (data.path=<where it is now>)"
+        )
     cut = int(len(text) * (1 - cfg.val_fraction))
     train_text, val_text = text[:cut], text[cut:]
     if tokenizer is None:
@@ -256,7 +266,8 @@ def prepare_corpus(cfg: DataConfig, block_size: int, tokenizer: Tokenizer | None
         tokenizer=tokenizer,
         train=torch.tensor(train_ids, dtype=torch.long),
         val=torch.tensor(val_ids, dtype=torch.long),
-        fingerprint=sha256_text(text),
+        fingerprint=fingerprint,
+        train_units=tokenizer.units(train_text),
         val_units=tokenizer.units(val_text),
     )
 

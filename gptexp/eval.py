@@ -15,46 +15,30 @@ import dataclasses
 import logging
 import math
 import sys
-import types
-import typing
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, ClassVar
 
 import torch
 
-from gptexp.checkpoint import (
-    CheckpointEntry,
-    CheckpointError,
-    CheckpointManager,
-    atomic_write_bytes,
-    atomic_write_json,
+from gptexp.cli import parse_options, run_command
+from gptexp.config import DEVICES
+from gptexp.data import Tokenizer
+from gptexp.errors import USER_ERRORS, ConfigError, RunError
+from gptexp.evaluation import (
+    check_ckpt,
+    evaluate_loss,
+    generate_text,
+    load_run_checkpoint,
+    rebuild_model,
+    reload_corpus,
 )
-from gptexp.cli import report_errors
-from gptexp.config import (
-    DEVICES,
-    CheckpointConfig,
-    ConfigError,
-    DataConfig,
-    ModelConfig,
-    TrainConfig,
-    TrainingConfig,
-    config_to_dict,
-)
-from gptexp.data import (
-    Corpus,
-    DataError,
-    Tokenizer,
-    load_text,
-    prepare_corpus,
-    sha256_text,
-    tokenizer_from_json,
-)
-from gptexp.loggers import flatten, read_metrics
-from gptexp.model import GPT
-from gptexp.resume import stored_config
-from gptexp.run import RunDirectory, RunError, now, require_run, run_logging
-from gptexp.trainer import USER_ERRORS, evaluate_loss, resolve_device
+from gptexp.fsio import atomic_write_json, atomic_write_text
+from gptexp.metrics import VAL_LOSS, read_metrics
+from gptexp.rundir import RunDirectory, find_runs, now, run_logging
+from gptexp.runtable import distinguishing_keys, label, run_rows
+from gptexp.runtime import resolve_device
+from gptexp.tables import text_table
 
 log = logging.getLogger(__name__)
 
@@ -70,6 +54,8 @@ USAGE = (
 @dataclass
 class EvalOptions:
     """What to evaluate and how. ``None`` means "as the run itself did" (its training config)."""
+
+    ALIASES: ClassVar[dict[str, str]] = {"data.path": "data_path"}
 
     run: str
     ckpt: str = "last"  # last | best | <step>
@@ -103,182 +89,6 @@ class EvalOptions:
             raise ConfigError(f"device={self.device!r}: must be one of {', '.join(DEVICES)}")
 
 
-def check_ckpt(ckpt: str) -> None:
-    if ckpt not in ("last", "best") and not (ckpt.isdigit()):
-        raise ConfigError(f"ckpt={ckpt!r}: must be last, best or a step number")
-
-
-Options = TypeVar("Options")
-
-# Command-line spellings that are not Python identifiers.
-KEY_ALIASES = {"data.path": "data_path"}
-
-
-def parse_key_values(argv: list[str], schema: type[Options], usage: str) -> Options:
-    """``key=value`` arguments as ``schema`` (a dataclass); unknown keys and bad values are
-    a ConfigError that names the key. ``none`` is None for optional keys."""
-    if argv[:1] in (["-h"], ["--help"]):
-        print(usage)
-        sys.exit(0)
-    hints = typing.get_type_hints(schema)
-    names = [f.name for f in dataclasses.fields(schema)]  # type: ignore[arg-type]
-    cli_names = {name: alias for alias, name in KEY_ALIASES.items()}
-    values: dict[str, Any] = {}
-    for item in argv:
-        key, sep, raw = item.partition("=")
-        name = KEY_ALIASES.get(key, key)
-        if not sep or name not in names:
-            known = ", ".join(cli_names.get(n, n) for n in names)
-            raise ConfigError(f"unknown key {key!r} (known keys: {known})")
-        values[name] = _convert(key, raw, hints[name])
-    if "run" not in values:
-        raise ConfigError(f"run=<dir> is required\n{usage}")
-    return schema(**values)
-
-
-def _convert(key: str, raw: str, hint: Any) -> Any:
-    choices = typing.get_args(hint) if isinstance(hint, types.UnionType) else (hint,)
-    if type(None) in choices and raw.lower() in ("none", "null"):
-        return None
-    kind = next(c for c in choices if c is not type(None))
-    try:
-        return kind(raw)
-    except ValueError:
-        raise ConfigError(f"{key}={raw!r}: must be {kind.__name__}") from None
-
-
-# ----------------------------------------------------------------------------- checkpoints
-
-
-@dataclass
-class LoadedCheckpoint:
-    entry: CheckpointEntry
-    state: dict[str, Any]
-    label: str  # last | best | step_0000500: names the files written under eval/ and export/
-    skipped: list[str] = field(default_factory=list)  # damaged checkpoints passed over
-
-
-def checkpoint_label(ckpt: str) -> str:
-    return ckpt if ckpt in ("last", "best") else f"step_{int(ckpt):07d}"
-
-
-def load_run_checkpoint(run: RunDirectory, ckpt: str) -> LoadedCheckpoint:
-    """The checkpoint ``ckpt`` of ``run``, verified against the manifest and loaded with
-    ``weights_only=True``.
-
-    ``last`` means the newest valid checkpoint: a damaged newest one is named and passed over.
-    ``best`` and a step are explicit requests: a damaged one is an error, never swapped for
-    another checkpoint behind the user's back.
-    """
-    check_ckpt(ckpt)
-    config = stored_config(run)
-    mode = config.get("checkpoint", {}).get("mode", "min")
-    manager = CheckpointManager(run.checkpoints, CheckpointConfig(mode=mode))
-    entries = manager.entries()
-    if not entries:
-        status = run.read_status().get("status", "unknown")
-        enabled = config.get("checkpoint", {}).get("enabled", True)
-        why = "" if enabled else "; it ran with checkpoint.enabled=false"
-        raise CheckpointError(f"{run.path}: no checkpoint (run status: {status}{why})")
-    label = checkpoint_label(ckpt)
-    if ckpt == "last":
-        skipped: list[str] = []
-        found = manager.load_latest_valid(warn=skipped.append)
-        for message in skipped:
-            log.warning("ckpt=last: %s", message)
-        if found is None:
-            raise CheckpointError(
-                f"{run.checkpoints}: no valid checkpoint (every listed one is damaged: "
-                f"{'; '.join(skipped)})"
-            )
-        return LoadedCheckpoint(found[0], found[1], label, skipped)
-    entry = manager.find(ckpt)
-    try:
-        return LoadedCheckpoint(entry, manager.load(entry), label)
-    except CheckpointError as error:
-        steps = ", ".join(str(e.step) for e in entries)
-        raise CheckpointError(
-            f"ckpt={ckpt}: {error}. An explicitly requested checkpoint is never replaced by "
-            f"another one; choose ckpt=last (the newest valid one) or another step ({steps})"
-        ) from None
-
-
-# ----------------------------------------------------------------------------- the model
-
-
-@dataclass
-class RebuiltRun:
-    """What a checkpoint needs to be evaluated: model, tokenizer and the run's settings."""
-
-    model: GPT
-    tokenizer: Tokenizer
-    model_cfg: ModelConfig
-    data_cfg: DataConfig
-    training: TrainingConfig
-    ignored_keys: list[str]  # keys of the stored config that this gptexp no longer knows
-
-
-def _known_fields(schema: type[Options], values: dict[str, Any]) -> Options:
-    names = {f.name for f in dataclasses.fields(schema)}  # type: ignore[arg-type]
-    return schema(**{key: value for key, value in values.items() if key in names})
-
-
-def rebuild_model(state: dict[str, Any]) -> RebuiltRun:
-    """The model, tokenizer and settings of a checkpoint, from the checkpoint alone.
-
-    Only ``config.model`` has to match today's schema exactly (it shapes the weights); keys
-    of other groups that no longer exist are ignored and reported, since they cannot change
-    the weights and the data is checked by its fingerprint.
-    """
-    config, tokenizer_json = state.get("config"), state.get("tokenizer")
-    if not isinstance(config, dict) or not isinstance(tokenizer_json, str):
-        raise CheckpointError("not a gptexp checkpoint: no config or tokenizer inside")
-    model_values = config.get("model", {})
-    unknown = sorted(set(model_values) - {f.name for f in dataclasses.fields(ModelConfig)})
-    if unknown:
-        raise CheckpointError(
-            f"the checkpoint's model has keys this gptexp does not know "
-            f"({', '.join('model.' + k for k in unknown)}): it needs the gptexp that wrote it"
-        )
-    model_cfg = ModelConfig(**model_values)
-    known_keys = flatten(config_to_dict(TrainConfig()))
-    ignored = sorted(key for key in flatten(config) if key not in known_keys)
-    data_cfg = _known_fields(DataConfig, config.get("data", {}))
-    training = _known_fields(TrainingConfig, config.get("training", {}))
-
-    tokenizer = tokenizer_from_json(tokenizer_json)
-    if state.get("vocab_size", tokenizer.vocab_size) != tokenizer.vocab_size:
-        raise CheckpointError(
-            f"the checkpoint's vocab_size={state['vocab_size']} does not match its tokenizer "
-            f"({tokenizer.vocab_size})"
-        )
-    model = GPT(model_cfg, tokenizer.vocab_size)
-    try:
-        model.load_state_dict(state["model"])
-    except RuntimeError as error:
-        raise CheckpointError(
-            f"the weights do not fit the stored model config ({str(error).splitlines()[0]})"
-        ) from None
-    model.eval()
-    return RebuiltRun(model, tokenizer, model_cfg, data_cfg, training, ignored)
-
-
-def reload_corpus(rebuilt: RebuiltRun, fingerprint: str | None) -> tuple[Corpus, str]:
-    """The run's text (checked against the fingerprint the run recorded) and its corpus,
-    tokenized with the run's own tokenizer."""
-    data_cfg = rebuilt.data_cfg
-    text = load_text(data_cfg)
-    if sha256_text(text) != fingerprint:
-        where = f"data.name={data_cfg.name!r}" + (
-            f" data.path={data_cfg.path!r}" if data_cfg.path else ""
-        )
-        raise DataError(
-            f"{where}: the text differs from the one this run was trained on (sha256); "
-            "evaluate with the original text (data.path=<a copy of it>)"
-        )
-    return prepare_corpus(data_cfg, rebuilt.model_cfg.block_size, rebuilt.tokenizer), text
-
-
 # ----------------------------------------------------------------------------- one run
 
 
@@ -288,14 +98,6 @@ class EvalResult:
     label: str
     record: dict[str, Any]
     samples: list[str]
-
-
-def units_per_token(corpus: Corpus, tokenizer: Tokenizer, text: str, split: str) -> float:
-    """Characters (char tokenizer) or UTF-8 bytes (BPE) per token of the split's text."""
-    if split == "val":
-        return corpus.val_units_per_token
-    # Units add up over the split point, so the train split's are the whole text's minus val's.
-    return (tokenizer.units(text) - corpus.val_units) / max(1, len(corpus.train))
 
 
 def evaluation_device(requested: str | None, trained_on: str) -> torch.device:
@@ -319,7 +121,7 @@ def encode_prompt(tokenizer: Tokenizer, prompt: str) -> list[int]:
 
 
 def generate_samples(
-    model: GPT,
+    model,
     tokenizer: Tokenizer,
     prompt_ids: list[int],
     options: EvalOptions,
@@ -330,23 +132,25 @@ def generate_samples(
     """``count`` samples from one seeded generator: the same seed gives the same text."""
     if count == 0:
         return []
-    generator = torch.Generator(device=device).manual_seed(seed)
-    start = torch.tensor([prompt_ids] * count, dtype=torch.long, device=device)  # (N, T0)
-    ids = model.generate(
-        start,
+    continuations = generate_text(
+        model,
+        prompt_ids,
+        count,
         options.max_new_tokens,
         temperature=options.temperature,
         top_k=options.top_k or None,
-        generator=generator,
+        seed=seed,
+        device=device,
     )
-    keep_from = 0 if options.prompt else 1  # the start token of an empty prompt is not text
-    return [tokenizer.decode(row[keep_from:].tolist()) for row in ids]
+    # An empty prompt starts from token 0, which is not part of the text.
+    shown = prompt_ids if options.prompt else []
+    return [tokenizer.decode(shown + ids) for ids in continuations]
 
 
 def logged_val_loss(run: RunDirectory, step: int) -> float | None:
     for record in read_metrics(run.metrics):
-        if record["step"] == step and record.get("val/loss") is not None:
-            return float(record["val/loss"])
+        if record["step"] == step and record.get(VAL_LOSS) is not None:
+            return float(record[VAL_LOSS])
     return None
 
 
@@ -374,7 +178,7 @@ def evaluate_run(run: RunDirectory, options: EvalOptions, samples: int) -> EvalR
     if options.data_path is not None:
         rebuilt.data_cfg = dataclasses.replace(rebuilt.data_cfg, path=options.data_path)
     prompt_ids = encode_prompt(rebuilt.tokenizer, options.prompt)
-    corpus, text = reload_corpus(rebuilt, state.get("data_fingerprint"))
+    corpus = reload_corpus(rebuilt, state.get("data_fingerprint"))
     if training.num_threads:
         torch.set_num_threads(training.num_threads)  # the trainer's thread count: same sums
 
@@ -395,7 +199,7 @@ def evaluate_run(run: RunDirectory, options: EvalOptions, samples: int) -> EvalR
     )
     unit = rebuilt.tokenizer.unit
     bits_per_token = loss / math.log(2)
-    bits_per_unit = bits_per_token / units_per_token(corpus, rebuilt.tokenizer, text, options.split)
+    bits_per_unit = bits_per_token / corpus.units_per_token(options.split)
     as_trained = (options.split, batches, batch_size, seed) == (
         "val",
         training.eval_batches,
@@ -404,7 +208,7 @@ def evaluate_run(run: RunDirectory, options: EvalOptions, samples: int) -> EvalR
     )
     record: dict[str, Any] = {
         "run": str(run.path),
-        "status": run.read_status().get("status"),
+        "status": run.status(),
         "ckpt": options.ckpt,
         "checkpoint": entry.file,
         "step": entry.step,
@@ -445,7 +249,7 @@ def evaluate_run(run: RunDirectory, options: EvalOptions, samples: int) -> EvalR
     if texts:
         header = f"step {entry.step}, seed {seed}, temperature {options.temperature}"
         body = "".join(f"=== sample {i + 1} ({header})\n{text}\n\n" for i, text in enumerate(texts))
-        atomic_write_bytes(run.eval_dir / f"samples_{loaded.label}.txt", body.encode("utf-8"))
+        atomic_write_text(run.eval_dir / f"samples_{loaded.label}.txt", body)
     return EvalResult(run.path, loaded.label, record, texts)
 
 
@@ -477,69 +281,42 @@ def print_run_result(result: EvalResult) -> None:
 # ----------------------------------------------------------------------------- a sweep
 
 
-def looks_like_run(path: Path) -> bool:
-    """What require_run accepts: a run.json or (a run that never started) Hydra's config."""
-    run = RunDirectory(path)
-    return run.is_run() or run.config_yaml.is_file()
-
-
-def sweep_runs(path: Path) -> list[RunDirectory]:
-    """The run directories directly under ``path``, in numeric (Hydra job) order."""
-    runs = [RunDirectory(sub) for sub in path.iterdir() if sub.is_dir() and looks_like_run(sub)]
-    return sorted(runs, key=lambda run: _job_order(run.path.name))
-
-
-def _job_order(name: str) -> tuple[int, int, str]:
-    return (0, int(name), "") if name.isdigit() else (1, 0, name)
-
-
-def differing_overrides(runs: list[RunDirectory]) -> dict[Path, str]:
-    """Each run's overrides without the ones every run shares: what sets it apart."""
-    overrides = {run.path: run.overrides() for run in runs}
-    common = set.intersection(*(set(o) for o in overrides.values())) if overrides else set()
-    return {
-        path: " ".join(o for o in items if o not in common) for path, items in overrides.items()
-    }
-
-
 def evaluate_sweep(path: Path, runs: list[RunDirectory], options: EvalOptions) -> list[EvalResult]:
     """Every run of the sweep, one table; a run that cannot be evaluated is listed with why."""
-    overrides = differing_overrides(runs)
+    rows = run_rows(runs)
+    keys = distinguishing_keys(rows)
     samples = options.samples or 0
-    rows = [("run", "overrides", "checkpoint", "step", "loss", "ppl", "note")]
+    table: list[list[str]] = []
     results = []
-    for run in runs:
+    for run, row in zip(runs, rows, strict=True):
+        name = label(row, keys) if keys else row["run"]
         try:
             result = evaluate_run(run, options, samples)
         except USER_ERRORS as error:
             reason = str(error).replace(str(run.path) + ": ", "").splitlines()[0]
-            rows.append((run.path.name, overrides[run.path], "-", "-", "-", "-", reason))
+            table.append([row["run"], name, "-", "-", "-", "-", reason])
             continue
         results.append(result)
         r = result.record
-        note = (
-            f"skipped damaged: {len(r['skipped_checkpoints'])}" if r["skipped_checkpoints"] else ""
-        )
-        rows.append(
-            (
-                run.path.name,
-                overrides[run.path],
+        skipped = r["skipped_checkpoints"]
+        note = f"skipped damaged: {len(skipped)}" if skipped else ""
+        table.append(
+            [
+                row["run"],
+                name,
                 r["checkpoint"],
                 str(r["step"]),
                 f"{r['loss']:.4f}",
                 f"{r['perplexity']:.2f}",
                 note,
-            )
+            ]
         )
-    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     print(
         f"{path} ({len(results)} of {len(runs)} runs evaluated, ckpt={options.ckpt}, "
         f"split={options.split})"
     )
-    for row in rows:
-        print(
-            "  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip()
-        )
+    header = ["run", "what sets it apart", "checkpoint", "step", "loss", "ppl", "note"]
+    print(text_table(header, table))
     if not results:
         raise RunError(f"{path}: none of its {len(runs)} runs could be evaluated")
     return results
@@ -550,25 +327,17 @@ def evaluate_sweep(path: Path, runs: list[RunDirectory], options: EvalOptions) -
 
 def evaluate(options: EvalOptions) -> list[EvalResult]:
     """Evaluate the run (or every run of the sweep) at ``options.run``."""
-    path = Path(options.run)
-    if path.is_dir() and not looks_like_run(path):
-        runs = sweep_runs(path)
-        if not runs:
-            raise RunError(
-                f"{path}: neither a gptexp run directory (no run.json or .hydra/config.yaml) nor "
-                "a sweep (no run directories inside); runs are the directories that "
-                "python -m gptexp.train creates under outputs/"
-            )
-        return evaluate_sweep(path, runs, options)
-    run = require_run(path)
-    result = evaluate_run(run, options, 1 if options.samples is None else options.samples)
+    runs = find_runs(options.run)
+    if not RunDirectory(options.run).is_run():
+        return evaluate_sweep(Path(options.run), runs, options)
+    result = evaluate_run(runs[0], options, 1 if options.samples is None else options.samples)
     print_run_result(result)
     return [result]
 
 
 def main() -> None:
     with run_logging(None):
-        report_errors(lambda: evaluate(parse_key_values(sys.argv[1:], EvalOptions, USAGE)))
+        run_command(lambda: evaluate(parse_options(sys.argv[1:], EvalOptions, USAGE)))
 
 
 if __name__ == "__main__":

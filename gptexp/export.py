@@ -17,13 +17,14 @@ from typing import Any
 
 import safetensors.torch
 
-from gptexp.checkpoint import atomic_write_bytes, atomic_write_json
-from gptexp.cli import report_errors
+from gptexp.cli import parse_options, run_command
 from gptexp.config import ModelConfig
 from gptexp.data import Tokenizer, tokenizer_from_json
-from gptexp.eval import check_ckpt, load_run_checkpoint, parse_key_values, rebuild_model
+from gptexp.errors import ConfigError
+from gptexp.evaluation import check_ckpt, load_run_checkpoint, rebuild_model
+from gptexp.fsio import atomic_write_bytes, atomic_write_json, atomic_write_text
 from gptexp.model import GPT
-from gptexp.run import require_run, run_logging
+from gptexp.rundir import require_run, run_logging
 
 USAGE = "usage: python -m gptexp.export run=<run dir> [ckpt=last|best|<step>] [out=<dir>]"
 
@@ -64,7 +65,7 @@ def save_export(model: GPT, tokenizer: Tokenizer, out: Path, source: dict[str, A
     }
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_bytes(out / WEIGHTS, safetensors.torch.save(weights, metadata={"format": "pt"}))
-    atomic_write_bytes(out / TOKENIZER, tokenizer.to_json().encode("utf-8"))
+    atomic_write_text(out / TOKENIZER, tokenizer.to_json())
     atomic_write_json(out / CONFIG, config)  # last: a directory with config.json is complete
 
 
@@ -73,7 +74,7 @@ def load_export(directory: str | Path) -> tuple[GPT, Tokenizer]:
     directory = Path(directory)
     config = json.loads((directory / CONFIG).read_text(encoding="utf-8"))
     if config.get("format") != EXPORT_FORMAT or config.get("version", 0) > EXPORT_VERSION:
-        raise ValueError(
+        raise ConfigError(
             f"{directory / CONFIG}: not a gptexp export this version reads "
             f"(format {config.get('format')!r}, version {config.get('version')!r})"
         )
@@ -103,7 +104,7 @@ def export(options: ExportOptions) -> Path:
 
 def main() -> None:
     with run_logging(None):
-        report_errors(lambda: export(parse_key_values(sys.argv[1:], ExportOptions, USAGE)))
+        run_command(lambda: export(parse_options(sys.argv[1:], ExportOptions, USAGE)))
 
 
 if __name__ == "__main__":

@@ -1,101 +1,54 @@
 """``python -m gptexp.resume run=<run dir> [key=value ...]``: continue a run where it stopped.
 
-The run continues in its own directory, with its own stored config (not today's ``conf/``),
-from its newest valid checkpoint. Hydra is not relaunched, so ``.hydra/`` stays exactly as the
-run's launch wrote it. ``key=value`` overrides may change how training goes on
-(``training.max_steps=6000`` extends a finished run); changes that cannot apply to the
-checkpoint (the model's shape, the data, the tokenizer) are refused with a diff.
+The run continues in its own directory, with its own stored config (not today's
+``gptexp/conf``), from its newest valid checkpoint. Hydra is not relaunched, so ``.hydra/``
+stays exactly as the run's launch wrote it. ``key=value`` overrides may change how training
+goes on (``training.max_steps=6000`` extends a finished run; ``data.path=<new place>`` finds
+a moved corpus, checked by its sha256); changes that cannot apply to the checkpoints (the
+model's shape, the data, the tokenizer) are refused with a diff.
 """
 
 from __future__ import annotations
 
 import sys
-from typing import Any
 
-import yaml
-from omegaconf import OmegaConf
-from omegaconf.errors import OmegaConfBaseException
+from gptexp.cli import run_command
+from gptexp.errors import ConfigError
+from gptexp.metrics import FINAL_VAL_LOSS
+from gptexp.rundir import require_run, run_logging
+from gptexp.runtime import Distributed
+from gptexp.session import already_finished, resume_config, run_training
 
-from gptexp.cli import report_errors
-from gptexp.config import ConfigError, TrainConfig, config_to_dict, to_train_config
-from gptexp.loggers import flatten
-from gptexp.run import RunDirectory, RunError, require_run, run_logging
-from gptexp.trainer import Distributed, run_training
-
-# Groups whose values are baked into the checkpoint: weights' shapes, vocabulary, data.
-FROZEN_GROUPS = ("model", "data")
+USAGE = "usage: python -m gptexp.resume run=<run dir> [key=value ...]"
 
 
-def stored_config(run: RunDirectory) -> dict[str, Any]:
-    """The run's effective config: the one its last start recorded in run.json, else the
-    composed config of its launch (``.hydra/config.yaml``)."""
-    status = run.read_status()
-    if isinstance(status.get("config"), dict):
-        return status["config"]
-    if not run.config_yaml.is_file():
-        raise RunError(
-            f"{run.path}: no stored config (run.json has none, .hydra/config.yaml is missing)"
+def split_args(argv: list[str]) -> tuple[str, list[str]]:
+    """``run=<dir>`` and the config overrides (``key.path=value``) that follow it."""
+    if any(arg in ("-h", "--help") for arg in argv):
+        print(
+            f"{USAGE}\n\nkeys: run (required), then any key of the run's stored config, "
+            "e.g. training.max_steps=6000 training.lr=3e-4 data.path=<moved corpus>"
         )
-    try:
-        return OmegaConf.to_container(OmegaConf.load(run.config_yaml), resolve=True)  # type: ignore[return-value]
-    except (OmegaConfBaseException, yaml.YAMLError) as error:
-        raise RunError(f"{run.config_yaml}: damaged ({str(error).splitlines()[0]})") from None
-
-
-def parse_overrides(overrides: list[str]) -> list[str]:
-    """Only ``key.path=value`` applies to a stored run; a group choice would recompose."""
-    for item in overrides:
-        key, sep, _ = item.partition("=")
-        if not sep or key.startswith(("+", "~")) or "." not in key:
-            raise ConfigError(
-                f"{item!r}: a resumed run takes key=value overrides of its stored config "
-                "(e.g. training.max_steps=6000); group choices such as model=small would "
-                "start a different run"
-            )
-    return overrides
-
-
-def config_diff(old: dict[str, Any], new: dict[str, Any]) -> dict[str, tuple[Any, Any]]:
-    before, after = flatten(old), flatten(new)
-    return {
-        key: (before.get(key), after.get(key))
-        for key in sorted(before.keys() | after.keys())
-        if before.get(key) != after.get(key)
-    }
-
-
-def resume_config(run: RunDirectory, overrides: list[str]) -> tuple[TrainConfig, dict]:
-    """The typed config to resume with, and the changes the overrides make."""
-    old = to_train_config(stored_config(run))
-    try:
-        merged = OmegaConf.merge(
-            OmegaConf.structured(old), OmegaConf.from_dotlist(parse_overrides(overrides))
-        )
-    except OmegaConfBaseException as error:
-        raise ConfigError(str(error).splitlines()[0]) from None
-    new = to_train_config(merged)
-    changes = config_diff(config_to_dict(old), config_to_dict(new))
-    frozen = {k: v for k, v in changes.items() if k.split(".")[0] in FROZEN_GROUPS}
-    if frozen:
-        lines = "\n".join(f"  {k}: {a!r} -> {b!r}" for k, (a, b) in frozen.items())
-        raise ConfigError(
-            f"these changes cannot apply to the run's checkpoints (start a new run instead):\n"
-            f"{lines}"
-        )
-    return new, changes
-
-
-def parse_args(argv: list[str]) -> tuple[str, list[str]]:
+        sys.exit(0)
     runs = [a for a in argv if a.startswith("run=")]
-    if len(runs) != 1 or argv[0] in ("-h", "--help"):
-        raise RunError("usage: python -m gptexp.resume run=<run dir> [key=value ...]")
+    if len(runs) != 1:
+        raise ConfigError(f"run=<dir> is required (once)\n{USAGE}")
     return runs[0].removeprefix("run="), [a for a in argv if not a.startswith("run=")]
 
 
 def resume(argv: list[str]) -> float | None:
-    path, overrides = parse_args(argv)
+    path, overrides = split_args(argv)
     run = require_run(path)
     cfg, changes = resume_config(run, overrides)
+    if already_finished(run, cfg):
+        # Nothing to do, so nothing is touched (not even train.log).
+        step = run.read_status()["step"]
+        print(
+            f"{run.path}: already finished at step {step}; extend it with "
+            f'make resume RUN={run.path} ARGS="training.max_steps=N"',
+            file=sys.stderr,
+        )
+        return run.read_status().get(FINAL_VAL_LOSS)
     note = {"overrides": overrides, "changes": {k: list(v) for k, v in changes.items()}}
     # The same W&B run again: its id comes from the checkpoint, its group and name from run.json
     # (or, for a run killed before it recorded them, from what its launch changed).
@@ -103,7 +56,7 @@ def resume(argv: list[str]) -> float | None:
     wandb_group = status.get("wandb_group")
     wandb_name = status.get("wandb_name", ",".join(run.overrides()) or None)
     with run_logging(run if Distributed.from_env().is_main else None):
-        return report_errors(
+        return run_command(
             lambda: run_training(
                 cfg,
                 run,
@@ -116,7 +69,7 @@ def resume(argv: list[str]) -> float | None:
 
 
 def main() -> None:
-    report_errors(lambda: resume(sys.argv[1:]))
+    run_command(lambda: resume(sys.argv[1:]))
 
 
 if __name__ == "__main__":

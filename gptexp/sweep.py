@@ -12,6 +12,7 @@ and ``<sweep>/summary.md``: one row per run with its overrides, status and losse
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import json
 import logging
@@ -26,16 +27,36 @@ from hydra.experimental.callback import Callback
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
-from gptexp.checkpoint import atomic_write_bytes, atomic_write_json
-from gptexp.cli import EXIT_INTERRUPTED
-from gptexp.config import ConfigError, config_to_dict, to_train_config
-from gptexp.run import FAILED, FINISHED, RunDirectory, now, run_logging
-from gptexp.trainer import USER_ERRORS, Distributed, TrainingInterrupted, run_training
+from gptexp.config import TrainConfig, config_to_dict, to_train_config
+from gptexp.errors import (
+    EXIT_FAILURE,
+    EXIT_INTERRUPTED,
+    USER_ERRORS,
+    ConfigError,
+    RunError,
+    TrainingInterrupted,
+)
+from gptexp.fsio import atomic_write_bytes, atomic_write_json, atomic_write_text
+from gptexp.metrics import FINAL_VAL_LOSS
+from gptexp.rundir import (
+    FAILED,
+    FINISHED,
+    RUNNING,
+    RunDirectory,
+    discard_unstarted,
+    now,
+    run_logging,
+    runs_under,
+)
+from gptexp.runtable import cells, run_rows, table_columns
+from gptexp.runtime import Distributed
+from gptexp.session import run_training
+from gptexp.tables import markdown_table, text_table
 
 log = logging.getLogger(__name__)
 
 START, RESUME, SKIP = "start", "resume", "skip"
-EXIT_JOBS_FAILED = 1
+BUSY = "busy"  # the run is being trained by another live process
 BASIC_SWEEPER = "hydra._internal.core_plugins.basic_sweeper.BasicSweeper"
 
 
@@ -44,24 +65,7 @@ class JobPlan:
     """Where a multirun job trains and what it does there."""
 
     run: RunDirectory
-    action: str  # START a new run | RESUME an unfinished one | SKIP a finished one
-
-
-def runs_in(sweep_dir: Path) -> list[RunDirectory]:
-    """The job directories of a sweep (those with run.json or Hydra's files), in job order."""
-    if not sweep_dir.is_dir():
-        return []
-    found = [
-        RunDirectory(child)
-        for child in sweep_dir.iterdir()
-        if child.is_dir() and ((child / "run.json").is_file() or (child / ".hydra").is_dir())
-    ]
-    return sorted(found, key=lambda run: _job_order(run.path.name))
-
-
-def _job_order(name: str) -> tuple[int, str]:
-    number, _, rest = name.partition("-")
-    return (int(number), rest) if number.isdigit() else (sys.maxsize, name)
+    action: str  # START a new run | RESUME an unfinished one | SKIP a finished one | BUSY
 
 
 def as_stored(config: dict[str, Any]) -> dict[str, Any]:
@@ -78,7 +82,9 @@ def plan_job(own: RunDirectory, config: dict[str, Any], overrides: list[str]) ->
     value lists changed since the first launch), in a new directory next to it.
     """
     wanted = as_stored(config)
-    matches = [run for run in runs_in(own.path.parent) if run.read_status().get("config") == wanted]
+    matches = [
+        run for run in runs_under(own.path.parent) if run.read_status().get("config") == wanted
+    ]
     if matches:
         matches.sort(key=lambda run: (run != own, run.read_status().get("status") != FINISHED))
         chosen = matches[0]
@@ -86,7 +92,7 @@ def plan_job(own: RunDirectory, config: dict[str, Any], overrides: list[str]) ->
             _hand_back(own, overrides)
         finished = chosen.read_status().get("status") == FINISHED
         return JobPlan(chosen, SKIP if finished else RESUME)
-    if not own.is_run():
+    if not own.has_started() or _unstarted_claim_of(own, overrides):
         return JobPlan(own, START)
     fresh = _claim_directory_next_to(own)
     for name in ("config.yaml", "hydra.yaml", "overrides.yaml"):
@@ -96,6 +102,18 @@ def plan_job(own: RunDirectory, config: dict[str, Any], overrides: list[str]) ->
     _hand_back(own, overrides)
     log.info("%s holds a run of another config; this job starts in %s", own.path, fresh.path)
     return JobPlan(fresh, START)
+
+
+def _unstarted_claim_of(own: RunDirectory, overrides: list[str]) -> bool:
+    """A directory this job claimed before it could record its config (a gptexp older than
+    the config-first claim): its run.json holds the same overrides and nothing trained."""
+    status = own.read_status()
+    return (
+        "config" not in status
+        and "status" not in status
+        and status.get("overrides") == overrides
+        and not own.checkpoints.exists()
+    )
 
 
 def _claim_directory_next_to(own: RunDirectory) -> RunDirectory:
@@ -122,25 +140,21 @@ def _hand_back(own: RunDirectory, overrides: list[str]) -> None:
     ``.hydra`` files Hydra has just overwritten with this job's) gets its own composed config
     and overrides back from its run.json. Its hydra.yaml keeps describing this launch.
     """
-    from gptexp.run import discard_unstarted
-
-    if not own.is_run():
+    if not own.has_started():
         discard_unstarted(own)
         return
     status = own.read_status()
     if isinstance(status.get("config"), dict):
-        own.config_yaml.write_text(OmegaConf.to_yaml(OmegaConf.create(status["config"])))
+        atomic_write_text(own.config_yaml, OmegaConf.to_yaml(OmegaConf.create(status["config"])))
     if isinstance(status.get("overrides"), list):
-        own.overrides_yaml.write_text(OmegaConf.to_yaml(OmegaConf.create(status["overrides"])))
+        atomic_write_text(
+            own.overrides_yaml, OmegaConf.to_yaml(OmegaConf.create(status["overrides"]))
+        )
     elif own.overrides() == overrides:
         log.warning("%s: its original overrides.yaml could not be restored", own.path)
 
 
 # ----------------------------------------------------------------------------- one job
-
-
-class JobFailed(RuntimeError):
-    """A multirun job that failed; its run.json says why."""
 
 
 def share_cores_between_jobs(hydra_cfg: DictConfig, num_threads: int) -> None:
@@ -150,8 +164,6 @@ def share_cores_between_jobs(hydra_cfg: DictConfig, num_threads: int) -> None:
     n_jobs = OmegaConf.select(hydra_cfg, "launcher.n_jobs", default=None)
     if num_threads or not isinstance(n_jobs, int) or n_jobs == 1:
         return
-    import os
-
     import torch
 
     cores = os.cpu_count() or 1
@@ -180,20 +192,47 @@ def sweep_job(
         if dist_ctx.is_main:
             own.update_status(status=FAILED, error=str(error), overrides=overrides, ended=now())
         return math.nan
-    plan = plan_job(own, config_to_dict(typed), overrides) if dist_ctx.is_main else None
-    if dist_ctx.enabled:  # every rank trains in rank 0's choice
-        import torch.distributed as dist
+    with contextlib.ExitStack() as claim:
+        plan = None
+        if dist_ctx.is_main:
+            plan = plan_job(own, config_to_dict(typed), overrides)
+            if plan.action != SKIP:
+                plan = claim_run(plan, claim, typed, overrides, wandb_group, wandb_name)
+        plan = dist_ctx.broadcast(plan)  # every rank trains in rank 0's choice
+        if plan.action == SKIP:
+            print(f"{plan.run.path}: finished already (same config); skipped", file=sys.stderr)
+            final = plan.run.read_status().get(FINAL_VAL_LOSS)
+            return math.nan if final is None else final
+        if plan.action == BUSY:
+            print(f"{plan.run.path}: running in another process; left to it", file=sys.stderr)
+            return math.nan
+        return _train_job(plan, typed, own, wandb_group, wandb_name, dist_ctx)
 
-        box = [plan]
-        dist.broadcast_object_list(box, src=0)
-        plan = box[0]
-    assert plan is not None
-    if plan.action == SKIP:
-        print(f"{plan.run.path}: finished already (same config); skipped", file=sys.stderr)
-        final = plan.run.read_status().get("final/val_loss")
-        return math.nan if final is None else final
-    if dist_ctx.is_main:
-        plan.run.update_status(overrides=overrides, wandb_group=wandb_group, wandb_name=wandb_name)
+
+def claim_run(
+    plan: JobPlan,
+    claim: contextlib.ExitStack,
+    typed: TrainConfig,
+    overrides: list[str],
+    wandb_group: str | None,
+    wandb_name: str | None,
+) -> JobPlan:
+    """Take the run's lock for the rest of the job, then record its config, so that a sweep
+    killed at any instant (or launched twice at once) finds the run again by its config and
+    never trains it twice. A run whose lock a live process holds is left to that process."""
+    try:
+        claim.enter_context(plan.run.lock())
+    except RunError:
+        return JobPlan(plan.run, BUSY)
+    fields: dict[str, Any] = dict(overrides=overrides, wandb_group=wandb_group)
+    fields["wandb_name"] = wandb_name
+    if plan.action == START:
+        fields["config"] = config_to_dict(typed)  # from now on the job's run is found by it
+    plan.run.update_status(**fields)
+    return plan
+
+
+def _train_job(plan, typed, own, wandb_group, wandb_name, dist_ctx) -> float:
     with run_logging(plan.run if dist_ctx.is_main else None):
         if plan.action == RESUME:
             log.info("%s: unfinished run of the same config; resuming it", plan.run.path)
@@ -205,6 +244,7 @@ def sweep_job(
                 resume_note={"sweep_job": own.path.name},
                 wandb_group=wandb_group,
                 wandb_name=wandb_name,
+                locked=True,
             )
         except (*USER_ERRORS, FloatingPointError) as error:
             log.error("job failed: %s", error)
@@ -213,6 +253,8 @@ def sweep_job(
             return math.nan
         except TrainingInterrupted as stop:
             log.warning("%s; the sweep stops here", stop)
+            if dist_ctx.is_main:
+                write_summary(own.path.parent)
             sys.exit(EXIT_INTERRUPTED)
     return math.nan if result is None else result
 
@@ -226,15 +268,14 @@ def write_summary(sweep_dir: Path) -> list[dict[str, Any]]:
     Jobs of a parallel launcher finish in their own processes; the lock makes the last writer
     the one that saw every run's final status.
     """
-    from gptexp.compare import markdown_table, run_rows, table_columns
-
     sweep_dir.mkdir(parents=True, exist_ok=True)
     with open(sweep_dir / ".summary.lock", "a") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
-        rows = run_rows(runs_in(sweep_dir))
+        rows = run_rows(runs_under(sweep_dir))
         atomic_write_json(sweep_dir / "sweep.json", {"sweep_dir": str(sweep_dir), "jobs": rows})
-        text = f"# Sweep {sweep_dir.name}\n\n{markdown_table(rows, table_columns(rows))}"
-        atomic_write_bytes(sweep_dir / "summary.md", text.encode("utf-8"))
+        columns = table_columns(rows)
+        table = markdown_table(columns, cells(rows, columns))
+        atomic_write_text(sweep_dir / "summary.md", f"# Sweep {sweep_dir.name}\n\n{table}")
     return rows
 
 
@@ -253,13 +294,19 @@ class SweepSummary(Callback):
             write_summary(Path(config.hydra.sweep.dir))
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
-        from gptexp.compare import table_columns, text_table
-
         sweep_dir = Path(config.hydra.sweep.dir)
         rows = write_summary(sweep_dir)
-        print(text_table(rows, table_columns(rows)), file=sys.stderr)
-        failed = [row["run"] for row in rows if row["status"] != FINISHED]
+        columns = table_columns(rows)
+        print(text_table(columns, cells(rows, columns)), file=sys.stderr)
+        running = [row["run"] for row in rows if row["status"] == RUNNING]
+        failed = [row["run"] for row in rows if row["status"] not in (FINISHED, RUNNING)]
         print(f"sweep summary: {sweep_dir / 'summary.md'}", file=sys.stderr)
+        if running:
+            print(
+                f"{len(running)} of {len(rows)} runs are being trained by another process: "
+                f"{', '.join(running)}",
+                file=sys.stderr,
+            )
         if failed:
             print(
                 f"{len(failed)} of {len(rows)} runs did not finish: {', '.join(failed)}; "
@@ -267,4 +314,4 @@ class SweepSummary(Callback):
                 file=sys.stderr,
             )
             if self.fail_on_failed_jobs:
-                sys.exit(EXIT_JOBS_FAILED)
+                sys.exit(EXIT_FAILURE)

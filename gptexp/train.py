@@ -1,7 +1,8 @@
 """``python -m gptexp.train [overrides]``: compose the config with Hydra, then train.
 
-A thin entry: Hydra composes ``conf/train.yaml`` over the typed schema, the config becomes
-typed dataclasses once, here, and :func:`gptexp.trainer.run_training` does the rest. The
+A thin entry: Hydra composes ``gptexp/conf/train.yaml`` (shipped inside the package) over the
+typed schema, the config becomes typed dataclasses once, here, and
+:func:`gptexp.session.run_training` does the rest. The
 return value is the final validation loss, which Hydra's sweepers (Optuna) minimise.
 """
 
@@ -19,19 +20,18 @@ from hydra.experimental.callback import Callback
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
-from gptexp.cli import EXIT_USER_ERROR, report_errors
-from gptexp.config import ConfigError, register_configs, to_train_config
-from gptexp.run import RunDirectory, RunError, discard_unstarted, run_logging
-from gptexp.sweep import BASIC_SWEEPER, JobFailed, share_cores_between_jobs, sweep_job
-from gptexp.trainer import (
-    Distributed,
-    init_distributed,
-    run_training,
-)
+from gptexp.cli import run_command
+from gptexp.config import register_configs, to_train_config
+from gptexp.errors import EXIT_USER_ERROR, ConfigError, JobFailed, RunError
+from gptexp.rundir import RunDirectory, discard_unstarted, run_logging
+from gptexp.runtime import Distributed, init_distributed
+from gptexp.session import run_training
+from gptexp.sweep import BASIC_SWEEPER, share_cores_between_jobs, sweep_job
 
 log = logging.getLogger(__name__)
 
-CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
+# The config tree ships inside the package, so an installed gptexp finds it from anywhere.
+CONF_DIR = str(Path(__file__).resolve().parent / "conf")
 
 
 def task_config(config: DictConfig) -> DictConfig:
@@ -58,13 +58,7 @@ class ValidateBeforeRun(Callback):
 
 def _shared_run_dir(own: Path, dist_ctx: Distributed) -> Path:
     """Under torchrun every rank composes its own config; all use rank 0's directory."""
-    if not dist_ctx.enabled:
-        return own
-    import torch.distributed as dist
-
-    box = [str(own)]
-    dist.broadcast_object_list(box, src=0)
-    shared = Path(box[0])
+    shared = Path(dist_ctx.broadcast(str(own)))
     if shared != own:
         discard_unstarted(RunDirectory(own))
     return shared
@@ -99,10 +93,10 @@ def train(cfg: DictConfig) -> float | None:
 
     try:
         with run_logging(run if dist_ctx.is_main else None):
-            return report_errors(body)
+            return run_command(body)
     finally:
         if dist_ctx.is_main:
-            if run.is_run():  # what the launch changed, for compare and sweeps
+            if run.has_started():  # what the launch changed, for compare and sweeps
                 run.update_status(overrides=overrides)
             discard_unstarted(run)  # bad input leaves no half-made run directory behind
 

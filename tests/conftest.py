@@ -12,6 +12,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -21,7 +22,7 @@ from hydra.core.global_hydra import GlobalHydra
 from gptexp.config import TrainConfig, register_configs, to_train_config
 
 ROOT = Path(__file__).resolve().parent.parent
-CONF_DIR = ROOT / "conf"
+CONF_DIR = ROOT / "gptexp" / "conf"
 
 # A run of a few seconds: nano model, tiny batches, frequent evaluation and checkpoints.
 FAST = [
@@ -80,6 +81,20 @@ def train(run_dir: Path, *overrides: str, cwd: Path, env=None) -> subprocess.Com
     return run_module(
         "gptexp.train", *FAST, *overrides, f"hydra.run.dir={run_dir}", cwd=cwd, env=env
     )
+
+
+def wait_until(
+    condition, *, timeout: float = 120, process: subprocess.Popen | None = None, what: str = ""
+) -> None:
+    """Poll ``condition()`` until it holds; fail when ``process`` ends first or after
+    ``timeout`` seconds (a guard against a hang, not a speed requirement)."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if process is not None and process.poll() is not None:
+            raise AssertionError(f"process ended (rc {process.returncode}) before {what}")
+        if time.monotonic() > deadline:
+            raise AssertionError(f"not reached in {timeout}s: {what}")
+        time.sleep(0.05)
 
 
 def read_metrics(run_dir: Path) -> list[dict]:

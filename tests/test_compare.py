@@ -39,14 +39,19 @@ def table_rows(stdout: str) -> dict[str, list[str]]:
 
 
 def test_table_says_which_run_is_which(sweep_dir, tmp_path):
-    result = compare(str(sweep_dir), "--sort", "final_val_loss", cwd=tmp_path)
+    result = compare(str(sweep_dir), "sort=final/val_loss", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     header = result.stdout.splitlines()[0].split()
     assert header[:3] == ["run", "status", "training.lr"]  # only the override that differs
     rows = table_rows(result.stdout)
     assert rows["0"][1] == "finished" and rows["1"][1] == "failed" and rows["2"][1] == "crashed"
     assert rows["0"][header.index("step")] == "10/10"
-    assert list(rows)[-1] == "1" or rows["1"][header.index("final_val_loss")] != "-"
+    # Ascending final val loss: the copies (equal) in job order, then the run that diverged,
+    # whose last finite val loss is the one before training.
+    assert list(rows) == ["0", "2", "1"]
+    assert float(rows["1"][header.index("final/val_loss")]) > float(
+        rows["0"][header.index("final/val_loss")]
+    )
 
 
 def test_a_live_run_is_running(sweep_dir, tmp_path):
@@ -62,25 +67,21 @@ def test_a_live_run_is_running(sweep_dir, tmp_path):
 def test_filter_sort_and_files(sweep_dir, tmp_path):
     result = compare(
         str(sweep_dir),
-        "--filter",
-        "status=finished",
-        "--filter",
-        "training.lr=1e-3",
-        "--csv",
-        str(tmp_path / "t.csv"),
-        "--markdown",
-        str(tmp_path / "t.md"),
+        "filter=status=finished",
+        "--filter=training.lr=1e-3",
+        f"csv={tmp_path / 't.csv'}",
+        f"markdown={tmp_path / 't.md'}",
         cwd=tmp_path,
     )
     assert result.returncode == 0, result.stderr
     assert list(table_rows(result.stdout)) == ["0"]
     with open(tmp_path / "t.csv") as f:
         rows = list(csv.DictReader(f))
-    assert [row["run"] for row in rows] == ["0"] and float(rows[0]["final_val_loss"]) > 0
+    assert [row["run"] for row in rows] == ["0"] and float(rows[0]["final/val_loss"]) > 0
     assert rows[0]["run_dir"] == str(sweep_dir / "0")
     assert (tmp_path / "t.md").read_text().startswith("| run | status |")
 
-    descending = compare(str(sweep_dir), "--sort=-training.lr", cwd=tmp_path)
+    descending = compare(str(sweep_dir), "sort=-training.lr", cwd=tmp_path)
     assert list(table_rows(descending.stdout))[0] == "1"
 
 
@@ -95,4 +96,4 @@ def test_plot_writes_a_png(sweep_dir, tmp_path):
 def test_not_a_run_is_a_clear_error(tmp_path):
     result = compare(str(tmp_path), cwd=tmp_path)
     assert result.returncode == 2
-    assert "neither a run directory" in result.stderr
+    assert "neither a gptexp run directory" in result.stderr

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from gptexp.checkpoint import CRASH_HOOK_ENV, CheckpointManager
+from gptexp.checkpoint import CheckpointManager
 from gptexp.config import CheckpointConfig
 from tests.conftest import FAST, ROOT, read_metrics, subprocess_env
 
@@ -23,7 +23,12 @@ pytestmark = [
 SETTINGS = ["model.dropout=0.1", "training.max_steps=16", "checkpoint.every_steps=5"]
 
 
-def torchrun(module: str, *args: str, env=None) -> subprocess.CompletedProcess:
+def torchrun(module: str, *args: str, env=None, crash: str | None = None):
+    """torchrun over ``module``; ``crash`` ("STEP:PHASE"): through tests/crashing_save.py."""
+    target = ["-m", module]
+    if crash:
+        step, phase = crash.split(":")
+        target = [str(ROOT / "tests" / "crashing_save.py"), step, phase, module]
     return subprocess.run(
         [
             sys.executable,
@@ -31,8 +36,7 @@ def torchrun(module: str, *args: str, env=None) -> subprocess.CompletedProcess:
             "torch.distributed.run",
             "--standalone",
             "--nproc_per_node=2",
-            "-m",
-            module,
+            *target,
             *args,
         ],
         cwd=ROOT,
@@ -69,8 +73,9 @@ def test_two_ranks_resume_after_a_crash_bit_identical(tmp_path):
     assert status["status"] == "finished" and status["world_size"] == 2
 
     # Rank 0 dies (SIGKILL) after step 10's checkpoint file is in place, before it is listed.
-    env = subprocess_env(**{CRASH_HOOK_ENV: "10:rename"})
-    result = torchrun("gptexp.train", *FAST, *SETTINGS, f"hydra.run.dir={crashed}", env=env)
+    result = torchrun(
+        "gptexp.train", *FAST, *SETTINGS, f"hydra.run.dir={crashed}", crash="10:rename"
+    )
     assert result.returncode != 0
     result = torchrun("gptexp.resume", f"run={crashed}")
     assert_finished(result, crashed)

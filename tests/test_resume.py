@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from gptexp.checkpoint import CRASH_HOOK_ENV, CheckpointManager
+from gptexp.checkpoint import CheckpointManager
 from gptexp.config import CheckpointConfig
 from tests.conftest import FAST, ROOT, read_metrics, run_module, subprocess_env, train
 
@@ -37,12 +37,22 @@ EXACT = [
 ]
 
 
-def start(run_dir: Path, *overrides: str, cwd: Path, env=None) -> subprocess.Popen:
+CRASHING_SAVE = str(ROOT / "tests" / "crashing_save.py")
+
+
+def start(
+    run_dir: Path, *overrides: str, cwd: Path, env=None, crash: tuple[int, str] | None = None
+) -> subprocess.Popen:
+    """``python -m gptexp.train`` (``crash``: (step, phase), killed mid-save there)."""
+    launcher = (
+        [CRASHING_SAVE, str(crash[0]), crash[1], "gptexp.train"]
+        if crash
+        else ["-m", "gptexp.train"]
+    )
     return subprocess.Popen(
         [
             sys.executable,
-            "-m",
-            "gptexp.train",
+            *launcher,
             *FAST,
             *EXACT,
             *overrides,
@@ -56,8 +66,27 @@ def start(run_dir: Path, *overrides: str, cwd: Path, env=None) -> subprocess.Pop
     )
 
 
-def resume(run_dir: Path, *overrides: str, env=None) -> subprocess.CompletedProcess:
-    return run_module("gptexp.resume", f"run={run_dir}", *overrides, cwd=ROOT, env=env)
+def resume(
+    run_dir: Path, *overrides: str, env=None, crash: tuple[int, str] | None = None
+) -> subprocess.CompletedProcess:
+    if crash is None:
+        return run_module("gptexp.resume", f"run={run_dir}", *overrides, cwd=ROOT, env=env)
+    return subprocess.run(
+        [
+            sys.executable,
+            CRASHING_SAVE,
+            str(crash[0]),
+            crash[1],
+            "gptexp.resume",
+            f"run={run_dir}",
+            *overrides,
+        ],
+        cwd=ROOT,
+        env=env or subprocess_env(),
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
 
 
 def wait_for_step(run_dir: Path, step: int, proc: subprocess.Popen, timeout: float = 60) -> None:
@@ -143,7 +172,7 @@ def test_sigkill_at_any_instant_even_mid_save_resumes_bit_identical(tmp_path, st
     checkpoints = run_dir / "checkpoints"
 
     # 1. killed while the checkpoint of step 20 is half written
-    proc = start(run_dir, cwd=tmp_path, env=subprocess_env(**{CRASH_HOOK_ENV: "20:write"}))
+    proc = start(run_dir, cwd=tmp_path, crash=(20, "write"))
     proc.communicate(timeout=60)
     assert proc.returncode == -signal.SIGKILL
     assert (checkpoints / "step_0000020.pt.tmp").exists(), "the hook fired mid-write"
@@ -151,7 +180,7 @@ def test_sigkill_at_any_instant_even_mid_save_resumes_bit_identical(tmp_path, st
 
     # 2. resumed from step 10, killed after step 30's file is in place but before the
     #    manifest lists it
-    result = resume(run_dir, env=subprocess_env(**{CRASH_HOOK_ENV: "30:rename"}))
+    result = resume(run_dir, crash=(30, "rename"))
     assert result.returncode == -signal.SIGKILL, result.stderr
     assert "resuming from step_0000010.pt" in result.stderr
     assert (checkpoints / "step_0000030.pt").exists()

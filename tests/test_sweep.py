@@ -6,12 +6,11 @@ import json
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 from omegaconf import OmegaConf
 
-from tests.conftest import FAST, ROOT, read_metrics, run_module, subprocess_env
+from tests.conftest import FAST, ROOT, read_metrics, run_module, subprocess_env, wait_until
 
 # Two short jobs: what every sweep below varies.
 LRS = "training.lr=1e-3,3e-4"
@@ -37,7 +36,7 @@ def test_failed_job_is_recorded_and_the_others_run(tmp_path):
     jobs = summary(sweep_dir)
     assert [jobs[name]["status"] for name in ("0", "1", "2")] == ["finished", "failed", "failed"]
     assert "NaN" in jobs["1"]["error"] and "training.lr" in jobs["2"]["error"]
-    assert jobs["0"]["final_val_loss"] > 0 and jobs["0"]["step"] == 10
+    assert jobs["0"]["final/val_loss"] > 0 and jobs["0"]["step"] == 10
     assert "| 1 | failed | 10000.0 |" in (sweep_dir / "summary.md").read_text()
     assert json.loads((sweep_dir / "1" / "run.json").read_text())["status"] == "failed"
 
@@ -53,9 +52,11 @@ def test_killed_sweep_resumes_by_config(tmp_path):
         stderr=subprocess.PIPE,
         text=True,
     )
-    while not any(r["step"] >= 5 for r in read_metrics(sweep_dir / "0")):
-        assert process.poll() is None, process.stderr.read()
-        time.sleep(0.05)
+    wait_until(
+        lambda: any(r["step"] >= 5 for r in read_metrics(sweep_dir / "0")),
+        process=process,
+        what="step 5 of job 0",
+    )
     process.send_signal(signal.SIGTERM)  # saves a checkpoint and stops the whole sweep
     assert process.wait(timeout=120) == 130, process.stderr.read()
     status = json.loads((sweep_dir / "0" / "run.json").read_text())
@@ -159,7 +160,7 @@ def test_optuna_nan_trial_fails_without_crashing_the_search(tmp_path):
     best = OmegaConf.load(sweep_dir / "optimization_results.yaml")
     finished = next(job for job in summary(sweep_dir).values() if job["status"] == "finished")
     assert best.best_params["training.lr"] == 0.001
-    assert best.best_value == finished["final_val_loss"]
+    assert best.best_value == finished["final/val_loss"]
 
 
 def test_launcher_configs_compose():

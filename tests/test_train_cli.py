@@ -21,8 +21,8 @@ from omegaconf import OmegaConf, open_dict
 from gptexp import train as train_entry
 from gptexp.config import register_configs, to_train_config
 from gptexp.data import tokenizer_from_json
-from gptexp.run import RunDirectory
-from gptexp.trainer import run_training
+from gptexp.rundir import RunDirectory
+from gptexp.session import run_training
 from tests.conftest import (
     CONF_DIR,
     FAST,

@@ -87,7 +87,7 @@ def test_sweep_jobs_are_grouped_wandb_runs_and_resume_continues_them(tmp_path):
         assert steps == list(range(11))  # step 0 (first eval) .. 10, the step as x-axis
         summary = got["summary"]
         assert summary["final/val_loss"] == status["final/val_loss"]
-        assert summary["best/val_loss"] == status["best/val/loss"]
+        assert summary["best/val_loss"] == status["best/val_loss"]
         assert summary["parameters"] == status["parameters"] > 0
         assert summary["throughput/median_tokens_per_s"] > 0
         ids.add(run.run_id)

@@ -1,8 +1,9 @@
-"""The run directory: its layout, its status file, its lock and its log.
+"""The run directory: its layout, what counts as a run, its status, its lock and its log.
 
 Everything needed to resume, evaluate or compare a run lives inside its directory, so every
 tool takes just a path. ``run.json`` records the status (running | finished | interrupted |
 failed) and the facts of the run; ``.lock`` is held (``flock``) by the process training it.
+No torch here: compare and sweep summaries read run directories without it.
 """
 
 from __future__ import annotations
@@ -20,18 +21,19 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from gptexp.checkpoint import atomic_write_json
+from gptexp.errors import RunError
+from gptexp.fsio import atomic_write_json
 
 log = logging.getLogger(__name__)
 
+# What run.json records ...
 RUNNING, FINISHED, INTERRUPTED, FAILED = "running", "finished", "interrupted", "failed"
+# ... and what a reader concludes beyond it (see RunDirectory.status).
+CRASHED = "crashed"  # run.json says running, but no process holds the run's lock
+PENDING = "pending"  # the directory exists, training never started
 
 # A log record with this attribute set (``extra={FILE_ONLY: True}``) goes to train.log only.
 FILE_ONLY = "file_only"
-
-
-class RunError(RuntimeError):
-    """A path that is not a usable run directory, or a run that is busy."""
 
 
 class RunDirectory:
@@ -56,7 +58,38 @@ class RunDirectory:
         return f"RunDirectory({str(self.path)!r})"
 
     def is_run(self) -> bool:
+        """A run is a directory with run.json (written when training starts) or Hydra's
+        composed config (a job whose directory exists but whose training never started)."""
+        return self.run_json.is_file() or self.config_yaml.is_file()
+
+    def has_started(self) -> bool:
         return self.run_json.is_file()
+
+    def status(self) -> str:
+        """The one definition of a run's status, used by every tool: what run.json says,
+        except that a run recorded as running whose lock no process holds has ``crashed``
+        (killed without a chance to say so; resumable like an interrupted run), and a run
+        that never recorded a status is ``pending``."""
+        recorded = self.read_status().get("status")
+        if recorded is None:
+            return PENDING
+        if recorded == RUNNING and not self.is_locked():
+            return CRASHED
+        return str(recorded)
+
+    def is_locked(self) -> bool:
+        """Whether a live process holds the run's lock (i.e. is training it now)."""
+        try:
+            fd = os.open(self.lock_file, os.O_RDONLY)
+        except FileNotFoundError:
+            return False
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True
+        finally:
+            os.close(fd)  # also releases the shared lock taken just now
+        return False
 
     def read_status(self) -> dict[str, Any]:
         if not self.run_json.is_file():
@@ -111,12 +144,70 @@ def require_run(path: str | Path) -> RunDirectory:
         raise RunError(f"{path}: no such directory")
     if not run.path.is_dir():
         raise RunError(f"{path}: not a directory")
-    if not run.is_run() and not run.config_yaml.is_file():
+    if not run.is_run():
         raise RunError(
             f"{path}: not a gptexp run directory (no run.json or .hydra/config.yaml); "
             "runs are the directories that python -m gptexp.train creates under outputs/"
         )
     return run
+
+
+def job_order(name: str) -> tuple[int, int, str]:
+    """Sort key of the runs of a directory: Hydra's job numbers in numeric order, each followed
+    by the directories claimed next to it (``3``, ``3-1``, ``3-2``, then ``4``), then named
+    runs alphabetically."""
+    number, _, rest = name.partition("-")
+    if number.isdigit() and (not rest or rest.isdigit()):
+        return (int(number), int(rest or 0), "")
+    return (sys.maxsize, 0, name)
+
+
+def runs_under(directory: Path) -> list[RunDirectory]:
+    """The run directories directly under ``directory`` (a sweep, or ``outputs/runs``), in
+    job order."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        return []
+    found = [RunDirectory(child) for child in directory.iterdir() if child.is_dir()]
+    return sorted((run for run in found if run.is_run()), key=lambda run: job_order(run.path.name))
+
+
+def find_runs(path: str | Path) -> list[RunDirectory]:
+    """The run at ``path``, or every run directly under it (a sweep directory); a RunError
+    that says why when there is neither."""
+    candidate = RunDirectory(path)
+    if not candidate.path.is_dir():
+        raise RunError(f"{path}: no such directory")
+    if candidate.is_run():
+        return [candidate]
+    inside = runs_under(candidate.path)
+    if not inside:
+        raise RunError(
+            f"{path}: neither a gptexp run directory (no run.json or .hydra/config.yaml) nor a "
+            "sweep (no run directories inside); runs are the directories that "
+            "python -m gptexp.train creates under outputs/"
+        )
+    return inside
+
+
+def stored_config(run: RunDirectory) -> dict[str, Any]:
+    """The run's effective config: the one its last start recorded in run.json, else the
+    composed config of its launch (``.hydra/config.yaml``)."""
+    status = run.read_status()
+    if isinstance(status.get("config"), dict):
+        return status["config"]
+    if not run.config_yaml.is_file():
+        raise RunError(
+            f"{run.path}: no stored config (run.json has none, .hydra/config.yaml is missing)"
+        )
+    import yaml
+    from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+
+    try:
+        return OmegaConf.to_container(OmegaConf.load(run.config_yaml), resolve=True)  # type: ignore[return-value]
+    except (OmegaConfBaseException, yaml.YAMLError) as error:
+        raise RunError(f"{run.config_yaml}: damaged ({str(error).splitlines()[0]})") from None
 
 
 def discard_unstarted(run: RunDirectory) -> None:
@@ -125,7 +216,7 @@ def discard_unstarted(run: RunDirectory) -> None:
     Only Hydra's own files go, and a directory only when it is then empty, so a run (or
     anything else) that was already there is never touched.
     """
-    if run.is_run() or run.checkpoints.exists() or not run.path.is_dir():
+    if run.has_started() or run.checkpoints.exists() or not run.path.is_dir():
         return
     for name in ("config.yaml", "hydra.yaml", "overrides.yaml"):
         (run.hydra_dir / name).unlink(missing_ok=True)

@@ -1,0 +1,58 @@
+"""Run a gptexp command that SIGKILLs its own process in the middle of one checkpoint save.
+
+    python tests/crashing_save.py STEP PHASE MODULE [ARGS...]
+
+PHASE ``write``: after the first 4 KiB of step STEP's temporary file are on disk.
+PHASE ``rename``: after step STEP's file is renamed into place, before the manifest lists it.
+The fault is injected here, on the test side, by patching the checkpoint writer in this
+process before the command starts; the product has no hook for it. Works under torchrun
+(every rank patches itself; the rank that writes checkpoints dies).
+"""
+
+from __future__ import annotations
+
+import os
+import runpy
+import signal
+import sys
+
+import gptexp.checkpoint as checkpoint
+
+CRASH_AFTER_BYTES = 4096
+
+
+def die() -> None:
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+class DyingWriter(checkpoint.HashingWriter):
+    def write(self, data) -> int:
+        written = super().write(data)
+        if self.count >= CRASH_AFTER_BYTES:
+            self.flush()
+            die()
+        return written
+
+
+def install(step: int, phase: str) -> None:
+    original = checkpoint.CheckpointManager._write
+
+    def write(self, state, at_step, metric, reasons):
+        if at_step != step:
+            return original(self, state, at_step, metric, reasons)
+        if phase == "write":
+            checkpoint.HashingWriter = DyingWriter
+        else:
+            self._write_manifest = lambda entries: die()
+        return original(self, state, at_step, metric, reasons)
+
+    checkpoint.CheckpointManager._write = write
+
+
+if __name__ == "__main__":
+    step, phase, module, *args = sys.argv[1:]
+    if phase not in ("write", "rename"):
+        sys.exit(f"unknown phase {phase!r}")
+    install(int(step), phase)
+    sys.argv = [module, *args]
+    runpy.run_module(module, run_name="__main__", alter_sys=True)

@@ -1,0 +1,49 @@
+"""Run a gptexp command that SIGKILLs its own process at a chosen point of a sweep job's
+start-up (the test side's fault injection; the product has no hook for it).
+
+    python tests/killing_launcher.py WHERE JOB MODULE [ARGS...]
+
+WHERE ``before-claim``: job JOB dies after Hydra made its directory, before the job claims it.
+WHERE ``before-training``: job JOB dies after claiming its run, while the corpus is prepared.
+JOB is the job directory's name (Hydra's job number).
+"""
+
+from __future__ import annotations
+
+import os
+import runpy
+import signal
+import sys
+
+import gptexp.session as session
+import gptexp.sweep as sweep
+
+
+def die() -> None:
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+if __name__ == "__main__":
+    where, job, module, *args = sys.argv[1:]
+    if where == "before-claim":
+        claim = sweep.claim_run
+
+        def claim_run(plan, *rest, **kwargs):
+            if plan.run.path.name == job:
+                die()
+            return claim(plan, *rest, **kwargs)
+
+        sweep.claim_run = claim_run
+    elif where == "before-training":
+        corpus = session.run_corpus
+
+        def run_corpus(cfg, run, state):
+            if run.path.name == job:
+                die()
+            return corpus(cfg, run, state)
+
+        session.run_corpus = run_corpus
+    else:
+        sys.exit(f"unknown point {where!r}")
+    sys.argv = [module, *args]
+    runpy.run_module(module, run_name="__main__", alter_sys=True)

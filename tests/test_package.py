@@ -1,0 +1,135 @@
+"""The package as a user installs it: the config tree inside the wheel, a user's own config
+group, defaults in one place, imports that point downward, and no torch for the readers."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import pytest
+
+from gptexp.config import TrainConfig, config_to_dict
+from gptexp.metrics import flatten
+from tests.conftest import ROOT, compose_config, subprocess_env
+
+
+def test_a_config_built_in_code_equals_the_composed_default():
+    composed, built = (
+        flatten(config_to_dict(compose_config())),
+        flatten(config_to_dict(TrainConfig())),
+    )
+    assert composed.keys() == built.keys()
+    for key, value in built.items():
+        assert composed[key] == value, key
+
+
+def test_readers_do_not_import_torch():
+    code = (
+        "import sys, gptexp.compare, gptexp.runtable, gptexp.rundir, gptexp.metrics;"
+        "assert 'torch' not in sys.modules, 'torch was imported'"
+    )
+    done = subprocess.run([sys.executable, "-c", code], env=subprocess_env(), capture_output=True)
+    assert done.returncode == 0, done.stderr.decode()
+
+
+def test_no_import_cycle():
+    tool = ROOT.parent / "shared" / "tools" / "import_cycles.py"
+    if not tool.is_file():
+        pytest.skip("the shared import-cycle tool is not beside this checkout")
+    done = subprocess.run(
+        [sys.executable, str(tool), "gptexp"], cwd=ROOT, capture_output=True, text=True
+    )
+    assert done.returncode == 0, done.stdout
+
+
+@pytest.fixture(scope="module")
+def wheel(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("wheel")
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "--no-deps",
+            "--no-build-isolation",
+            "-w",
+            str(out),
+            str(ROOT),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    (path,) = out.glob("gptexp-*.whl")
+    return path
+
+
+def test_the_wheel_ships_the_config_tree(wheel):
+    names = zipfile.ZipFile(wheel).namelist()
+    assert "gptexp/conf/train.yaml" in names
+    assert {"gptexp/conf/model/tiny.yaml", "gptexp/conf/hydra/launcher/slurm.yaml"} <= set(names)
+    assert not any(name.startswith("tests/") for name in names)
+
+
+@pytest.mark.slow
+def test_an_installed_wheel_works_from_anywhere_with_a_user_config_group(wheel, tmp_path):
+    """Installed non-editable (into its own directory, ahead of the checkout on the path), run
+    from a directory outside the checkout: train with the user's own model group, resume,
+    evaluate, sweep and compare."""
+    site = tmp_path / "site"
+    done = subprocess.run(
+        [sys.executable, "-m", "pip", "install", "--no-deps", "--target", str(site), str(wheel)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    env = subprocess_env(PYTHONPATH=str(site))  # the installed copy only, not the checkout
+    work = tmp_path / "elsewhere"
+    (work / "my_conf" / "model").mkdir(parents=True)
+    (work / "my_conf" / "model" / "mine.yaml").write_text(
+        "n_layer: 1\nn_head: 2\nn_embd: 32\nblock_size: 32\n"
+    )
+
+    def gptexp(*args: str) -> subprocess.CompletedProcess:
+        done = subprocess.run(
+            [sys.executable, *args], cwd=work, env=env, capture_output=True, text=True, timeout=300
+        )
+        assert done.returncode == 0, done.stderr[-3000:]
+        return done
+
+    where = gptexp("-c", "import gptexp; print(gptexp.__file__)").stdout
+    assert where.startswith(str(site)), where
+    fast = ["training=debug", "training.num_threads=1", "training.device=cpu"]
+    gptexp(
+        "-m",
+        "gptexp.train",
+        "--config-dir",
+        "my_conf",
+        "model=mine",
+        *fast,
+        "training.max_steps=6",
+        "hydra.run.dir=runs/a",
+    )
+    status = json.loads((work / "runs" / "a" / "run.json").read_text())
+    assert status["status"] == "finished" and status["config"]["model"]["n_embd"] == 32
+    gptexp("-m", "gptexp.resume", "run=runs/a", "training.max_steps=8")
+    assert json.loads((work / "runs" / "a" / "run.json").read_text())["step"] == 8
+    assert "loss" in gptexp("-m", "gptexp.eval", "run=runs/a", "samples=0").stdout
+    gptexp(
+        "-m",
+        "gptexp.train",
+        "-m",
+        "model=nano",
+        *fast,
+        "training.max_steps=4",
+        "training.lr=1e-3,3e-4",
+        "hydra.sweep.dir=sweep",
+    )
+    table = gptexp("-m", "gptexp.compare", "sweep").stdout
+    assert "training.lr" in table and table.count("finished") == 2

@@ -1,0 +1,207 @@
+"""Pure logic, in-process and in milliseconds: the LR schedule, retention and best-k, run
+ordering and discovery, status, what sets runs apart, sorting, the one argument parser."""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import math
+import os
+from dataclasses import dataclass, field
+
+import pytest
+
+from gptexp.checkpoint import CheckpointEntry, CheckpointManager
+from gptexp.cli import parse_options
+from gptexp.compare import sort_rows
+from gptexp.config import CheckpointConfig, TrainingConfig
+from gptexp.errors import ConfigError, RunError
+from gptexp.metrics import median_throughput
+from gptexp.optim import lr_factor
+from gptexp.rundir import RunDirectory, find_runs, job_order, runs_under
+from gptexp.runtable import distinguishing_keys
+
+# ----------------------------------------------------------------------------- LR schedule
+
+
+def test_lr_schedule_at_known_steps():
+    cfg = TrainingConfig(lr=1e-3, min_lr=1e-4, warmup_steps=10, max_steps=110)
+    lr = lambda step: cfg.lr * lr_factor(step, cfg)  # noqa: E731 (lr of update step + 1)
+    assert lr(0) == pytest.approx(1e-4)  # warm-up: 1/10 of the peak on the first update
+    assert lr(4) == pytest.approx(5e-4)
+    assert lr(9) == pytest.approx(1e-3)  # the last warm-up update reaches the peak
+    assert lr(10) == pytest.approx(1e-3)  # cosine starts at the peak ...
+    assert lr(60) == pytest.approx((1e-3 + 1e-4) / 2)  # ... is half way at mid-span ...
+    assert lr(110) == pytest.approx(1e-4)  # ... and ends at min_lr
+    assert lr(500) == pytest.approx(1e-4)  # past max_steps (an extended run) it stays there
+
+
+def test_lr_schedule_without_warmup_starts_at_the_peak():
+    cfg = TrainingConfig(lr=3e-4, min_lr=0.0, warmup_steps=0, max_steps=100)
+    assert lr_factor(0, cfg) == 1.0 and lr_factor(100, cfg) == pytest.approx(0.0)
+
+
+# ----------------------------------------------------------------------------- retention
+
+
+def entry(step, metric=None, *reasons) -> CheckpointEntry:
+    return CheckpointEntry(f"step_{step:07d}.pt", step, "0" * 64, 1, metric, list(reasons))
+
+
+def test_retention_keeps_last_k_best_k_milestones_and_the_newest(tmp_path):
+    manager = CheckpointManager(tmp_path, CheckpointConfig(keep_last=2, keep_best=1, keep_every=40))
+    entries = [
+        entry(10, None, "periodic"),
+        entry(20, 2.0, "periodic", "best"),
+        entry(30, None, "periodic"),
+        entry(40, 2.5, "periodic"),
+        entry(50, None, "periodic"),
+        entry(55, None, "signal"),
+    ]
+    kept = [e.step for e in manager.retained(entries)]
+    assert kept == [20, 40, 50, 55]  # best (20), milestone + periodic (40), periodic (50), newest
+
+
+def test_best_depends_on_the_mode(tmp_path):
+    entries = [entry(10, 3.0), entry(20, 1.0), entry(30, 2.0)]
+    low = CheckpointManager(tmp_path, CheckpointConfig(mode="min", keep_best=2))
+    high = CheckpointManager(tmp_path, CheckpointConfig(mode="max", keep_best=2))
+    assert [e.step for e in low.best_first(entries)] == [20, 30, 10]
+    assert [e.step for e in high.best_first(entries)] == [10, 30, 20]
+    assert low.ranks_among_best(1.5, entries) and not low.ranks_among_best(2.5, entries)
+    assert high.ranks_among_best(2.5, entries) and not high.ranks_among_best(1.5, entries)
+
+
+def test_wants_names_every_reason(tmp_path):
+    policy = CheckpointConfig(every_steps=10, keep_every=20, keep_best=1)
+    manager = CheckpointManager(tmp_path, policy)
+    assert manager.wants(20, None, final=False) == ["periodic", "milestone"]
+    assert manager.wants(25, None, final=True) == ["final"]
+    assert manager.wants(25, 1.0, final=False) == ["best"]  # no checkpoint yet: best so far
+    assert CheckpointManager(tmp_path, CheckpointConfig(enabled=False)).wants(20, 1.0, True) == []
+
+
+# ----------------------------------------------------------------------------- runs
+
+
+def test_job_order_is_numeric_with_claimed_directories_after_their_number():
+    names = ["10", "2", "0-1", "b", "0", "2-10", "2-2", "a"]
+    assert sorted(names, key=job_order) == ["0", "0-1", "2", "2-2", "2-10", "10", "a", "b"]
+
+
+def make_run(path, **status):
+    path.mkdir(parents=True)
+    (path / "run.json").write_text(json.dumps(status))
+    return RunDirectory(path)
+
+
+def test_run_discovery_and_status(tmp_path):
+    make_run(tmp_path / "1", status="finished")
+    make_run(tmp_path / "0-1", status="running")  # no process holds its lock: crashed
+    (tmp_path / "0" / ".hydra").mkdir(parents=True)
+    (tmp_path / "0" / ".hydra" / "config.yaml").write_text("{}")  # never started: pending
+    (tmp_path / "not-a-run").mkdir()
+    runs = runs_under(tmp_path)
+    assert [run.path.name for run in runs] == ["0", "0-1", "1"]
+    assert [run.status() for run in runs] == ["pending", "crashed", "finished"]
+    assert find_runs(tmp_path / "1")[0].path.name == "1"
+    with pytest.raises(RunError, match="neither a gptexp run directory"):
+        find_runs(tmp_path / "not-a-run")
+
+
+def test_a_locked_running_run_is_running(tmp_path):
+    run = make_run(tmp_path / "r", status="running")
+    fd = os.open(run.lock_file, os.O_RDWR | os.O_CREAT)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        assert run.status() == "running"
+    finally:
+        os.close(fd)
+    assert run.status() == "crashed"
+
+
+def test_distinguishing_keys_and_sorting():
+    rows = [
+        {
+            "run": "0",
+            "status": "finished",
+            "settings": ["training.lr", "model"],
+            "training.lr": 1e-3,
+            "model": "nano",
+            "final/val_loss": 2.0,
+        },
+        {
+            "run": "1",
+            "status": "finished",
+            "settings": ["training.lr", "model"],
+            "training.lr": 3e-4,
+            "model": "nano",
+            "final/val_loss": None,
+        },
+        {
+            "run": "2",
+            "status": "failed",
+            "settings": ["training.lr", "model"],
+            "training.lr": "3e-3",
+            "model": "nano",
+            "final/val_loss": 1.5,
+        },
+    ]
+    assert distinguishing_keys(rows) == ["training.lr"]  # model is the same everywhere
+    assert [r["run"] for r in sort_rows(rows, "final/val_loss")] == ["2", "0", "1"]
+    assert [r["run"] for r in sort_rows(rows, "-training.lr")] == ["2", "0", "1"]  # "3e-3" too
+    with pytest.raises(ConfigError, match="not a column"):
+        sort_rows(rows, "nope")
+
+
+def test_median_throughput_leaves_out_the_first_window():
+    assert median_throughput([1.0, 10.0, 20.0, 30.0]) == 20.0
+    assert median_throughput([1.0, 10.0, 20.0]) == 15.0  # the true median, not the upper one
+    assert median_throughput([5.0]) == 5.0 and median_throughput([]) is None
+    assert median_throughput([math.nan, 4.0, 6.0]) == 5.0
+
+
+# ----------------------------------------------------------------------------- the parser
+
+
+@dataclass
+class Options:
+    paths: list[str] = field(default_factory=list)
+    run: str = "x"
+    count: int = 1
+    rate: float | None = None
+    flag: bool = False
+    tags: list[str] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if self.count < 0:
+            raise ConfigError(f"count={self.count}: must be >= 0")
+
+
+def test_parser_reads_key_values_flags_and_paths():
+    got = parse_options(
+        ["a", "count=3", "--rate=0.5", "--flag", "tags=x", "tags=y=z", "b"], Options, "usage"
+    )
+    assert got == Options(paths=["a", "b"], count=3, rate=0.5, flag=True, tags=["x", "y=z"])
+    assert parse_options(["rate=none"], Options, "usage").rate is None
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["cuont=3"], "unknown key 'cuont'"),
+        (["count=abc"], "count='abc'"),
+        (["count=-1"], "must be >= 0"),
+    ],
+)
+def test_parser_errors_name_the_key(argv, message):
+    with pytest.raises(ConfigError, match=message):
+        parse_options(argv, Options, "usage")
+
+
+def test_help_lists_every_key(capsys):
+    with pytest.raises(SystemExit) as stop:
+        parse_options(["--help"], Options, "usage: x")
+    assert stop.value.code == 0
+    out = capsys.readouterr().out
+    assert out.startswith("usage: x") and all(k in out for k in ("run", "count", "rate", "tags"))
