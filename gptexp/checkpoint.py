@@ -6,6 +6,11 @@ class. ``manifest.json`` lists the valid checkpoints with their sha256; a file t
 listed, or whose bytes do not hash to the listed value, does not exist as far as loading is
 concerned.
 
+With ``checkpoint.format=dcp`` a checkpoint is a directory (``step_0000500.dcp/``) in which
+every rank writes its own shards (:mod:`gptexp.sharded_checkpoint`); its manifest entry lists
+the sha256 of each of its files, and the same rules hold: only a complete, listed directory
+whose files all match counts.
+
 Every write is crash-safe: a temporary file in the same directory, flushed and fsynced, renamed
 over its final name, and the directory fsynced; the manifest is rewritten the same way.
 Retention deletes files only after the new checkpoint and the manifest that lists it are
@@ -19,6 +24,7 @@ import json
 import logging
 import os
 import pickle
+import shutil
 import threading
 import time
 from collections.abc import Callable
@@ -28,7 +34,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
 
+from gptexp import sharded_checkpoint
 from gptexp.config import CheckpointConfig
 from gptexp.errors import CheckpointError
 from gptexp.fsio import TMP_SUFFIX, HashingWriter, atomic_write_json, fsync_dir, sha256_file
@@ -48,6 +56,23 @@ class CheckpointEntry:
     metric: float | None = None
     reasons: list[str] = field(default_factory=list)
     time: float = 0.0
+    files: dict[str, str] | None = None  # a DCP directory: sha256 of each of its files
+
+
+def _listed(entry: CheckpointEntry) -> dict[str, Any]:
+    """The entry as the manifest holds it (a single file's entry has no ``files``)."""
+    fields = asdict(entry)
+    if fields["files"] is None:
+        del fields["files"]
+    return fields
+
+
+def _remove(path: Path) -> None:
+    """Delete a checkpoint file or a DCP directory."""
+    if path.is_dir():
+        shutil.rmtree(path)
+    else:
+        path.unlink(missing_ok=True)
 
 
 def checkpoint_name(step: int) -> str:
@@ -108,9 +133,14 @@ def snapshot(obj: Any, buffers: dict[tuple, torch.Tensor] | None = None) -> Any:
 
 
 def load_checkpoint_file(path: Path) -> dict[str, Any]:
-    """``torch.load`` with ``weights_only=True``: no code in the file can run."""
+    """``torch.load`` with ``weights_only=True``: no code in the file can run. A DCP
+    directory (already verified against the manifest) is read into the same plain dict."""
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        if path.is_dir():
+            meta, tensors = sharded_checkpoint.read(path)
+            state = sharded_checkpoint.merge(meta, tensors)
+        else:
+            state = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as error:
         raise CheckpointError(
             f"{path}: refused to load: it holds objects other than plain data "
@@ -145,6 +175,12 @@ class CheckpointManager:
         # The copies of the last snapshot, reused by the next one (see snapshot()): training
         # then stalls for a copy into mapped memory instead of a fresh allocation.
         self._snapshot_buffers: dict[tuple, torch.Tensor] = {}
+        self._shards = sharded_checkpoint.ShardWriter()
+
+    @property
+    def collective(self) -> bool:
+        """DCP: every rank calls ``save`` (each writes its shards); file: rank 0 alone."""
+        return self.policy.format == "dcp"
 
     # -- manifest
 
@@ -163,13 +199,14 @@ class CheckpointManager:
         entries = sorted(entries, key=lambda e: e.step)
         atomic_write_json(
             self.directory / MANIFEST,
-            {"format_version": FORMAT_VERSION, "checkpoints": [asdict(e) for e in entries]},
+            {"format_version": FORMAT_VERSION, "checkpoints": [_listed(e) for e in entries]},
         )
 
     def remove_stale_temporaries(self) -> None:
-        """Temporary files are what a crash in the middle of a write leaves behind."""
+        """Temporary files (and DCP directories) are what a crash in the middle of a write
+        leaves behind."""
         for tmp in self.directory.glob(f"*{TMP_SUFFIX}"):
-            tmp.unlink(missing_ok=True)
+            _remove(tmp)
 
     # -- policy
 
@@ -249,7 +286,10 @@ class CheckpointManager:
         self.wait()
         self.directory.mkdir(parents=True, exist_ok=True)
         started = time.perf_counter()
-        if asynchronous:
+        if self.collective:
+            self._save_dcp(state, step, metric, reasons, asynchronous)
+            self.save_seconds.append(time.perf_counter() - started)
+        elif asynchronous:
             # wait() above has joined the previous writer, so its buffers are free again.
             frozen = snapshot(state, self._snapshot_buffers)
             self._pending = threading.Thread(
@@ -279,6 +319,65 @@ class CheckpointManager:
         except BaseException as error:  # handed to the training thread by wait()
             self._pending_error = error
 
+    def _save_dcp(self, state, step: int, metric, reasons: list[str], asynchronous: bool) -> None:
+        """Every rank: its shards into ``step_N.dcp.tmp/``; then rank 0 adds ``meta.pt``,
+        hashes every file, renames the directory into place and lists it in the manifest.
+        DCP's own end-of-save step makes rank 0 wait until every rank's shards are written."""
+        name = f"step_{step:07d}{sharded_checkpoint.SUFFIX}"
+        tmp = self.directory / (name + TMP_SUFFIX)
+        tensors, meta = sharded_checkpoint.split_tensors(state)
+        try:
+            future = self._shards.write(tensors, tmp, asynchronous)
+        except (OSError, RuntimeError) as error:
+            raise self._write_error(self.directory / name, error) from None
+        if future is None:
+            self._finish_dcp(None, tmp, meta, step, metric, reasons)
+            return
+
+        def finish() -> None:
+            try:
+                self._finish_dcp(future, tmp, meta, step, metric, reasons)
+            except BaseException as error:  # handed to the training thread by wait()
+                self._pending_error = error
+
+        self._pending = threading.Thread(target=finish, name=f"checkpoint-{step}", daemon=False)
+        self._pending.start()
+
+    def _finish_dcp(self, future, tmp: Path, meta, step: int, metric, reasons) -> None:
+        started = time.perf_counter()
+        name = tmp.name.removesuffix(TMP_SUFFIX)
+        final_path = self.directory / name
+        try:
+            if future is not None:
+                future.result()
+            if not self._is_coordinator():
+                return
+            sharded_checkpoint.write_meta(tmp, meta)
+            fsync_dir(tmp)
+            files = sharded_checkpoint.file_hashes(tmp)
+            size = sum((tmp / f).stat().st_size for f in files)
+            if final_path.exists():  # an unlisted directory of an earlier, interrupted try
+                _remove(final_path)
+            os.replace(tmp, final_path)
+            fsync_dir(self.directory)
+        except (OSError, RuntimeError) as error:
+            raise self._write_error(final_path, error) from None
+        digest = sharded_checkpoint.listing_digest(files)
+        entry = CheckpointEntry(name, step, digest, size, metric, reasons, time.time(), files)
+        self._record(entry)
+        self.write_seconds.append(time.perf_counter() - started)
+
+    @staticmethod
+    def _is_coordinator() -> bool:
+        return not dist.is_initialized() or dist.get_rank() == 0
+
+    @staticmethod
+    def _write_error(path: Path, error: BaseException) -> CheckpointError:
+        reason = getattr(error, "strerror", None) or str(error).splitlines()[0]
+        return CheckpointError(
+            f"could not write checkpoint {path} ({reason}); the earlier checkpoints are intact"
+        )
+
     def _write(self, state: dict[str, Any], step: int, metric, reasons: list[str]) -> None:
         started = time.perf_counter()
         name = checkpoint_name(step)
@@ -303,8 +402,13 @@ class CheckpointManager:
                 "the earlier checkpoints are intact"
             ) from None
         entry = CheckpointEntry(name, step, digest, size, metric, reasons, time.time())
+        self._record(entry)
+        self.write_seconds.append(time.perf_counter() - started)
+
+    def _record(self, entry: CheckpointEntry) -> None:
+        """List the durable new checkpoint, then apply retention (un-list, then delete)."""
         with self._lock:
-            entries = [e for e in self.entries() if e.step != step] + [entry]
+            entries = [e for e in self.entries() if e.step != entry.step] + [entry]
             self._write_manifest(entries)  # the new checkpoint is durable and listed
             kept = self.retained(entries)
             if len(kept) < len(entries):
@@ -312,20 +416,33 @@ class CheckpointManager:
                 kept_files = {e.file for e in kept}
                 for dropped in entries:
                     if dropped.file not in kept_files:
-                        (self.directory / dropped.file).unlink(missing_ok=True)
-        self.write_seconds.append(time.perf_counter() - started)
+                        _remove(self.directory / dropped.file)
 
     # -- loading
 
     def verify(self, entry: CheckpointEntry) -> str | None:
         """None when the file matches its manifest entry, else what is wrong with it."""
         path = self.directory / entry.file
+        if entry.files is not None:
+            return self._verify_directory(path, entry)
         if not path.is_file():
             return "missing"
         if path.stat().st_size != entry.bytes:
             return f"truncated or extended ({path.stat().st_size} bytes, listed {entry.bytes})"
         if sha256_file(path) != entry.sha256:
             return "corrupted (sha256 differs from the manifest)"
+        return None
+
+    @staticmethod
+    def _verify_directory(path: Path, entry: CheckpointEntry) -> str | None:
+        if not path.is_dir():
+            return "missing"
+        for name, digest in sorted(entry.files.items()):
+            member = path / name
+            if not member.is_file():
+                return f"incomplete ({name} is missing)"
+            if sha256_file(member) != digest:
+                return f"corrupted ({name}: sha256 differs from the manifest)"
         return None
 
     def load(self, entry: CheckpointEntry) -> dict[str, Any]:
@@ -357,7 +474,8 @@ class CheckpointManager:
         message. None when there is no valid checkpoint at all."""
         listed = {e.file for e in self.entries()}
         if self.directory.is_dir():
-            for path in sorted(self.directory.glob("step_*.pt")):
+            written = [*self.directory.glob("step_*.pt"), *self.directory.glob("step_*.dcp")]
+            for path in sorted(written):
                 if path.name not in listed:
                     warn(f"ignoring {path}: not in the manifest (its write never completed)")
         for entry in reversed(self.entries()):

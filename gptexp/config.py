@@ -99,6 +99,9 @@ class DataConfig:
 
 DEVICES = ("auto", "cpu", "cuda", "mps")
 PRECISIONS = ("fp32", "bf16", "fp16")
+# ddp: every rank holds the whole model (DistributedDataParallel); fsdp: parameters, gradients
+# and optimizer state are sharded across the ranks (FSDP2, fully_shard). One process: neither.
+PARALLEL = ("ddp", "fsdp")
 
 
 @dataclass
@@ -127,6 +130,7 @@ class TrainingConfig:
     progress: bool = True  # progress bar on a terminal; plain log lines otherwise
     sample_every: int = 0  # write a text sample to samples.txt every n steps (0: only at the end)
     sample_tokens: int = 200
+    parallel: str = "ddp"  # how several processes (torchrun) share the model: ddp or fsdp
 
     def __post_init__(self) -> None:
         for key in ("max_steps", "batch_size", "grad_accum", "eval_batches", "log_every"):
@@ -149,9 +153,13 @@ class TrainingConfig:
         _require(self.grad_clip >= 0, "training.grad_clip", "must be >= 0", self.grad_clip)
         _one_of("training.device", self.device, DEVICES)
         _one_of("training.precision", self.precision, PRECISIONS)
+        _one_of("training.parallel", self.parallel, PARALLEL)
 
 
 MONITOR_MODES = ("min", "max")
+# file: one file per checkpoint, written by rank 0; dcp: a directory in which every rank writes
+# its own shards (torch.distributed.checkpoint), read back at any world size.
+CHECKPOINT_FORMATS = ("file", "dcp")
 
 
 @dataclass
@@ -173,12 +181,14 @@ class CheckpointConfig:
     mode: str = "min"
     on_signal: bool = True  # save and stop cleanly on SIGINT / SIGTERM / SIGUSR1
     async_save: bool = True  # serialise and write from a snapshot in a background thread
+    format: str = "file"  # file (one .pt) or dcp (a directory of per-rank shards)
 
     def __post_init__(self) -> None:
         for key in ("every_steps", "keep_last", "keep_best", "keep_every"):
             value = getattr(self, key)
             _require(value >= 0, f"checkpoint.{key}", "must be >= 0", value)
         _one_of("checkpoint.mode", self.mode, MONITOR_MODES)
+        _one_of("checkpoint.format", self.format, CHECKPOINT_FORMATS)
         _require(
             self.monitor in ("val/loss", "train/loss"),
             "checkpoint.monitor",

@@ -43,6 +43,14 @@ from gptexp.metrics import (
 )
 from gptexp.model import GPT
 from gptexp.optim import build_optimizer, build_scheduler
+from gptexp.parallel import (
+    is_named_layout,
+    load_named_state,
+    named_state,
+    refuse_positional_state,
+    shard_model,
+    uses_named_state,
+)
 from gptexp.progress import Progress
 from gptexp.rundir import RunDirectory
 from gptexp.runtime import (
@@ -111,6 +119,10 @@ class Trainer:
 
         seed_everything(t.seed + dist_ctx.rank)
         self.model = GPT(cfg.model, corpus.tokenizer.vocab_size).to(self.device)
+        # FSDP: shard before the optimizer is built, so that it holds the shards.
+        self.sharded = t.parallel == "fsdp" and dist_ctx.enabled
+        if self.sharded:
+            shard_model(self.model)
         self.optimizer = build_optimizer(self.model, t, self.device)
         self.scheduler = build_scheduler(self.optimizer, t)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=t.precision == "fp16")
@@ -125,7 +137,7 @@ class Trainer:
         self.forward_model: torch.nn.Module = self.model
         if t.compile:
             self.forward_model = torch.compile(self.model)
-        if dist_ctx.enabled:
+        if dist_ctx.enabled and not self.sharded:
             self.forward_model = DistributedDataParallel(
                 self.forward_model,
                 device_ids=[dist_ctx.local_rank] if self.device.type == "cuda" else None,
@@ -152,10 +164,11 @@ class Trainer:
             dist.all_gather_object(rng_per_rank, rng)
         else:
             rng_per_rank = [rng]
+        model_state, optimizer_state = self._model_optimizer_state()
         return {
             "format_version": FORMAT_VERSION,
-            "model": self.model.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
+            "model": model_state,
+            "optimizer": optimizer_state,
             "scheduler": self.scheduler.state_dict(),
             "scaler": self.scaler.state_dict() if self.scaler.is_enabled() else None,
             "step": self.step,
@@ -172,9 +185,25 @@ class Trainer:
             "world_size": self.dist.world_size,
         }
 
-    def load_state(self, state: dict[str, Any]) -> None:
+    def _model_optimizer_state(self) -> tuple[dict[str, Any], dict[str, Any]]:
+        """FSDP or DCP: the named layout (gptexp.parallel), whole tensors for the file format,
+        each rank's shards for DCP; otherwise the plain state dicts."""
+        if uses_named_state(self.cfg):
+            return named_state(
+                self.model, self.optimizer, full=self.cfg.checkpoint.format == "file"
+            )
+        return self.model.state_dict(), self.optimizer.state_dict()
+
+    def _load_model_optimizer(self, state: dict[str, Any]) -> None:
+        if is_named_layout(state["optimizer"]):
+            load_named_state(self.model, self.optimizer, state["model"], state["optimizer"])
+            return
+        refuse_positional_state(self.sharded)
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
+
+    def load_state(self, state: dict[str, Any]) -> None:
+        self._load_model_optimizer(state)
         self.scheduler.load_state_dict(state["scheduler"])
         if state.get("scaler") and self.scaler.is_enabled():
             self.scaler.load_state_dict(state["scaler"])
@@ -211,13 +240,7 @@ class Trainer:
             )
             x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
             last = micro == t.grad_accum - 1
-            # DDP all-reduces gradients only on the last micro-batch of the update.
-            sync = (
-                contextlib.nullcontext()
-                if last or not self.dist.enabled
-                else self.forward_model.no_sync()
-            )
-            with sync:
+            with self._gradient_sync(last):
                 with self.autocast:
                     _, loss = self.forward_model(x, y)
                 self.scaler.scale(loss / t.grad_accum).backward()
@@ -236,6 +259,15 @@ class Trainer:
         self.tokens_seen += self.tokens_per_step
         return total / t.grad_accum, grad_norm
 
+    def _gradient_sync(self, last: bool):
+        """DDP all-reduces (FSDP reduce-scatters) gradients only on the last micro-batch."""
+        if self.sharded:
+            self.model.set_requires_gradient_sync(last)
+            return contextlib.nullcontext()
+        if last or not self.dist.enabled:
+            return contextlib.nullcontext()
+        return self.forward_model.no_sync()
+
     def evaluate(self, split: str = "val") -> float:
         """Mean loss over the fixed evaluation batches of ``split``."""
         t = self.cfg.training
@@ -253,7 +285,9 @@ class Trainer:
 
     def write_sample(self) -> None:
         """Append a short generated text to samples.txt (its own RNG: training's is untouched).
-        It starts from token 0, as ``python -m gptexp.eval`` does for an empty prompt."""
+        It starts from token 0, as ``python -m gptexp.eval`` does for an empty prompt.
+        A sharded model generates on every rank (each forward gathers the shards); rank 0
+        writes."""
         t = self.cfg.training
         (ids,) = generate_text(
             self.model,
@@ -266,6 +300,8 @@ class Trainer:
             device=self.device,
             precision=t.precision,
         )
+        if not self.dist.is_main:
+            return
         with open(self.run.samples, "a", encoding="utf-8") as f:
             f.write(f"=== step {self.step}\n{self.corpus.tokenizer.decode(ids)}\n\n")
 
@@ -328,7 +364,7 @@ class Trainer:
             return
         if self.cfg.checkpoint.enabled:
             state = self.state_dict(None)
-            if self.dist.is_main:
+            if self.dist.is_main or self.checkpoints.collective:
                 self.checkpoints.save(state, self.step, None, ["signal"], asynchronous=False)
                 log.warning("saved checkpoint at step %d", self.step)
         raise TrainingInterrupted(self.stop.signame or "signal", self.step, str(self.run.path))
@@ -360,7 +396,7 @@ class Trainer:
 
     def _sample_if_due(self, final: bool) -> None:
         every = self.cfg.training.sample_every
-        if self.dist.is_main and (final or (every and self.step % every == 0)):
+        if (self.dist.is_main or self.sharded) and (final or (every and self.step % every == 0)):
             self.write_sample()
 
     def _track_best(self, metric: float | None) -> None:
@@ -383,7 +419,7 @@ class Trainer:
         if not reasons:
             return
         state = self.state_dict(metric)
-        if self.dist.is_main:
+        if self.dist.is_main or self.checkpoints.collective:  # DCP: every rank writes shards
             self.checkpoints.save(state, self.step, metric, reasons)
 
     def _report(self, progress: Progress, record: dict[str, Any], loss: float) -> None:

@@ -2,8 +2,10 @@
 
     python tests/crashing_save.py STEP PHASE MODULE [ARGS...]
 
-PHASE ``write``: after the first 4 KiB of step STEP's temporary file are on disk.
-PHASE ``rename``: after step STEP's file is renamed into place, before the manifest lists it.
+PHASE ``write``: after the first 4 KiB of step STEP's temporary file are on disk (a DCP
+checkpoint: after every rank's shards are written, before rank 0 completes the directory).
+PHASE ``rename``: after step STEP's file (or DCP directory) is renamed into place, before the
+manifest lists it.
 The fault is injected here, on the test side, by patching the checkpoint writer in this
 process before the command starts; the product has no hook for it. Works under torchrun
 (every rank patches itself; the rank that writes checkpoints dies).
@@ -47,6 +49,18 @@ def install(step: int, phase: str) -> None:
         return original(self, state, at_step, metric, reasons)
 
     checkpoint.CheckpointManager._write = write
+
+    finish_dcp = checkpoint.CheckpointManager._finish_dcp
+
+    def finish(self, future, tmp, meta, at_step, metric, reasons):
+        if at_step == step:
+            if phase == "write":
+                checkpoint.sharded_checkpoint.write_meta = lambda directory, rest: die()
+            else:
+                self._write_manifest = lambda entries: die()
+        return finish_dcp(self, future, tmp, meta, at_step, metric, reasons)
+
+    checkpoint.CheckpointManager._finish_dcp = finish
 
 
 if __name__ == "__main__":

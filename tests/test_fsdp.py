@@ -1,0 +1,141 @@
+"""FSDP2 and sharded (DCP) checkpoints on CPU: two gloo ranks under torchrun train, are killed in
+the middle of a save, and resume exactly; one process resumes, evaluates and exports the same
+sharded checkpoints."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from gptexp.checkpoint import CheckpointManager
+from gptexp.config import CheckpointConfig
+from gptexp.eval import main as eval_main
+from gptexp.evaluation import load_run_checkpoint
+from gptexp.export import main as export_main
+from gptexp.rundir import RunDirectory
+from tests.conftest import (
+    FAST,
+    ROOT,
+    call_main,
+    compose_config,
+    read_metrics,
+    run_module,
+    subprocess_env,
+)
+from tests.test_distributed import assert_finished, torchrun
+
+SETTINGS = [
+    "model.dropout=0.1",
+    "training.max_steps=16",
+    "checkpoint.every_steps=5",
+    "training.parallel=fsdp",
+    "checkpoint.format=dcp",
+]
+
+
+def final_state(run_dir) -> dict:
+    manager = CheckpointManager(run_dir / "checkpoints", CheckpointConfig(format="dcp"))
+    return manager.load(manager.find("last"))
+
+
+def losses(run_dir) -> list:
+    return [(r["step"], r.get("train/loss"), r.get("val/loss")) for r in read_metrics(run_dir)]
+
+
+def test_config_names_a_bad_parallel_or_format():
+    with pytest.raises(Exception, match="training.parallel='zero3': must be one of ddp, fsdp"):
+        compose_config(["training.parallel=zero3"])
+    with pytest.raises(Exception, match="checkpoint.format='zip': must be one of file, dcp"):
+        compose_config(["checkpoint.format=zip"])
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(shutil.which("torchrun") is None, reason="torchrun not on PATH")
+def test_fsdp_dcp_killed_mid_save_resumes_exactly_on_two_ranks_and_on_one(tmp_path):
+    straight, crashed = tmp_path / "straight", tmp_path / "crashed"
+    result = torchrun("gptexp.train", *FAST, *SETTINGS, f"hydra.run.dir={straight}")
+    assert_finished(result, straight)
+    listed = json.loads((straight / "checkpoints" / "manifest.json").read_text())["checkpoints"]
+    assert [e["file"] for e in listed] == [
+        "step_0000010.dcp",
+        "step_0000015.dcp",
+        "step_0000016.dcp",
+    ]
+    # Two ranks wrote their own shards; every file is listed with its sha256.
+    assert {"__0_0.distcp", "__1_0.distcp", ".metadata", "meta.pt"} == set(listed[-1]["files"])
+    assert not (straight / "checkpoints" / "step_0000005.dcp").exists()  # retention
+
+    # Rank 0 dies (SIGKILL) at step 10: every shard is written, the directory is not complete.
+    result = torchrun(
+        "gptexp.train", *FAST, *SETTINGS, f"hydra.run.dir={crashed}", crash="10:write"
+    )
+    assert result.returncode != 0
+    assert (crashed / "checkpoints" / "step_0000010.dcp.tmp").is_dir()
+    one_rank = tmp_path / "one_rank"
+    shutil.copytree(crashed, one_rank)
+
+    result = torchrun("gptexp.resume", f"run={crashed}")
+    assert_finished(result, crashed)
+    assert "resuming from step_0000005.dcp" in result.stderr
+    a, b = final_state(crashed), final_state(straight)
+    assert a["step"] == b["step"] == 16 and a["world_size"] == 2
+    for key, tensor in b["model"].items():
+        assert torch.equal(a["model"][key], tensor), key
+    assert losses(crashed) == losses(straight)
+
+    # One process reads the two ranks' shards (resharded to a world of one) and carries on.
+    result = run_module("gptexp.resume", f"run={one_rank}", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "resuming from step_0000005.dcp" in result.stderr
+    assert "written by 2 processes, resuming with 1" in result.stderr
+    alone = final_state(one_rank)
+    assert alone["step"] == 16 and alone["world_size"] == 1
+    assert losses(one_rank)[:7] == losses(straight)[:7]  # up to the checkpoint at step 5
+
+    # eval and export read a DCP checkpoint on one process.
+    code, err = call_main(eval_main, f"run={straight}", "ckpt=15", "samples=0")
+    assert code == 0, err
+    assert json.loads((straight / "eval" / "step_0000015.json").read_text())["step"] == 15
+    code, err = call_main(export_main, f"run={straight}", f"out={tmp_path / 'export'}")
+    assert code == 0, err
+    assert (tmp_path / "export" / "model.safetensors").is_file()
+
+    # A damaged shard: ckpt=last names it and falls back to the previous checkpoint.
+    shard = straight / "checkpoints" / "step_0000016.dcp" / "__1_0.distcp"
+    shard.write_bytes(shard.read_bytes()[:-8] + b"\0" * 8)
+    loaded = load_run_checkpoint(RunDirectory(straight), "last")
+    assert loaded.entry.step == 15
+    assert "__1_0.distcp: sha256 differs from the manifest" in loaded.skipped[0]
+
+
+def test_dcp_on_one_process_resumes_bit_identical_to_the_single_file_format(tmp_path):
+    """checkpoint.format=dcp without torchrun (a world of one) and killed mid-save: the resumed
+    run ends with the weights of an uninterrupted run that used the single-file format."""
+    straight, crashed = tmp_path / "straight", tmp_path / "crashed"
+    settings = [*FAST, "model.dropout=0.1", "training.max_steps=12", "checkpoint.every_steps=4"]
+    result = run_module("gptexp.train", *settings, f"hydra.run.dir={straight}", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    crash = [str(ROOT / "tests" / "crashing_save.py"), "8", "rename", "gptexp.train"]
+    result = subprocess.run(
+        [sys.executable, *crash, *settings, "checkpoint.format=dcp", f"hydra.run.dir={crashed}"],
+        cwd=tmp_path,
+        env=subprocess_env(),
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
+    assert result.returncode != 0
+    assert (crashed / "checkpoints" / "step_0000008.dcp").is_dir()  # in place, never listed
+    result = run_module("gptexp.resume", f"run={crashed}", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "step_0000008.dcp: not in the manifest" in result.stderr
+    assert "resuming from step_0000004.dcp" in result.stderr
+    a, b = final_state(crashed), final_state(straight)  # a DCP directory, a single file
+    for key, tensor in b["model"].items():
+        assert torch.equal(a["model"][key], tensor), key
+    assert losses(crashed) == losses(straight)
