@@ -76,6 +76,9 @@ compare: $(INSTALLED)  ## Compare runs: make compare RUN="<sweep dir or run dirs
 bench: $(INSTALLED)  ## Measure speed and checkpoint cost into outputs/bench/<date>_<time>.json [CORPUS=path]
 	$(PYTHON) -m gptexp.bench $(if $(CORPUS),--corpus $(CORPUS),)
 
+gpu-check: $(INSTALLED)  ## On a CUDA machine (<5 min): gpt2 speed and MFU, checkpoint cost, exact resume, fp16, 2 GPUs
+	$(PYTHON) -m gptexp.gpucheck
+
 test: $(INSTALLED)  ## Run the test suite (CPU only, a few minutes)
 	$(PYTHON) -m pytest -q $(PYTEST_ARGS)
 
