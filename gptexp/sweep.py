@@ -38,6 +38,7 @@ from gptexp.errors import (
 )
 from gptexp.fsio import atomic_write_bytes, atomic_write_json, atomic_write_text
 from gptexp.metrics import FINAL_VAL_LOSS
+from gptexp.requeue import requeue_if_preempted
 from gptexp.rundir import (
     FAILED,
     FINISHED,
@@ -255,6 +256,7 @@ def _train_job(plan, typed, own, wandb_group, wandb_name, dist_ctx) -> float:
             log.warning("%s; the sweep stops here", stop)
             if dist_ctx.is_main:
                 write_summary(own.path.parent)
+            requeue_if_preempted(stop.signame)  # SLURM pre-timeout: submitit resubmits the job
             sys.exit(EXIT_INTERRUPTED)
     return math.nan if result is None else result
 

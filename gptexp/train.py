@@ -23,6 +23,7 @@ from omegaconf import DictConfig, OmegaConf
 from gptexp.cli import run_command
 from gptexp.config import register_configs, to_train_config
 from gptexp.errors import EXIT_USER_ERROR, ConfigError, JobFailed, RunError
+from gptexp.requeue import prefer_sigusr1
 from gptexp.rundir import RunDirectory, discard_unstarted, run_logging
 from gptexp.runtime import Distributed, init_distributed
 from gptexp.session import run_training
@@ -102,6 +103,7 @@ def train(cfg: DictConfig) -> float | None:
 
 
 def main() -> None:
+    prefer_sigusr1()  # SLURM's pre-timeout signal for submitit jobs (gptexp.requeue)
     register_configs()
     hydra.main(config_path=CONF_DIR, config_name="train", version_base=None)(train)()
 
