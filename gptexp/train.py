@@ -47,7 +47,11 @@ class ValidateBeforeRun(Callback):
         try:
             to_train_config(task_config(config))
             run = RunDirectory(config.hydra.run.dir)
-            if run.is_run():
+            # Under torchrun the ranks' Hydra write .hydra/ into this directory at once: a
+            # sibling rank's fresh config.yaml is no earlier run, so there only run.json
+            # counts (no rank can write it before every rank has passed this check).
+            distributed = Distributed.from_env().enabled
+            if run.has_started() if distributed else run.is_run():
                 raise RunError(
                     f"{run.path} already holds a run; continue it with "
                     f"make resume RUN={run.path} (or choose another hydra.run.dir)"
