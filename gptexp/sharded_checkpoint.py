@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import tempfile
 import warnings
 from concurrent.futures import Future
 from pathlib import Path
@@ -24,12 +23,16 @@ from typing import Any
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+from torch.distributed.tensor import DTensor
 
+from gptexp.errors import CheckpointError
 from gptexp.fsio import sha256_file
 
 SUFFIX = ".dcp"
 META = "meta.pt"
+# In meta.pt: tensors that are another tensor of the state (tied weights), written once.
+ALIASES = "dcp_aliases"
 
 # DCP warns on every save without a process group; one process writing alone is intended here.
 warnings.filterwarnings(
@@ -37,34 +40,83 @@ warnings.filterwarnings(
 )
 
 
-def split_tensors(node: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+def split_tensors(state: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
     """(tensors, rest): the tensors nested in dicts, and everything else, as two dicts of the
-    same shape. Tensors inside lists (the per-rank RNG states) stay in ``rest``."""
-    tensors: dict[str, Any] = {}
-    rest: dict[str, Any] = {}
-    for key, value in node.items():
-        if isinstance(value, torch.Tensor):
-            tensors[key] = value
-        elif isinstance(value, dict):
-            inner_tensors, inner_rest = split_tensors(value)
-            if inner_tensors:
-                tensors[key] = inner_tensors
-            if inner_rest or not inner_tensors:  # an empty dict stays a dict
-                rest[key] = inner_rest
-        else:
-            rest[key] = value
+    same shape. Tensors inside lists (the per-rank RNG states) stay in ``rest``. A tensor
+    object met a second time (the token embedding tied to the output layer) is not repeated:
+    ``rest[ALIASES]`` maps its path to the first one's."""
+    first_path: dict[tuple, list[str]] = {}
+    aliases: list[tuple[list[str], list[str]]] = []
+
+    def split(node: dict[str, Any], path: list[str]) -> tuple[dict[str, Any], dict[str, Any]]:
+        tensors: dict[str, Any] = {}
+        rest: dict[str, Any] = {}
+        for key, value in node.items():
+            here = [*path, key]
+            if isinstance(value, torch.Tensor):
+                same = _memory(value)
+                if same in first_path:
+                    aliases.append((here, first_path[same]))
+                else:
+                    first_path[same] = here
+                    tensors[key] = value
+            elif isinstance(value, dict):
+                inner_tensors, inner_rest = split(value, here)
+                if inner_tensors:
+                    tensors[key] = inner_tensors
+                if inner_rest or not inner_tensors:  # an empty dict stays a dict
+                    rest[key] = inner_rest
+            else:
+                rest[key] = value
+        return tensors, rest
+
+    tensors, rest = split(state, [])
+    rest[ALIASES] = aliases
     return tensors, rest
+
+
+def _memory(tensor: torch.Tensor) -> tuple:
+    """What makes two tensor objects the same tensor: the memory they view (state_dict()
+    returns a new object per name, even for tied weights)."""
+    local = tensor.to_local() if isinstance(tensor, DTensor) else tensor
+    if not local.numel():
+        return ("object", id(tensor))
+    return (
+        local.device,
+        local.untyped_storage().data_ptr(),
+        local.storage_offset(),
+        tuple(local.shape),
+        local.stride(),
+        local.dtype,
+    )
 
 
 def merge(rest: dict[str, Any], tensors: dict[str, Any]) -> dict[str, Any]:
     """The inverse of :func:`split_tensors`."""
-    merged = dict(rest)
-    for key, value in tensors.items():
-        if isinstance(value, dict):
-            merged[key] = merge(merged.get(key, {}), value)
-        else:
-            merged[key] = value
+
+    def join(rest_node: dict[str, Any], tensor_node: dict[str, Any]) -> dict[str, Any]:
+        merged = dict(rest_node)
+        for key, value in tensor_node.items():
+            merged[key] = join(merged.get(key, {}), value) if isinstance(value, dict) else value
+        return merged
+
+    aliases = rest.get(ALIASES, [])
+    merged = join({k: v for k, v in rest.items() if k != ALIASES}, tensors)
+    for path, source in aliases:
+        _place(merged, path, _lookup(merged, source))
     return merged
+
+
+def _lookup(node: dict[str, Any], path: list[str] | tuple[str, ...]) -> Any:
+    for key in path:
+        node = node[key]
+    return node
+
+
+def _place(node: dict[str, Any], path: list[str] | tuple[str, ...], value: Any) -> None:
+    for key in path[:-1]:
+        node = node.setdefault(key, {})
+    node[path[-1]] = value
 
 
 class ShardWriter:
@@ -114,11 +166,19 @@ def listing_digest(files: dict[str, str]) -> str:
 
 
 def read(directory: Path) -> tuple[dict[str, Any], dict[str, Any]]:
-    """(meta, tensors) of a verified directory, as whole tensors, on this process alone (no
-    process group needed; the shards of any world size are joined)."""
+    """(meta, tensors) of a verified directory, as whole CPU tensors, on this process alone
+    (no process group needed; the shards of any world size are joined in memory)."""
     meta = torch.load(directory / META, map_location="cpu", weights_only=True)
-    with tempfile.TemporaryDirectory(prefix="gptexp-dcp-") as scratch:
-        joined = Path(scratch) / "state.pt"
-        dcp_to_torch_save(directory, joined)
-        tensors = torch.load(joined, map_location="cpu", weights_only=True)
+    reader = dcp.FileSystemReader(str(directory))
+    metadata = reader.read_metadata()
+    flat: dict[str, torch.Tensor] = {}
+    for key, item in metadata.state_dict_metadata.items():
+        if not isinstance(item, TensorStorageMetadata):
+            # gptexp writes tensors only; a pickled object is never loaded.
+            raise CheckpointError(f"{directory}: {key} is not a tensor; refused to load")
+        flat[key] = torch.empty(item.size, dtype=item.properties.dtype)
+    dcp.load(flat, storage_reader=reader, no_dist=True)
+    tensors: dict[str, Any] = {}
+    for key, tensor in flat.items():
+        _place(tensors, metadata.planner_data[key], tensor)  # DCP's flattened name -> path
     return meta, tensors

@@ -366,6 +366,7 @@ class Trainer:
             state = self.state_dict(None)
             if self.dist.is_main or self.checkpoints.collective:
                 self.checkpoints.save(state, self.step, None, ["signal"], asynchronous=False)
+            if self.dist.is_main:
                 log.warning("saved checkpoint at step %d", self.step)
         raise TrainingInterrupted(self.stop.signame or "signal", self.step, str(self.run.path))
 
