@@ -139,3 +139,40 @@ def files_of(run_dir: Path, skip: str | None = None) -> dict[str, str]:
         for path in sorted(run_dir.rglob("*"))
         if path.is_file() and path.relative_to(run_dir).parts[0] != skip
     }
+
+
+def torchrun(module: str, *args: str, env=None, crash: str | None = None):
+    """torchrun over ``module``; ``crash`` ("STEP:PHASE"): through tests/crashing_save.py."""
+    target = ["-m", module]
+    if crash:
+        step, phase = crash.split(":")
+        target = [str(ROOT / "tests" / "crashing_save.py"), step, phase, module]
+    return subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node=2",
+            *target,
+            *args,
+        ],
+        cwd=ROOT,
+        env=env or subprocess_env(),
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
+
+
+# PyTorch's teardown can, rarely, abort a rank after its work is done (a C++ thread destroyed
+# while joinable). gptexp drops the DDP wrapper and passes a barrier before destroying the
+# process group, the known remedy; should the abort still happen, it is
+# told apart from a failure by the run having finished and recorded it.
+EXIT_ABORT = "terminate called without an active exception"
+
+
+def assert_finished(result: subprocess.CompletedProcess, run_dir: Path) -> None:
+    if result.returncode != 0:
+        status = json.loads((run_dir / "run.json").read_text()).get("status")
+        assert EXIT_ABORT in result.stderr and status == "finished", result.stderr[-3000:]

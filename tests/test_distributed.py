@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -13,7 +11,7 @@ import torch
 
 from gptexp.checkpoint import CheckpointManager
 from gptexp.config import CheckpointConfig
-from tests.conftest import FAST, ROOT, read_metrics, subprocess_env
+from tests.conftest import FAST, assert_finished, read_metrics, torchrun
 
 pytestmark = [
     pytest.mark.slow,
@@ -21,43 +19,6 @@ pytestmark = [
 ]
 
 SETTINGS = ["model.dropout=0.1", "training.max_steps=16", "checkpoint.every_steps=5"]
-
-
-def torchrun(module: str, *args: str, env=None, crash: str | None = None):
-    """torchrun over ``module``; ``crash`` ("STEP:PHASE"): through tests/crashing_save.py."""
-    target = ["-m", module]
-    if crash:
-        step, phase = crash.split(":")
-        target = [str(ROOT / "tests" / "crashing_save.py"), step, phase, module]
-    return subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--standalone",
-            "--nproc_per_node=2",
-            *target,
-            *args,
-        ],
-        cwd=ROOT,
-        env=env or subprocess_env(),
-        capture_output=True,
-        text=True,
-        timeout=240,
-    )
-
-
-# PyTorch's teardown can, rarely, abort a rank after its work is done (a C++ thread destroyed
-# while joinable). gptexp drops the DDP wrapper and passes a barrier before destroying the
-# process group, the known remedy; should the abort still happen, it is
-# told apart from a failure by the run having finished and recorded it.
-EXIT_ABORT = "terminate called without an active exception"
-
-
-def assert_finished(result: subprocess.CompletedProcess, run_dir: Path) -> None:
-    if result.returncode != 0:
-        status = json.loads((run_dir / "run.json").read_text()).get("status")
-        assert EXIT_ABORT in result.stderr and status == "finished", result.stderr[-3000:]
 
 
 def final_state(run_dir: Path) -> dict:

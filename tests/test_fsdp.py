@@ -11,9 +11,12 @@ import sys
 
 import pytest
 import torch
+import torch.distributed.checkpoint as dcp
 
+from gptexp import sharded_checkpoint
 from gptexp.checkpoint import CheckpointManager
 from gptexp.config import CheckpointConfig
+from gptexp.errors import CheckpointError, ConfigError
 from gptexp.eval import main as eval_main
 from gptexp.evaluation import load_run_checkpoint
 from gptexp.export import main as export_main
@@ -21,13 +24,14 @@ from gptexp.rundir import RunDirectory
 from tests.conftest import (
     FAST,
     ROOT,
+    assert_finished,
     call_main,
     compose_config,
     read_metrics,
     run_module,
     subprocess_env,
+    torchrun,
 )
-from tests.test_distributed import assert_finished, torchrun
 
 SETTINGS = [
     "model.dropout=0.1",
@@ -48,9 +52,9 @@ def losses(run_dir) -> list:
 
 
 def test_config_names_a_bad_parallel_or_format():
-    with pytest.raises(Exception, match="training.parallel='zero3': must be one of ddp, fsdp"):
+    with pytest.raises(ConfigError, match="training.parallel='zero3': must be one of ddp, fsdp"):
         compose_config(["training.parallel=zero3"])
-    with pytest.raises(Exception, match="checkpoint.format='zip': must be one of file, dcp"):
+    with pytest.raises(ConfigError, match="checkpoint.format='zip': must be one of file, dcp"):
         compose_config(["checkpoint.format=zip"])
 
 
@@ -112,6 +116,7 @@ def test_fsdp_dcp_killed_mid_save_resumes_exactly_on_two_ranks_and_on_one(tmp_pa
     assert "__1_0.distcp: sha256 differs from the manifest" in loaded.skipped[0]
 
 
+@pytest.mark.slow
 def test_dcp_on_one_process_resumes_bit_identical_to_the_single_file_format(tmp_path):
     """checkpoint.format=dcp without torchrun (a world of one) and killed mid-save: the resumed
     run ends with the weights of an uninterrupted run that used the single-file format."""
@@ -138,3 +143,13 @@ def test_dcp_on_one_process_resumes_bit_identical_to_the_single_file_format(tmp_
     for key, tensor in b["model"].items():
         assert torch.equal(a["model"][key], tensor), key
     assert losses(crashed) == losses(straight)
+
+
+def test_a_dcp_directory_holding_a_pickled_object_is_refused(tmp_path):
+    """gptexp writes only tensors through DCP; a directory that holds anything else (which
+    DCP would unpickle) is refused before any of it is loaded."""
+    directory = tmp_path / "step_0000001.dcp"
+    dcp.save({"model": {"w": torch.ones(2)}, "payload": "not a tensor"}, checkpoint_id=directory)
+    sharded_checkpoint.write_meta(directory, {"step": 1})
+    with pytest.raises(CheckpointError, match="payload is not a tensor; refused to load"):
+        sharded_checkpoint.read(directory)
