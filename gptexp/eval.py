@@ -21,7 +21,7 @@ from typing import Any, ClassVar
 
 import torch
 
-from gptexp.cli import parse_options, run_command
+from gptexp.cli import command_logging, parse_options, run_command
 from gptexp.config import DEVICES
 from gptexp.data import Tokenizer
 from gptexp.errors import USER_ERRORS, ConfigError, RunError
@@ -35,7 +35,7 @@ from gptexp.evaluation import (
 )
 from gptexp.fsio import atomic_write_json, atomic_write_text
 from gptexp.metrics import VAL_LOSS, read_metrics
-from gptexp.rundir import RunDirectory, find_runs, now, run_logging
+from gptexp.rundir import RunDirectory, find_runs, now
 from gptexp.runtable import distinguishing_keys, label, run_rows
 from gptexp.runtime import resolve_device
 from gptexp.tables import text_table
@@ -336,7 +336,7 @@ def evaluate(options: EvalOptions) -> list[EvalResult]:
 
 
 def main() -> None:
-    with run_logging(None):
+    with command_logging(None):
         run_command(lambda: evaluate(parse_options(sys.argv[1:], EvalOptions, USAGE)))
 
 

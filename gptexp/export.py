@@ -17,14 +17,14 @@ from typing import Any
 
 import safetensors.torch
 
-from gptexp.cli import parse_options, run_command
+from gptexp.cli import command_logging, parse_options, run_command
 from gptexp.config import ModelConfig
 from gptexp.data import Tokenizer, tokenizer_from_json
 from gptexp.errors import ConfigError
 from gptexp.evaluation import check_ckpt, load_run_checkpoint, rebuild_model
 from gptexp.fsio import atomic_write_bytes, atomic_write_json, atomic_write_text
 from gptexp.model import GPT
-from gptexp.rundir import require_run, run_logging
+from gptexp.rundir import require_run
 
 USAGE = "usage: python -m gptexp.export run=<run dir> [ckpt=last|best|<step>] [out=<dir>]"
 
@@ -103,7 +103,7 @@ def export(options: ExportOptions) -> Path:
 
 
 def main() -> None:
-    with run_logging(None):
+    with command_logging(None):
         run_command(lambda: export(parse_options(sys.argv[1:], ExportOptions, USAGE)))
 
 

@@ -27,12 +27,12 @@ from hydra.experimental.callback import Callback
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
+from gptexp.cli import command_logging, run_command
 from gptexp.config import TrainConfig, config_to_dict, to_train_config
 from gptexp.errors import (
-    EXIT_FAILURE,
-    EXIT_INTERRUPTED,
     USER_ERRORS,
     ConfigError,
+    JobFailed,
     RunError,
     TrainingInterrupted,
 )
@@ -45,7 +45,6 @@ from gptexp.rundir import (
     RunDirectory,
     discard_unstarted,
     now,
-    run_logging,
     runs_under,
 )
 from gptexp.runtable import cells, run_rows, table_columns
@@ -233,7 +232,7 @@ def claim_run(
 
 
 def _train_job(plan, typed, own, wandb_group, wandb_name, dist_ctx) -> float:
-    with run_logging(plan.run if dist_ctx.is_main else None):
+    with command_logging(plan.run.log_file if dist_ctx.is_main else None):
         if plan.action == RESUME:
             log.info("%s: unfinished run of the same config; resuming it", plan.run.path)
         try:
@@ -251,11 +250,11 @@ def _train_job(plan, typed, own, wandb_group, wandb_name, dist_ctx) -> float:
             if dist_ctx.is_main:
                 plan.run.update_status(status=FAILED, error=str(error), ended=now())
             return math.nan
-        except TrainingInterrupted as stop:
-            log.warning("%s; the sweep stops here", stop)
+        except TrainingInterrupted:
+            log.warning("the sweep stops here; launch the same command again to continue it")
             if dist_ctx.is_main:
                 write_summary(own.path.parent)
-            sys.exit(EXIT_INTERRUPTED)
+            raise
     return math.nan if result is None else result
 
 
@@ -294,7 +293,9 @@ class SweepSummary(Callback):
             write_summary(Path(config.hydra.sweep.dir))
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
-        sweep_dir = Path(config.hydra.sweep.dir)
+        run_command(lambda: self.report(Path(config.hydra.sweep.dir)))
+
+    def report(self, sweep_dir: Path) -> None:
         rows = write_summary(sweep_dir)
         columns = table_columns(rows)
         print(text_table(columns, cells(rows, columns)), file=sys.stderr)
@@ -308,10 +309,10 @@ class SweepSummary(Callback):
                 file=sys.stderr,
             )
         if failed:
-            print(
+            message = (
                 f"{len(failed)} of {len(rows)} runs did not finish: {', '.join(failed)}; "
-                f"launch the same command with hydra.sweep.dir={sweep_dir} to continue them",
-                file=sys.stderr,
+                f"launch the same command with hydra.sweep.dir={sweep_dir} to continue them"
             )
             if self.fail_on_failed_jobs:
-                sys.exit(EXIT_FAILURE)
+                raise JobFailed(message)
+            print(message, file=sys.stderr)

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import logging
 import math
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -20,10 +19,10 @@ from hydra.experimental.callback import Callback
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
-from gptexp.cli import run_command
+from gptexp.cli import command_logging, run_command
 from gptexp.config import register_configs, to_train_config
-from gptexp.errors import EXIT_USER_ERROR, ConfigError, JobFailed, RunError
-from gptexp.rundir import RunDirectory, discard_unstarted, run_logging
+from gptexp.errors import JobFailed, RunError
+from gptexp.rundir import RunDirectory, discard_unstarted
 from gptexp.runtime import Distributed, init_distributed
 from gptexp.session import run_training
 from gptexp.sweep import BASIC_SWEEPER, share_cores_between_jobs, sweep_job
@@ -43,17 +42,17 @@ class ValidateBeforeRun(Callback):
     """Checks a single run before Hydra creates its directory or writes any file there."""
 
     def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
-        try:
-            to_train_config(task_config(config))
-            run = RunDirectory(config.hydra.run.dir)
-            if run.is_run():
-                raise RunError(
-                    f"{run.path} already holds a run; continue it with "
-                    f"make resume RUN={run.path} (or choose another hydra.run.dir)"
-                )
-        except (ConfigError, RunError) as error:
-            print(f"error: {error}", file=sys.stderr)
-            sys.exit(EXIT_USER_ERROR)
+        run_command(lambda: self.validate(config))
+
+    @staticmethod
+    def validate(config: DictConfig) -> None:
+        to_train_config(task_config(config))
+        run = RunDirectory(config.hydra.run.dir)
+        if run.is_run():
+            raise RunError(
+                f"{run.path} already holds a run; continue it with "
+                f"make resume RUN={run.path} (or choose another hydra.run.dir)"
+            )
 
 
 def _shared_run_dir(own: Path, dist_ctx: Distributed) -> Path:
@@ -81,7 +80,9 @@ def train(cfg: DictConfig) -> float | None:
         # so there a failed job returns NaN; other sweepers (Optuna) need the exception to
         # record a failed trial (a returned NaN crashes hydra-optuna-sweeper 1.3).
         raise_failures = hydra_cfg.sweeper._target_ != BASIC_SWEEPER
-        result = sweep_job(cfg, run, overrides, wandb_group, wandb_name, dist_ctx)
+        result = run_command(
+            lambda: sweep_job(cfg, run, overrides, wandb_group, wandb_name, dist_ctx)
+        )
         if raise_failures and not math.isfinite(result):
             raise JobFailed(f"{run.path}: failed (see its run.json and train.log)")
         return result
@@ -92,7 +93,7 @@ def train(cfg: DictConfig) -> float | None:
         )
 
     try:
-        with run_logging(run if dist_ctx.is_main else None):
+        with command_logging(run.log_file if dist_ctx.is_main else None):
             return run_command(body)
     finally:
         if dist_ctx.is_main:
