@@ -396,8 +396,13 @@ class Trainer:
 
     def _load_state(self, state: dict[str, Any]) -> None:
         self.model.load_state_dict(state["model"])
+        configured = [
+            {k: v for k, v in group.items() if k != "params"}
+            for group in self.optimizer.param_groups
+        ]
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
+        self._apply_configured_hyperparameters(configured)
         if state.get("scaler") and self.scaler.is_enabled():
             self.scaler.load_state_dict(state["scaler"])
         self.step = int(state["step"])
@@ -451,6 +456,22 @@ class Trainer:
         text = self.corpus.tokenizer.decode(ids[0, 1:].tolist())
         with open(self.run.samples, "a", encoding="utf-8") as f:
             f.write(f"=== step {self.step}\n{text}\n\n")
+
+    def _apply_configured_hyperparameters(self, configured: list[dict[str, Any]]) -> None:
+        """The optimizer's hyperparameters come from the config, not from the checkpoint.
+
+        The loaded optimizer and schedule hold the values of the run that saved them; a resume
+        or fork that overrides ``training.lr``, ``beta1``, ``weight_decay``... must train update
+        ``step + 1`` with the new ones. With an unchanged config every value is the same as the
+        loaded one (the same product, ``lr * lr_factor(step)``), so resume stays bit-exact.
+        The lr the trainer logs is recomputed by the scheduler's next step, from ``base_lrs``.
+        """
+        self.scheduler.base_lrs = [group["initial_lr"] for group in configured]
+        for group, values in zip(self.optimizer.param_groups, configured, strict=True):
+            group.update(values)
+            group["lr"] = group["initial_lr"] * lr_factor(
+                self.scheduler.last_epoch, self.cfg.training
+            )
 
     # -- one update
 
