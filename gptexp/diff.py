@@ -311,10 +311,15 @@ def value_difference(x: Any, y: Any) -> tuple[bool, float | None, str | None]:
             return True, 0.0, None
         if x.is_floating_point() and (x.isnan().any() or y.isnan().any()):
             # torch.equal treats NaN as unequal to itself: compare the bits instead.
-            same_bits = torch.equal(x.view(torch.uint8), y.view(torch.uint8))
-            return same_bits, None, None if same_bits else "NaN"
+            same_bits = torch.equal(
+                x.reshape(-1).view(torch.uint8), y.reshape(-1).view(torch.uint8)
+            )
+            return (True, 0.0, None) if same_bits else (False, None, "NaN")
         diff = (x.double() - y.double()).abs().max().item()
-        return False, diff, None
+        # JSON has no inf or NaN: such a difference is named instead of measured.
+        return (False, diff, None) if math.isfinite(diff) else (False, None, "non-finite")
+    if isinstance(x, torch.Tensor) or isinstance(y, torch.Tensor):
+        return False, None, f"{type(x).__name__} vs {type(y).__name__}"
     if x == y:
         return True, 0.0, None
     if isinstance(x, (int, float)) and isinstance(y, (int, float)) and not isinstance(x, bool):
@@ -435,8 +440,9 @@ def replay_start(
 
     The latest of: the last bit-identical common checkpoint before the first that differs
     (each side from its own file), and, for a fork and its parent (or two forks of one run at
-    one step), the ancestor's checkpoint at the fork step, which both histories pass through.
-    Without either, both start from their initialisation (step 0).
+    the same step), the ancestor's checkpoint at the fork step, which both histories pass
+    through; after it, each history follows its own config alone. Without either, both start
+    from their initialisation (step 0).
     """
     equal = [
         step
@@ -451,7 +457,13 @@ def replay_start(
         state_b = checkpoint_manager(b.run).load(checkpoint_manager(b.run).find(start))
         source = f"the common checkpoint {checkpoint_name(start)}"
     fork = family["fork_step"]
-    direct = (family["a_depth"] or 0) <= 1 and (family["b_depth"] or 0) <= 1
+    depths = (family["a_depth"] or 0, family["b_depth"] or 0)
+    fork_steps = {
+        chain[depth]["step"]
+        for chain, depth in zip((family["a_ancestry"], family["b_ancestry"]), depths, strict=True)
+        if depth > 0
+    }
+    direct = max(depths) <= 1 and len(fork_steps) == 1
     if fork is not None and fork > start and direct:
         ancestor = RunDirectory(family["common_ancestor"])
         try:
@@ -481,6 +493,7 @@ def replay(
         "from": source,
         "through_step": end,
         "first_different_update": None,
+        "replayed_updates": 0,
         "differing_tensors": [],
         "note": None,
     }
@@ -490,10 +503,11 @@ def replay(
             result["note"] = f"run {label} was trained by {world} processes; replay runs one"
             return result
     default_threads = torch.get_num_threads()
+    deterministic = torch.are_deterministic_algorithms_enabled()
     with tempfile.TemporaryDirectory(prefix="gptexp-diff-") as tmp:
-        side_a = ReplaySide(a, state_a, Path(tmp) / "a", default_threads)
-        side_b = ReplaySide(b, state_b, Path(tmp) / "b", default_threads)
         try:
+            side_a = ReplaySide(a, state_a, Path(tmp) / "a", default_threads)
+            side_b = ReplaySide(b, state_b, Path(tmp) / "b", default_threads)
             update = start
             differences = tensor_differences(side_a.parameters(), side_b.parameters())
             while not differences and update < end:
@@ -507,6 +521,8 @@ def replay(
                 result["differing_tensors"] = differences[:TOP_TENSORS]
         finally:
             torch.set_num_threads(default_threads)
+            if torch.are_deterministic_algorithms_enabled() != deterministic:
+                torch.use_deterministic_algorithms(deterministic)  # only on a change: ~1 s
     return result
 
 

@@ -244,6 +244,22 @@ def test_a_damaged_checkpoint_is_skipped_and_named(runs, tmp_path, capsys):
     )
 
 
+def test_keys_that_cannot_change_the_numbers_are_listed_apart(runs, tmp_path, capsys):
+    twin = tmp_path / "twin"
+    shutil.copytree(runs["twin"], twin)
+    status = json.loads((twin / "run.json").read_text())
+    status["config"]["logger"]["project"] = "elsewhere"
+    status["config"]["training"]["progress"] = False
+    (twin / "run.json").write_text(json.dumps(status))
+    code, report = diff_json(capsys, runs["parent"], twin)
+    assert code == 0 and report["identical"] is True
+    assert report["config"] == []
+    assert report["config_inert"] == [
+        {"key": "logger.project", "a": "gptexp", "b": "elsewhere"},
+        {"key": "training.progress", "a": True, "b": False},
+    ]
+
+
 def write_run(path: Path, parent: Path | None = None, step: int | None = None) -> Path:
     path.mkdir(parents=True)
     status = {"status": "finished", "config": {}}
