@@ -481,8 +481,9 @@ def replay(
     """Train both configs again, in lockstep, from the last state the runs share, and name
     the first update after which their parameters differ (update s produces step s).
 
-    Stops there, or at the last step both runs reached. A run trained by several processes
-    cannot be replayed in one; that is said in ``note`` and nothing is replayed.
+    Stops there, or at the last step both runs reached. When there is no update to replay, or
+    a run was trained by several processes (which one process cannot reproduce), ``note``
+    says so and nothing is replayed.
     """
     import torch
 
@@ -502,6 +503,9 @@ def replay(
         if world != 1:
             result["note"] = f"run {label} was trained by {world} processes; replay runs one"
             return result
+    if end <= start:
+        result["note"] = f"no update to replay after step {start} (the last step both reached)"
+        return result
     default_threads = torch.get_num_threads()
     deterministic = torch.are_deterministic_algorithms_enabled()
     with tempfile.TemporaryDirectory(prefix="gptexp-diff-") as tmp:
@@ -574,6 +578,14 @@ def _tensor_lines(rows: list[dict[str, Any]], indent: str) -> list[str]:
     ]
 
 
+def _through(depth: int) -> str:
+    return "" if depth == 1 else f" through {depth} forks"
+
+
+def _steps(steps: list[int]) -> str:
+    return ", ".join(map(str, steps)) or "none"
+
+
 def _lineage_text(family: dict[str, Any]) -> list[str]:
     ancestor = family["common_ancestor"]
     lines = []
@@ -585,11 +597,10 @@ def _lineage_text(family: dict[str, Any]) -> list[str]:
     da, db, step = family["a_depth"], family["b_depth"], family["fork_step"]
     if da == 0 and db == 0:
         return ["A and B are the same run", *lines]
-    forks = lambda depth: "" if depth == 1 else f" through {depth} forks"  # noqa: E731
     if db == 0:
-        return [f"A descends from B{forks(da)}, forked at step {step}", *lines]
+        return [f"A descends from B{_through(da)}, forked at step {step}", *lines]
     if da == 0:
-        return [f"B descends from A{forks(db)}, forked at step {step}", *lines]
+        return [f"B descends from A{_through(db)}, forked at step {step}", *lines]
     sides = (family["a_ancestry"][da]["step"], family["b_ancestry"][db]["step"])
     return [
         f"both descend from {ancestor} (A forked at step {sides[0]}, B at step {sides[1]}): "
@@ -662,9 +673,8 @@ def format_report(report: dict[str, Any]) -> str:
 
     ck = report["checkpoints"]
     if not ck["equal_steps"] and not ck["different_steps"]:
-        steps = lambda s: ", ".join(map(str, s)) or "none"  # noqa: E731
         checkpoints = [
-            f"no common valid checkpoint (A: {steps(ck['a_steps'])}; B: {steps(ck['b_steps'])})"
+            f"no common valid checkpoint (A: {_steps(ck['a_steps'])}; B: {_steps(ck['b_steps'])})"
         ]
     else:
         equal = ck["last_equal_step"]

@@ -37,6 +37,7 @@ from tests.conftest import (
 pytestmark = pytest.mark.slow
 
 RUN = [
+    "model.dropout=0.1",  # the replay must keep each side's RNG stream apart
     "training.max_steps=30",
     "checkpoint.every_steps=10",
     "checkpoint.keep_every=10",  # keep 10, 20 and 30: the fork needs 20
@@ -143,6 +144,7 @@ def test_sigkilled_and_resumed_twin_is_identical(runs, capsys):
     assert report["checkpoints"]["equal_steps"] == [10, 20, 30]
     assert report["checkpoints"]["first_different_step"] is None
     assert report["replay"]["first_different_update"] is None
+    assert report["replay"]["note"].startswith("no update to replay after step 30")
     assert report["lineage"]["common_ancestor"] is None  # two roots
     assert (files_of(runs["parent"]), files_of(runs["twin"])) == before, "diff wrote nothing"
 
@@ -152,6 +154,19 @@ def test_sigkilled_and_resumed_twin_is_identical(runs, capsys):
     assert "identical through step 30" in text
     assert "bit-identical through step 30" in text
     assert text.rstrip().endswith("identical over the common steps")
+
+
+def test_replaying_identical_runs_finds_no_difference(runs, tmp_path, capsys):
+    # The twin without its checkpoints 20 and 30: 20 updates are replayed from step 10.
+    twin = tmp_path / "twin"
+    shutil.copytree(runs["twin"], twin)
+    keep_checkpoints(twin, {10})
+    code, report = diff_json(capsys, runs["parent"], twin, "--replay")
+    assert code == 0 and report["identical"] is True
+    replayed = report["replay"]
+    assert (replayed["from_step"], replayed["through_step"]) == (10, 30)
+    assert replayed["replayed_updates"] == 20
+    assert replayed["first_different_update"] is None
 
 
 def test_fork_with_another_lr_parts_after_update_21(runs, capsys):
@@ -215,10 +230,13 @@ def test_another_thread_count_parts_at_a_named_step(runs, capsys):
     assert code == 1
     assert report["config"] == [{"key": "training.num_threads", "a": 1, "b": 2}]
     first = report["first_metric_divergence"]
+
     # The first step whose records differ, read straight from the two files.
-    strip = lambda r: {k: v for k, v in r.items() if not k.startswith("throughput/")}  # noqa: E731
+    def numbers(record: dict) -> dict:
+        return {k: v for k, v in record.items() if not k.startswith("throughput/")}
+
     pairs = zip(read_metrics(runs["parent"]), read_metrics(runs["threads2"]), strict=True)
-    parted = next(a["step"] for a, b in pairs if strip(a) != strip(b))
+    parted = next(a["step"] for a, b in pairs if numbers(a) != numbers(b))
     assert first["step"] == parted
     assert first["a"] != first["b"]
     records = {r["step"]: r for r in read_metrics(runs["threads2"])}
