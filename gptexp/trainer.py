@@ -42,7 +42,7 @@ from gptexp.metrics import (
     median_throughput,
 )
 from gptexp.model import GPT
-from gptexp.optim import build_optimizer, build_scheduler
+from gptexp.optim import apply_configured_hyperparameters, build_optimizer, build_scheduler
 from gptexp.progress import Progress
 from gptexp.rundir import RunDirectory
 from gptexp.runtime import (
@@ -174,8 +174,18 @@ class Trainer:
 
     def load_state(self, state: dict[str, Any]) -> None:
         self.model.load_state_dict(state["model"])
+        # The loaded optimizer and schedule hold the hyperparameters of the run that saved
+        # them; a resume or fork that overrides training.lr, beta1, weight_decay... must train
+        # update step + 1 with the new ones (an unchanged config gives the same values).
+        configured = [
+            {k: v for k, v in group.items() if k != "params"}
+            for group in self.optimizer.param_groups
+        ]
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
+        apply_configured_hyperparameters(
+            self.optimizer, self.scheduler, configured, self.cfg.training
+        )
         if state.get("scaler") and self.scaler.is_enabled():
             self.scaler.load_state_dict(state["scaler"])
         self.step = int(state["step"])
