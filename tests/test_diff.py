@@ -113,6 +113,7 @@ def runs(tmp_path_factory) -> dict[str, Path]:
     (fork / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
     entry = manager(parent).find(FORK_STEP)
     status = json.loads((fork / "run.json").read_text())
+    status |= {"status": "interrupted", "step": FORK_STEP}  # the copy stops at the fork step
     status["parent"] = {
         "run": str(parent),
         "step": FORK_STEP,
