@@ -48,7 +48,8 @@ class ValidateBeforeRun(Callback):
     def validate(config: DictConfig) -> None:
         to_train_config(task_config(config))
         run = RunDirectory(config.hydra.run.dir)
-        if run.is_run():
+        # run.json, not Hydra's files: under torchrun every rank's Hydra writes .hydra/ there.
+        if run.has_started():
             raise RunError(
                 f"{run.path} already holds a run; continue it with "
                 f"make resume RUN={run.path} (or choose another hydra.run.dir)"

@@ -76,10 +76,18 @@ def run_module(
     )
 
 
-def train(run_dir: Path, *overrides: str, cwd: Path, env=None) -> subprocess.CompletedProcess:
+def train(
+    run_dir: Path, *overrides: str, cwd: Path, env=None, timeout: float = 180
+) -> subprocess.CompletedProcess:
     """A real ``python -m gptexp.train`` into ``run_dir`` with the FAST settings."""
     return run_module(
-        "gptexp.train", *FAST, *overrides, f"hydra.run.dir={run_dir}", cwd=cwd, env=env
+        "gptexp.train",
+        *FAST,
+        *overrides,
+        f"hydra.run.dir={run_dir}",
+        cwd=cwd,
+        env=env,
+        timeout=timeout,
     )
 
 

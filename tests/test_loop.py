@@ -4,13 +4,16 @@ an export in a format gptexp does not read."""
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import pty
 import select
 import signal
+import struct
 import subprocess
 import sys
+import termios
 import time
 from pathlib import Path
 
@@ -84,6 +87,8 @@ def test_progress_lines_go_to_the_log_file_only_under_a_bar(tmp_path):
     """On a terminal the bar is shown and the plain step lines go to train.log alone."""
     run_dir = tmp_path / "run"
     leader, follower = pty.openpty()
+    # A terminal of 30 x 120 characters (a new pty has none, and tqdm would draw nothing).
+    fcntl.ioctl(follower, termios.TIOCSWINSZ, struct.pack("HHHH", 30, 120, 0, 0))
     proc = start(
         run_dir,
         "training.max_steps=4",
