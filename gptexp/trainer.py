@@ -27,7 +27,16 @@ from torch.nn.parallel import DistributedDataParallel
 
 from gptexp.checkpoint import FORMAT_VERSION, CheckpointError, CheckpointManager
 from gptexp.config import ConfigError, TrainConfig, TrainingConfig, config_to_dict
-from gptexp.data import Corpus, DataError, prepare_corpus, sample_batch, tokenizer_from_json
+from gptexp.data import (
+    DATA_ORDER_VERSION,
+    Corpus,
+    DataError,
+    prepare_corpus,
+    resume_grad_accum,
+    sample_batch,
+    tokenizer_from_json,
+    train_batch,
+)
 from gptexp.loggers import MetricsFile, WandbMirror
 from gptexp.model import GPT
 from gptexp.run import (
@@ -344,6 +353,7 @@ class Trainer:
         self.tokens_seen = 0
         self.best_metric: float | None = None
         self.wandb_id = uuid.uuid4().hex[:12]
+        self.data_order = DATA_ORDER_VERSION  # a resumed run keeps its own (_load_state)
         if resume_state is not None:
             self._load_state(resume_state)
 
@@ -392,6 +402,7 @@ class Trainer:
             "vocab_size": self.corpus.tokenizer.vocab_size,
             "wandb_id": self.wandb_id,
             "world_size": self.dist.world_size,
+            "data_order": self.data_order,
         }
 
     def _load_state(self, state: dict[str, Any]) -> None:
@@ -404,9 +415,22 @@ class Trainer:
         self.tokens_seen = int(state["tokens_seen"])
         self.best_metric = state["best_metric"]
         self.wandb_id = state["wandb_id"]
+        # Checkpoints from before data order 2 have no "data_order": they keep order 1.
+        self.data_order = int(state.get("data_order", 1))
         saved_world = int(state["world_size"])
+        if self.data_order >= 2:
+            self._keep_global_batch(state["config"]["training"], saved_world)
         if saved_world == self.dist.world_size:
             restore_rng_state(state["rng"][self.dist.rank])
+        elif self.data_order >= 2:
+            log.warning(
+                "checkpoint was written by %d processes, resuming with %d: the data stay the "
+                "same, the losses match an uninterrupted run up to float reduction order (with "
+                "dropout, also not its random numbers, which cannot follow a change of world size)",
+                saved_world,
+                self.dist.world_size,
+            )
+            restore_rng_state(state["rng"][self.dist.rank % saved_world])
         else:
             log.warning(
                 "checkpoint was written by %d processes, resuming with %d: training continues "
@@ -415,6 +439,25 @@ class Trainer:
                 self.dist.world_size,
             )
             restore_rng_state(state["rng"][self.dist.rank % saved_world])
+
+    def _keep_global_batch(self, saved: dict[str, Any], saved_world: int) -> None:
+        """Set grad_accum so that a step has the checkpoint's global batch on this world size
+        (ConfigError when it cannot); the stored config of this start records the value."""
+        t = self.cfg.training
+        global_batch = int(saved["batch_size"]) * int(saved["grad_accum"]) * saved_world
+        grad_accum = resume_grad_accum(global_batch, t.batch_size, self.dist.world_size)
+        if grad_accum != t.grad_accum:
+            log.info(
+                "training.grad_accum %d -> %d: keeps the run's global batch of %d sequences "
+                "(batch_size %d x grad_accum %d x %d processes)",
+                t.grad_accum,
+                grad_accum,
+                global_batch,
+                t.batch_size,
+                grad_accum,
+                self.dist.world_size,
+            )
+            t.grad_accum = grad_accum
 
     # -- evaluation
 
@@ -459,15 +502,17 @@ class Trainer:
         t = self.cfg.training
         total = 0.0
         for micro in range(t.grad_accum):
-            x, y = sample_batch(
+            x, y = train_batch(
+                self.data_order,
                 self.corpus.train,
                 self.cfg.model.block_size,
                 t.batch_size,
                 seed=t.seed,
-                split="train",
                 step=self.step,
                 rank=self.dist.rank,
                 micro=micro,
+                grad_accum=t.grad_accum,
+                world_size=self.dist.world_size,
             )
             x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
             last = micro == t.grad_accum - 1
