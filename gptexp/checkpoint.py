@@ -19,6 +19,7 @@ import hashlib
 import io
 import json
 import logging
+import mmap
 import os
 import pickle
 import signal
@@ -136,12 +137,18 @@ def _crash_phase(step: int) -> str | None:
     return phase or "write"
 
 
+def sha256_of_open_file(f) -> str:
+    """sha256 of an open binary file, read through a memory mapping: the bytes go from the page
+    cache to the hash without a copy, and stay cached for a ``torch.load(mmap=True)`` after."""
+    if os.fstat(f.fileno()).st_size == 0:
+        return hashlib.sha256().hexdigest()  # an empty file cannot be mapped
+    with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mapped:
+        return hashlib.sha256(mapped).hexdigest()  # releases the GIL while it hashes
+
+
 def sha256_file(path: Path) -> str:
-    sha = hashlib.sha256()
     with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            sha.update(chunk)
-    return sha.hexdigest()
+        return sha256_of_open_file(f)
 
 
 def snapshot(obj: Any, buffers: dict[tuple, torch.Tensor] | None = None) -> Any:
@@ -160,6 +167,7 @@ def snapshot(obj: Any, buffers: dict[tuple, torch.Tensor] | None = None) -> Any:
     """
     pool: dict[tuple, torch.Tensor] = {} if buffers is None else buffers
     copies: dict[tuple, torch.Tensor] = {}  # one copy per distinct view of memory
+    devices: set[torch.device] = set()
 
     def copy(tensor: torch.Tensor, place: tuple) -> torch.Tensor:
         tensor = tensor.detach()
@@ -179,9 +187,18 @@ def snapshot(obj: Any, buffers: dict[tuple, torch.Tensor] | None = None) -> Any:
             tensor.shape,
             tensor.stride(),
         ):
-            buffer = torch.empty_like(tensor, device="cpu")  # same strides for dense tensors
+            # Page-locked memory for a GPU tensor: the device copies into it directly (DMA),
+            # without a staging buffer; allocating it is slow, which is why buffers are reused.
+            buffer = torch.empty_strided(
+                tensor.shape,
+                tensor.stride(),
+                dtype=tensor.dtype,
+                device="cpu",
+                pin_memory=tensor.is_cuda,
+            )
             pool[place] = buffer
-        buffer.copy_(tensor)
+        buffer.copy_(tensor, non_blocking=tensor.is_cuda and buffer.is_pinned())
+        devices.add(tensor.device)
         copies[view] = buffer
         return buffer
 
@@ -194,13 +211,21 @@ def snapshot(obj: Any, buffers: dict[tuple, torch.Tensor] | None = None) -> Any:
             return type(node)(walk(value, (*place, i)) for i, value in enumerate(node))
         return node
 
-    return walk(obj, ())
+    frozen = walk(obj, ())
+    for device in devices:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)  # the non-blocking copies have landed
+    return frozen
 
 
-def load_checkpoint_file(path: Path) -> dict[str, Any]:
-    """``torch.load`` with ``weights_only=True``: no code in the file can run."""
+def load_checkpoint_file(path: Path, *, mmap: bool = False) -> dict[str, Any]:
+    """``torch.load`` with ``weights_only=True``: no code in the file can run.
+
+    With ``mmap`` the tensors are views of the file's pages (private: writing to one copies
+    the page, never the file) instead of copies read into fresh memory.
+    """
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as error:
         raise CheckpointError(
             f"{path}: refused to load: it holds objects other than plain data "
@@ -311,6 +336,17 @@ class CheckpointManager:
 
     # -- saving
 
+    def prepare(self, state: dict[str, Any]) -> None:
+        """Allocate the snapshot buffers of an asynchronous save for ``state`` now (at the start
+        of training) so that the first save copies into memory that is already mapped (pinned
+        for GPU tensors) instead of stalling training for the allocation. ``state`` may be a
+        part of what ``save`` will get (model and optimizer): buffers are matched by the place
+        of a tensor in the state."""
+        if not (self.policy.enabled and self.policy.async_save):
+            return
+        self.wait()  # the buffers are not being written from
+        snapshot(state, self._snapshot_buffers)
+
     def save(
         self,
         state: dict[str, Any],
@@ -414,10 +450,31 @@ class CheckpointManager:
         return None
 
     def load(self, entry: CheckpointEntry) -> dict[str, Any]:
-        problem = self.verify(entry)
-        if problem is not None:
-            raise CheckpointError(f"{self.directory / entry.file}: {problem}")
-        return load_checkpoint_file(self.directory / entry.file)
+        """The checkpoint's state, verified against the manifest.
+
+        The file is read once: hashing it through a memory mapping brings it into the page
+        cache, and ``torch.load(mmap=True)`` maps those same pages, so tensors are not copied
+        out of the file (a consumer such as ``load_state_dict`` makes the one copy it needs).
+        """
+        path = self.directory / entry.file
+        if not path.is_file():
+            raise CheckpointError(f"{path}: missing")
+        with open(path, "rb") as f:
+            identity = os.fstat(f.fileno())
+            if identity.st_size != entry.bytes:
+                raise CheckpointError(
+                    f"{path}: truncated or extended ({identity.st_size} bytes, "
+                    f"listed {entry.bytes})"
+                )
+            if sha256_of_open_file(f) != entry.sha256:
+                raise CheckpointError(f"{path}: corrupted (sha256 differs from the manifest)")
+            state = load_checkpoint_file(path, mmap=True)
+            now_there = os.stat(path)
+        # Checkpoints are replaced by rename only: the same inode means the bytes loaded are the
+        # bytes hashed.
+        if (now_there.st_dev, now_there.st_ino) != (identity.st_dev, identity.st_ino):
+            raise CheckpointError(f"{path}: replaced while it was being read; load it again")
+        return state
 
     def find(self, which: str | int) -> CheckpointEntry:
         """The manifest entry for ``last``, ``best`` or a step number (not verified)."""

@@ -31,12 +31,14 @@ from gptexp.data import (
     DATA_ORDER_VERSION,
     Corpus,
     DataError,
+    cache_dir,
     prepare_corpus,
     resume_grad_accum,
     sample_batch,
     tokenizer_from_json,
     train_batch,
 )
+from gptexp.hardware import Peak, flops_per_token, mfu, peak_for, precision_advice
 from gptexp.loggers import MetricsFile, WandbMirror
 from gptexp.model import GPT
 from gptexp.run import (
@@ -322,6 +324,9 @@ class Trainer:
             torch.use_deterministic_algorithms(t.deterministic)
         self.device = resolve_device(t.device, dist_ctx.local_rank)
         check_precision(self.device, t.precision)
+        advice = precision_advice(self.device, t.precision)
+        if advice is not None and dist_ctx.is_main:
+            log.warning(advice)
 
         # Data: a resumed run reuses its own tokenizer, never a retrained one.
         tokenizer = None
@@ -373,6 +378,11 @@ class Trainer:
         self.last_val_loss: float | None = None
         self.last_train_loss: float | None = None
         self.tokens_per_s: list[float] = []
+        self._save_buffers_ready = False
+        self.peak: Peak | None = None  # of the device, for throughput/mfu (rank 0, in fit)
+        self.flops_per_token = flops_per_token(
+            self.model.num_parameters(), cfg.model.n_layer, cfg.model.n_embd, cfg.model.block_size
+        )
 
     # -- state
 
@@ -596,6 +606,10 @@ class Trainer:
         )
         if self.dist.is_main:
             self.run.update_status(parameters=n_params, vocab_size=self.corpus.tokenizer.vocab_size)
+            # MFU: the model's FLOPs per token against this device's peak (rank 0 reports).
+            self.peak = peak_for(self.device, t.precision, cache_dir())
+            if self.peak.flops is None:
+                log.info("throughput/mfu not logged: %s", self.peak.source)
         if self.step == 0 and t.eval_every:
             self.last_val_loss = self.evaluate()
             self.log_metrics({"step": 0, "val/loss": self.last_val_loss})
@@ -616,6 +630,7 @@ class Trainer:
                 loss, grad_norm = self.train_step()
                 window_seconds += time.perf_counter() - started
                 window_tokens += t.batch_size * self.cfg.model.block_size * t.grad_accum
+                self._prepare_save_buffers()
                 final = self.step == t.max_steps
                 record: dict[str, Any] = {"step": self.step}
                 if self.step % t.log_every == 0 or final:
@@ -630,6 +645,13 @@ class Trainer:
                         "tokens": self.tokens_seen,
                         "throughput/tokens_per_s": tokens_per_s,
                     }
+                    if self.peak is not None and self.peak.flops is not None:
+                        record["throughput/mfu"] = mfu(
+                            tokens_per_s,
+                            self.flops_per_token,
+                            self.peak.flops,
+                            self.dist.world_size,
+                        )
                 evaluated = final or (t.eval_every and self.step % t.eval_every == 0)
                 if evaluated:
                     self.last_val_loss = self.evaluate()
@@ -667,6 +689,16 @@ class Trainer:
             progress.close()
             self.stop.uninstall()
         return self.last_val_loss
+
+    def _prepare_save_buffers(self) -> None:
+        """Once the optimizer has its state (after a run's first update), allocate what an
+        asynchronous save copies into: the first save then stalls for a copy only."""
+        if self._save_buffers_ready or not self.dist.is_main or not self.optimizer.state:
+            return
+        self._save_buffers_ready = True
+        self.checkpoints.prepare(
+            {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict()}
+        )
 
     def _maybe_save(self, metric: float | None, final: bool) -> None:
         # Periodic, milestone and final saves depend on the step alone, so every rank decides
