@@ -99,8 +99,11 @@ def matmul_precision(device: torch.device, precision: str) -> str:
 def measure_cpu_peak_flops(dtype: torch.dtype, size: int = CPU_PEAK_MATMUL) -> float:
     """FLOP/s of the fastest of a few ``size`` x ``size`` matmuls in ``dtype`` on the CPU
     (about a second at most): the practical peak of this CPU with torch's thread count."""
-    a = torch.randn(size, size).to(dtype)
-    b = torch.randn(size, size).to(dtype)
+    # Its own generator: the measurement runs inside training and must not move the global
+    # RNG, or a resumed run (peak cached, not measured) would draw other dropout masks.
+    generator = torch.Generator().manual_seed(0)
+    a = torch.randn(size, size, generator=generator).to(dtype)
+    b = torch.randn(size, size, generator=generator).to(dtype)
     out = torch.empty(size, size, dtype=dtype)
     torch.mm(a, b, out=out)  # picks kernels and faults the pages in
     best = float("inf")

@@ -113,9 +113,11 @@ def test_a_damaged_peak_cache_is_measured_again(tmp_path, monkeypatch, caplog):
     assert "damaged" in caplog.text
 
 
-def test_the_measured_cpu_peak_is_a_plausible_flop_rate():
+def test_the_measured_cpu_peak_is_a_plausible_flop_rate_and_leaves_the_rng_alone():
+    before = torch.get_rng_state()
     peak = hardware.measure_cpu_peak_flops(torch.float32, size=256)
     assert 1e8 < peak < 1e14
+    assert torch.equal(torch.get_rng_state(), before)  # resume exactness depends on it
 
 
 def test_cpu_flags_are_read_from_cpuinfo(monkeypatch):
