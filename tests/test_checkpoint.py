@@ -24,6 +24,7 @@ from gptexp.checkpoint import (
     load_checkpoint_file,
     sha256_file,
     snapshot,
+    xxh3_128_file,
 )
 from gptexp.config import CheckpointConfig
 
@@ -117,7 +118,7 @@ def test_bit_flipped_newest_falls_back(tmp_path):
     messages: list[str] = []
     entry, _ = manager.load_latest_valid(warn=messages.append)
     assert entry.step == 10
-    assert any("sha256" in m for m in messages)
+    assert any("corrupted" in m for m in messages)
 
 
 def test_missing_newest_falls_back(tmp_path):
@@ -204,6 +205,7 @@ def test_listed_malicious_checkpoint_is_skipped_for_an_older_valid_one(tmp_path)
     manifest = json.loads((tmp_path / MANIFEST).read_text())
     entry = dict(manifest["checkpoints"][0])
     entry.update(file=evil.name, step=20, sha256=sha256_file(evil), bytes=evil.stat().st_size)
+    entry["xxh3_128"] = xxh3_128_file(evil)
     manifest["checkpoints"].append(entry)
     (tmp_path / MANIFEST).write_text(json.dumps(manifest))
     messages: list[str] = []

@@ -3,12 +3,19 @@
 from __future__ import annotations
 
 import hashlib
+import json
 
 import pytest
 import torch
 
 from gptexp import checkpoint
-from gptexp.checkpoint import CheckpointError, CheckpointManager, sha256_file
+from gptexp.checkpoint import (
+    MANIFEST,
+    CheckpointError,
+    CheckpointManager,
+    sha256_file,
+    xxh3_128_file,
+)
 from gptexp.config import CheckpointConfig
 from tests.test_checkpoint import fake_state, policy
 
@@ -101,3 +108,27 @@ def test_prepare_does_nothing_without_asynchronous_saves(tmp_path):
         manager = CheckpointManager(tmp_path, config)
         manager.prepare({"model": fake_state(1)["model"]})
         assert manager._snapshot_buffers == {}
+
+
+def test_the_manifest_lists_both_checksums_and_loading_checks_the_fast_one(tmp_path):
+    manager = saved(tmp_path)
+    entry = manager.find("last")
+    path = tmp_path / entry.file
+    assert entry.sha256 == sha256_file(path) and entry.xxh3_128 == xxh3_128_file(path)
+    entry.xxh3_128 = "0" * 32  # a listed checksum the file does not have
+    with pytest.raises(CheckpointError, match="XXH3 checksum differs"):
+        manager.load(entry)
+
+
+def test_a_manifest_from_before_the_fast_checksum_is_verified_by_sha256(tmp_path):
+    manager = saved(tmp_path)
+    manifest = json.loads((tmp_path / MANIFEST).read_text())
+    for entry in manifest["checkpoints"]:
+        del entry["xxh3_128"]  # as gptexp wrote manifests before
+    (tmp_path / MANIFEST).write_text(json.dumps(manifest))
+    entry = manager.find("last")
+    assert entry.xxh3_128 is None
+    assert manager.load(entry)["step"] == 10
+    entry.sha256 = "0" * 64
+    with pytest.raises(CheckpointError, match="sha256 differs"):
+        manager.load(entry)
