@@ -25,6 +25,7 @@ LR = "lr"
 GRAD_NORM = "grad_norm"
 TOKENS = "tokens"
 TOKENS_PER_S = "throughput/tokens_per_s"
+MFU = "throughput/mfu"  # model FLOPs utilisation against the device's peak (gptexp.hardware)
 STEP_SECONDS = "time/step_s"  # mean wall time of the updates in the logging window
 
 # Run summaries (run.json, W&B summary, compare and sweep tables)

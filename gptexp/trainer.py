@@ -23,15 +23,17 @@ from torch.nn.parallel import DistributedDataParallel
 
 from gptexp.checkpoint import FORMAT_VERSION, CheckpointManager
 from gptexp.config import TrainConfig, config_to_dict
-from gptexp.data import Corpus, sample_batch
+from gptexp.data import DATA_ORDER_VERSION, Corpus, cache_dir, resume_grad_accum, train_batch
 from gptexp.errors import TrainingInterrupted
 from gptexp.evaluation import evaluate_loss, generate_text
+from gptexp.hardware import Peak, flops_per_token, mfu, peak_for, precision_advice
 from gptexp.metrics import (
     FINAL_TRAIN_LOSS,
     FINAL_VAL_LOSS,
     GRAD_NORM,
     LR,
     MEDIAN_TOKENS_PER_S,
+    MFU,
     STEP,
     STEP_SECONDS,
     TOKENS,
@@ -108,6 +110,9 @@ class Trainer:
         t = cfg.training
         self.device = resolve_device(t.device, dist_ctx.local_rank)
         check_precision(self.device, t.precision)
+        advice = precision_advice(self.device, t.precision)
+        if advice is not None and dist_ctx.is_main:
+            log.warning(advice)
 
         seed_everything(t.seed + dist_ctx.rank)
         self.model = GPT(cfg.model, corpus.tokenizer.vocab_size).to(self.device)
@@ -119,6 +124,7 @@ class Trainer:
         self.tokens_seen = 0
         self.best_metric: float | None = None
         self.wandb_id = uuid.uuid4().hex[:12]
+        self.data_order = DATA_ORDER_VERSION  # a resumed run keeps its own (load_state)
         if resume_state is not None:
             self.load_state(resume_state)
 
@@ -136,6 +142,11 @@ class Trainer:
         self.last_train_loss: float | None = None
         self.tokens_per_s: list[float] = []
         self.window = ThroughputWindow()
+        self._save_buffers_ready = False
+        self.peak: Peak | None = None  # of the device, for throughput/mfu (rank 0, in fit)
+        self.flops_per_token = flops_per_token(
+            self.model.num_parameters(), cfg.model.n_layer, cfg.model.n_embd, cfg.model.block_size
+        )
 
     @property
     def tokens_per_step(self) -> int:
@@ -170,6 +181,7 @@ class Trainer:
             "vocab_size": self.corpus.tokenizer.vocab_size,
             "wandb_id": self.wandb_id,
             "world_size": self.dist.world_size,
+            "data_order": self.data_order,
         }
 
     def load_state(self, state: dict[str, Any]) -> None:
@@ -192,15 +204,43 @@ class Trainer:
         self.tokens_seen = int(state["tokens_seen"])
         self.best_metric = state["best_metric"]
         self.wandb_id = state["wandb_id"]
+        # Checkpoints from before data order 2 have no "data_order": they keep order 1.
+        self.data_order = int(state.get("data_order", 1))
         saved_world = int(state["world_size"])
+        if self.data_order >= 2:
+            self._keep_global_batch(state["config"]["training"], saved_world)
         if saved_world != self.dist.world_size:
             log.warning(
-                "checkpoint was written by %d processes, resuming with %d: training continues "
-                "correctly but is no longer bit-identical to an uninterrupted run",
+                "checkpoint was written by %d processes, resuming with %d: %s",
                 saved_world,
                 self.dist.world_size,
+                "the data stay the same, the losses match an uninterrupted run up to float "
+                "reduction order (with dropout, also not its random numbers, which cannot follow "
+                "a change of world size)"
+                if self.data_order >= 2
+                else "training continues correctly but, in this run's old data order, no longer "
+                "on the batches of an uninterrupted run",
             )
         restore_rng_state(state["rng"][self.dist.rank % saved_world])
+
+    def _keep_global_batch(self, saved: dict[str, Any], saved_world: int) -> None:
+        """Set grad_accum so that a step has the checkpoint's global batch on this world size
+        (ConfigError when it cannot); the stored config of this start records the value."""
+        t = self.cfg.training
+        global_batch = int(saved["batch_size"]) * int(saved["grad_accum"]) * saved_world
+        grad_accum = resume_grad_accum(global_batch, t.batch_size, self.dist.world_size)
+        if grad_accum != t.grad_accum:
+            log.info(
+                "training.grad_accum %d -> %d: keeps the run's global batch of %d sequences "
+                "(batch_size %d x grad_accum %d x %d processes)",
+                t.grad_accum,
+                grad_accum,
+                global_batch,
+                t.batch_size,
+                grad_accum,
+                self.dist.world_size,
+            )
+            t.grad_accum = grad_accum
 
     # ------------------------------------------------------------------------- one update
 
@@ -209,15 +249,17 @@ class Trainer:
         t = self.cfg.training
         total = 0.0
         for micro in range(t.grad_accum):
-            x, y = sample_batch(
+            x, y = train_batch(
+                self.data_order,
                 self.corpus.train,
                 self.cfg.model.block_size,
                 t.batch_size,
                 seed=t.seed,
-                split="train",
                 step=self.step,
                 rank=self.dist.rank,
                 micro=micro,
+                grad_accum=t.grad_accum,
+                world_size=self.dist.world_size,
             )
             x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
             last = micro == t.grad_accum - 1
@@ -285,6 +327,10 @@ class Trainer:
         """Train to ``max_steps``; returns the last validation loss (what sweepers minimise)."""
         t = self.cfg.training
         self._announce()
+        if self.dist.is_main:  # MFU: the model's FLOPs per token against this device's peak
+            self.peak = peak_for(self.device, t.precision, cache_dir())
+            if self.peak.flops is None:
+                log.info("throughput/mfu not logged: %s", self.peak.source)
         if self.step == 0 and t.eval_every:
             self.last_val_loss = self.evaluate()
             self._log({STEP: 0, VAL_LOSS: self.last_val_loss})
@@ -299,6 +345,7 @@ class Trainer:
                 self._stop_if_requested()
                 with self.window.timing(self.tokens_per_step, updates=1):
                     loss, grad_norm = self.train_step()
+                self._prepare_save_buffers()
                 final = self.step == t.max_steps
                 record = self._train_record(loss, grad_norm, final)
                 metric = self._evaluate_if_due(record, loss, final)
@@ -351,6 +398,10 @@ class Trainer:
         tokens_per_s, step_seconds = self.window.take()
         self.tokens_per_s.append(tokens_per_s)
         self.last_train_loss = self._mean_across_ranks(loss)
+        if self.peak is not None and self.peak.flops is not None:
+            record[MFU] = mfu(
+                tokens_per_s, self.flops_per_token, self.peak.flops, self.dist.world_size
+            )
         return record | {
             TRAIN_LOSS: self.last_train_loss,
             LR: self.scheduler.get_last_lr()[0],
@@ -382,6 +433,17 @@ class Trainer:
     def _check_finite(self, loss: float) -> None:
         if math.isnan(loss):
             raise FloatingPointError(f"train/loss is NaN at step {self.step}")
+
+    def _prepare_save_buffers(self) -> None:
+        """Once the optimizer has its state (after a run's first update), allocate what an
+        asynchronous save copies into: the first save then stalls for a copy only."""
+        if self._save_buffers_ready or not self.dist.is_main or not self.optimizer.state:
+            return
+        self._save_buffers_ready = True
+        if self.cfg.checkpoint.enabled and self.cfg.checkpoint.async_save:
+            self.checkpoints.prepare(
+                {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict()}
+            )
 
     def _save_if_due(self, metric: float | None, final: bool) -> None:
         # Periodic, milestone and final saves depend on the step alone, so every rank decides
