@@ -29,6 +29,7 @@ from omegaconf import DictConfig, OmegaConf
 from gptexp.checkpoint import atomic_write_bytes, atomic_write_json
 from gptexp.cli import EXIT_INTERRUPTED
 from gptexp.config import ConfigError, config_to_dict, to_train_config
+from gptexp.hf import resolve_init_from
 from gptexp.run import FAILED, FINISHED, RunDirectory, now, run_logging
 from gptexp.trainer import USER_ERRORS, Distributed, TrainingInterrupted, run_training
 
@@ -174,7 +175,7 @@ def sweep_job(
     launching the same command into the same sweep directory continues it.
     """
     try:
-        typed = to_train_config(cfg)
+        typed = resolve_init_from(to_train_config(cfg), overrides)  # model.init_from's shape
     except ConfigError as error:
         print(f"error: {error}", file=sys.stderr)
         if dist_ctx.is_main:

@@ -21,6 +21,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from gptexp.cli import EXIT_USER_ERROR, report_errors
 from gptexp.config import ConfigError, register_configs, to_train_config
+from gptexp.hf import resolve_init_from
 from gptexp.run import RunDirectory, RunError, discard_unstarted, run_logging
 from gptexp.sweep import BASIC_SWEEPER, JobFailed, share_cores_between_jobs, sweep_job
 from gptexp.trainer import (
@@ -93,8 +94,10 @@ def train(cfg: DictConfig) -> float | None:
         return result
 
     def body() -> float | None:
+        # model.init_from: the source's shape goes into the config the run stores.
+        typed = resolve_init_from(to_train_config(cfg), overrides)
         return run_training(
-            to_train_config(cfg), run, resume=False, wandb_group=wandb_group, wandb_name=wandb_name
+            typed, run, resume=False, wandb_group=wandb_group, wandb_name=wandb_name
         )
 
     try:

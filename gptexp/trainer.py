@@ -28,6 +28,7 @@ from torch.nn.parallel import DistributedDataParallel
 from gptexp.checkpoint import FORMAT_VERSION, CheckpointError, CheckpointManager
 from gptexp.config import ConfigError, TrainConfig, TrainingConfig, config_to_dict
 from gptexp.data import Corpus, DataError, prepare_corpus, sample_batch, tokenizer_from_json
+from gptexp.hf import ImportedModel, import_source
 from gptexp.loggers import MetricsFile, WandbMirror
 from gptexp.model import GPT
 from gptexp.run import (
@@ -316,7 +317,13 @@ class Trainer:
 
         # Data: a resumed run reuses its own tokenizer, never a retrained one.
         tokenizer = None
-        if resume_state is not None:
+        # A run started from a Hugging Face model (not resumed from its own checkpoint) takes
+        # that model's tokenizer and weights; the entry point already set cfg.model's shape.
+        imported: ImportedModel | None = None
+        if cfg.model.init_from is not None and resume_state is None:
+            imported = import_source(cfg.model)
+            tokenizer = imported.tokenizer
+        elif resume_state is not None:
             tokenizer = tokenizer_from_json(resume_state["tokenizer"])
         elif run.tokenizer.is_file():
             tokenizer = tokenizer_from_json(run.tokenizer.read_text(encoding="utf-8"))
@@ -328,7 +335,12 @@ class Trainer:
             )
 
         seed_everything(t.seed + dist_ctx.rank)
-        self.model = GPT(cfg.model, self.corpus.tokenizer.vocab_size).to(self.device)
+        self.model = GPT(cfg.model, self.corpus.tokenizer.vocab_size)
+        self.init_from: dict[str, Any] | None = None  # run.json's record of the source
+        if imported is not None:
+            self.model.load_state_dict(imported.state_dict)
+            self.init_from = imported.record
+        self.model.to(self.device)
         self.optimizer = torch.optim.AdamW(
             self.model.optimizer_groups(t.weight_decay),
             lr=t.lr,
@@ -551,10 +563,12 @@ class Trainer:
         )
         if self.dist.is_main:
             self.run.update_status(parameters=n_params, vocab_size=self.corpus.tokenizer.vocab_size)
-        if self.step == 0 and t.eval_every:
+        if self.step == 0 and (t.eval_every or t.max_steps == 0):
             self.last_val_loss = self.evaluate()
             self.log_metrics({"step": 0, "val/loss": self.last_val_loss})
             log.info("step 0: val/loss %.4f", self.last_val_loss)
+        if self.step == 0 and t.max_steps == 0:
+            return self._finish_at_step_zero()
 
         if ck.on_signal:
             self.stop.install()
@@ -621,6 +635,18 @@ class Trainer:
         finally:
             progress.close()
             self.stop.uninstall()
+        return self.last_val_loss
+
+    def _finish_at_step_zero(self) -> float | None:
+        """training.max_steps=0 (only with model.init_from): the imported model's baseline,
+        evaluated, sampled and checkpointed as step 0 (what fine-tuning is compared with)."""
+        metric = self.last_val_loss if self.cfg.checkpoint.monitor == "val/loss" else None
+        if metric is not None and math.isfinite(metric):
+            self.best_metric = metric
+        if self.dist.is_main:
+            self.write_sample()
+        self._maybe_save(metric, final=True)
+        self.checkpoints.wait()
         return self.last_val_loss
 
     def _maybe_save(self, metric: float | None, final: bool) -> None:
@@ -777,6 +803,8 @@ def _start_status(run, cfg, trainer, dist_ctx, resume, resume_note) -> None:
         "ended": None,
         **environment(),
     }
+    if trainer.init_from is not None:  # started from a Hugging Face model (gptexp.hf)
+        fields["init_from"] = trainer.init_from
     if not previous.get("started"):
         fields["started"] = now()
     if resume:
