@@ -216,6 +216,28 @@ def test_char_tokenizer_exports_with_identical_encode_and_decode(tmp_path: Path)
         assert loaded.decode(ids) == sample
 
 
+def test_tanh_gelu_exports_as_the_same_function(tmp_path: Path) -> None:
+    tokenizer = CharTokenizer.train("abcdefgh \n")
+    cfg = ModelConfig(n_layer=2, n_head=2, n_embd=16, block_size=16, bias=True)
+    torch.manual_seed(0)
+    model = GPT(ModelConfig(**{**cfg.__dict__, "activation": "gelu_tanh"}), tokenizer.vocab_size)
+    with torch.no_grad():
+        for param in model.parameters():
+            param.normal_(0.0, 0.5)  # large pre-activations, where the two GELUs part
+    exact = GPT(cfg, tokenizer.vocab_size)
+    exact.load_state_dict(model.state_dict())
+    save_hf(model, tokenizer, tmp_path, ExportInfo("run", "step_0000001.pt", 1, {}, None, None))
+    config = json.loads((tmp_path / "config.json").read_text())
+    assert config["activation_function"] == "gelu_pytorch_tanh"
+    ids = torch.randint(
+        0, tokenizer.vocab_size, (2, 16), generator=torch.Generator().manual_seed(0)
+    )
+    with torch.no_grad():
+        ours, theirs = model(ids)[0], hf_logits(tmp_path, ids)
+    assert (ours - theirs).abs().max().item() <= TOLERANCE
+    assert (exact(ids)[0] - theirs).abs().max().item() > TOLERANCE  # the activation matters
+
+
 def test_export_without_transformers_names_the_extra(finished_run: Path, tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
     shutil.copytree(finished_run, run_dir, ignore=shutil.ignore_patterns("eval", "export"))
