@@ -488,7 +488,15 @@ def import_source(model_cfg: ModelConfig) -> ImportedModel:
             f"run's model config ({lines}); was the source directory changed?"
         )
     transformers = require_transformers("model.init_from")
-    hf_model = transformers.AutoModelForCausalLM.from_pretrained(source.path)
+    from safetensors import SafetensorError
+
+    try:
+        hf_model = transformers.AutoModelForCausalLM.from_pretrained(source.path)
+    except (OSError, ValueError, RuntimeError, SafetensorError) as error:
+        raise ConfigError(
+            f"model.init_from={model_cfg.init_from!r}: its weights do not load "
+            f"({str(error).splitlines()[0]})"
+        ) from None
     if not isinstance(hf_model, transformers.GPT2LMHeadModel):
         raise ConfigError(
             f"model.init_from={model_cfg.init_from!r}: loads as {type(hf_model).__name__}, "

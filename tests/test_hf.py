@@ -19,7 +19,7 @@ from gptexp.checkpoint import sha256_file
 from gptexp.config import ConfigError, ModelConfig
 from gptexp.data import CharTokenizer, python_docs_text, sample_batch
 from gptexp.eval import load_run_checkpoint, rebuild_model, reload_corpus
-from gptexp.hf import ExportInfo, open_source, resolve_init_from, save_hf
+from gptexp.hf import ExportInfo, import_source, open_source, resolve_init_from, save_hf
 from gptexp.model import GPT
 from gptexp.run import RunDirectory
 from tests.conftest import (
@@ -411,6 +411,15 @@ def test_features_gptexp_lacks_are_refused_by_name(
     with pytest.raises(ConfigError, match="cannot be imported exactly|is not GPT-2") as error:
         open_source(str(source))
     assert feature in str(error.value)
+
+
+def test_damaged_source_weights_are_a_clear_error(gpt2_dir: Path, tmp_path: Path) -> None:
+    source = edited_copy(gpt2_dir, tmp_path)
+    weights = source / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:5000])  # cut short
+    model_cfg = ModelConfig(**open_source(str(source)).model_values, init_from=str(source))
+    with pytest.raises(ConfigError, match="its weights do not load"):
+        import_source(model_cfg)
 
 
 def test_init_from_that_cannot_be_found(tmp_path: Path) -> None:
