@@ -354,6 +354,17 @@ def test_init_from_baseline_then_export_round_trip(
     difference = (hf_logits(out, batch) - hf_logits(gpt2_dir, batch)).abs().max().item()
     assert difference <= TOLERANCE
 
+    # Fine-tuning continues from the step-0 checkpoint (the source is not imported again).
+    done = run_module(
+        "gptexp.resume", f"run={run_dir}", "training.max_steps=2", cwd=tmp_path, env=offline_env()
+    )
+    assert done.returncode == 0, done.stderr
+    manifest = json.loads((run_dir / "checkpoints" / "manifest.json").read_text())
+    assert [entry["step"] for entry in manifest["checkpoints"]] == [0, 2]
+    tuned = load_run_checkpoint(RunDirectory(run_dir), "last").state["model"]
+    imported = load_run_checkpoint(RunDirectory(run_dir), "0").state["model"]
+    assert not torch.equal(tuned["blocks.0.mlp.fc.weight"], imported["blocks.0.mlp.fc.weight"])
+
 
 def test_conflicting_model_override_is_refused(gpt2_dir: Path, tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
