@@ -144,13 +144,22 @@ def from_hf_backend(backend) -> Tokenizer:
     becomes a char tokenizer again (bits per character); anything else is wrapped whole
     (bits per UTF-8 byte)."""
     data = json.loads(backend.to_str())
-    if data.get("model", {}).get("type") == "WordLevel":
+    if data.get("model", {}).get("type") == "WordLevel" and _adds_no_tokens(data):
         vocab = data["model"]["vocab"]
         chars = sorted(vocab, key=vocab.get)
-        single = all(len(c) == 1 for c in chars)
-        if single and json.loads(char_backend(chars).to_str()) == data:
+        ours = json.loads(char_backend(chars).to_str())
+        parts = ("normalizer", "pre_tokenizer", "model", "decoder", "added_tokens")
+        if all(len(c) == 1 for c in chars) and all(data[p] == ours[p] for p in parts):
             return CharTokenizer(chars)
     return BPETokenizer(backend)
+
+
+def _adds_no_tokens(data: dict[str, Any]) -> bool:
+    """Whether a tokenizer's post-processor leaves the ids alone (transformers 5 installs a
+    template that adds nothing when it loads a tokenizer without one)."""
+    post = data.get("post_processor")
+    plain = [{"Sequence": {"id": "A", "type_id": 0}}]
+    return post is None or (post.get("type") == "TemplateProcessing" and post["single"] == plain)
 
 
 def end_of_text(backend) -> tuple[str, int] | None:

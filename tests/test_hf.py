@@ -366,6 +366,20 @@ def test_init_from_baseline_then_export_round_trip(
     assert not torch.equal(tuned["blocks.0.mlp.fc.weight"], imported["blocks.0.mlp.fc.weight"])
 
 
+def test_a_gptexp_export_imports_back_exactly(char_export: Exported) -> None:
+    source = open_source(str(char_export.out))
+    assert isinstance(source.tokenizer, CharTokenizer)  # bits per character again, not per byte
+    assert source.tokenizer.chars == char_export.rebuilt.tokenizer.chars
+    model_cfg = ModelConfig(**source.model_values, init_from=str(char_export.out))
+    assert (model_cfg.bias, model_cfg.activation) == (True, "gelu")  # zero biases, now trainable
+    model = GPT(model_cfg, source.tokenizer.vocab_size)
+    model.load_state_dict(import_source(model_cfg).state_dict)
+    x = char_export.val_batch()
+    with torch.no_grad():
+        difference = (model.eval()(x)[0] - char_export.rebuilt.model(x)[0]).abs().max().item()
+    assert difference <= TOLERANCE
+
+
 def test_conflicting_model_override_is_refused(gpt2_dir: Path, tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
     done = run_module(
