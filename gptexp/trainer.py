@@ -356,6 +356,8 @@ class Trainer:
         self.tokens_seen = 0
         self.best_metric: float | None = None
         self.wandb_id = uuid.uuid4().hex[:12]
+        # A checkpoint of step 0 (an imported model's baseline) was evaluated when it was made.
+        self.from_checkpoint = resume_state is not None
         if resume_state is not None:
             self._load_state(resume_state)
 
@@ -563,12 +565,12 @@ class Trainer:
         )
         if self.dist.is_main:
             self.run.update_status(parameters=n_params, vocab_size=self.corpus.tokenizer.vocab_size)
-        if self.step == 0 and (t.eval_every or t.max_steps == 0):
+        if self.step == 0 and not self.from_checkpoint and (t.eval_every or t.max_steps == 0):
             self.last_val_loss = self.evaluate()
             self.log_metrics({"step": 0, "val/loss": self.last_val_loss})
             log.info("step 0: val/loss %.4f", self.last_val_loss)
-        if self.step == 0 and t.max_steps == 0:
-            return self._finish_at_step_zero()
+            if t.max_steps == 0:
+                return self._finish_at_step_zero()
 
         if ck.on_signal:
             self.stop.install()

@@ -361,6 +361,7 @@ def test_init_from_baseline_then_export_round_trip(
     assert done.returncode == 0, done.stderr
     manifest = json.loads((run_dir / "checkpoints" / "manifest.json").read_text())
     assert [entry["step"] for entry in manifest["checkpoints"]] == [0, 2]
+    assert [r["step"] for r in read_metrics(run_dir) if "val/loss" in r] == [0, 2]  # no repeat
     tuned = load_run_checkpoint(RunDirectory(run_dir), "last").state["model"]
     imported = load_run_checkpoint(RunDirectory(run_dir), "0").state["model"]
     assert not torch.equal(tuned["blocks.0.mlp.fc.weight"], imported["blocks.0.mlp.fc.weight"])
