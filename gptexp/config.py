@@ -30,6 +30,9 @@ def _one_of(key: str, value: str, choices: tuple[str, ...]) -> None:
     _require(value in choices, key, f"must be one of {', '.join(choices)}", value)
 
 
+ACTIVATIONS = ("gelu", "gelu_tanh")
+
+
 @dataclass
 class ModelConfig:
     """Shape of the GPT. The vocabulary size comes from the tokenizer, not from here."""
@@ -40,6 +43,10 @@ class ModelConfig:
     block_size: int = 128
     dropout: float = 0.0
     bias: bool = False
+    activation: str = "gelu"  # gelu (exact, erf) | gelu_tanh (GPT-2's tanh approximation)
+    # A Hugging Face GPT-2-family directory (or hub name) to start from: it decides the shape,
+    # the activation and the tokenizer (gptexp.hf.resolve_init_from).
+    init_from: str | None = None
 
     def __post_init__(self) -> None:
         for key in ("n_layer", "n_head", "n_embd", "block_size"):
@@ -51,6 +58,9 @@ class ModelConfig:
             self.n_embd,
         )
         _require(0.0 <= self.dropout < 1.0, "model.dropout", "must be in [0, 1)", self.dropout)
+        _one_of("model.activation", self.activation, ACTIVATIONS)
+        if self.init_from is not None:
+            _require(bool(self.init_from), "model.init_from", "must not be empty", self.init_from)
 
 
 DATA_SOURCES = ("pydocs", "shakespeare", "text")
@@ -129,10 +139,18 @@ class TrainingConfig:
     sample_tokens: int = 200
 
     def __post_init__(self) -> None:
-        for key in ("max_steps", "batch_size", "grad_accum", "eval_batches", "log_every"):
+        for key in ("batch_size", "grad_accum", "eval_batches", "log_every"):
             value = getattr(self, key)
             _require(value >= 1, f"training.{key}", "must be >= 1", value)
-        for key in ("warmup_steps", "eval_every", "num_threads", "sample_every", "sample_tokens"):
+        # max_steps=0 needs model.init_from (TrainConfig checks): an imported model's baseline.
+        for key in (
+            "max_steps",
+            "warmup_steps",
+            "eval_every",
+            "num_threads",
+            "sample_every",
+            "sample_tokens",
+        ):
             value = getattr(self, key)
             _require(value >= 0, f"training.{key}", "must be >= 0", value)
         _require(self.lr > 0 and math.isfinite(self.lr), "training.lr", "must be > 0", self.lr)
@@ -230,6 +248,15 @@ class TrainConfig:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     experiment: str | None = None  # name of the experiment preset, set by conf/experiment/*
+
+    def __post_init__(self) -> None:
+        _require(
+            self.training.max_steps >= 1 or self.model.init_from is not None,
+            "training.max_steps",
+            "must be >= 1 (0, which evaluates and checkpoints the starting model as step 0, "
+            "needs model.init_from)",
+            self.training.max_steps,
+        )
 
 
 def register_configs() -> None:

@@ -37,6 +37,7 @@ from gptexp.errors import (
     TrainingInterrupted,
 )
 from gptexp.fsio import atomic_write_bytes, atomic_write_json, atomic_write_text
+from gptexp.hf import resolve_init_from
 from gptexp.metrics import FINAL_VAL_LOSS
 from gptexp.rundir import (
     FAILED,
@@ -185,7 +186,7 @@ def sweep_job(
     launching the same command into the same sweep directory continues it.
     """
     try:
-        typed = to_train_config(cfg)
+        typed = resolve_init_from(to_train_config(cfg), overrides)  # model.init_from's shape
     except ConfigError as error:
         print(f"error: {error}", file=sys.stderr)
         if dist_ctx.is_main:

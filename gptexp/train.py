@@ -22,6 +22,7 @@ from omegaconf import DictConfig, OmegaConf
 from gptexp.cli import command_logging, run_command
 from gptexp.config import register_configs, to_train_config
 from gptexp.errors import JobFailed, RunError
+from gptexp.hf import resolve_init_from
 from gptexp.rundir import RunDirectory, discard_unstarted
 from gptexp.runtime import Distributed, init_distributed
 from gptexp.session import run_training
@@ -89,8 +90,10 @@ def train(cfg: DictConfig) -> float | None:
         return result
 
     def body() -> float | None:
+        # model.init_from: the source's shape goes into the config the run stores.
+        typed = resolve_init_from(to_train_config(cfg), overrides)
         return run_training(
-            to_train_config(cfg), run, resume=False, wandb_group=wandb_group, wandb_name=wandb_name
+            typed, run, resume=False, wandb_group=wandb_group, wandb_name=wandb_name
         )
 
     try:

@@ -101,6 +101,7 @@ class Trainer:
         corpus: Corpus,
         resume_state: dict[str, Any] | None = None,
         sinks: Sequence[MetricsSink] = (),
+        init_weights: dict[str, torch.Tensor] | None = None,
     ) -> None:
         self.cfg = cfg
         self.run = run
@@ -115,7 +116,10 @@ class Trainer:
             log.warning(advice)
 
         seed_everything(t.seed + dist_ctx.rank)
-        self.model = GPT(cfg.model, corpus.tokenizer.vocab_size).to(self.device)
+        self.model = GPT(cfg.model, corpus.tokenizer.vocab_size)
+        if init_weights is not None:  # a model imported from elsewhere (model.init_from)
+            self.model.load_state_dict(init_weights)
+        self.model.to(self.device)
         self.optimizer = build_optimizer(self.model, t, self.device)
         self.scheduler = build_scheduler(self.optimizer, t)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=t.precision == "fp16")
@@ -125,6 +129,8 @@ class Trainer:
         self.best_metric: float | None = None
         self.wandb_id = uuid.uuid4().hex[:12]
         self.data_order = DATA_ORDER_VERSION  # a resumed run keeps its own (load_state)
+        # A checkpoint of step 0 (an imported model's baseline) was evaluated when it was made.
+        self.from_checkpoint = resume_state is not None
         if resume_state is not None:
             self.load_state(resume_state)
 
@@ -331,10 +337,12 @@ class Trainer:
             self.peak = peak_for(self.device, t.precision, cache_dir())
             if self.peak.flops is None:
                 log.info("throughput/mfu not logged: %s", self.peak.source)
-        if self.step == 0 and t.eval_every:
+        if self.step == 0 and not self.from_checkpoint and (t.eval_every or t.max_steps == 0):
             self.last_val_loss = self.evaluate()
             self._log({STEP: 0, VAL_LOSS: self.last_val_loss})
             log.info("step 0: val/loss %.4f", self.last_val_loss)
+            if t.max_steps == 0:
+                return self._finish_at_step_zero()
         if self.step >= t.max_steps:
             log.info("step %d already reaches training.max_steps=%d", self.step, t.max_steps)
         progress = Progress(self.dist.is_main, t.progress, self.step, t.max_steps)
@@ -360,6 +368,16 @@ class Trainer:
         finally:
             progress.close()
             self.stop.uninstall()
+        return self.last_val_loss
+
+    def _finish_at_step_zero(self) -> float | None:
+        """training.max_steps=0 (only with model.init_from): the imported model's baseline,
+        evaluated, sampled and checkpointed as step 0 (what fine-tuning is compared with)."""
+        metric = self.last_val_loss if self.cfg.checkpoint.monitor == VAL_LOSS else None
+        self._track_best(metric)
+        self._sample_if_due(final=True)
+        self._save_if_due(metric, final=True)
+        self.checkpoints.wait()
         return self.last_val_loss
 
     def _announce(self) -> None:
