@@ -24,20 +24,24 @@ from torch.nn.parallel import DistributedDataParallel
 from gptexp.checkpoint import FORMAT_VERSION, CheckpointManager
 from gptexp.config import TrainConfig, config_to_dict
 from gptexp.data import Corpus, sample_batch
-from gptexp.errors import TrainingInterrupted
+from gptexp.errors import TrainingDiverged, TrainingInterrupted
 from gptexp.evaluation import evaluate_loss, generate_text
+from gptexp.guard import APPLY, ROLLBACK, SKIP, SpikeGuard, stop_message
 from gptexp.metrics import (
+    EVENT,
     FINAL_TRAIN_LOSS,
     FINAL_VAL_LOSS,
     GRAD_NORM,
     LR,
     MEDIAN_TOKENS_PER_S,
+    SPIKE_EVENT,
     STEP,
     STEP_SECONDS,
     TOKENS,
     TOKENS_PER_S,
     TRAIN_LOSS,
     VAL_LOSS,
+    MetricsFile,
     best_metric_name,
     median_throughput,
 )
@@ -119,6 +123,8 @@ class Trainer:
         self.tokens_seen = 0
         self.best_metric: float | None = None
         self.wandb_id = uuid.uuid4().hex[:12]
+        self.guard = SpikeGuard(t.guard)
+        self.data_step = 0  # index of the next batch (the guard may skip some)
         if resume_state is not None:
             self.load_state(resume_state)
 
@@ -170,6 +176,8 @@ class Trainer:
             "vocab_size": self.corpus.tokenizer.vocab_size,
             "wandb_id": self.wandb_id,
             "world_size": self.dist.world_size,
+            "data_step": self.data_step,
+            "guard": self.guard.state_dict(),
         }
 
     def load_state(self, state: dict[str, Any]) -> None:
@@ -191,13 +199,22 @@ class Trainer:
                 self.dist.world_size,
             )
         restore_rng_state(state["rng"][self.dist.rank % saved_world])
+        # The spike guard's state (checkpoints written before the guard have none: no skips).
+        self.data_step = int(state.get("data_step", self.step))
+        if "guard" in state:
+            self.guard.load_state_dict(state["guard"])
 
     # ------------------------------------------------------------------------- one update
 
     def train_step(self) -> tuple[float, float]:
-        """One optimizer update over ``grad_accum`` micro-batches; returns (loss, grad norm)."""
+        """One optimizer update over ``grad_accum`` micro-batches; returns (loss, grad norm).
+
+        The update trains on the batch of index ``data_step`` (the next one the guard has not
+        put on its skip list); when the guard rejects it, no update happens (``step`` stays,
+        or goes back to a checkpoint's) and the batch is used up all the same."""
         t = self.cfg.training
         total = 0.0
+        self.data_step = self.guard.next_batch(self.data_step)
         for micro in range(t.grad_accum):
             x, y = sample_batch(
                 self.corpus.train,
@@ -205,7 +222,7 @@ class Trainer:
                 t.batch_size,
                 seed=t.seed,
                 split="train",
-                step=self.step,
+                step=self.data_step,
                 rank=self.dist.rank,
                 micro=micro,
             )
@@ -226,15 +243,114 @@ class Trainer:
         grad_norm = (
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), t.grad_clip).item()
             if t.grad_clip > 0
-            else 0.0
+            else torch.nn.utils.get_total_norm(
+                [p.grad for p in self.model.parameters() if p.grad is not None]
+            ).item()
         )
+        loss = total / t.grad_accum
+        if not self._guard_admits(loss, grad_norm):
+            return loss, grad_norm
+        self.data_step += 1
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
         self.tokens_seen += self.tokens_per_step
-        return total / t.grad_accum, grad_norm
+        return loss, grad_norm
+
+    # ------------------------------------------------------------------------- the spike guard
+
+    def _guard_admits(self, loss: float, grad_norm: float) -> bool:
+        """Whether the update with these gradients may reach the optimizer. When not, the
+        gradients are dropped and the guard's action is carried out: skip the batch, roll back
+        to the newest valid checkpoint, or stop the run (TrainingDiverged)."""
+        # Every rank decides alike: the gradient norm is already the all-reduced one. With
+        # fp16, an overflowing gradient is the GradScaler's to handle: it skips the step and
+        # lowers its scale, as it always has.
+        loss = self._mean_across_ranks(loss)
+        norm = 0.0 if self.scaler.is_enabled() and math.isfinite(loss) else grad_norm
+        action, cause = self.guard.judge(loss, norm)
+        if action == APPLY:
+            return True
+        if action == ROLLBACK and not self._has_checkpoint():
+            action = self.guard.without_checkpoint()
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.scaler.is_enabled():
+            # Close the scaler's iteration (unscale_ was called) without changing its scale.
+            self.scaler.update(new_scale=self.scaler.get_scale())
+        event = {
+            "step": self.step + 1,
+            "batch": self.data_step,
+            "loss": loss,
+            "average": self.guard.average,
+            "grad_norm": grad_norm,
+            "cause": cause,
+            "action": action,
+        }
+        if action == SKIP:
+            self.guard.skip_batches(self.data_step, self.data_step)
+            self.data_step += 1
+            self._guard_event(self.guard.record(event))
+        elif action == ROLLBACK:
+            self._roll_back(event)
+        else:
+            event = self.guard.record(event)
+            self._guard_event(event)
+            raise TrainingDiverged(stop_message(self.guard, event, self._last_checkpoint_step()))
+        return False
+
+    def _roll_back(self, event: dict[str, Any]) -> None:
+        """Load the newest valid checkpoint (the guard's state carries on) and put the batches
+        from there to the spike, and ``skip_after`` more, on the skip list."""
+        spike_batch = self.data_step
+        self.checkpoints.wait()
+        if self.dist.enabled:
+            dist.barrier()  # rank 0's last save is durable before any rank reads the manifest
+        found = self.checkpoints.load_latest_valid()
+        assert found is not None, "rollback without a checkpoint (judge() was told one exists)"
+        entry, state = found
+        guard_state = self.guard.state_dict()
+        self.load_state(state)
+        self.guard.load_state_dict(guard_state)
+        self.guard.skip_batches(self.data_step, spike_batch + self.cfg.training.guard.skip_after)
+        event = self.guard.record(event | {"to_step": self.step})
+        log.warning(
+            "spike at step %d: rolled back to checkpoint %s; batches %d..%d are skipped",
+            event["step"],
+            entry.file,
+            self.data_step,
+            spike_batch + self.cfg.training.guard.skip_after,
+        )
+        if self.dist.is_main:
+            # The steps after the checkpoint will be logged again; W&B keeps its first values.
+            for sink in self.sinks:
+                if isinstance(sink, MetricsFile):
+                    sink.rewind(self.step, len(self.guard.events))
+        self._guard_event(event)
+
+    def _guard_event(self, event: dict[str, Any]) -> None:
+        """An event as a metrics.jsonl record (W&B raises an alert for it) and in run.json."""
+        if event["action"] == SKIP:
+            log.warning(
+                "%s at step %d (train/loss %s, average %s): update skipped, batch %d dropped",
+                "non-finite update" if event["cause"] == "nonfinite" else "loss spike",
+                event["step"],
+                event["loss"],
+                event["average"],
+                event["batch"],
+            )
+        self._log({STEP: event["step"], EVENT: SPIKE_EVENT, **event})
+        if self.dist.is_main:
+            self.run.update_status(guard=self.guard.report())
+
+    def _has_checkpoint(self) -> bool:
+        return self.cfg.checkpoint.enabled and self._last_checkpoint_step() is not None
+
+    def _last_checkpoint_step(self) -> int | None:
+        self.checkpoints.wait()
+        entries = self.checkpoints.entries()
+        return entries[-1].step if entries else None
 
     def evaluate(self, split: str = "val") -> float:
         """Mean loss over the fixed evaluation batches of ``split``."""
@@ -287,15 +403,17 @@ class Trainer:
         try:
             while self.step < t.max_steps:
                 self._stop_if_requested()
+                before = self.step
                 with self.window.timing(self.tokens_per_step, updates=1):
                     loss, grad_norm = self.train_step()
+                if self.step <= before:
+                    continue  # the guard dropped the update or rolled back (see train_step)
                 final = self.step == t.max_steps
                 record = self._train_record(loss, grad_norm, final)
                 metric = self._evaluate_if_due(record, loss, final)
                 self._log(record)
                 self._sample_if_due(final)
                 self._track_best(metric)
-                self._check_finite(loss)
                 with self.window.timing():
                     self._save_if_due(metric, final)
                 self._report(progress, record, loss)
@@ -369,10 +487,6 @@ class Trainer:
         if self.best_metric is None or self.checkpoints.is_better(metric, self.best_metric):
             self.best_metric = metric
 
-    def _check_finite(self, loss: float) -> None:
-        if math.isnan(loss):
-            raise FloatingPointError(f"train/loss is NaN at step {self.step}")
-
     def _save_if_due(self, metric: float | None, final: bool) -> None:
         # Periodic, milestone and final saves depend on the step alone, so every rank decides
         # them itself; "best" ranks against the manifest, which rank 0 alone reads, so at an
@@ -420,6 +534,7 @@ class Trainer:
             FINAL_VAL_LOSS: self.last_val_loss,
             FINAL_TRAIN_LOSS: self.last_train_loss,
             MEDIAN_TOKENS_PER_S: median_throughput(self.tokens_per_s),
+            "guard": self.guard.report(),
         }
 
     def release(self) -> None:
