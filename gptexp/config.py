@@ -280,6 +280,16 @@ class TrainConfig:
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     experiment: str | None = None  # name of the experiment preset, set by conf/experiment/*
 
+    def __post_init__(self) -> None:
+        if self.training.guard.action == "rollback":
+            _require(
+                self.checkpoint.enabled,
+                "training.guard.action",
+                "needs checkpoints to roll back to (checkpoint.enabled is false); "
+                "use training.guard.action=skip",
+                self.training.guard.action,
+            )
+
 
 def register_configs() -> None:
     """Register the schemas in Hydra's ConfigStore (called by the entry points, not at import)."""

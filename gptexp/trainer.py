@@ -21,12 +21,12 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
-from gptexp.checkpoint import FORMAT_VERSION, CheckpointManager
+from gptexp.checkpoint import FORMAT_VERSION, CheckpointEntry, CheckpointManager
 from gptexp.config import TrainConfig, config_to_dict
 from gptexp.data import Corpus, sample_batch
 from gptexp.errors import TrainingDiverged, TrainingInterrupted
 from gptexp.evaluation import evaluate_loss, generate_text
-from gptexp.guard import APPLY, ROLLBACK, SKIP, SpikeGuard, stop_message
+from gptexp.guard import APPLY, NONFINITE, ROLLBACK, SKIP, SpikeGuard, stop_message
 from gptexp.metrics import (
     EVENT,
     FINAL_TRAIN_LOSS,
@@ -273,8 +273,9 @@ class Trainer:
         action, cause = self.guard.judge(loss, norm)
         if action == APPLY:
             return True
-        if action == ROLLBACK and not self._has_checkpoint():
-            action = self.guard.without_checkpoint()
+        target = self._rollback_target() if action == ROLLBACK else None
+        if action == ROLLBACK and target is None:
+            action = self.guard.without_checkpoint()  # nothing to roll back to: skip
         self.optimizer.zero_grad(set_to_none=True)
         if self.scaler.is_enabled():
             # Close the scaler's iteration (unscale_ was called) without changing its scale.
@@ -293,23 +294,26 @@ class Trainer:
             self.data_step += 1
             self._guard_event(self.guard.record(event))
         elif action == ROLLBACK:
-            self._roll_back(event)
+            self._roll_back(event, *target)
         else:
             event = self.guard.record(event)
             self._guard_event(event)
             raise TrainingDiverged(stop_message(self.guard, event, self._last_checkpoint_step()))
         return False
 
-    def _roll_back(self, event: dict[str, Any]) -> None:
-        """Load the newest valid checkpoint (the guard's state carries on) and put the batches
-        from there to the spike, and ``skip_after`` more, on the skip list."""
-        spike_batch = self.data_step
+    def _rollback_target(self) -> tuple[CheckpointEntry, dict[str, Any]] | None:
+        """(entry, state) of the newest valid checkpoint, or None (none written yet)."""
         self.checkpoints.wait()
         if self.dist.enabled:
             dist.barrier()  # rank 0's last save is durable before any rank reads the manifest
-        found = self.checkpoints.load_latest_valid()
-        assert found is not None, "rollback without a checkpoint (judge() was told one exists)"
-        entry, state = found
+        return self.checkpoints.load_latest_valid()
+
+    def _roll_back(
+        self, event: dict[str, Any], entry: CheckpointEntry, state: dict[str, Any]
+    ) -> None:
+        """Load the checkpoint's state (the guard's own state carries on) and put the batches
+        from there to the spike, and ``skip_after`` more, on the skip list."""
+        spike_batch = self.data_step
         guard_state = self.guard.state_dict()
         self.load_state(state)
         self.guard.load_state_dict(guard_state)
@@ -334,7 +338,7 @@ class Trainer:
         if event["action"] == SKIP:
             log.warning(
                 "%s at step %d (train/loss %s, average %s): update skipped, batch %d dropped",
-                "non-finite update" if event["cause"] == "nonfinite" else "loss spike",
+                "non-finite update" if event["cause"] == NONFINITE else "loss spike",
                 event["step"],
                 event["loss"],
                 event["average"],
@@ -343,9 +347,6 @@ class Trainer:
         self._log({STEP: event["step"], EVENT: SPIKE_EVENT, **event})
         if self.dist.is_main:
             self.run.update_status(guard=self.guard.report())
-
-    def _has_checkpoint(self) -> bool:
-        return self.cfg.checkpoint.enabled and self._last_checkpoint_step() is not None
 
     def _last_checkpoint_step(self) -> int | None:
         self.checkpoints.wait()

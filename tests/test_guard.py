@@ -153,6 +153,10 @@ def test_guard_config_is_validated_and_old_configs_get_the_defaults():
             to_train_config({"training": {"guard": {key: value}}})
     with pytest.raises(ConfigError, match="training.guard.nope"):
         to_train_config({"training": {"guard": {"nope": 1}}})
+    with pytest.raises(ConfigError, match="training.guard.action='rollback': needs checkpoints"):
+        to_train_config(
+            {"training": {"guard": {"action": "rollback"}}, "checkpoint": {"enabled": False}}
+        )
     stored = config_to_dict(TrainConfig())
     del stored["training"]["guard"]  # a run from before the guard
     assert to_train_config(stored).training.guard == GuardConfig()
@@ -161,7 +165,9 @@ def test_guard_config_is_validated_and_old_configs_get_the_defaults():
 @pytest.mark.parametrize("asynchronous", [False, True])
 def test_a_checkpoint_with_a_nonfinite_tensor_is_never_written(tmp_path, asynchronous):
     checkpoints = CheckpointManager(tmp_path, CheckpointConfig())
-    good = {"model": {"w": torch.ones(3)}, "step": 5, "rng": [torch.zeros(4, dtype=torch.uint8)]}
+    # finite, though its sum overflows (the check's fast path must not refuse it)
+    big = torch.full((4,), 3e38)
+    good = {"model": {"w": torch.ones(3), "big": big}, "step": 5, "rng": [torch.zeros(4)]}
     checkpoints.save(good, 5, None, ["periodic"], asynchronous=asynchronous)
     checkpoints.wait()
     bad = {
@@ -318,3 +324,19 @@ def test_a_hopeless_run_stops_after_max_rollbacks_with_a_valid_checkpoint(tmp_pa
         assert f"{event['step']}->{event['to_step']}" in result.stderr
     entry, state = manager(run_dir).load_latest_valid()
     assert entry.step >= rollbacks[-1]["to_step"] and nonfinite_tensors(state) == []
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_the_guard_skips_on_cuda_with_mixed_precision(tmp_path, precision):
+    # fp16: the GradScaler keeps handling overflowing gradients itself; a rejected update
+    # must close its iteration so the next unscale_ works.
+    run_dir = tmp_path / "run"
+    overrides = ["training.device=cuda", f"training.precision={precision}"]
+    result = spiking(
+        "12:100,15:nan", run_dir, "training.guard.action=skip", *GUARDED, *overrides, cwd=tmp_path
+    )
+    assert result.returncode == 0, result.stderr
+    assert [(e["step"], e["action"]) for e in events(run_dir)] == [(13, "skip"), (15, "skip")]
+    assert status(run_dir)["status"] == "finished"
