@@ -151,7 +151,9 @@ def stop_message(guard: SpikeGuard, event: dict[str, Any], last_checkpoint: int 
     if event["cause"] == NONFINITE:
         what = f"NaN or inf: train/loss {event['loss']}, grad_norm {event['grad_norm']}"
     else:
-        what = f"loss spike: train/loss {event['loss']:.4g}, moving average {event['average']:.4g}"
+        average = "none yet" if event["average"] is None else f"{event['average']:.4g}"
+        bound = f"training.guard.atol={cfg.atol}" if event["cause"] == ABSOLUTE else "rtol"
+        what = f"loss spike ({bound}): train/loss {event['loss']:.4g}, moving average {average}"
     earlier = [e for e in guard.events if e["n"] < event["n"]]
     if cfg.action == "off":
         why = "training.guard.action=off (skip or rollback would drop such updates)"

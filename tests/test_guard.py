@@ -23,7 +23,7 @@ from gptexp.config import (
     to_train_config,
 )
 from gptexp.errors import ConfigError, TrainingDiverged
-from gptexp.guard import APPLY, ROLLBACK, SKIP, STOP, SpikeGuard
+from gptexp.guard import APPLY, ROLLBACK, SKIP, STOP, SpikeGuard, stop_message
 from gptexp.metrics import MetricsFile
 from gptexp.wandb_mirror import WandbMirror
 from tests.conftest import FAST, ROOT, read_metrics, run_module, subprocess_env
@@ -108,6 +108,30 @@ def test_skips_and_rollbacks_are_bounded():
     assert guard.judge(9.0, 0.5)[0] == STOP
     assert guard.without_checkpoint() == SKIP  # no checkpoint to roll back to: skip instead
     assert [e["n"] for e in guard.events] == [1]
+
+
+def test_the_stop_message_names_the_steps_and_what_is_left():
+    guard = SpikeGuard(GuardConfig(action="skip", atol=5.0, max_skips=2))
+    for step in (1, 2, 3):  # no loss was ever accepted: there is no average yet
+        action, cause = guard.judge(9.0, 0.5)
+        event = guard.record(
+            {
+                "step": step,
+                "batch": step - 1,
+                "loss": 9.0,
+                "grad_norm": 0.5,
+                "average": guard.average,
+                "cause": cause,
+                "action": action,
+            }
+        )
+    assert action == STOP
+    message = stop_message(guard, event, None)
+    assert "loss spike (training.guard.atol=5.0): train/loss 9, moving average none yet" in message
+    assert (
+        "training.guard.max_skips=2 updates in a row were skipped already (steps 1, 2)" in message
+    )
+    assert message.endswith("no checkpoint was written")
 
 
 def test_skip_list_merges_ranges_and_next_batch_steps_over_them():
