@@ -25,6 +25,10 @@ from gptexp.config import (
 from gptexp.errors import ConfigError, TrainingDiverged
 from gptexp.guard import APPLY, ROLLBACK, SKIP, STOP, SpikeGuard, stop_message
 from gptexp.metrics import MetricsFile
+from gptexp.rundir import RunDirectory
+from gptexp.runtime import Distributed
+from gptexp.session import run_corpus
+from gptexp.trainer import Trainer
 from gptexp.wandb_mirror import WandbMirror
 from tests.conftest import FAST, ROOT, read_metrics, run_module, subprocess_env
 
@@ -184,6 +188,16 @@ def test_guard_config_is_validated_and_old_configs_get_the_defaults():
     stored = config_to_dict(TrainConfig())
     del stored["training"]["guard"]  # a run from before the guard
     assert to_train_config(stored).training.guard == GuardConfig()
+
+
+def test_a_run_from_before_the_guard_resumes_with_its_batches_in_order(finished_run, tmp_path):
+    state = manager(finished_run).load(manager(finished_run).find("last"))
+    del state["guard"], state["data_step"], state["config"]["training"]["guard"]
+    cfg = to_train_config(state["config"])
+    corpus = run_corpus(cfg, RunDirectory(finished_run), state)
+    trainer = Trainer(cfg, RunDirectory(tmp_path), Distributed(), corpus, resume_state=state)
+    assert trainer.data_step == trainer.step == 20  # the next update trains on batch 20
+    assert trainer.guard.state_dict() == SpikeGuard(GuardConfig()).state_dict()
 
 
 @pytest.mark.parametrize("asynchronous", [False, True])
