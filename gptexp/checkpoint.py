@@ -30,7 +30,7 @@ from typing import Any
 import torch
 
 from gptexp.config import CheckpointConfig
-from gptexp.errors import CheckpointError
+from gptexp.errors import CheckpointError, TrainingDiverged
 from gptexp.fsio import (
     TMP_SUFFIX,
     HashingWriter,
@@ -132,6 +132,44 @@ def snapshot(obj: Any, buffers: dict[tuple, torch.Tensor] | None = None) -> Any:
         if device.type == "cuda":
             torch.cuda.synchronize(device)  # the non-blocking copies have landed
     return frozen
+
+
+def nonfinite_tensors(state: Any) -> list[str]:
+    """The places (``model.lm_head.weight``, ``optimizer.state.3.exp_avg_sq``) of the
+    floating-point tensors in ``state`` that hold a NaN or an infinity."""
+    found: list[tuple[str, torch.Tensor]] = []
+
+    def walk(node: Any, place: str) -> None:
+        if isinstance(node, torch.Tensor):
+            if node.is_floating_point():
+                found.append((place, node))
+        elif isinstance(node, dict):
+            for key, value in node.items():
+                walk(value, f"{place}.{key}" if place else str(key))
+        elif isinstance(node, (list, tuple)):
+            for i, value in enumerate(node):
+                walk(value, f"{place}.{i}" if place else str(i))
+
+    walk(state, "")
+    by_device: dict[torch.device, list[tuple[str, torch.Tensor]]] = {}
+    for place, tensor in found:
+        by_device.setdefault(tensor.device, []).append((place, tensor))
+    bad = []
+    for tensors in by_device.values():
+        # A sum is NaN or inf when a value is (and ~20x cheaper to compute than isfinite on
+        # every value); it is read back once per device. A sum can also overflow from finite
+        # values alone, so a tensor whose sum is not finite is checked value by value.
+        sums = torch.stack([_sum(t.detach()) for _, t in tensors]).isfinite().tolist()
+        bad += [
+            place
+            for (place, tensor), ok in zip(tensors, sums, strict=True)
+            if not ok and not torch.isfinite(tensor.detach()).all()
+        ]
+    return bad
+
+
+def _sum(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor.sum(dtype=torch.float64 if tensor.dtype == torch.float64 else torch.float32)
 
 
 def load_checkpoint_file(path: Path, *, mmap: bool = False) -> dict[str, Any]:
@@ -289,6 +327,7 @@ class CheckpointManager:
         """
         asynchronous = self.policy.async_save if asynchronous is None else asynchronous
         self.wait()
+        self.refuse_nonfinite(state, step)
         self.directory.mkdir(parents=True, exist_ok=True)
         started = time.perf_counter()
         if asynchronous:
@@ -305,6 +344,19 @@ class CheckpointManager:
         else:
             self._write(state, step, metric, reasons)
             self.save_seconds.append(time.perf_counter() - started)
+
+    def refuse_nonfinite(self, state: dict[str, Any], step: int) -> None:
+        """Raise TrainingDiverged, writing nothing, when a tensor of ``state`` is NaN or inf:
+        a state that cannot be trained on is never written, so the last good one stays."""
+        bad = nonfinite_tensors(state)
+        if not bad:
+            return
+        entries = self.entries()
+        last = f"{entries[-1].file} is the last valid one" if entries else "none was written"
+        shown = ", ".join(bad[:3]) + (f" and {len(bad) - 3} more" if len(bad) > 3 else "")
+        raise TrainingDiverged(
+            f"refused to write the checkpoint of step {step}: {shown} hold NaN or inf; {last}"
+        )
 
     def wait(self) -> None:
         """Block until the background write (if any) is durable; re-raise its error."""

@@ -107,6 +107,54 @@ class DataConfig:
             )
 
 
+GUARD_ACTIONS = ("off", "skip", "rollback")
+
+
+@dataclass
+class GuardConfig:
+    """The loss-spike guard (``training.guard``).
+
+    Always on, whatever ``action`` says: an update whose loss or gradient norm is NaN or
+    infinite never reaches the optimizer. ``action`` picks what happens then, and whether
+    spikes are looked for at all: a loss above ``rtol`` times the moving average of the
+    accepted losses (once ``warmup`` losses are averaged), or above ``atol``.
+
+    - ``off``: no spike detection; a non-finite loss or gradient stops the run as failed.
+    - ``skip``: the update is dropped and its batches are never used; after ``max_skips``
+      skipped updates in a row the run stops as failed.
+    - ``rollback``: the newest valid checkpoint is loaded, the batches from there to the spike
+      and ``skip_after`` more are never used, and training goes on; past ``max_rollbacks``
+      rollbacks the run stops as failed.
+    """
+
+    action: str = "off"
+    rtol: float = 4.0  # a spike: loss > rtol x the moving average
+    atol: float | None = None  # a spike: loss > atol (None: no absolute bound)
+    warmup: int = 20  # accepted losses averaged before rtol applies
+    ema_decay: float = 0.98  # weight of the old average per step (~50-step memory)
+    skip_after: int = 0  # rollback: batches after the spike's that are skipped too
+    max_rollbacks: int = 3
+    max_skips: int = 10  # skipped updates in a row before the run stops
+
+    def __post_init__(self) -> None:
+        _one_of("training.guard.action", self.action, GUARD_ACTIONS)
+        _require(
+            self.rtol > 1 and math.isfinite(self.rtol),
+            "training.guard.rtol",
+            "must be a finite number > 1 (a multiple of the average loss)",
+            self.rtol,
+        )
+        if self.atol is not None:
+            _require(self.atol > 0, "training.guard.atol", "must be > 0 (or null)", self.atol)
+        _require(
+            0 <= self.ema_decay < 1, "training.guard.ema_decay", "must be in [0, 1)", self.ema_decay
+        )
+        for key in ("warmup", "skip_after", "max_rollbacks"):
+            value = getattr(self, key)
+            _require(value >= 0, f"training.guard.{key}", "must be >= 0", value)
+        _require(self.max_skips >= 1, "training.guard.max_skips", "must be >= 1", self.max_skips)
+
+
 DEVICES = ("auto", "cpu", "cuda", "mps")
 PRECISIONS = ("fp32", "bf16", "fp16")
 
@@ -137,6 +185,7 @@ class TrainingConfig:
     progress: bool = True  # progress bar on a terminal; plain log lines otherwise
     sample_every: int = 0  # write a text sample to samples.txt every n steps (0: only at the end)
     sample_tokens: int = 200
+    guard: GuardConfig = field(default_factory=GuardConfig)
 
     def __post_init__(self) -> None:
         for key in ("batch_size", "grad_accum", "eval_batches", "log_every"):
@@ -257,6 +306,14 @@ class TrainConfig:
             "needs model.init_from)",
             self.training.max_steps,
         )
+        if self.training.guard.action == "rollback":
+            _require(
+                self.checkpoint.enabled,
+                "training.guard.action",
+                "needs checkpoints to roll back to (checkpoint.enabled is false); "
+                "use training.guard.action=skip",
+                self.training.guard.action,
+            )
 
 
 def register_configs() -> None:

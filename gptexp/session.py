@@ -121,9 +121,10 @@ def run_corpus(
     return prepare_corpus(cfg.data, cfg.model.block_size, tokenizer, expected)
 
 
-def rewind_metrics(run: RunDirectory, step: int | None) -> None:
-    """Drop the records logged after the checkpoint: they will be logged again, identically."""
-    dropped = MetricsFile(run.metrics).rewind(-1 if step is None else step)
+def rewind_metrics(run: RunDirectory, step: int | None, guard_events: int = 0) -> None:
+    """Drop the records logged after the checkpoint: they will be logged again, identically.
+    ``guard_events``: how many spike-guard events the checkpoint knows (those stay)."""
+    dropped = MetricsFile(run.metrics).rewind(-1 if step is None else step, guard_events)
     if dropped:
         log.info("metrics.jsonl: dropped %d records logged after step %s", dropped, step)
 
@@ -227,7 +228,7 @@ def run_training(
             mirror = None
             if dist_ctx.is_main:
                 if resume:
-                    rewind_metrics(run, found[0].step if found else None)
+                    rewind_metrics(run, found[0].step if found else None, len(trainer.guard.events))
                 extra = {"wandb_group": wandb_group, "wandb_name": wandb_name}
                 if imported is not None:  # the source and the sha256 of its weights
                     extra["init_from"] = imported.record

@@ -21,25 +21,29 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
-from gptexp.checkpoint import FORMAT_VERSION, CheckpointManager
+from gptexp.checkpoint import FORMAT_VERSION, CheckpointEntry, CheckpointManager
 from gptexp.config import TrainConfig, config_to_dict
 from gptexp.data import DATA_ORDER_VERSION, Corpus, cache_dir, resume_grad_accum, train_batch
-from gptexp.errors import TrainingInterrupted
+from gptexp.errors import TrainingDiverged, TrainingInterrupted
 from gptexp.evaluation import evaluate_loss, generate_text
+from gptexp.guard import APPLY, NONFINITE, ROLLBACK, SKIP, SpikeGuard, stop_message
 from gptexp.hardware import Peak, flops_per_token, mfu, peak_for, precision_advice
 from gptexp.metrics import (
+    EVENT,
     FINAL_TRAIN_LOSS,
     FINAL_VAL_LOSS,
     GRAD_NORM,
     LR,
     MEDIAN_TOKENS_PER_S,
     MFU,
+    SPIKE_EVENT,
     STEP,
     STEP_SECONDS,
     TOKENS,
     TOKENS_PER_S,
     TRAIN_LOSS,
     VAL_LOSS,
+    MetricsFile,
     best_metric_name,
     median_throughput,
 )
@@ -131,6 +135,8 @@ class Trainer:
         self.data_order = DATA_ORDER_VERSION  # a resumed run keeps its own (load_state)
         # A checkpoint of step 0 (an imported model's baseline) was evaluated when it was made.
         self.from_checkpoint = resume_state is not None
+        self.guard = SpikeGuard(t.guard)
+        self.data_step = 0  # index of the next batch (the guard may skip some)
         if resume_state is not None:
             self.load_state(resume_state)
 
@@ -188,6 +194,8 @@ class Trainer:
             "wandb_id": self.wandb_id,
             "world_size": self.dist.world_size,
             "data_order": self.data_order,
+            "data_step": self.data_step,
+            "guard": self.guard.state_dict(),
         }
 
     def load_state(self, state: dict[str, Any]) -> None:
@@ -228,6 +236,10 @@ class Trainer:
                 "on the batches of an uninterrupted run",
             )
         restore_rng_state(state["rng"][self.dist.rank % saved_world])
+        # The spike guard's state (checkpoints written before the guard have none: no skips).
+        self.data_step = int(state.get("data_step", self.step))
+        if "guard" in state:
+            self.guard.load_state_dict(state["guard"])
 
     def _keep_global_batch(self, saved: dict[str, Any], saved_world: int) -> None:
         """Set grad_accum so that a step has the checkpoint's global batch on this world size
@@ -251,9 +263,14 @@ class Trainer:
     # ------------------------------------------------------------------------- one update
 
     def train_step(self) -> tuple[float, float]:
-        """One optimizer update over ``grad_accum`` micro-batches; returns (loss, grad norm)."""
+        """One optimizer update over ``grad_accum`` micro-batches; returns (loss, grad norm).
+
+        The update trains on the batch of index ``data_step`` (the next one the guard has not
+        put on its skip list); when the guard rejects it, no update happens (``step`` stays,
+        or goes back to a checkpoint's) and the batch is used up all the same."""
         t = self.cfg.training
         total = 0.0
+        self.data_step = self.guard.next_batch(self.data_step)
         for micro in range(t.grad_accum):
             x, y = train_batch(
                 self.data_order,
@@ -261,7 +278,7 @@ class Trainer:
                 self.cfg.model.block_size,
                 t.batch_size,
                 seed=t.seed,
-                step=self.step,
+                step=self.data_step,
                 rank=self.dist.rank,
                 micro=micro,
                 grad_accum=t.grad_accum,
@@ -284,15 +301,115 @@ class Trainer:
         grad_norm = (
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), t.grad_clip).item()
             if t.grad_clip > 0
-            else 0.0
+            else torch.nn.utils.get_total_norm(
+                [p.grad for p in self.model.parameters() if p.grad is not None]
+            ).item()
         )
+        loss = total / t.grad_accum
+        if not self._guard_admits(loss, grad_norm):
+            return loss, grad_norm
+        self.data_step += 1
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
         self.tokens_seen += self.tokens_per_step
-        return total / t.grad_accum, grad_norm
+        return loss, grad_norm
+
+    # ------------------------------------------------------------------------- the spike guard
+
+    def _guard_admits(self, loss: float, grad_norm: float) -> bool:
+        """Whether the update with these gradients may reach the optimizer. When not, the
+        gradients are dropped and the guard's action is carried out: skip the batch, roll back
+        to the newest valid checkpoint, or stop the run (TrainingDiverged)."""
+        # Every rank decides alike: the gradient norm is already the all-reduced one. With
+        # fp16, an overflowing gradient is the GradScaler's to handle: it skips the step and
+        # lowers its scale, as it always has.
+        loss = self._mean_across_ranks(loss)
+        norm = 0.0 if self.scaler.is_enabled() and math.isfinite(loss) else grad_norm
+        action, cause = self.guard.judge(loss, norm)
+        if action == APPLY:
+            return True
+        target = self._rollback_target() if action == ROLLBACK else None
+        if action == ROLLBACK and target is None:
+            action = self.guard.without_checkpoint()  # nothing to roll back to: skip
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.scaler.is_enabled():
+            # Close the scaler's iteration (unscale_ was called) without changing its scale.
+            self.scaler.update(new_scale=self.scaler.get_scale())
+        event = {
+            "step": self.step + 1,
+            "batch": self.data_step,
+            "loss": loss,
+            "average": self.guard.average,
+            "grad_norm": grad_norm,
+            "cause": cause,
+            "action": action,
+        }
+        if action == SKIP:
+            self.guard.skip_batches(self.data_step, self.data_step)
+            self.data_step += 1
+            self._guard_event(self.guard.record(event))
+        elif action == ROLLBACK:
+            self._roll_back(event, *target)
+        else:
+            event = self.guard.record(event)
+            self._guard_event(event)
+            raise TrainingDiverged(stop_message(self.guard, event, self._last_checkpoint_step()))
+        return False
+
+    def _rollback_target(self) -> tuple[CheckpointEntry, dict[str, Any]] | None:
+        """(entry, state) of the newest valid checkpoint, or None (none written yet)."""
+        self.checkpoints.wait()
+        if self.dist.enabled:
+            dist.barrier()  # rank 0's last save is durable before any rank reads the manifest
+        return self.checkpoints.load_latest_valid()
+
+    def _roll_back(
+        self, event: dict[str, Any], entry: CheckpointEntry, state: dict[str, Any]
+    ) -> None:
+        """Load the checkpoint's state (the guard's own state carries on) and put the batches
+        from there to the spike, and ``skip_after`` more, on the skip list."""
+        spike_batch = self.data_step
+        guard_state = self.guard.state_dict()
+        self.load_state(state)
+        self.guard.load_state_dict(guard_state)
+        self.guard.skip_batches(self.data_step, spike_batch + self.cfg.training.guard.skip_after)
+        event = self.guard.record(event | {"to_step": self.step})
+        log.warning(
+            "spike at step %d: rolled back to checkpoint %s; batches %d..%d are skipped",
+            event["step"],
+            entry.file,
+            self.data_step,
+            spike_batch + self.cfg.training.guard.skip_after,
+        )
+        if self.dist.is_main:
+            # The steps after the checkpoint will be logged again; W&B keeps its first values.
+            for sink in self.sinks:
+                if isinstance(sink, MetricsFile):
+                    sink.rewind(self.step, len(self.guard.events))
+        self._guard_event(event)
+
+    def _guard_event(self, event: dict[str, Any]) -> None:
+        """An event as a metrics.jsonl record (W&B raises an alert for it) and in run.json."""
+        if event["action"] == SKIP:
+            log.warning(
+                "%s at step %d (train/loss %s, average %s): update skipped, batch %d dropped",
+                "non-finite update" if event["cause"] == NONFINITE else "loss spike",
+                event["step"],
+                event["loss"],
+                event["average"],
+                event["batch"],
+            )
+        self._log({STEP: event["step"], EVENT: SPIKE_EVENT, **event})
+        if self.dist.is_main:
+            self.run.update_status(guard=self.guard.report())
+
+    def _last_checkpoint_step(self) -> int | None:
+        self.checkpoints.wait()
+        entries = self.checkpoints.entries()
+        return entries[-1].step if entries else None
 
     def evaluate(self, split: str = "val") -> float:
         """Mean loss over the fixed evaluation batches of ``split``."""
@@ -351,8 +468,11 @@ class Trainer:
         try:
             while self.step < t.max_steps:
                 self._stop_if_requested()
+                before = self.step
                 with self.window.timing(self.tokens_per_step, updates=1):
                     loss, grad_norm = self.train_step()
+                if self.step <= before:
+                    continue  # the guard dropped the update or rolled back (see train_step)
                 self._prepare_save_buffers()
                 final = self.step == t.max_steps
                 record = self._train_record(loss, grad_norm, final)
@@ -360,7 +480,6 @@ class Trainer:
                 self._log(record)
                 self._sample_if_due(final)
                 self._track_best(metric)
-                self._check_finite(loss)
                 with self.window.timing():
                     self._save_if_due(metric, final)
                 self._report(progress, record, loss)
@@ -448,10 +567,6 @@ class Trainer:
         if self.best_metric is None or self.checkpoints.is_better(metric, self.best_metric):
             self.best_metric = metric
 
-    def _check_finite(self, loss: float) -> None:
-        if math.isnan(loss):
-            raise FloatingPointError(f"train/loss is NaN at step {self.step}")
-
     def _prepare_save_buffers(self) -> None:
         """Once the optimizer has its state (after a run's first update), allocate what an
         asynchronous save copies into: the first save then stalls for a copy only."""
@@ -510,6 +625,7 @@ class Trainer:
             FINAL_VAL_LOSS: self.last_val_loss,
             FINAL_TRAIN_LOSS: self.last_train_loss,
             MEDIAN_TOKENS_PER_S: median_throughput(self.tokens_per_s),
+            "guard": self.guard.report(),
         }
 
     def release(self) -> None:
