@@ -66,6 +66,10 @@ export: $(INSTALLED)  ## Export a run's model: make export RUN=<dir> [ARGS="ckpt
 	@test -n "$(RUN)" || { echo "usage: make export RUN=<run dir> [ARGS=...]"; exit 2; }
 	$(PYTHON) -m gptexp.export run=$(RUN) $(ARGS)
 
+diff: $(INSTALLED)  ## Where two runs part: make diff RUN="<run A> <run B>" [ARGS="--replay --json"]
+	@test -n "$(RUN)" || { echo "usage: make diff RUN=\"<run A> <run B>\" [ARGS=...]"; exit 2; }
+	$(PYTHON) -m gptexp.diff $(RUN) $(ARGS)
+
 sweep: $(INSTALLED)  ## A multirun: make sweep ARGS="model=nano,tiny training.lr=1e-3,3e-4"
 	$(PYTHON) -m gptexp.train -m $(ARGS)
 

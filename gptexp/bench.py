@@ -43,7 +43,7 @@ import torch
 
 from gptexp.checkpoint import CheckpointManager, snapshot
 from gptexp.config import CheckpointConfig, DataConfig, ModelConfig, TrainConfig, TrainingConfig
-from gptexp.data import prepare_corpus, sample_batch
+from gptexp.data import global_batch_slice, prepare_corpus
 from gptexp.evaluation import evaluate_loss
 from gptexp.model import GPT
 from gptexp.optim import lr_factor
@@ -335,8 +335,17 @@ def reference_training(
     losses, seconds = [], []
     for step in range(plan.steps):
         started = time.perf_counter()
-        x, y = sample_batch(
-            tokens, shape.block_size, t.batch_size, seed=t.seed, split="train", step=step
+        x, y = global_batch_slice(
+            tokens,
+            shape.block_size,
+            t.batch_size,
+            seed=t.seed,
+            split="train",
+            step=step,
+            rank=0,
+            micro=0,
+            grad_accum=1,
+            world_size=1,
         )
         _, loss = model(x, y)
         loss.backward()

@@ -12,9 +12,12 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 import sys
 import typing
 from collections.abc import Callable
+from contextlib import contextmanager
+from pathlib import Path
 from typing import Any, TypeVar
 
 from omegaconf import OmegaConf
@@ -37,6 +40,60 @@ Options = TypeVar("Options")
 
 POSITIONAL = "paths"  # the options field that collects positional arguments, where there is one
 
+# A log record with this attribute set (``extra={FILE_ONLY: True}``) goes to train.log only.
+FILE_ONLY = "file_only"
+
+
+class ConsoleHandler(logging.StreamHandler):
+    """What a person sees on stderr while a command runs: the bare messages."""
+
+    def __init__(self, level: int) -> None:
+        super().__init__(sys.stderr)
+        self.setFormatter(logging.Formatter("%(message)s"))
+        self.setLevel(level)
+        self.addFilter(lambda record: not getattr(record, FILE_ONLY, False))
+
+
+@contextmanager
+def command_logging(log_file: Path | None, console_level: int = logging.INFO):
+    """Send gptexp's log records to stderr and, for a run, to its ``train.log`` (appending).
+
+    Handlers are removed on exit, so the jobs of a multirun each log to their own file. Under
+    torchrun only rank 0 reports on the console.
+    """
+    root = logging.getLogger()
+    handlers: list[logging.Handler] = []
+    if log_file is not None:
+        file_handler = logging.FileHandler(log_file, mode="a", encoding="utf-8")
+        file_handler.setFormatter(
+            logging.Formatter("[%(asctime)s][%(name)s][%(levelname)s] %(message)s")
+        )
+        file_handler.setLevel(logging.INFO)
+        handlers.append(file_handler)
+    if int(os.environ.get("RANK", "0")) > 0:
+        console_level = max(console_level, logging.WARNING)
+    handlers.append(ConsoleHandler(console_level))
+    # Hydra's own console handler sits on the root logger; set it aside meanwhile so that
+    # each line is printed once, without Hydra's prefix.
+    previous_level, previous_handlers = root.level, root.handlers[:]
+    root.handlers = handlers
+    root.setLevel(logging.INFO)
+    try:
+        yield
+    finally:
+        for handler in handlers:
+            handler.close()
+        root.handlers = previous_handlers
+        root.setLevel(previous_level)
+
+
+def report(level: int, message: str) -> None:
+    """One line for the person at the terminal (and the run's log where there is one)."""
+    if any(isinstance(h, ConsoleHandler) for h in logging.getLogger().handlers):
+        log.log(level, message)
+    else:  # outside command_logging (e.g. a Hydra callback): plain, without Hydra's prefix
+        print(message, file=sys.stderr)
+
 
 def run_command(body: Callable[[], T], *, raise_instead: bool = False) -> T:
     """Run ``body``; bad input exits 2 with one ``error:`` line, a clean stop on a signal 130,
@@ -45,22 +102,22 @@ def run_command(body: Callable[[], T], *, raise_instead: bool = False) -> T:
     try:
         return body()
     except USER_ERRORS as error:
-        log.error("error: %s", error)
+        report(logging.ERROR, f"error: {error}")
         if raise_instead:
             raise
         sys.exit(EXIT_USER_ERROR)
     except TrainingInterrupted as stop:
-        log.warning("%s", stop)
+        report(logging.WARNING, str(stop))
         if raise_instead:
             raise
         sys.exit(EXIT_INTERRUPTED)
     except (FloatingPointError, JobFailed) as error:
-        log.error("failed: %s", error)
+        report(logging.ERROR, f"failed: {error}")
         if raise_instead:
             raise
         sys.exit(EXIT_FAILURE)
     except KeyboardInterrupt:
-        log.warning("interrupted")
+        report(logging.WARNING, "interrupted")
         sys.exit(EXIT_INTERRUPTED)
 
 

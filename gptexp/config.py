@@ -30,6 +30,9 @@ def _one_of(key: str, value: str, choices: tuple[str, ...]) -> None:
     _require(value in choices, key, f"must be one of {', '.join(choices)}", value)
 
 
+ACTIVATIONS = ("gelu", "gelu_tanh")
+
+
 @dataclass
 class ModelConfig:
     """Shape of the GPT. The vocabulary size comes from the tokenizer, not from here."""
@@ -40,6 +43,10 @@ class ModelConfig:
     block_size: int = 128
     dropout: float = 0.0
     bias: bool = False
+    activation: str = "gelu"  # gelu (exact, erf) | gelu_tanh (GPT-2's tanh approximation)
+    # A Hugging Face GPT-2-family directory (or hub name) to start from: it decides the shape,
+    # the activation and the tokenizer (gptexp.hf.resolve_init_from).
+    init_from: str | None = None
 
     def __post_init__(self) -> None:
         for key in ("n_layer", "n_head", "n_embd", "block_size"):
@@ -51,6 +58,9 @@ class ModelConfig:
             self.n_embd,
         )
         _require(0.0 <= self.dropout < 1.0, "model.dropout", "must be in [0, 1)", self.dropout)
+        _one_of("model.activation", self.activation, ACTIVATIONS)
+        if self.init_from is not None:
+            _require(bool(self.init_from), "model.init_from", "must not be empty", self.init_from)
 
 
 DATA_SOURCES = ("pydocs", "shakespeare", "text")
@@ -97,6 +107,54 @@ class DataConfig:
             )
 
 
+GUARD_ACTIONS = ("off", "skip", "rollback")
+
+
+@dataclass
+class GuardConfig:
+    """The loss-spike guard (``training.guard``).
+
+    Always on, whatever ``action`` says: an update whose loss or gradient norm is NaN or
+    infinite never reaches the optimizer. ``action`` picks what happens then, and whether
+    spikes are looked for at all: a loss above ``rtol`` times the moving average of the
+    accepted losses (once ``warmup`` losses are averaged), or above ``atol``.
+
+    - ``off``: no spike detection; a non-finite loss or gradient stops the run as failed.
+    - ``skip``: the update is dropped and its batches are never used; after ``max_skips``
+      skipped updates in a row the run stops as failed.
+    - ``rollback``: the newest valid checkpoint is loaded, the batches from there to the spike
+      and ``skip_after`` more are never used, and training goes on; past ``max_rollbacks``
+      rollbacks the run stops as failed.
+    """
+
+    action: str = "off"
+    rtol: float = 4.0  # a spike: loss > rtol x the moving average
+    atol: float | None = None  # a spike: loss > atol (None: no absolute bound)
+    warmup: int = 20  # accepted losses averaged before rtol applies
+    ema_decay: float = 0.98  # weight of the old average per step (~50-step memory)
+    skip_after: int = 0  # rollback: batches after the spike's that are skipped too
+    max_rollbacks: int = 3
+    max_skips: int = 10  # skipped updates in a row before the run stops
+
+    def __post_init__(self) -> None:
+        _one_of("training.guard.action", self.action, GUARD_ACTIONS)
+        _require(
+            self.rtol > 1 and math.isfinite(self.rtol),
+            "training.guard.rtol",
+            "must be a finite number > 1 (a multiple of the average loss)",
+            self.rtol,
+        )
+        if self.atol is not None:
+            _require(self.atol > 0, "training.guard.atol", "must be > 0 (or null)", self.atol)
+        _require(
+            0 <= self.ema_decay < 1, "training.guard.ema_decay", "must be in [0, 1)", self.ema_decay
+        )
+        for key in ("warmup", "skip_after", "max_rollbacks"):
+            value = getattr(self, key)
+            _require(value >= 0, f"training.guard.{key}", "must be >= 0", value)
+        _require(self.max_skips >= 1, "training.guard.max_skips", "must be >= 1", self.max_skips)
+
+
 DEVICES = ("auto", "cpu", "cuda", "mps")
 PRECISIONS = ("fp32", "bf16", "fp16")
 # ddp: every rank holds the whole model (DistributedDataParallel); fsdp: parameters, gradients
@@ -131,12 +189,21 @@ class TrainingConfig:
     sample_every: int = 0  # write a text sample to samples.txt every n steps (0: only at the end)
     sample_tokens: int = 200
     parallel: str = "ddp"  # how several processes (torchrun) share the model: ddp or fsdp
+    guard: GuardConfig = field(default_factory=GuardConfig)
 
     def __post_init__(self) -> None:
-        for key in ("max_steps", "batch_size", "grad_accum", "eval_batches", "log_every"):
+        for key in ("batch_size", "grad_accum", "eval_batches", "log_every"):
             value = getattr(self, key)
             _require(value >= 1, f"training.{key}", "must be >= 1", value)
-        for key in ("warmup_steps", "eval_every", "num_threads", "sample_every", "sample_tokens"):
+        # max_steps=0 needs model.init_from (TrainConfig checks): an imported model's baseline.
+        for key in (
+            "max_steps",
+            "warmup_steps",
+            "eval_every",
+            "num_threads",
+            "sample_every",
+            "sample_tokens",
+        ):
             value = getattr(self, key)
             _require(value >= 0, f"training.{key}", "must be >= 0", value)
         _require(self.lr > 0 and math.isfinite(self.lr), "training.lr", "must be > 0", self.lr)
@@ -240,6 +307,23 @@ class TrainConfig:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     experiment: str | None = None  # name of the experiment preset, set by conf/experiment/*
+
+    def __post_init__(self) -> None:
+        _require(
+            self.training.max_steps >= 1 or self.model.init_from is not None,
+            "training.max_steps",
+            "must be >= 1 (0, which evaluates and checkpoints the starting model as step 0, "
+            "needs model.init_from)",
+            self.training.max_steps,
+        )
+        if self.training.guard.action == "rollback":
+            _require(
+                self.checkpoint.enabled,
+                "training.guard.action",
+                "needs checkpoints to roll back to (checkpoint.enabled is false); "
+                "use training.guard.action=skip",
+                self.training.guard.action,
+            )
 
 
 def register_configs() -> None:

@@ -41,6 +41,11 @@ class TrainingInterrupted(Exception):
         self.step = step
 
 
+class TrainingDiverged(FloatingPointError):
+    """Training produced NaN or infinite values, or more loss spikes than the guard's bounds
+    allow (``training.guard``). The run fails (exit 1); its last valid checkpoint is intact."""
+
+
 class JobFailed(RuntimeError):
     """A multirun job that failed; its run.json says why."""
 

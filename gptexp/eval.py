@@ -21,7 +21,7 @@ from typing import Any, ClassVar
 
 import torch
 
-from gptexp.cli import parse_options, run_command
+from gptexp.cli import command_logging, parse_options, run_command
 from gptexp.config import DEVICES
 from gptexp.data import Tokenizer
 from gptexp.errors import USER_ERRORS, ConfigError, RunError
@@ -30,12 +30,12 @@ from gptexp.evaluation import (
     evaluate_loss,
     generate_text,
     load_run_checkpoint,
+    logged_val_loss,
     rebuild_model,
     reload_corpus,
 )
 from gptexp.fsio import atomic_write_json, atomic_write_text
-from gptexp.metrics import VAL_LOSS, read_metrics
-from gptexp.rundir import RunDirectory, find_runs, now, run_logging
+from gptexp.rundir import RunDirectory, find_runs, now
 from gptexp.runtable import distinguishing_keys, label, run_rows
 from gptexp.runtime import resolve_device
 from gptexp.tables import text_table
@@ -145,13 +145,6 @@ def generate_samples(
     # An empty prompt starts from token 0, which is not part of the text.
     shown = prompt_ids if options.prompt else []
     return [tokenizer.decode(shown + ids) for ids in continuations]
-
-
-def logged_val_loss(run: RunDirectory, step: int) -> float | None:
-    for record in read_metrics(run.metrics):
-        if record["step"] == step and record.get(VAL_LOSS) is not None:
-            return float(record[VAL_LOSS])
-    return None
 
 
 def evaluate_run(run: RunDirectory, options: EvalOptions, samples: int) -> EvalResult:
@@ -336,7 +329,7 @@ def evaluate(options: EvalOptions) -> list[EvalResult]:
 
 
 def main() -> None:
-    with run_logging(None):
+    with command_logging(None):
         run_command(lambda: evaluate(parse_options(sys.argv[1:], EvalOptions, USAGE)))
 
 

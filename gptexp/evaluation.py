@@ -24,7 +24,7 @@ from gptexp.config import (
 )
 from gptexp.data import Corpus, Tokenizer, prepare_corpus, sample_batch, tokenizer_from_json
 from gptexp.errors import CheckpointError, ConfigError
-from gptexp.metrics import flatten
+from gptexp.metrics import VAL_LOSS, flatten, read_metrics
 from gptexp.model import GPT
 from gptexp.rundir import RunDirectory, stored_config
 from gptexp.runtime import autocast_context
@@ -219,3 +219,10 @@ def reload_corpus(rebuilt: RebuiltRun, fingerprint: str | None) -> Corpus:
     return prepare_corpus(
         rebuilt.data_cfg, rebuilt.model_cfg.block_size, rebuilt.tokenizer, fingerprint or ""
     )
+
+
+def logged_val_loss(run: RunDirectory, step: int) -> float | None:
+    for record in read_metrics(run.metrics):
+        if record["step"] == step and record.get(VAL_LOSS) is not None:
+            return float(record[VAL_LOSS])
+    return None

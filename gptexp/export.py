@@ -1,10 +1,14 @@
-"""``python -m gptexp.export run=<dir> [ckpt=last|best|<step>] [out=<dir>]``: a checkpoint's
-model as plain files that need nothing of gptexp's checkpoint format.
+"""``python -m gptexp.export run=<dir> [ckpt=last|best|<step>] [format=gptexp|hf] [out=<dir>]``:
+a checkpoint's model as plain files that need nothing of gptexp's checkpoint format.
 
 The export directory holds ``model.safetensors`` (the weights; the output layer is tied to the
 token embedding, so that matrix is stored once), ``config.json`` (the model's shape and
 vocabulary size) and ``tokenizer.json``. :func:`load_export` reads it back into a ``GPT`` and
 its tokenizer. The default directory is ``<run>/export/<ckpt>/``.
+
+``format=hf`` writes a directory that ``transformers`` loads as a GPT-2 model
+(``AutoModelForCausalLM`` / ``AutoTokenizer.from_pretrained``), by default
+``<run>/export/<ckpt>-hf/``; see :mod:`gptexp.hf`.
 """
 
 from __future__ import annotations
@@ -17,16 +21,29 @@ from typing import Any
 
 import safetensors.torch
 
-from gptexp.cli import parse_options, run_command
+from gptexp.cli import command_logging, parse_options, run_command
 from gptexp.config import ModelConfig
 from gptexp.data import Tokenizer, tokenizer_from_json
 from gptexp.errors import ConfigError
-from gptexp.evaluation import check_ckpt, load_run_checkpoint, rebuild_model
+from gptexp.evaluation import check_ckpt, load_run_checkpoint, logged_val_loss, rebuild_model
 from gptexp.fsio import atomic_write_bytes, atomic_write_json, atomic_write_text
+from gptexp.hf import (
+    GENERATION,
+    MODEL_CARD,
+    TOKENIZER_CONFIG,
+    ExportInfo,
+    check_hf_export,
+    require_transformers,
+    save_hf,
+)
 from gptexp.model import GPT
-from gptexp.rundir import require_run, run_logging
+from gptexp.rundir import require_run
 
-USAGE = "usage: python -m gptexp.export run=<run dir> [ckpt=last|best|<step>] [out=<dir>]"
+USAGE = (
+    "usage: python -m gptexp.export run=<run dir> [ckpt=last|best|<step>] [format=gptexp|hf] "
+    "[out=<dir>]"
+)
+FORMATS = ("gptexp", "hf")
 
 EXPORT_FORMAT = "gptexp-export"
 EXPORT_VERSION = 1
@@ -42,10 +59,13 @@ TIED_WEIGHTS = {"lm_head.weight": "wte.weight"}
 class ExportOptions:
     run: str
     ckpt: str = "last"
-    out: str | None = None  # default: <run>/export/<ckpt>/
+    out: str | None = None  # default: <run>/export/<ckpt>/ (<ckpt>-hf/ for format=hf)
+    format: str = "gptexp"  # gptexp | hf (a transformers GPT-2 directory)
 
     def __post_init__(self) -> None:
         check_ckpt(self.ckpt)
+        if self.format not in FORMATS:
+            raise ConfigError(f"format={self.format!r}: must be one of {', '.join(FORMATS)}")
 
 
 def save_export(model: GPT, tokenizer: Tokenizer, out: Path, source: dict[str, Any]) -> None:
@@ -88,6 +108,8 @@ def load_export(directory: str | Path) -> tuple[GPT, Tokenizer]:
 
 
 def export(options: ExportOptions) -> Path:
+    if options.format == "hf":
+        return export_hf(options)
     run = require_run(options.run)
     loaded = load_run_checkpoint(run, options.ckpt)
     rebuilt = rebuild_model(loaded.state)
@@ -102,8 +124,36 @@ def export(options: ExportOptions) -> Path:
     return out
 
 
+def export_hf(options: ExportOptions) -> Path:
+    """``format=hf``: the checkpoint as a transformers GPT-2 directory, checked by loading it
+    back with transformers."""
+    require_transformers("format=hf")  # before anything is read or written
+    run = require_run(options.run)
+    loaded = load_run_checkpoint(run, options.ckpt)
+    rebuilt = rebuild_model(loaded.state)
+    out = Path(options.out) if options.out else run.path / "export" / f"{loaded.label}-hf"
+    info = ExportInfo(
+        run=str(run.path),
+        checkpoint=loaded.entry.file,
+        step=loaded.entry.step,
+        config=loaded.state["config"],
+        data_fingerprint=loaded.state.get("data_fingerprint"),
+        val_loss=logged_val_loss(run, loaded.entry.step),
+    )
+    save_hf(rebuilt.model, rebuilt.tokenizer, out, info)
+    difference = check_hf_export(out, rebuilt.model)
+    size = (out / WEIGHTS).stat().st_size
+    print(
+        f"exported {loaded.entry.file} (step {loaded.entry.step}) of {run.path}\n"
+        f"  to {out} for transformers: {WEIGHTS} ({size / 1e6:.2f} MB), {CONFIG}, "
+        f"{GENERATION}, {TOKENIZER}, {TOKENIZER_CONFIG}, {MODEL_CARD}\n"
+        f"  loaded back with transformers: largest logit difference {difference:.2e}"
+    )
+    return out
+
+
 def main() -> None:
-    with run_logging(None):
+    with command_logging(None):
         run_command(lambda: export(parse_options(sys.argv[1:], ExportOptions, USAGE)))
 
 

@@ -12,9 +12,12 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import mmap
 import os
 from pathlib import Path
 from typing import Any
+
+import xxhash
 
 TMP_SUFFIX = ".tmp"
 
@@ -51,12 +54,32 @@ def atomic_write_json(path: Path, obj: Any) -> None:
     atomic_write_text(path, json.dumps(obj, indent=2) + "\n")
 
 
+def sha256_of_open_file(f) -> str:
+    """sha256 of an open binary file, read through a memory mapping: the bytes go from the page
+    cache to the hash without a copy, and stay cached for a ``torch.load(mmap=True)`` after."""
+    if os.fstat(f.fileno()).st_size == 0:
+        return hashlib.sha256().hexdigest()  # an empty file cannot be mapped
+    with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mapped:
+        return hashlib.sha256(mapped).hexdigest()  # releases the GIL while it hashes
+
+
 def sha256_file(path: Path) -> str:
-    sha = hashlib.sha256()
     with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            sha.update(chunk)
-    return sha.hexdigest()
+        return sha256_of_open_file(f)
+
+
+def xxh3_128_of_open_file(f) -> str:
+    """XXH3-128 of an open binary file, read through a memory mapping (see above): several
+    times faster than sha256, so a verified load costs less than the load itself."""
+    if os.fstat(f.fileno()).st_size == 0:
+        return xxhash.xxh3_128().hexdigest()
+    with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mapped:
+        return xxhash.xxh3_128(mapped).hexdigest()
+
+
+def xxh3_128_file(path: Path) -> str:
+    with open(path, "rb") as f:
+        return xxh3_128_of_open_file(f)
 
 
 def sha256_text(text: str) -> str:
@@ -64,13 +87,14 @@ def sha256_text(text: str) -> str:
 
 
 class HashingWriter(io.RawIOBase):
-    """A write-only file wrapper that hashes and counts what passes through it, so a file is
-    hashed in the same pass that writes it."""
+    """A write-only file wrapper that hashes (sha256 and XXH3-128) and counts what passes
+    through it, so a file is hashed in the same pass that writes it."""
 
     def __init__(self, f) -> None:
         super().__init__()
         self.f = f
         self.sha = hashlib.sha256()
+        self.fast = xxhash.xxh3_128()
         self.count = 0
         self.error: OSError | None = None  # torch re-raises write errors as RuntimeError
 
@@ -85,6 +109,7 @@ class HashingWriter(io.RawIOBase):
             self.error = error
             raise
         self.sha.update(data)
+        self.fast.update(data)
         self.count += data.nbytes
         return data.nbytes
 

@@ -35,21 +35,14 @@ import torch
 from gptexp.checkpoint import CheckpointManager
 from gptexp.config import CheckpointConfig, ModelConfig
 from gptexp.fsio import atomic_write_json
+from gptexp.hardware import cuda_peak_flops, flops_per_token
+from gptexp.hardware import mfu as model_flops_utilisation
 from gptexp.metrics import MEDIAN_TOKENS_PER_S, STEP, TRAIN_LOSS
 from gptexp.model import GPT
 from gptexp.tables import text_table
 
 BUDGET_S = 300.0  # the whole check; a check that would start after it is reported as not run
 RUN_TIMEOUT_S = 150.0  # one training process
-# Dense bf16 tensor-core peaks from the vendors' datasheets, by a part of the device name.
-PEAK_BF16_FLOPS = {
-    "H200": 989e12,
-    "H100": 989e12,
-    "A100": 312e12,
-    "L40S": 362e12,
-    "A10": 125e12,
-    "L4": 121e12,
-}
 SPEED = ["model=gpt2", "training.precision=bf16", "training.batch_size=8"]
 CUDA = ["training.device=cuda", "training.progress=false", "logger=none"]
 # cuBLAS is deterministic only with a fixed workspace (torch.use_deterministic_algorithms).
@@ -169,12 +162,12 @@ def speed(out: Path, compile_: bool) -> Check:
     run = train(out, f"speed-compile-{compile_}", args)
     status = json.loads((run / "run.json").read_text())
     tokens_per_s = status[MEDIAN_TOKENS_PER_S]
-    model = GPT(ModelConfig(**status["config"]["model"]), status["vocab_size"])
-    cfg = model.cfg
-    flops_per_token = 6 * model.num_parameters() + 12 * cfg.n_layer * cfg.n_embd * cfg.block_size
-    name = torch.cuda.get_device_name(0)
-    peak = next((flops for part, flops in PEAK_BF16_FLOPS.items() if part in name), None)
-    mfu = tokens_per_s * flops_per_token / peak if peak else None
+    cfg = ModelConfig(**status["config"]["model"])
+    per_token = flops_per_token(
+        GPT(cfg, status["vocab_size"]).num_parameters(), cfg.n_layer, cfg.n_embd, cfg.block_size
+    )
+    peak = cuda_peak_flops(torch.cuda.get_device_name(0), "bf16")  # the data sheet's
+    mfu = model_flops_utilisation(tokens_per_s, per_token, peak, 1) if peak else None
     result = f"{tokens_per_s:,.0f} tokens/s" + (f", MFU {mfu:.1%}" if mfu else "")
     details = {"tokens_per_s": tokens_per_s, "mfu": mfu, "peak_bf16_flops": peak}
     return Check(f"gpt2 bf16 compile={compile_}", True, result, details)

@@ -25,7 +25,13 @@ LR = "lr"
 GRAD_NORM = "grad_norm"
 TOKENS = "tokens"
 TOKENS_PER_S = "throughput/tokens_per_s"
+MFU = "throughput/mfu"  # model FLOPs utilisation against the device's peak (gptexp.hardware)
 STEP_SECONDS = "time/step_s"  # mean wall time of the updates in the logging window
+
+# Event records (not metrics: tables and the W&B mirror keep them apart by the EVENT key)
+EVENT = "event"
+SPIKE_EVENT = "spike"  # a loss spike or non-finite update the guard acted on
+EVENT_NUMBER = "n"  # guard events are numbered 1, 2, ... within a run
 
 # Run summaries (run.json, W&B summary, compare and sweep tables)
 BEST_VAL_LOSS = "best/val_loss"
@@ -77,10 +83,16 @@ class MetricsFile:
         self.path = path
         self._file = None
 
-    def rewind(self, step: int) -> int:
-        """Drop every record after ``step`` (atomically); returns how many were dropped."""
+    def rewind(self, step: int, events: int = 0) -> int:
+        """Drop every record after ``step`` (atomically); returns how many were dropped.
+
+        Guard events are kept by number instead (the first ``events`` of them): after a
+        rollback a run logs steps it has logged before, so an event's step does not say
+        whether the checkpoint it is rewound to already knew of it.
+        """
+        self.close()  # the rewritten file is a new one; appends must go there
         records = read_metrics(self.path)
-        kept = [r for r in records if r[STEP] <= step]
+        kept = [r for r in records if _kept(r, step, events)]
         if self.path.exists():
             atomic_write_text(self.path, "".join(_line(r) for r in kept))
         return len(records) - len(kept)
@@ -95,6 +107,13 @@ class MetricsFile:
         if self._file is not None:
             self._file.close()
             self._file = None
+
+
+def _kept(record: dict[str, Any], step: int, events: int) -> bool:
+    number = record.get(EVENT_NUMBER)
+    if record.get(EVENT) == SPIKE_EVENT and isinstance(number, int):
+        return number <= events
+    return record[STEP] <= step
 
 
 def _line(record: dict[str, Any]) -> str:

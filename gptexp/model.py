@@ -58,9 +58,12 @@ class MLP(nn.Module):
         self.fc = nn.Linear(cfg.n_embd, 4 * cfg.n_embd, bias=cfg.bias)
         self.proj = nn.Linear(4 * cfg.n_embd, cfg.n_embd, bias=cfg.bias)
         self.dropout = nn.Dropout(cfg.dropout)
+        # GPT-2's own weights were trained with the tanh approximation of GELU.
+        self.approximate = "tanh" if cfg.activation == "gelu_tanh" else "none"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.dropout(self.proj(F.gelu(self.fc(x))))  # (B, T, C)
+        h = F.gelu(self.fc(x), approximate=self.approximate)  # (B, T, 4C)
+        return self.dropout(self.proj(h))  # (B, T, C)
 
 
 class Block(nn.Module):

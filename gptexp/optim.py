@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 
@@ -35,3 +36,20 @@ def build_scheduler(
 ) -> torch.optim.lr_scheduler.LambdaLR:
     # The lambda reads ``cfg`` when called, so a resumed run's new max_steps applies.
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, cfg))
+
+
+def apply_configured_hyperparameters(
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LambdaLR,
+    configured: list[dict[str, Any]],
+    cfg: TrainingConfig,
+) -> None:
+    """After loading a checkpoint's optimizer and schedule: the hyperparameters come from the
+    config (``configured``: the param groups as built from it), not from the checkpoint. With
+    an unchanged config every value equals the loaded one (``lr * lr_factor(step)`` is the
+    same product), so resume stays bit-exact; the next scheduler step recomputes the lr from
+    ``base_lrs``."""
+    scheduler.base_lrs = [group["initial_lr"] for group in configured]
+    for group, values in zip(optimizer.param_groups, configured, strict=True):
+        group.update(values)
+        group["lr"] = group["initial_lr"] * lr_factor(scheduler.last_epoch, cfg)

@@ -6,7 +6,7 @@ import logging
 import sys
 import time
 
-from gptexp.rundir import FILE_ONLY
+from gptexp.cli import FILE_ONLY
 
 log = logging.getLogger("gptexp.trainer")
 

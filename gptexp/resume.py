@@ -12,10 +12,10 @@ from __future__ import annotations
 
 import sys
 
-from gptexp.cli import run_command
+from gptexp.cli import command_logging, run_command
 from gptexp.errors import ConfigError
 from gptexp.metrics import FINAL_VAL_LOSS
-from gptexp.rundir import require_run, run_logging
+from gptexp.rundir import require_run
 from gptexp.runtime import Distributed
 from gptexp.session import already_finished, resume_config, run_training
 
@@ -55,7 +55,7 @@ def resume(argv: list[str]) -> float | None:
     status = run.read_status()
     wandb_group = status.get("wandb_group")
     wandb_name = status.get("wandb_name", ",".join(run.overrides()) or None)
-    with run_logging(run if Distributed.from_env().is_main else None):
+    with command_logging(run.log_file if Distributed.from_env().is_main else None):
         return run_command(
             lambda: run_training(
                 cfg,

@@ -32,9 +32,6 @@ RUNNING, FINISHED, INTERRUPTED, FAILED = "running", "finished", "interrupted", "
 CRASHED = "crashed"  # run.json says running, but no process holds the run's lock
 PENDING = "pending"  # the directory exists, training never started
 
-# A log record with this attribute set (``extra={FILE_ONLY: True}``) goes to train.log only.
-FILE_ONLY = "file_only"
-
 
 class RunDirectory:
     """Paths and status of one run directory."""
@@ -275,38 +272,3 @@ def environment() -> dict[str, Any]:
 
 def now() -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%S%z")
-
-
-@contextmanager
-def run_logging(run: RunDirectory | None, console_level: int = logging.INFO):
-    """Send gptexp's log records to ``<run>/train.log`` (appending) and to stderr.
-
-    Handlers are removed on exit, so the jobs of a multirun each log to their own file.
-    """
-    root = logging.getLogger()
-    handlers: list[logging.Handler] = []
-    fmt = logging.Formatter("[%(asctime)s][%(name)s][%(levelname)s] %(message)s")
-    if run is not None:
-        file_handler = logging.FileHandler(run.log_file, mode="a", encoding="utf-8")
-        file_handler.setFormatter(fmt)
-        file_handler.setLevel(logging.INFO)
-        handlers.append(file_handler)
-    console = logging.StreamHandler(sys.stderr)
-    console.setFormatter(logging.Formatter("%(message)s"))
-    if int(os.environ.get("RANK", "0")) > 0:
-        console_level = max(console_level, logging.WARNING)  # under torchrun, rank 0 reports
-    console.setLevel(console_level)
-    console.addFilter(lambda record: not getattr(record, FILE_ONLY, False))
-    handlers.append(console)
-    # Hydra's own console handler sits on the root logger; set it aside meanwhile so that
-    # each line is printed once.
-    previous_level, previous_handlers = root.level, root.handlers[:]
-    root.handlers = handlers
-    root.setLevel(logging.INFO)
-    try:
-        yield console
-    finally:
-        for handler in handlers:
-            handler.close()
-        root.handlers = previous_handlers
-        root.setLevel(previous_level)

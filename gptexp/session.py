@@ -16,9 +16,10 @@ from omegaconf.errors import OmegaConfBaseException
 
 from gptexp.checkpoint import CheckpointEntry, CheckpointManager
 from gptexp.config import TrainConfig, config_to_dict, to_train_config
-from gptexp.data import Corpus, prepare_corpus, tokenizer_from_json
+from gptexp.data import Corpus, Tokenizer, prepare_corpus, tokenizer_from_json
 from gptexp.errors import ConfigError, TrainingInterrupted
 from gptexp.fsio import atomic_write_text
+from gptexp.hf import import_source
 from gptexp.metrics import MetricsFile, config_diff
 from gptexp.rundir import (
     FAILED,
@@ -103,21 +104,27 @@ def latest_checkpoint(
     return found
 
 
-def run_corpus(cfg: TrainConfig, run: RunDirectory, state: dict[str, Any] | None) -> Corpus:
+def run_corpus(
+    cfg: TrainConfig,
+    run: RunDirectory,
+    state: dict[str, Any] | None,
+    tokenizer: Tokenizer | None = None,
+) -> Corpus:
     """The run's corpus. A resumed run reuses its own tokenizer (never a retrained one), and
-    its text must be the one it trained on, wherever the file is now."""
-    tokenizer = None
+    its text must be the one it trained on, wherever the file is now; an imported model brings
+    its ``tokenizer``."""
     if state is not None:
         tokenizer = tokenizer_from_json(state["tokenizer"])
-    elif run.tokenizer.is_file():
+    elif tokenizer is None and run.tokenizer.is_file():
         tokenizer = tokenizer_from_json(run.tokenizer.read_text(encoding="utf-8"))
     expected = state["data_fingerprint"] if state is not None else None
     return prepare_corpus(cfg.data, cfg.model.block_size, tokenizer, expected)
 
 
-def rewind_metrics(run: RunDirectory, step: int | None) -> None:
-    """Drop the records logged after the checkpoint: they will be logged again, identically."""
-    dropped = MetricsFile(run.metrics).rewind(-1 if step is None else step)
+def rewind_metrics(run: RunDirectory, step: int | None, guard_events: int = 0) -> None:
+    """Drop the records logged after the checkpoint: they will be logged again, identically.
+    ``guard_events``: how many spike-guard events the checkpoint knows (those stay)."""
+    dropped = MetricsFile(run.metrics).rewind(-1 if step is None else step, guard_events)
     if dropped:
         log.info("metrics.jsonl: dropped %d records logged after step %s", dropped, step)
 
@@ -128,7 +135,7 @@ def record_start(
     trainer: Trainer,
     dist_ctx: Distributed,
     resume_note: dict[str, Any] | None,
-    wandb: dict[str, Any],
+    extra: dict[str, Any],
 ) -> None:
     """run.json at the start: status, the effective config, provenance. A resume adds an
     entry (with its own command line) to ``resumes``; the first start's fields stay."""
@@ -142,7 +149,7 @@ def record_start(
         "world_size": dist_ctx.world_size,
         "data_fingerprint": trainer.corpus.fingerprint,
         "wandb_id": trainer.wandb_id,
-        **wandb,
+        **extra,
         "max_steps": cfg.training.max_steps,
         "parameters": trainer.model.num_parameters(),
         "vocab_size": trainer.corpus.tokenizer.vocab_size,
@@ -203,18 +210,29 @@ def run_training(
             apply_process_settings(cfg.training)
             found = latest_checkpoint(run, cfg) if resume else None
             state = found[1] if found else None
-            corpus = run_corpus(cfg, run, state)
+            # A run started from a Hugging Face model (not resumed from its own checkpoint)
+            # takes that model's tokenizer and weights; the entry point set its shape.
+            imported = import_source(cfg.model) if cfg.model.init_from and state is None else None
+            corpus = run_corpus(cfg, run, state, imported.tokenizer if imported else None)
             metrics = MetricsFile(run.metrics) if dist_ctx.is_main else None
-            trainer = Trainer(cfg, run, dist_ctx, corpus, state, sinks=[metrics] if metrics else [])
+            trainer = Trainer(
+                cfg,
+                run,
+                dist_ctx,
+                corpus,
+                state,
+                sinks=[metrics] if metrics else [],
+                init_weights=imported.state_dict if imported else None,
+            )
             # Validation passed: from here on the run directory is written to.
             mirror = None
             if dist_ctx.is_main:
                 if resume:
-                    rewind_metrics(run, found[0].step if found else None)
-                wandb_fields = {"wandb_group": wandb_group, "wandb_name": wandb_name}
-                record_start(
-                    run, cfg, trainer, dist_ctx, resume_note if resume else None, wandb_fields
-                )
+                    rewind_metrics(run, found[0].step if found else None, len(trainer.guard.events))
+                extra = {"wandb_group": wandb_group, "wandb_name": wandb_name}
+                if imported is not None:  # the source and the sha256 of its weights
+                    extra["init_from"] = imported.record
+                record_start(run, cfg, trainer, dist_ctx, resume_note if resume else None, extra)
                 if cfg.logger.wandb:
                     mirror = WandbMirror(
                         cfg.logger,

@@ -133,6 +133,15 @@ class ShardWriter:
             self._group = dist.new_group(backend="gloo")  # every rank reaches the first save
         return self._group
 
+    def union(self, places: list[str]) -> list[str]:
+        """Every rank's ``places`` joined (on one process: its own)."""
+        group = self._process_group()
+        if group is None:
+            return places
+        gathered: list[list[str] | None] = [None] * dist.get_world_size(group)
+        dist.all_gather_object(gathered, places, group=group)
+        return sorted({place for ranks_places in gathered for place in ranks_places or []})
+
     def write(self, tensors: dict[str, Any], directory: Path, asynchronous: bool) -> Future | None:
         """Write (or, with ``asynchronous``, copy and start writing) this rank's shards into
         ``directory``. Returns the future of a background write; None when written."""

@@ -27,16 +27,17 @@ from hydra.experimental.callback import Callback
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
+from gptexp.cli import command_logging, run_command
 from gptexp.config import TrainConfig, config_to_dict, to_train_config
 from gptexp.errors import (
-    EXIT_FAILURE,
-    EXIT_INTERRUPTED,
     USER_ERRORS,
     ConfigError,
+    JobFailed,
     RunError,
     TrainingInterrupted,
 )
 from gptexp.fsio import atomic_write_bytes, atomic_write_json, atomic_write_text
+from gptexp.hf import resolve_init_from
 from gptexp.metrics import FINAL_VAL_LOSS
 from gptexp.requeue import requeue_if_preempted
 from gptexp.rundir import (
@@ -46,7 +47,6 @@ from gptexp.rundir import (
     RunDirectory,
     discard_unstarted,
     now,
-    run_logging,
     runs_under,
 )
 from gptexp.runtable import cells, run_rows, table_columns
@@ -187,7 +187,7 @@ def sweep_job(
     launching the same command into the same sweep directory continues it.
     """
     try:
-        typed = to_train_config(cfg)
+        typed = resolve_init_from(to_train_config(cfg), overrides)  # model.init_from's shape
     except ConfigError as error:
         print(f"error: {error}", file=sys.stderr)
         if dist_ctx.is_main:
@@ -234,7 +234,7 @@ def claim_run(
 
 
 def _train_job(plan, typed, own, wandb_group, wandb_name, dist_ctx) -> float:
-    with run_logging(plan.run if dist_ctx.is_main else None):
+    with command_logging(plan.run.log_file if dist_ctx.is_main else None):
         if plan.action == RESUME:
             log.info("%s: unfinished run of the same config; resuming it", plan.run.path)
         try:
@@ -253,11 +253,11 @@ def _train_job(plan, typed, own, wandb_group, wandb_name, dist_ctx) -> float:
                 plan.run.update_status(status=FAILED, error=str(error), ended=now())
             return math.nan
         except TrainingInterrupted as stop:
-            log.warning("%s; the sweep stops here", stop)
+            log.warning("the sweep stops here; launch the same command again to continue it")
             if dist_ctx.is_main:
                 write_summary(own.path.parent)
             requeue_if_preempted(stop.signame)  # SLURM pre-timeout: submitit resubmits the job
-            sys.exit(EXIT_INTERRUPTED)
+            raise
     return math.nan if result is None else result
 
 
@@ -296,7 +296,9 @@ class SweepSummary(Callback):
             write_summary(Path(config.hydra.sweep.dir))
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
-        sweep_dir = Path(config.hydra.sweep.dir)
+        run_command(lambda: self.report(Path(config.hydra.sweep.dir)))
+
+    def report(self, sweep_dir: Path) -> None:
         rows = write_summary(sweep_dir)
         columns = table_columns(rows)
         print(text_table(columns, cells(rows, columns)), file=sys.stderr)
@@ -310,10 +312,10 @@ class SweepSummary(Callback):
                 file=sys.stderr,
             )
         if failed:
-            print(
+            message = (
                 f"{len(failed)} of {len(rows)} runs did not finish: {', '.join(failed)}; "
-                f"launch the same command with hydra.sweep.dir={sweep_dir} to continue them",
-                file=sys.stderr,
+                f"launch the same command with hydra.sweep.dir={sweep_dir} to continue them"
             )
             if self.fail_on_failed_jobs:
-                sys.exit(EXIT_FAILURE)
+                raise JobFailed(message)
+            print(message, file=sys.stderr)

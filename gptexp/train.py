@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import logging
 import math
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -20,11 +19,12 @@ from hydra.experimental.callback import Callback
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
-from gptexp.cli import run_command
+from gptexp.cli import command_logging, run_command
 from gptexp.config import register_configs, to_train_config
-from gptexp.errors import EXIT_USER_ERROR, ConfigError, JobFailed, RunError
+from gptexp.errors import JobFailed, RunError
+from gptexp.hf import resolve_init_from
 from gptexp.requeue import prefer_sigusr1
-from gptexp.rundir import RunDirectory, discard_unstarted, run_logging
+from gptexp.rundir import RunDirectory, discard_unstarted
 from gptexp.runtime import Distributed, init_distributed
 from gptexp.session import run_training
 from gptexp.sweep import BASIC_SWEEPER, share_cores_between_jobs, sweep_job
@@ -44,21 +44,18 @@ class ValidateBeforeRun(Callback):
     """Checks a single run before Hydra creates its directory or writes any file there."""
 
     def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
-        try:
-            to_train_config(task_config(config))
-            run = RunDirectory(config.hydra.run.dir)
-            # Under torchrun the ranks' Hydra write .hydra/ into this directory at once: a
-            # sibling rank's fresh config.yaml is no earlier run, so there only run.json
-            # counts (no rank can write it before every rank has passed this check).
-            distributed = Distributed.from_env().enabled
-            if run.has_started() if distributed else run.is_run():
-                raise RunError(
-                    f"{run.path} already holds a run; continue it with "
-                    f"make resume RUN={run.path} (or choose another hydra.run.dir)"
-                )
-        except (ConfigError, RunError) as error:
-            print(f"error: {error}", file=sys.stderr)
-            sys.exit(EXIT_USER_ERROR)
+        run_command(lambda: self.validate(config))
+
+    @staticmethod
+    def validate(config: DictConfig) -> None:
+        to_train_config(task_config(config))
+        run = RunDirectory(config.hydra.run.dir)
+        # run.json, not Hydra's files: under torchrun every rank's Hydra writes .hydra/ there.
+        if run.has_started():
+            raise RunError(
+                f"{run.path} already holds a run; continue it with "
+                f"make resume RUN={run.path} (or choose another hydra.run.dir)"
+            )
 
 
 def _shared_run_dir(own: Path, dist_ctx: Distributed) -> Path:
@@ -86,18 +83,22 @@ def train(cfg: DictConfig) -> float | None:
         # so there a failed job returns NaN; other sweepers (Optuna) need the exception to
         # record a failed trial (a returned NaN crashes hydra-optuna-sweeper 1.3).
         raise_failures = hydra_cfg.sweeper._target_ != BASIC_SWEEPER
-        result = sweep_job(cfg, run, overrides, wandb_group, wandb_name, dist_ctx)
+        result = run_command(
+            lambda: sweep_job(cfg, run, overrides, wandb_group, wandb_name, dist_ctx)
+        )
         if raise_failures and not math.isfinite(result):
             raise JobFailed(f"{run.path}: failed (see its run.json and train.log)")
         return result
 
     def body() -> float | None:
+        # model.init_from: the source's shape goes into the config the run stores.
+        typed = resolve_init_from(to_train_config(cfg), overrides)
         return run_training(
-            to_train_config(cfg), run, resume=False, wandb_group=wandb_group, wandb_name=wandb_name
+            typed, run, resume=False, wandb_group=wandb_group, wandb_name=wandb_name
         )
 
     try:
-        with run_logging(run if dist_ctx.is_main else None):
+        with command_logging(run.log_file if dist_ctx.is_main else None):
             return run_command(body)
     finally:
         if dist_ctx.is_main:

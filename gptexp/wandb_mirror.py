@@ -16,7 +16,7 @@ from typing import Any
 from urllib.parse import urlparse
 
 from gptexp.config import LoggerConfig
-from gptexp.metrics import STEP, flatten, is_number
+from gptexp.metrics import EVENT, STEP, flatten, is_number
 
 log = logging.getLogger(__name__)
 
@@ -108,6 +108,10 @@ class WandbMirror:
             log.warning("W&B mirror stopped (%s); metrics.jsonl goes on", _first_line(error))
 
     def log(self, record: dict[str, Any]) -> None:
+        if EVENT in record:  # an event (a guard's spike) is an alert, not a metric
+            details = ", ".join(f"{k} {v}" for k, v in record.items() if k != EVENT)
+            self.alert(f"gptexp: {record[EVENT]} at step {record[STEP]}", details)
+            return
         values = {k: v for k, v in record.items() if k != STEP and is_number(v)}
         self._guarded(self.run.log, {"trainer/step": record[STEP], **values}, step=record[STEP])
 

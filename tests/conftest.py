@@ -50,6 +50,18 @@ def compose_config(overrides: list[str] | None = None) -> TrainConfig:
     return to_train_config(cfg)
 
 
+def make_trainer(cfg, run_dir: Path, dist_ctx=None, state=None, sinks=()):
+    """A Trainer in this process for ``cfg``, its corpus prepared as the session does."""
+    from gptexp.rundir import RunDirectory
+    from gptexp.runtime import Distributed
+    from gptexp.session import run_corpus
+    from gptexp.trainer import Trainer
+
+    run = RunDirectory(run_dir)
+    corpus = run_corpus(cfg, run, state)
+    return Trainer(cfg, run, dist_ctx or Distributed(), corpus, state, sinks=sinks)
+
+
 def subprocess_env(**extra: str) -> dict[str, str]:
     env = dict(os.environ)
     env.update(
@@ -76,10 +88,18 @@ def run_module(
     )
 
 
-def train(run_dir: Path, *overrides: str, cwd: Path, env=None) -> subprocess.CompletedProcess:
+def train(
+    run_dir: Path, *overrides: str, cwd: Path, env=None, timeout: float = 180
+) -> subprocess.CompletedProcess:
     """A real ``python -m gptexp.train`` into ``run_dir`` with the FAST settings."""
     return run_module(
-        "gptexp.train", *FAST, *overrides, f"hydra.run.dir={run_dir}", cwd=cwd, env=env
+        "gptexp.train",
+        *FAST,
+        *overrides,
+        f"hydra.run.dir={run_dir}",
+        cwd=cwd,
+        env=env,
+        timeout=timeout,
     )
 
 
@@ -176,3 +196,32 @@ def assert_finished(result: subprocess.CompletedProcess, run_dir: Path) -> None:
     if result.returncode != 0:
         status = json.loads((run_dir / "run.json").read_text()).get("status")
         assert EXIT_ABORT in result.stderr and status == "finished", result.stderr[-3000:]
+
+
+def sweep(sweep_dir: Path, *overrides: str, cwd: Path) -> subprocess.CompletedProcess:
+    """A real ``python -m gptexp.train -m`` multirun into ``sweep_dir`` (FAST settings)."""
+    return run_module(
+        "gptexp.train", "-m", *FAST, *overrides, f"hydra.sweep.dir={sweep_dir}", cwd=cwd
+    )
+
+
+def policy(**overrides):
+    """A checkpoint policy for the checkpoint tests: every 10 steps, 2 kept, best 1, sync."""
+    from gptexp.config import CheckpointConfig
+
+    base = dict(every_steps=10, keep_last=2, keep_best=1, keep_every=0, async_save=False)
+    return CheckpointConfig(**(base | overrides))
+
+
+def fake_state(step: int) -> dict:
+    """A small checkpoint-shaped state whose tensors encode ``step``."""
+    import torch
+
+    return {
+        "format_version": 1,
+        "model": {"w": torch.full((4, 4), float(step)), "b": torch.arange(step + 1.0)},
+        "optimizer": {"state": {0: {"exp_avg": torch.ones(3) * step}}, "param_groups": []},
+        "step": step,
+        "rng": [{"torch": torch.get_rng_state()}],
+        "config": {"model": {"n_layer": 2}},
+    }

@@ -18,30 +18,15 @@ import torch
 
 from gptexp.checkpoint import (
     MANIFEST,
-    CheckpointError,
     CheckpointManager,
     checkpoint_name,
     load_checkpoint_file,
-    sha256_file,
     snapshot,
 )
 from gptexp.config import CheckpointConfig
-
-
-def policy(**overrides) -> CheckpointConfig:
-    base = dict(every_steps=10, keep_last=2, keep_best=1, keep_every=0, async_save=False)
-    return CheckpointConfig(**(base | overrides))
-
-
-def fake_state(step: int) -> dict:
-    return {
-        "format_version": 1,
-        "model": {"w": torch.full((4, 4), float(step)), "b": torch.arange(step + 1.0)},
-        "optimizer": {"state": {0: {"exp_avg": torch.ones(3) * step}}, "param_groups": []},
-        "step": step,
-        "rng": [{"torch": torch.get_rng_state()}],
-        "config": {"model": {"n_layer": 2}},
-    }
+from gptexp.errors import CheckpointError
+from gptexp.fsio import sha256_file, xxh3_128_file
+from tests.conftest import fake_state, policy
 
 
 def save(manager: CheckpointManager, step: int, metric: float | None = None) -> None:
@@ -117,7 +102,7 @@ def test_bit_flipped_newest_falls_back(tmp_path):
     messages: list[str] = []
     entry, _ = manager.load_latest_valid(warn=messages.append)
     assert entry.step == 10
-    assert any("sha256" in m for m in messages)
+    assert any("corrupted" in m for m in messages)
 
 
 def test_missing_newest_falls_back(tmp_path):
@@ -204,6 +189,7 @@ def test_listed_malicious_checkpoint_is_skipped_for_an_older_valid_one(tmp_path)
     manifest = json.loads((tmp_path / MANIFEST).read_text())
     entry = dict(manifest["checkpoints"][0])
     entry.update(file=evil.name, step=20, sha256=sha256_file(evil), bytes=evil.stat().st_size)
+    entry["xxh3_128"] = xxh3_128_file(evil)
     manifest["checkpoints"].append(entry)
     (tmp_path / MANIFEST).write_text(json.dumps(manifest))
     messages: list[str] = []
@@ -220,6 +206,7 @@ import resource, sys, torch
 from pathlib import Path
 from gptexp.checkpoint import CheckpointManager, CheckpointError
 from gptexp.config import CheckpointConfig
+from tests.conftest import fake_state, policy
 directory = Path(sys.argv[1])
 manager = CheckpointManager(directory, CheckpointConfig(every_steps=10, keep_last=5,
                                                         async_save=sys.argv[2] == "async"))

@@ -11,8 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import run_module
-from tests.test_sweep import sweep
+from tests.conftest import run_module, sweep
 
 
 @pytest.fixture(scope="module")

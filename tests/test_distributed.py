@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -11,7 +13,15 @@ import torch
 
 from gptexp.checkpoint import CheckpointManager
 from gptexp.config import CheckpointConfig
-from tests.conftest import FAST, assert_finished, read_metrics, torchrun
+from tests.conftest import (
+    FAST,
+    ROOT,
+    assert_finished,
+    read_metrics,
+    subprocess_env,
+    torchrun,
+    train,
+)
 
 pytestmark = [
     pytest.mark.slow,
@@ -48,3 +58,49 @@ def test_two_ranks_resume_after_a_crash_bit_identical(tmp_path):
         assert torch.equal(a["model"][key], tensor), key
     strip = lambda rs: [(r["step"], r.get("train/loss"), r.get("val/loss")) for r in rs]  # noqa: E731
     assert strip(read_metrics(crashed)) == strip(read_metrics(straight))
+
+
+def test_resume_on_another_world_size_keeps_the_data_and_the_losses(tmp_path):
+    """2 ranks -> 1 -> 2, each time killed in a save: every logged loss matches a straight run
+    of the same global batch (1 rank x accum 2) to 1e-4 (only the float reduction order
+    differs). Dropout 0: its random numbers are per rank and cannot follow a world size."""
+    settings = ["model.dropout=0", "training.max_steps=20", "checkpoint.every_steps=5"]
+    straight, changed = tmp_path / "straight", tmp_path / "changed"
+    result = train(straight, *settings, "training.grad_accum=2", cwd=ROOT)
+    assert result.returncode == 0, result.stderr[-3000:]
+
+    # 2 ranks x accum 1, killed at step 10 (resumes from 5); 1 rank, killed at 15 (from 10).
+    args = [*FAST, *settings, "training.grad_accum=1", f"hydra.run.dir={changed}"]
+    result = torchrun("gptexp.train", *args, crash="10:rename")
+    assert result.returncode != 0
+    result = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "tests" / "crashing_save.py"),
+            "15",
+            "rename",
+            "gptexp.resume",
+            f"run={changed}",
+        ],
+        cwd=ROOT,
+        env=subprocess_env(),
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
+    assert result.returncode != 0
+    assert "training.grad_accum 1 -> 2" in result.stderr, result.stderr[-3000:]
+    assert final_state(changed)["world_size"] == 1
+    result = torchrun("gptexp.resume", f"run={changed}")
+    assert_finished(result, changed)
+    assert "training.grad_accum 2 -> 1" in result.stderr
+
+    status = json.loads((changed / "run.json").read_text())
+    assert status["world_size"] == 2 and status["config"]["training"]["grad_accum"] == 1
+    a, b = read_metrics(changed), read_metrics(straight)
+    assert [r["step"] for r in a] == [r["step"] for r in b]
+    for mine, theirs in zip(a, b, strict=True):
+        for key in ("train/loss", "val/loss"):
+            assert (key in mine) == (key in theirs)
+            if key in mine:
+                assert mine[key] == pytest.approx(theirs[key], abs=1e-4), (mine["step"], key)

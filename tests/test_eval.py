@@ -17,8 +17,8 @@ import torch
 import yaml
 
 import gptexp.eval
-from gptexp.checkpoint import sha256_file
 from gptexp.data import python_docs_text
+from gptexp.fsio import sha256_file, xxh3_128_file
 from tests.conftest import FAST, call_main, files_of, read_metrics, run_module, subprocess_env
 
 
@@ -57,6 +57,7 @@ def rewrite_checkpoint(run_dir: Path, step: int, edit) -> None:
     for entry in manifest["checkpoints"]:
         if entry["file"] == path.name:
             entry["sha256"], entry["bytes"] = sha256_file(path), path.stat().st_size
+            entry["xxh3_128"] = xxh3_128_file(path)
     manifest_path.write_text(json.dumps(manifest))
 
 

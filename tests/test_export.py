@@ -78,7 +78,7 @@ def test_export_to_a_chosen_directory(run_copy: Path, tmp_path: Path) -> None:
     ("args", "message"),
     [
         (["ckpt=15"], "no checkpoint at step 15 (have: 10, 20)"),
-        (["format=onnx"], "unknown key 'format'"),
+        (["format=onnx"], "format='onnx': must be one of gptexp, hf"),
     ],
 )
 def test_export_bad_input_changes_nothing(run_copy: Path, args: list[str], message: str) -> None:

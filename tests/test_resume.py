@@ -219,8 +219,9 @@ def test_live_run_cannot_be_resumed_twice_and_second_ctrl_c_damages_nothing(tmp_
 
     proc.send_signal(signal.SIGINT)
     proc.send_signal(signal.SIGINT)  # the impatient second Ctrl-C aborts at once
-    proc.communicate(timeout=60)
+    _, stderr = proc.communicate(timeout=60)
     assert proc.returncode != 0
+    assert "Traceback" not in stderr, stderr[-3000:]  # one line, not a traceback
     manager = CheckpointManager(run_dir / "checkpoints", CheckpointConfig())
     assert manager.entries(), "the periodic checkpoints are still listed"
     for entry in manager.entries():

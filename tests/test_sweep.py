@@ -10,16 +10,10 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
-from tests.conftest import FAST, ROOT, read_metrics, run_module, subprocess_env, wait_until
+from tests.conftest import FAST, ROOT, read_metrics, run_module, subprocess_env, sweep, wait_until
 
 # Two short jobs: what every sweep below varies.
 LRS = "training.lr=1e-3,3e-4"
-
-
-def sweep(sweep_dir: Path, *overrides: str, cwd: Path) -> subprocess.CompletedProcess:
-    return run_module(
-        "gptexp.train", "-m", *FAST, *overrides, f"hydra.sweep.dir={sweep_dir}", cwd=cwd
-    )
 
 
 def summary(sweep_dir: Path) -> dict[str, dict]:

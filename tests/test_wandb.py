@@ -8,8 +8,7 @@ from pathlib import Path
 
 from wandb.proto import wandb_internal_pb2
 
-from tests.conftest import run_module
-from tests.test_sweep import sweep
+from tests.conftest import run_module, sweep
 
 BLOCK, HEADER = 32768, 7  # W&B's transaction log: LevelDB's log format with its own header
 
