@@ -65,7 +65,8 @@ def test_sigusr1_checkpoints_stops_and_requeues_the_job_into_its_run(tmp_path):
         "sweep.json",
     ]
     log = (run / "train.log").read_text()
-    assert "stopped by SIGUSR1" in log and "requeueing this job" in log
+    assert "SIGUSR1 received: stopping after this step" in log
+    assert f"saved checkpoint at step {stopped_at}" in log and "requeueing this job" in log
     submitit_logs = "".join(p.read_text() for p in (sweep_dir / ".submitit").rglob("*.out"))
     assert "Requeued job" in submitit_logs
     steps = [r["step"] for r in read_metrics(run)]
