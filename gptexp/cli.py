@@ -59,7 +59,7 @@ def command_logging(log_file: Path | None, console_level: int = logging.INFO):
     """Send gptexp's log records to stderr and, for a run, to its ``train.log`` (appending).
 
     Handlers are removed on exit, so the jobs of a multirun each log to their own file. Under
-    torchrun only rank 0 reports on the console.
+    torchrun only rank 0 reports on the console (other ranks print errors only).
     """
     root = logging.getLogger()
     handlers: list[logging.Handler] = []
@@ -70,8 +70,8 @@ def command_logging(log_file: Path | None, console_level: int = logging.INFO):
         )
         file_handler.setLevel(logging.INFO)
         handlers.append(file_handler)
-    if int(os.environ.get("RANK", "0")) > 0:
-        console_level = max(console_level, logging.WARNING)
+    if int(os.environ.get("RANK", "0")) > 0:  # the other ranks say only what rank 0 cannot
+        console_level = max(console_level, logging.ERROR)
     handlers.append(ConsoleHandler(console_level))
     # Hydra's own console handler sits on the root logger; set it aside meanwhile so that
     # each line is printed once, without Hydra's prefix.

@@ -261,8 +261,8 @@ class Trainer:
                 "reduction order (with dropout, also not its random numbers, which cannot follow "
                 "a change of world size)"
                 if self.data_order >= 2
-                else "training continues correctly but, in this run's old data order, no longer "
-                "on the batches of an uninterrupted run",
+                else "training continues correctly but, in this run's old data order, is no "
+                "longer bit-identical to an uninterrupted run",
             )
         restore_rng_state(state["rng"][self.dist.rank % saved_world])
         # The spike guard's state (checkpoints written before the guard have none: no skips).
