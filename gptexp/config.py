@@ -113,7 +113,9 @@ class TrainingConfig:
     seed: int = 1337
     device: str = "auto"
     precision: str = "fp32"
-    compile: bool = False
+    # torch.compile: true | false | auto (compile where the run is long enough to repay the
+    # compile time; see gptexp/compile_policy.py). A bool from older configs still works.
+    compile: str = "auto"
     num_threads: int = 0  # torch CPU threads; 0 keeps PyTorch's default
     deterministic: bool = False  # torch.use_deterministic_algorithms
     progress: bool = True  # progress bar on a terminal; plain log lines otherwise
@@ -141,6 +143,11 @@ class TrainingConfig:
         _require(self.grad_clip >= 0, "training.grad_clip", "must be >= 0", self.grad_clip)
         _one_of("training.device", self.device, DEVICES)
         _one_of("training.precision", self.precision, PRECISIONS)
+        self.compile = str(self.compile).lower()  # true/false arrive as bools, then "True"
+        _one_of("training.compile", self.compile, COMPILE_CHOICES)
+
+
+COMPILE_CHOICES = ("auto", "true", "false")
 
 
 MONITOR_MODES = ("min", "max")

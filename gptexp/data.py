@@ -229,11 +229,35 @@ class Corpus:
 def prepare_corpus(cfg: DataConfig, block_size: int, tokenizer: Tokenizer | None = None) -> Corpus:
     """Load the text, tokenize it (training a tokenizer unless one is given) and split it.
 
-    The split is by position: the last ``val_fraction`` of the text is validation.
+    The split is by position: the last ``val_fraction`` of the text is validation. The token
+    ids are cached by the text's sha256 and the tokenizer settings (see ``corpus_cache``), so a
+    second run on the same text does not tokenize it again.
     """
     text = load_text(cfg)
     if not text:
         raise DataError(f"data.name={cfg.name!r}: the text is empty")
+    from gptexp.corpus_cache import cache_path, load_cached, store
+
+    fingerprint = sha256_text(text)
+    path = cache_path(fingerprint, cfg, tokenizer.to_json() if tokenizer is not None else None)
+    cached = load_cached(path, fingerprint)
+    if cached is not None:
+        corpus = Corpus(
+            tokenizer=cached.tokenizer,
+            train=cached.train,
+            val=cached.val,
+            fingerprint=fingerprint,
+            val_units=cached.val_units,
+        )
+        _check_block_size(corpus, block_size)
+        return corpus
+    corpus = _tokenize(cfg, text, fingerprint, tokenizer)
+    _check_block_size(corpus, block_size)
+    store(path, corpus)
+    return corpus
+
+
+def _tokenize(cfg: DataConfig, text: str, fingerprint: str, tokenizer: Tokenizer | None) -> Corpus:
     cut = int(len(text) * (1 - cfg.val_fraction))
     train_text, val_text = text[:cut], text[cut:]
     if tokenizer is None:
@@ -245,20 +269,23 @@ def prepare_corpus(cfg: DataConfig, block_size: int, tokenizer: Tokenizer | None
         train_ids, val_ids = tokenizer.encode(train_text), tokenizer.encode(val_text)
     except ValueError as error:
         raise DataError(f"data: {error}") from None
-    shortest = min(len(train_ids), len(val_ids))
+    return Corpus(
+        tokenizer=tokenizer,
+        train=torch.tensor(train_ids, dtype=torch.long),
+        val=torch.tensor(val_ids, dtype=torch.long),
+        fingerprint=fingerprint,
+        val_units=tokenizer.units(val_text),
+    )
+
+
+def _check_block_size(corpus: Corpus, block_size: int) -> None:
+    shortest = min(len(corpus.train), len(corpus.val))
     if shortest <= block_size:
         raise ConfigError(
             f"model.block_size={block_size}: longer than the corpus allows "
             f"(the smaller split has {shortest} tokens; lower model.block_size or "
             "data.val_fraction, or use a longer text)"
         )
-    return Corpus(
-        tokenizer=tokenizer,
-        train=torch.tensor(train_ids, dtype=torch.long),
-        val=torch.tensor(val_ids, dtype=torch.long),
-        fingerprint=sha256_text(text),
-        val_units=tokenizer.units(val_text),
-    )
 
 
 def sample_batch(

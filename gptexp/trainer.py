@@ -26,10 +26,12 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
 from gptexp.checkpoint import FORMAT_VERSION, CheckpointError, CheckpointManager
+from gptexp.compile_policy import should_compile
 from gptexp.config import ConfigError, TrainConfig, TrainingConfig, config_to_dict
 from gptexp.data import Corpus, DataError, prepare_corpus, sample_batch, tokenizer_from_json
 from gptexp.loggers import MetricsFile, WandbMirror
 from gptexp.model import GPT
+from gptexp.process_tuning import keep_freed_memory
 from gptexp.run import (
     FAILED,
     FILE_ONLY,
@@ -40,6 +42,7 @@ from gptexp.run import (
     RunError,
     environment,
     now,
+    start_git_commit,
 )
 
 log = logging.getLogger(__name__)
@@ -312,6 +315,8 @@ class Trainer:
             # Only on a change: the call imports torch's compiler stack (about 1 s of start-up).
             torch.use_deterministic_algorithms(t.deterministic)
         self.device = resolve_device(t.device, dist_ctx.local_rank)
+        if self.device.type == "cpu":
+            keep_freed_memory()  # no fresh page faults for each step's activations
         check_precision(self.device, t.precision)
 
         # Data: a resumed run reuses its own tokenizer, never a retrained one.
@@ -348,7 +353,7 @@ class Trainer:
             self._load_state(resume_state)
 
         self.forward_model: torch.nn.Module = self.model
-        if t.compile:
+        if should_compile(t, self.step):  # training.compile=auto|true|false
             self.forward_model = torch.compile(self.model)
         if dist_ctx.enabled:
             self.forward_model = DistributedDataParallel(
@@ -703,6 +708,8 @@ def run_training(
     """
     dist_ctx = Distributed.from_env()
     init_distributed(dist_ctx, cfg.training.device)
+    if dist_ctx.is_main:
+        start_git_commit()  # in the background: run.json collects it, the first step does not
     status = FAILED
     lock = run.lock() if dist_ctx.is_main else contextlib.nullcontext()
     try:
