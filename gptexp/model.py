@@ -9,6 +9,8 @@ H heads, V vocabulary.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import torch
 import torch.nn as nn
@@ -114,6 +116,28 @@ class Block(nn.Module):
         return x
 
 
+# Below this many parameters a generation step's matrices are too small to split between
+# threads: each of its ~15 ops per layer would wait for the other threads (a few microseconds
+# on an idle machine, a scheduler time slice on a busy one), for less work than that.
+ONE_THREAD_GENERATION_PARAMETERS = 10_000_000
+
+
+@contextmanager
+def generation_threads(model: nn.Module) -> Iterator[None]:
+    """Generate a small model on one CPU thread (the thread count is restored after)."""
+    small = sum(p.numel() for p in model.parameters()) < ONE_THREAD_GENERATION_PARAMETERS
+    on_cpu = next(model.parameters()).device.type == "cpu"
+    previous = torch.get_num_threads()
+    if not (small and on_cpu) or previous == 1:
+        yield
+        return
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
 class GPT(nn.Module):
     def __init__(self, cfg: ModelConfig, vocab_size: int) -> None:
         super().__init__()
@@ -209,6 +233,17 @@ class GPT(nn.Module):
         ``block_size``, the window slides and every position changes, so from there each
         step recomputes the cropped context, as without a cache (the results are the same).
         """
+        with generation_threads(self):
+            return self._generate(idx, max_new_tokens, temperature, top_k, generator)
+
+    def _generate(
+        self,
+        idx: torch.Tensor,
+        max_new_tokens: int,
+        temperature: float,
+        top_k: int | None,
+        generator: torch.Generator | None,
+    ) -> torch.Tensor:
         cache: KVCache | None = None
         for _ in range(max_new_tokens):
             T = idx.size(1)

@@ -67,8 +67,8 @@ PHASES = [
 def test_quick_bench_writes_every_figure_and_prints_the_table(tmp_path):
     out = tmp_path / "bench"
     result = run_module(
-        "gptexp.bench", "--quick", "--threads", "1", "--out", str(out), cwd=tmp_path
-    )
+        "gptexp.bench", "--quick", "--threads", "1", "--out", str(out), cwd=tmp_path, timeout=600
+    )  # ~30 s on an idle machine; the deadline allows for a busy one
     assert result.returncode == 0, result.stderr
 
     (path,) = out.glob("*.json")

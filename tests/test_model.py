@@ -265,6 +265,15 @@ def test_generate_sampling_with_the_kv_cache_is_seeded(sharp_model):
     assert torch.equal(a, reference)
 
 
+def test_generate_runs_a_small_model_on_one_thread_and_restores_the_count(sharp_model):
+    seen = []
+    sharp_model.register_forward_pre_hook(lambda module, args: seen.append(torch.get_num_threads()))
+    torch.set_num_threads(2)  # the autouse fixture restores the count after the test
+    sharp_model.generate(torch.zeros((1, 1), dtype=torch.long), 5, temperature=0)
+    assert seen == [1] * 5
+    assert torch.get_num_threads() == 2
+
+
 # ----------------------------------------------------------------------------- size
 
 
