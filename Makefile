@@ -50,7 +50,7 @@ compare:  ## Compare runs: make compare RUN=<sweep dir or run dirs> [ARGS="--plo
 	@test -n "$(RUN)" || { echo "usage: make compare RUN=<sweep dir or run dirs> [ARGS=...]"; exit 2; }
 	$(PYTHON) -m gptexp.compare $(RUN) $(ARGS)
 
-bench:  ## Measure speed, efficiency and checkpoint cost into outputs/bench/<date>.json [CORPUS=path]
+bench:  ## Whole process and per step next to a plain script, with the breakdown, into outputs/bench/<date>_<time>.json [CORPUS=path]
 	$(PYTHON) -m gptexp.bench $(if $(CORPUS),--corpus $(CORPUS),)
 
 test:  ## Run the test suite (CPU only, a few minutes)

@@ -202,6 +202,8 @@ def gptexp_run(
 def plain_run(plan: BenchPlan, corpus: Path, workdir: Path) -> WholeRun:
     """The standalone plain script on the same text, sizes and seed."""
     shape = plan.model_config()
+    if shape.bias or shape.dropout:
+        raise BenchError(f"model={plan.model_name}: the plain script has no biases or dropout")
     timings = workdir / f"plain-{time.monotonic_ns()}.json"
     child = run_child(
         [str(PLAIN_SCRIPT), "--data", str(corpus), "--steps", str(plan.steps),
