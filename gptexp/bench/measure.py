@@ -510,19 +510,28 @@ def eval_in_process(plan: BenchPlan, model: GPT, tokens: torch.Tensor) -> float:
     return batches * plan.tokens_per_step / (time.perf_counter() - started)
 
 
-def sample_in_process(model: GPT, tokens: int) -> dict[str, float]:
-    """Seconds of the end-of-run sample (``tokens`` new tokens, one sequence), with the KV
-    cache (``GPT.generate``) and without it (the whole context recomputed every token)."""
+def sample_in_process(model: GPT, tokens: int, repeats: int = 3) -> dict[str, float]:
+    """Seconds of an end-of-run sample (``tokens`` new tokens, one sequence, greedy), with the
+    KV cache (``GPT.generate``) and without it (the whole context recomputed every token), in
+    alternation after a warm-up; medians."""
     model.eval()
     start = torch.zeros((1, 1), dtype=torch.long)
-    with torch.no_grad():
-        started = time.perf_counter()
-        model.generate(start, tokens, temperature=0.8, top_k=50)
-        cached = time.perf_counter() - started
-        started = time.perf_counter()
+
+    def uncached() -> None:
         idx = start
         for _ in range(tokens):
             logits, _ = model(idx[:, -model.cfg.block_size :])
             idx = torch.cat((idx, logits[:, -1].argmax(-1, keepdim=True)), dim=1)
-        uncached = time.perf_counter() - started
-    return {"kv_cache_s": cached, "no_cache_s": uncached, "tokens": tokens}
+
+    def cached() -> None:
+        model.generate(start, tokens, temperature=0)
+
+    cached_s, uncached_s = [], []
+    with torch.no_grad():
+        cached()  # warm-up: first calls pick kernels
+        for _ in range(repeats):
+            for fn, times in ((cached, cached_s), (uncached, uncached_s)):
+                started = time.perf_counter()
+                fn()
+                times.append(time.perf_counter() - started)
+    return {"kv_cache_s": median(cached_s), "no_cache_s": median(uncached_s), "tokens": tokens}
