@@ -512,8 +512,9 @@ def eval_in_process(plan: BenchPlan, model: GPT, tokens: torch.Tensor) -> float:
 
 def sample_in_process(model: GPT, tokens: int, repeats: int = 3) -> dict[str, float]:
     """Seconds of an end-of-run sample (``tokens`` new tokens, one sequence, greedy), with the
-    KV cache (``GPT.generate``) and without it (the whole context recomputed every token), in
-    alternation after a warm-up; medians."""
+    KV cache (``GPT.generate``, which also runs a small model on one thread) and the way it was
+    before (the whole context recomputed every token, on the bench's threads), in alternation
+    after a warm-up; medians."""
     model.eval()
     start = torch.zeros((1, 1), dtype=torch.long)
 
