@@ -160,6 +160,7 @@ PRECISIONS = ("fp32", "bf16", "fp16")
 # ddp: every rank holds the whole model (DistributedDataParallel); fsdp: parameters, gradients
 # and optimizer state are sharded across the ranks (FSDP2, fully_shard). One process: neither.
 PARALLEL = ("ddp", "fsdp")
+COMPILE_CHOICES = ("auto", "true", "false")
 
 
 @dataclass
@@ -182,7 +183,9 @@ class TrainingConfig:
     seed: int = 1337
     device: str = "auto"
     precision: str = "fp32"
-    compile: bool = False
+    # torch.compile: true | false | auto (compile where the run is long enough to repay the
+    # compile time; see gptexp/compile_policy.py). A bool from older configs still works.
+    compile: str = "auto"
     num_threads: int = 0  # torch CPU threads; 0 keeps PyTorch's default
     deterministic: bool = False  # torch.use_deterministic_algorithms
     progress: bool = True  # progress bar on a terminal; plain log lines otherwise
@@ -221,6 +224,8 @@ class TrainingConfig:
         _one_of("training.device", self.device, DEVICES)
         _one_of("training.precision", self.precision, PRECISIONS)
         _one_of("training.parallel", self.parallel, PARALLEL)
+        self.compile = str(self.compile).lower()  # true/false arrive as bools, then "True"
+        _one_of("training.compile", self.compile, COMPILE_CHOICES)
 
 
 MONITOR_MODES = ("min", "max")

@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from gptexp.config import DataConfig
+from gptexp.corpus_cache import CachedCorpus, cache_path, load_cached, store
 from gptexp.errors import ConfigError, DataError
 from gptexp.fsio import atomic_write_bytes, sha256_text
 
@@ -232,7 +233,9 @@ def prepare_corpus(
 
     The split is by position: the last ``val_fraction`` of the text is validation. A run that
     already trained on a text gives its ``expected_fingerprint``: another text is refused
-    before it is tokenized, wherever the file is now.
+    before it is tokenized, wherever the file is now. The token ids are
+    cached by the text's sha256 and the tokenizer settings (see ``corpus_cache``), so a second
+    run on the same text does not tokenize it again.
     """
     text = load_text(cfg)
     if not text:
@@ -244,6 +247,30 @@ def prepare_corpus(
             f"{where}: the text differs from the one this run was trained on (sha256); "
             "use the original text (data.path=<where it is now>)"
         )
+    given = tokenizer.to_json() if tokenizer is not None else None
+    path = cache_path(cache_dir(), fingerprint, cfg, given)
+    cached = load_cached(path, fingerprint, lambda blob: tokenizer_from_json(blob).vocab_size)
+    if cached is not None:
+        corpus = Corpus(
+            tokenizer=tokenizer_from_json(cached.tokenizer_json),
+            train=cached.train,
+            val=cached.val,
+            fingerprint=fingerprint,
+            train_units=cached.train_units,
+            val_units=cached.val_units,
+        )
+        _check_block_size(corpus, block_size)
+        return corpus
+    corpus = _tokenize(cfg, text, fingerprint, tokenizer)
+    _check_block_size(corpus, block_size)
+    entry = CachedCorpus(
+        corpus.tokenizer.to_json(), corpus.train, corpus.val, corpus.train_units, corpus.val_units
+    )
+    store(path, fingerprint, entry, corpus.tokenizer.vocab_size)
+    return corpus
+
+
+def _tokenize(cfg: DataConfig, text: str, fingerprint: str, tokenizer: Tokenizer | None) -> Corpus:
     cut = int(len(text) * (1 - cfg.val_fraction))
     train_text, val_text = text[:cut], text[cut:]
     if tokenizer is None:
@@ -255,13 +282,6 @@ def prepare_corpus(
         train_ids, val_ids = tokenizer.encode(train_text), tokenizer.encode(val_text)
     except ValueError as error:
         raise DataError(f"data: {error}") from None
-    shortest = min(len(train_ids), len(val_ids))
-    if shortest <= block_size:
-        raise ConfigError(
-            f"model.block_size={block_size}: longer than the corpus allows "
-            f"(the smaller split has {shortest} tokens; lower model.block_size or "
-            "data.val_fraction, or use a longer text)"
-        )
     return Corpus(
         tokenizer=tokenizer,
         train=torch.tensor(train_ids, dtype=torch.long),
@@ -270,6 +290,16 @@ def prepare_corpus(
         train_units=tokenizer.units(train_text),
         val_units=tokenizer.units(val_text),
     )
+
+
+def _check_block_size(corpus: Corpus, block_size: int) -> None:
+    shortest = min(len(corpus.train), len(corpus.val))
+    if shortest <= block_size:
+        raise ConfigError(
+            f"model.block_size={block_size}: longer than the corpus allows "
+            f"(the smaller split has {shortest} tokens; lower model.block_size or "
+            "data.val_fraction, or use a longer text)"
+        )
 
 
 def sample_batch(

@@ -9,6 +9,8 @@ H heads, V vocabulary.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import torch
 import torch.nn as nn
@@ -29,6 +31,22 @@ class LayerNorm(nn.Module):
         return F.layer_norm(x, self.weight.shape, self.weight, self.bias, 1e-5)
 
 
+class KVCache:
+    """Keys and values of the positions a generation has seen, per layer, each (B, H, P, C/H).
+
+    ``generate`` fills it with one forward pass over the prompt, then feeds one token per step:
+    a step attends to the cached positions instead of recomputing them.
+    """
+
+    def __init__(self, n_layer: int) -> None:
+        self.layers: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * n_layer
+
+    @property
+    def length(self) -> int:
+        first = self.layers[0]
+        return 0 if first is None else first[0].size(2)
+
+
 class CausalSelfAttention(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
@@ -38,15 +56,34 @@ class CausalSelfAttention(nn.Module):
         self.proj = nn.Linear(cfg.n_embd, cfg.n_embd, bias=cfg.bias)
         self.proj_dropout = nn.Dropout(cfg.dropout)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, cache: KVCache | None = None, layer: int = 0
+    ) -> torch.Tensor:
         B, T, C = x.shape
         q, k, v = self.qkv(x).split(C, dim=2)  # 3 x (B, T, C)
         # (B, T, C) -> (B, H, T, C/H): each head attends over its own slice of the channels
         q = q.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
         k = k.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
         v = v.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
+        past = cache.layers[layer] if cache is not None else None
+        mask = None
+        if past is not None:
+            P = past[0].size(2)
+            k = torch.cat((past[0], k), dim=2)  # (B, H, P+T, C/H)
+            v = torch.cat((past[1], v), dim=2)
+            # New query i sees the P cached positions and new positions 0..i; one new query
+            # (a decoding step) sees everything, so it needs no mask at all.
+            if T > 1:
+                mask = torch.ones(T, P + T, dtype=torch.bool, device=x.device).tril(diagonal=P)
+        if cache is not None:
+            cache.layers[layer] = (k, v)
         y = F.scaled_dot_product_attention(
-            q, k, v, dropout_p=self.dropout if self.training else 0.0, is_causal=True
+            q,
+            k,
+            v,
+            attn_mask=mask,
+            dropout_p=self.dropout if self.training else 0.0,
+            is_causal=past is None,
         )  # (B, H, T, C/H)
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # re-assemble the heads
         return self.proj_dropout(self.proj(y))
@@ -74,10 +111,34 @@ class Block(nn.Module):
         self.ln_2 = LayerNorm(cfg.n_embd, bias=cfg.bias)
         self.mlp = MLP(cfg)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.attn(self.ln_1(x))  # pre-LN residual branches
+    def forward(
+        self, x: torch.Tensor, cache: KVCache | None = None, layer: int = 0
+    ) -> torch.Tensor:
+        x = x + self.attn(self.ln_1(x), cache, layer)  # pre-LN residual branches
         x = x + self.mlp(self.ln_2(x))
         return x
+
+
+# Below this many parameters a generation step's matrices are too small to split between
+# threads: each of its ~15 ops per layer would wait for the other threads (a few microseconds
+# on an idle machine, a scheduler time slice on a busy one), for less work than that.
+ONE_THREAD_GENERATION_PARAMETERS = 10_000_000
+
+
+@contextmanager
+def generation_threads(model: nn.Module) -> Iterator[None]:
+    """Generate a small model on one CPU thread (the thread count is restored after)."""
+    small = sum(p.numel() for p in model.parameters()) < ONE_THREAD_GENERATION_PARAMETERS
+    on_cpu = next(model.parameters()).device.type == "cpu"
+    previous = torch.get_num_threads()
+    if not (small and on_cpu) or previous == 1:
+        yield
+        return
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
 
 
 class GPT(nn.Module):
@@ -119,15 +180,24 @@ class GPT(nn.Module):
         return total - self.wpe.weight.numel() if non_embedding else total
 
     def forward(
-        self, idx: torch.Tensor, targets: torch.Tensor | None = None
+        self,
+        idx: torch.Tensor,
+        targets: torch.Tensor | None = None,
+        *,
+        cache: KVCache | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Logits (B, T, V) and, given targets, the loss. With a ``cache``, ``idx`` continues
+        the positions already cached (and they are added to it)."""
         B, T = idx.shape
-        if self.cfg.block_size < T:
-            raise ValueError(f"sequence length {T} exceeds model.block_size={self.cfg.block_size}")
-        pos = torch.arange(T, device=idx.device)  # (T,)
+        start = cache.length if cache is not None else 0
+        if self.cfg.block_size < start + T:
+            raise ValueError(
+                f"sequence length {start + T} exceeds model.block_size={self.cfg.block_size}"
+            )
+        pos = torch.arange(start, start + T, device=idx.device)  # (T,)
         x = self.drop(self.wte(idx) + self.wpe(pos))  # (B, T, C)
-        for block in self.blocks:
-            x = block(x)
+        for layer, block in enumerate(self.blocks):
+            x = block(x, cache, layer)
         x = self.ln_f(x)
         logits = self.lm_head(x)  # (B, T, V)
         if targets is None:
@@ -160,10 +230,32 @@ class GPT(nn.Module):
 
         ``temperature`` 0 means greedy decoding. A ``generator`` makes sampling reproducible
         independently of the global RNG.
+
+        A KV cache makes each new token one position of work: the prompt is run once, then
+        each step feeds only the last token. Once the sequence is longer than
+        ``block_size``, the window slides and every position changes, so from there each
+        step recomputes the cropped context, as without a cache (the results are the same).
         """
+        with generation_threads(self):
+            return self._generate(idx, max_new_tokens, temperature, top_k, generator)
+
+    def _generate(
+        self,
+        idx: torch.Tensor,
+        max_new_tokens: int,
+        temperature: float,
+        top_k: int | None,
+        generator: torch.Generator | None,
+    ) -> torch.Tensor:
+        cache: KVCache | None = None
         for _ in range(max_new_tokens):
-            context = idx[:, -self.cfg.block_size :]  # crop to the positions the model knows
-            logits, _ = self(context)
+            T = idx.size(1)
+            if cache is not None and cache.length == T - 1 and self.cfg.block_size >= T:
+                logits, _ = self(idx[:, -1:], cache=cache)  # one new position
+            else:  # the prompt, or a window that slid: (re)compute the cropped context
+                context = idx[:, -self.cfg.block_size :]  # crop to the positions the model knows
+                cache = KVCache(len(self.blocks)) if self.cfg.block_size > T else None
+                logits, _ = self(context, cache=cache)
             logits = logits[:, -1, :].float()  # (B, V) at the last position
             if temperature == 0:
                 next_token = logits.argmax(dim=-1, keepdim=True)

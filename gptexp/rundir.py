@@ -16,6 +16,7 @@ import platform
 import socket
 import subprocess
 import sys
+import threading
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -247,6 +248,34 @@ def git_commit() -> str | None:
         return None
 
 
+# The git subprocesses of the run being started, in a background thread (start_git_commit).
+_pending_git: dict[str, Any] = {}
+
+
+def start_git_commit() -> None:
+    """Ask git for the source tree's commit in a background thread, so that training does not
+    wait for it; :func:`environment` collects the answer."""
+    if "thread" in _pending_git:
+        return
+    answer: dict[str, str | None] = {}
+
+    def ask() -> None:
+        answer["commit"] = git_commit()
+
+    thread = threading.Thread(target=ask, name="gptexp-git-commit", daemon=True)
+    thread.start()
+    _pending_git.update(thread=thread, answer=answer)
+
+
+def _collect_git_commit() -> str | None:
+    thread = _pending_git.pop("thread", None)
+    answer = _pending_git.pop("answer", {})
+    if thread is None:
+        return git_commit()
+    thread.join(timeout=15)  # git_commit's own subprocess timeouts are 2 x 5 s
+    return answer.get("commit")
+
+
 def environment() -> dict[str, Any]:
     """Host, process and library facts recorded in run.json."""
     import hydra
@@ -265,7 +294,7 @@ def environment() -> dict[str, Any]:
             "omegaconf": omegaconf.__version__,
             "numpy": numpy.__version__,
         },
-        "git_commit": git_commit(),
+        "git_commit": _collect_git_commit(),
         "argv": sys.argv,
     }
 

@@ -29,6 +29,7 @@ from gptexp.rundir import (
     RunDirectory,
     environment,
     now,
+    start_git_commit,
     stored_config,
 )
 from gptexp.runtime import (
@@ -204,6 +205,8 @@ def run_training(
     """
     dist_ctx = Distributed.from_env()
     init_distributed(dist_ctx, cfg.training.device)
+    if dist_ctx.is_main:
+        start_git_commit()  # in the background: run.json collects it, the first step does not wait
     lock = run.lock() if dist_ctx.is_main and not locked else contextlib.nullcontext()
     try:
         with lock:

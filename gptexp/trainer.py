@@ -22,6 +22,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
 from gptexp.checkpoint import FORMAT_VERSION, CheckpointEntry, CheckpointManager
+from gptexp.compile_policy import should_compile
 from gptexp.config import TrainConfig, config_to_dict
 from gptexp.data import DATA_ORDER_VERSION, Corpus, cache_dir, resume_grad_accum, train_batch
 from gptexp.errors import TrainingDiverged, TrainingInterrupted
@@ -57,6 +58,7 @@ from gptexp.parallel import (
     shard_model,
     uses_named_state,
 )
+from gptexp.process_tuning import keep_freed_memory
 from gptexp.progress import Progress
 from gptexp.rundir import RunDirectory
 from gptexp.runtime import (
@@ -122,6 +124,8 @@ class Trainer:
         self.sinks = list(sinks)
         t = cfg.training
         self.device = resolve_device(t.device, dist_ctx.local_rank)
+        if self.device.type == "cpu":
+            keep_freed_memory()  # no fresh page faults for each step's activations
         check_precision(self.device, t.precision)
         advice = precision_advice(self.device, t.precision)
         if advice is not None and dist_ctx.is_main:
@@ -153,7 +157,7 @@ class Trainer:
             self.load_state(resume_state)
 
         self.forward_model: torch.nn.Module = self.model
-        if t.compile:
+        if should_compile(t, self.step):  # training.compile=auto|true|false
             self.forward_model = torch.compile(self.model)
         if dist_ctx.enabled and not self.sharded:
             self.forward_model = DistributedDataParallel(

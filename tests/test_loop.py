@@ -80,7 +80,7 @@ def test_compile_true_trains(tmp_path):
     )
     assert done.returncode == 0, done.stderr[-3000:]
     status = json.loads((tmp_path / "run" / "run.json").read_text())
-    assert status["status"] == "finished" and status["config"]["training"]["compile"] is True
+    assert status["status"] == "finished" and status["config"]["training"]["compile"] == "true"
 
 
 def test_progress_lines_go_to_the_log_file_only_under_a_bar(tmp_path):

@@ -178,6 +178,102 @@ def test_generate_top_k_samples_only_among_the_k_likeliest(model):
     assert len(set(unrestricted[:, -1].tolist())) > 3
 
 
+def _uncached_generate(model, idx, max_new_tokens, temperature=1.0, top_k=None, generator=None):
+    """The reference: every step runs the model over the whole cropped context."""
+    for _ in range(max_new_tokens):
+        logits, _ = model(idx[:, -model.cfg.block_size :])
+        logits = logits[:, -1, :].float()
+        if temperature == 0:
+            next_token = logits.argmax(dim=-1, keepdim=True)
+        else:
+            logits = logits / temperature
+            if top_k:
+                kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, [-1]]
+                logits = logits.masked_fill(logits < kth, float("-inf"))
+            probs = torch.softmax(logits, dim=-1)
+            next_token = torch.multinomial(probs, num_samples=1, generator=generator)
+        idx = torch.cat((idx, next_token), dim=1)
+    return idx
+
+
+@pytest.fixture
+def sharp_model() -> GPT:
+    """A random nano model with large weights: its logits are far apart, so the argmax is not
+    decided by rounding (a freshly initialised model predicts nearly uniform logits)."""
+    torch.manual_seed(1)
+    model = GPT(nano(), VOCAB).eval()
+    with torch.no_grad():
+        for param in model.parameters():
+            if param.dim() >= 2:
+                param.normal_(0.0, 0.3)
+    return model
+
+
+@pytest.mark.parametrize("prompt", [1, 7])
+def test_generate_with_the_kv_cache_is_greedy_decoding_token_for_token(sharp_model, prompt):
+    """Through the prompt, the cached steps and past block_size (where the window slides)."""
+    block = sharp_model.cfg.block_size
+    start = torch.randint(0, VOCAB, (2, prompt), generator=torch.Generator().manual_seed(5))
+    steps = block + 10 - prompt  # ends 10 tokens beyond the block
+    cached = sharp_model.generate(start, steps, temperature=0)
+    assert torch.equal(cached, _uncached_generate(sharp_model, start, steps, temperature=0))
+    # A distinct greedy sequence: the comparison is not between two constant outputs.
+    assert len(set(cached[0].tolist())) > 3
+
+
+def test_generate_cached_step_logits_match_a_full_forward(sharp_model):
+    """Prefill, then single-token steps: the last position's logits equal the uncached ones."""
+    from gptexp.model import KVCache
+
+    idx = torch.randint(0, VOCAB, (2, 9), generator=torch.Generator().manual_seed(6))
+    cache = KVCache(len(sharp_model.blocks))
+    sharp_model(idx[:, :5], cache=cache)
+    for t in range(5, 9):
+        step_logits, _ = sharp_model(idx[:, t : t + 1], cache=cache)
+        full_logits, _ = sharp_model(idx[:, : t + 1])
+        torch.testing.assert_close(step_logits[:, -1], full_logits[:, -1], rtol=1e-4, atol=1e-5)
+    assert cache.length == 9
+    # Several new positions at once after a prefix use the offset causal mask.
+    cache = KVCache(len(sharp_model.blocks))
+    sharp_model(idx[:, :4], cache=cache)
+    chunk_logits, _ = sharp_model(idx[:, 4:], cache=cache)
+    full_logits, _ = sharp_model(idx)
+    torch.testing.assert_close(chunk_logits, full_logits[:, 4:], rtol=1e-4, atol=1e-5)
+    with pytest.raises(ValueError, match="exceeds model.block_size"):
+        sharp_model(torch.zeros((2, sharp_model.cfg.block_size), dtype=torch.long), cache=cache)
+
+
+def test_generate_sampling_with_the_kv_cache_is_seeded(sharp_model):
+    start = torch.zeros((1, 1), dtype=torch.long)
+    steps = sharp_model.cfg.block_size + 4
+    a = sharp_model.generate(
+        start, steps, temperature=0.8, top_k=5, generator=torch.Generator().manual_seed(2)
+    )
+    b = sharp_model.generate(
+        start, steps, temperature=0.8, top_k=5, generator=torch.Generator().manual_seed(2)
+    )
+    assert torch.equal(a, b)
+    # Where the cached and uncached logits agree, the same seed draws the same tokens.
+    reference = _uncached_generate(
+        sharp_model,
+        start,
+        steps,
+        temperature=0.8,
+        top_k=5,
+        generator=torch.Generator().manual_seed(2),
+    )
+    assert torch.equal(a, reference)
+
+
+def test_generate_runs_a_small_model_on_one_thread_and_restores_the_count(sharp_model):
+    seen = []
+    sharp_model.register_forward_pre_hook(lambda module, args: seen.append(torch.get_num_threads()))
+    torch.set_num_threads(2)  # the autouse fixture restores the count after the test
+    sharp_model.generate(torch.zeros((1, 1), dtype=torch.long), 5, temperature=0)
+    assert seen == [1] * 5
+    assert torch.get_num_threads() == 2
+
+
 # ----------------------------------------------------------------------------- size
 
 

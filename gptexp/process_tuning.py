@@ -1,0 +1,40 @@
+"""Process settings for training on the CPU.
+
+glibc's malloc hands large blocks (above a threshold of at most 32 MiB, 128 KiB at first)
+back to the kernel when they are freed, and trims the heap top; the next training step asks
+for the same activations again, and every page of them faults in afresh and is zeroed. For
+model=tiny, batch 32 that is ~8,700 page faults (34 MB) per step; with the threshold and
+the trim limit raised, freed blocks stay in the heap and are reused: 0.3 faults per step.
+The price is that the process keeps its peak memory until it exits, which a training
+process reaches on its first step anyway. A plain PyTorch script does not do this.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import logging
+import platform
+
+log = logging.getLogger(__name__)
+
+M_TRIM_THRESHOLD = -1  # mallopt parameters, from glibc's malloc.h
+M_MMAP_THRESHOLD = -3
+MMAP_THRESHOLD_MAX = 32 << 20  # glibc's ceiling for M_MMAP_THRESHOLD on 64-bit systems
+TRIM_THRESHOLD = 1 << 30
+
+
+def keep_freed_memory() -> bool:
+    """Make glibc malloc keep freed blocks for reuse (see the module docstring). Returns
+    whether the setting took effect; a no-op off glibc."""
+    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+        return False
+    name = ctypes.util.find_library("c")
+    if name is None:
+        return False
+    libc = ctypes.CDLL(name)
+    ok = libc.mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD_MAX) == 1
+    ok = libc.mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD) == 1 and ok
+    if not ok:
+        log.debug("mallopt refused the thresholds; malloc keeps its defaults")
+    return ok
