@@ -12,6 +12,7 @@ PYTHON := $(ENV_DIR)/bin/python
 endif
 BOOTSTRAP_PYTHON ?= python3
 PIP = $(PYTHON) -m pip
+# The set-up's stamp; `make <target> INSTALLED=` skips the set-up (an environment you manage).
 INSTALLED := $(ENV_DIR)/.gptexp-installed
 # On a machine without an NVIDIA GPU, PyTorch's CPU wheel is installed first, so that pip does
 # not pull the multi-GB CUDA build to satisfy "torch>=2.4".

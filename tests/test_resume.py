@@ -151,7 +151,7 @@ def test_sigterm_then_make_resume_is_bit_identical(tmp_path, straight_run):
     config_before = (run_dir / ".hydra" / "config.yaml").read_bytes()
 
     result = subprocess.run(
-        ["make", "resume", f"RUN={run_dir}", f"PYTHON={sys.executable}"],
+        ["make", "resume", f"RUN={run_dir}", f"PYTHON={sys.executable}", "INSTALLED="],
         cwd=ROOT,
         env=subprocess_env(),
         capture_output=True,
