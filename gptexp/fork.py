@@ -230,7 +230,8 @@ def fork(argv: list[str]) -> float | None:
 
 
 def main() -> None:
-    run_command(lambda: fork(sys.argv[1:]))
+    with run_logging(None):  # a fork's own log (train.log) takes over once its directory exists
+        run_command(lambda: fork(sys.argv[1:]))
 
 
 if __name__ == "__main__":

@@ -99,7 +99,16 @@ def display_name(path: Path, base: Path | None) -> str:
 
 
 def run_rows(runs: list[RunDirectory], base: Path | None = None) -> list[dict[str, Any]]:
-    return [run_row(run, base) for run in runs]
+    """The rows of ``runs``; a config key that some run changed and another did not shows the
+    other's effective value (a fork's ``training.lr`` next to its parent's), not a blank."""
+    rows = [run_row(run, base) for run in runs]
+    changed = {key for row in rows for key in row["settings"] if "." in key}
+    for row, run in zip(rows, runs, strict=True):
+        missing = [key for key in changed if key not in row]
+        if missing:
+            config = flatten(run.read_status().get("config") or {})
+            row |= {key: config[key] for key in missing if key in config}
+    return rows
 
 
 def distinguishing_keys(rows: list[dict[str, Any]]) -> list[str]:
