@@ -24,7 +24,7 @@ from pathlib import Path
 
 from gptexp.cli import parse_options, run_command
 from gptexp.config import TrainConfig
-from gptexp.errors import USER_ERRORS, JobFailed, RunError, TrainingInterrupted
+from gptexp.errors import USER_ERRORS, ConfigError, JobFailed, RunError, TrainingInterrupted
 from gptexp.evaluation import check_ckpt, load_run_checkpoint
 from gptexp.forking import ForkStart, data_changed, fork_corpus, parse_reset
 from gptexp.rundir import (
@@ -90,6 +90,13 @@ def prepare(options: ForkOptions, overrides: list[str]) -> tuple[TrainConfig, Fo
     parent = started_run(options.run)
     cfg, changes = overridden_config(parent, overrides, fork=True)
     loaded = load_run_checkpoint(parent, options.ckpt)
+    reset = parse_reset(options.reset)
+    if "step" not in reset and cfg.training.max_steps <= loaded.entry.step:
+        raise ConfigError(
+            f"training.max_steps={cfg.training.max_steps}: the fork starts at step "
+            f"{loaded.entry.step} ({loaded.entry.file}), so it would not train; raise "
+            "training.max_steps, or add reset=step to count from 0 again"
+        )
     corpus = fork_corpus(cfg, loaded.state, data_changed(changes))
     start = ForkStart(
         parent=parent,
@@ -98,7 +105,7 @@ def prepare(options: ForkOptions, overrides: list[str]) -> tuple[TrainConfig, Fo
         corpus=corpus,
         overrides=overrides,
         changes=changes,
-        reset=parse_reset(options.reset),
+        reset=reset,
         parent_status=parent.read_status(),
     )
     return cfg, start

@@ -19,6 +19,8 @@ from gptexp.optim import lr_factor
 from tests.conftest import call_main, files_of, read_metrics, run_module, train
 from tests.test_wandb import offline_run
 
+pytestmark = pytest.mark.slow  # every test trains (in subprocesses)
+
 # Dropout on, so that the fork must carry the RNG state for the losses to match.
 PARENT = ["model.dropout=0.1", "checkpoint.every_steps=10", "checkpoint.keep_last=2"]
 
@@ -162,6 +164,8 @@ def test_bad_input_is_refused_before_anything_is_written(parent, tmp_path):
     assert code == 2 and "group choices" in stderr
     code, stderr = call_main(gptexp.fork.main, *base, "reset=optimizer,weights")
     assert code == 2 and "weights cannot be reset" in stderr
+    code, stderr = call_main(gptexp.fork.main, *base, "ckpt=20")  # at max_steps already
+    assert code == 2 and "training.max_steps=20: the fork starts at step 20" in stderr
     code, stderr = call_main(gptexp.fork.main, *base, "ckpt=15")
     assert code == 2 and "no checkpoint at step 15" in stderr
     code, stderr = call_main(gptexp.fork.main, f"run={parent_dir}", f"out={parent_dir}/f")
