@@ -45,7 +45,9 @@ log = logging.getLogger(__name__)
 
 USAGE = (
     "usage: python -m gptexp.fork [-m] run=<run dir> [ckpt=last|best|<step>] [out=<dir>] "
-    "[reset=optimizer,scheduler,rng,step] [key=value ...]"
+    "[reset=optimizer,scheduler,rng,step] [key=value ...]\n"
+    "key=value: any key of the parent's training, checkpoint, logger or data config "
+    "(e.g. training.lr=3e-4); -m: one fork per comma-separated value"
 )
 RUNS_DIR, SWEEPS_DIR = Path("outputs/runs"), Path("outputs/sweeps")
 # Group names of the run config: ``model=small`` is a config override (refused with a clear
@@ -156,9 +158,9 @@ def train_fork(cfg: TrainConfig, start: ForkStart, run: RunDirectory) -> float |
 
 
 def fork_one(options: ForkOptions, overrides: list[str]) -> float | None:
-    cfg, start = prepare(options, overrides)
     run = RunDirectory(Path(options.out) if options.out else timestamped(RUNS_DIR))
-    check_destination(run.path, start.parent)
+    check_destination(run.path, started_run(options.run))
+    cfg, start = prepare(options, overrides)
     run.path.mkdir(parents=True, exist_ok=True)
     try:
         with run_logging(run):

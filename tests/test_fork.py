@@ -173,7 +173,9 @@ def test_bad_input_is_refused_before_anything_is_written(parent, tmp_path):
     # Another text is fine, but it must be one the parent's tokenizer can encode.
     text = tmp_path / "other.txt"
     text.write_text("An ünïcödé text the char tokenizer never saw. " * 200, encoding="utf-8")
-    code, stderr = call_main(gptexp.fork.main, *base, "data.name=text", f"data.path={text}")
+    code, stderr = call_main(
+        gptexp.fork.main, *base, "ckpt=10", "data.name=text", f"data.path={text}"
+    )
     assert code == 2 and "not in the tokenizer's vocabulary" in stderr and "ü" in stderr
     assert "keeps its parent's tokenizer" in stderr
     assert not out.exists()
