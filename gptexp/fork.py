@@ -22,7 +22,7 @@ import time
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
-from gptexp.cli import parse_options, run_command
+from gptexp.cli import command_logging, parse_options, run_command
 from gptexp.config import TrainConfig
 from gptexp.errors import USER_ERRORS, ConfigError, JobFailed, RunError, TrainingInterrupted
 from gptexp.evaluation import check_ckpt, load_run_checkpoint
@@ -34,7 +34,6 @@ from gptexp.rundir import (
     discard_unstarted,
     now,
     require_run,
-    run_logging,
 )
 from gptexp.runtable import cells, table_columns
 from gptexp.session import overridden_config, run_training
@@ -163,7 +162,7 @@ def fork_one(options: ForkOptions, overrides: list[str]) -> float | None:
     cfg, start = prepare(options, overrides)
     run.path.mkdir(parents=True, exist_ok=True)
     try:
-        with run_logging(run):
+        with command_logging(run.log_file):
             result = run_command(lambda: train_fork(cfg, start, run))
     finally:
         discard_unstarted(run)  # a fork refused before it started leaves nothing behind
@@ -200,7 +199,7 @@ def fork_sweep(options: ForkOptions, overrides: list[str]) -> None:
         run = RunDirectory(sweep_dir / str(number))
         run.path.mkdir(parents=True, exist_ok=True)
         try:
-            with run_logging(run):
+            with command_logging(run.log_file):
                 log.info("fork %d of %d: %s", number + 1, len(jobs), " ".join(job) or "as is")
                 cfg, start = prepare(options, job)
                 train_fork(cfg, start, run)
@@ -239,7 +238,7 @@ def fork(argv: list[str]) -> float | None:
 
 
 def main() -> None:
-    with run_logging(None):  # a fork's own log (train.log) takes over once its directory exists
+    with command_logging(None):  # a fork's own log (train.log) takes over once its directory exists
         run_command(lambda: fork(sys.argv[1:]))
 
 

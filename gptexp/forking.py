@@ -32,7 +32,7 @@ from gptexp.data import Corpus, prepare_corpus, tokenizer_from_json
 from gptexp.errors import ConfigError, DataError
 from gptexp.fsio import atomic_write_text
 from gptexp.metrics import INHERITED, STEP, read_metrics
-from gptexp.optim import build_optimizer, build_scheduler, lr_factor
+from gptexp.optim import apply_configured_hyperparameters, build_optimizer, build_scheduler
 from gptexp.rundir import RunDirectory
 from gptexp.runtable import launch_overrides
 from gptexp.runtime import seed_everything
@@ -100,23 +100,29 @@ class ForkStart:
     # ------------------------------------------------------------------------- the trainer
 
     def apply(self, trainer: Trainer) -> None:
-        """Turn a trainer loaded with the parent's state into the fork's: resets, the
-        config's hyper-parameters, a W&B run of its own."""
+        """Turn a trainer loaded with the parent's state (and, by Trainer.load_state, with the
+        config's hyperparameters) into the fork's: the resets, a W&B run of its own."""
         t = trainer.cfg.training
+        # The loaded param groups hold the config's hyperparameters (Trainer.load_state).
+        configured = [
+            {k: v for k, v in group.items() if k != "params"}
+            for group in trainer.optimizer.param_groups
+        ]
         if "optimizer" in self.reset:
             trainer.optimizer = build_optimizer(trainer.model, t, trainer.device)
         if {"optimizer", "scheduler", "step"} & set(self.reset):
-            scheduler = build_scheduler(trainer.optimizer, t)
-            if not {"scheduler", "step"} & set(self.reset):
-                scheduler.load_state_dict(self.state["scheduler"])
-            trainer.scheduler = scheduler
+            trainer.scheduler = build_scheduler(trainer.optimizer, t)
+            if not {"scheduler", "step"} & set(self.reset):  # a fresh AdamW, the same place
+                trainer.scheduler.load_state_dict(self.state["scheduler"])
+                apply_configured_hyperparameters(
+                    trainer.optimizer, trainer.scheduler, configured, t
+                )
         if "step" in self.reset:
             trainer.step, trainer.tokens_seen = 0, 0
         if "rng" in self.reset:
             seed_everything(t.seed + trainer.dist.rank)
         if not self.keeps_best_metric():
             trainer.best_metric = None
-        apply_hyperparameters(trainer)
         trainer.wandb_id = uuid.uuid4().hex[:12]
         log.info(
             "fork of %s at step %d (%s)%s",
@@ -188,23 +194,6 @@ class ForkStart:
         """Begin the fork's metrics.jsonl with its parent's curve (one atomic write)."""
         records = self.inherited_records()
         atomic_write_text(run.metrics, "".join(json.dumps(r) + "\n" for r in records))
-
-
-def apply_hyperparameters(trainer: Trainer) -> None:
-    """Give the loaded optimizer and schedule the fork's config: the checkpoint's param groups
-    and schedule carry the parent's lr, betas and weight decay. The lr of the next update is
-    the schedule's value at the current position, exactly as the scheduler computes it."""
-    t = trainer.cfg.training
-    groups = trainer.optimizer.param_groups
-    fresh = trainer.model.optimizer_groups(t.weight_decay)
-    for group, new in zip(groups, fresh, strict=True):
-        group["weight_decay"] = new["weight_decay"]
-        group["betas"] = (t.beta1, t.beta2)
-        group["initial_lr"] = t.lr
-    trainer.scheduler.base_lrs = [t.lr] * len(groups)
-    factor = lr_factor(trainer.scheduler.last_epoch, t)
-    for group in groups:
-        group["lr"] = t.lr * factor
 
 
 def wandb_lineage(status: dict[str, Any]) -> dict[str, Any]:
