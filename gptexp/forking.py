@@ -11,8 +11,8 @@ state, batches and random numbers), so it continues bit for bit as the parent di
 - ``scheduler``: the learning-rate schedule starts again at its step 0 (warm-up included)
   while the step counter goes on;
 - ``rng``: every random generator is seeded again from ``training.seed`` (+ rank);
-- ``step``: the step counter, ``tokens_seen`` and the schedule start again at 0 (the fork then
-  inherits no records: its steps would repeat its parent's).
+- ``step``: the step counter, ``tokens_seen``, the data position and the schedule start again
+  at 0 (the fork then inherits no records: its steps would repeat its parent's).
 
 The parent's best metric is kept, except where the fork cannot compare with it: after
 ``reset=step``, on another text, or with another ``checkpoint.monitor`` / ``mode``.
@@ -41,6 +41,8 @@ from gptexp.trainer import Trainer
 log = logging.getLogger(__name__)
 
 RESETS = ("optimizer", "scheduler", "rng", "step")
+# A resume keeps its run's global batch; a fork that sets these trains with the batch it asks for.
+BATCH_KEYS = ("training.batch_size", "training.grad_accum")
 START_REASON = "fork"  # the reason recorded in the manifest for the fork's first checkpoint
 
 
@@ -99,6 +101,16 @@ class ForkStart:
 
     # ------------------------------------------------------------------------- the trainer
 
+    def trainer_state(self) -> dict[str, Any]:
+        """The checkpoint as the fork's trainer loads it. The trainer keeps the global batch
+        of the checkpoint's config (right for a resume on another world size); a fork that
+        changes the batch gets its own, so its config stands in for the checkpoint's there."""
+        changed = {k.split(".")[1]: new for k, (_, new) in self.changes.items() if k in BATCH_KEYS}
+        if not changed:
+            return self.state
+        config = self.state["config"]
+        return {**self.state, "config": {**config, "training": config["training"] | changed}}
+
     def apply(self, trainer: Trainer) -> None:
         """Turn a trainer loaded with the parent's state (and, by Trainer.load_state, with the
         config's hyperparameters) into the fork's: the resets, a W&B run of its own."""
@@ -118,7 +130,7 @@ class ForkStart:
                     trainer.optimizer, trainer.scheduler, configured, t
                 )
         if "step" in self.reset:
-            trainer.step, trainer.tokens_seen = 0, 0
+            trainer.step, trainer.tokens_seen, trainer.data_step = 0, 0, 0
         if "rng" in self.reset:
             seed_everything(t.seed + trainer.dist.rank)
         if not self.keeps_best_metric():

@@ -240,7 +240,7 @@ def run_training(
             state = found[1] if found else None
             imported = None
             if start is not None:  # the fork command has checked the parent's state and text
-                state, corpus = start.state, start.corpus
+                state, corpus = start.trainer_state(), start.corpus
             else:
                 # A run started from a Hugging Face model (not resumed from its own checkpoint)
                 # takes that model's tokenizer and weights; the entry point set its shape.

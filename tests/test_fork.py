@@ -214,7 +214,7 @@ def test_multirun_makes_one_fork_per_value_under_one_sweep_dir(parent, tmp_path)
     sweep = tmp_path / "sweep"
     result = fork(
         "-m", f"run={parent_dir}", "ckpt=10", f"out={sweep}", "training.lr=1e-4,3e-3",
-        "training.max_steps=12", cwd=tmp_path,
+        "training.max_steps=12", "training.batch_size=16", cwd=tmp_path,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr
     jobs = json.loads((sweep / "sweep.json").read_text())["jobs"]
@@ -222,4 +222,7 @@ def test_multirun_makes_one_fork_per_value_under_one_sweep_dir(parent, tmp_path)
     assert [status(sweep / j["run"])["config"]["training"]["lr"] for j in jobs] == [1e-4, 3e-3]
     assert all(job["parent@step"] == f"{parent_dir.name}@10" for job in jobs)
     assert all(job["status"] == "finished" for job in jobs)
+    # The batch it asks for (a resume would keep the parent's global batch of 8 sequences).
+    tokens = {r["step"]: r["tokens"] for r in read_metrics(sweep / "0") if "tokens" in r}
+    assert tokens[12] - tokens[11] == 16 * 64
     assert files_of(parent_dir) == before
