@@ -35,9 +35,8 @@ from gptexp.rundir import (
     now,
     require_run,
 )
-from gptexp.runtable import cells, table_columns
+from gptexp.runtable import cells, table_columns, write_summary
 from gptexp.session import overridden_config, run_training
-from gptexp.sweep import write_summary
 from gptexp.tables import text_table
 
 log = logging.getLogger(__name__)

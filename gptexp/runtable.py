@@ -5,9 +5,11 @@ overrides), so it works on runs that are training, interrupted, crashed or faile
 
 from __future__ import annotations
 
+import fcntl
 from pathlib import Path
 from typing import Any
 
+from gptexp.fsio import atomic_write_json, atomic_write_text
 from gptexp.metrics import (
     BEST_VAL_LOSS,
     FINAL_TRAIN_LOSS,
@@ -22,7 +24,8 @@ from gptexp.metrics import (
     read_metrics,
     values_of,
 )
-from gptexp.rundir import RunDirectory
+from gptexp.rundir import RunDirectory, runs_under
+from gptexp.tables import markdown_table
 
 # The columns after the ones that set runs apart; "run" and "status" come first.
 METRIC_COLUMNS = ("params", "step", BEST_VAL_LOSS, FINAL_VAL_LOSS, MEDIAN_TOKENS_PER_S)
@@ -150,6 +153,26 @@ def format_cell(row: dict[str, Any], column: str) -> str:
 
 def cells(rows: list[dict[str, Any]], columns: list[str]) -> list[list[str]]:
     return [[format_cell(row, column) for column in columns] for row in rows]
+
+
+# ----------------------------------------------------------------------------- the summary
+
+
+def write_summary(sweep_dir: Path) -> list[dict[str, Any]]:
+    """Write ``sweep.json`` and ``summary.md`` for the runs in ``sweep_dir``; returns the rows.
+
+    Jobs of a parallel launcher finish in their own processes; the lock makes the last writer
+    the one that saw every run's final status.
+    """
+    sweep_dir.mkdir(parents=True, exist_ok=True)
+    with open(sweep_dir / ".summary.lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        rows = run_rows(runs_under(sweep_dir))
+        atomic_write_json(sweep_dir / "sweep.json", {"sweep_dir": str(sweep_dir), "jobs": rows})
+        columns = table_columns(rows)
+        table = markdown_table(columns, cells(rows, columns))
+        atomic_write_text(sweep_dir / "summary.md", f"# Sweep {sweep_dir.name}\n\n{table}")
+    return rows
 
 
 # ----------------------------------------------------------------------------- lineage
