@@ -11,8 +11,9 @@ state, batches and random numbers), so it continues bit for bit as the parent di
 - ``scheduler``: the learning-rate schedule starts again at its step 0 (warm-up included)
   while the step counter goes on;
 - ``rng``: every random generator is seeded again from ``training.seed`` (+ rank);
-- ``step``: the step counter, ``tokens_seen``, the data position and the schedule start again
-  at 0 (the fork then inherits no records: its steps would repeat its parent's).
+- ``step``: the step counter, ``tokens_seen``, the data position, the schedule and the spike
+  guard start again at 0 (the fork then inherits no records: its steps would repeat its
+  parent's).
 
 The parent's best metric is kept, except where the fork cannot compare with it: after
 ``reset=step``, on another text, or with another ``checkpoint.monitor`` / ``mode``.
@@ -31,6 +32,7 @@ from gptexp.config import TrainConfig
 from gptexp.data import Corpus, prepare_corpus, tokenizer_from_json
 from gptexp.errors import ConfigError, DataError
 from gptexp.fsio import atomic_write_text
+from gptexp.guard import SpikeGuard
 from gptexp.metrics import INHERITED, STEP, read_metrics
 from gptexp.optim import apply_configured_hyperparameters, build_optimizer, build_scheduler
 from gptexp.rundir import RunDirectory
@@ -59,8 +61,8 @@ def parse_reset(text: str) -> tuple[str, ...]:
 
 
 def data_changed(changes: dict[str, Any]) -> bool:
-    """Whether the overrides give the fork another text (data.path alone may just say where
-    the same file is now: the fingerprint decides)."""
+    """Whether the overrides may give the fork another text: then its text need not be the
+    parent's (``data.path`` alone may also just say where the same file is now)."""
     return any(key.startswith("data.") for key in changes)
 
 
@@ -131,6 +133,8 @@ class ForkStart:
                 )
         if "step" in self.reset:
             trainer.step, trainer.tokens_seen, trainer.data_step = 0, 0, 0
+            trainer.from_checkpoint = False  # its own step 0 is evaluated, as a new run's is
+            trainer.guard = SpikeGuard(t.guard)  # its skip list counted the parent's batches
         if "rng" in self.reset:
             seed_everything(t.seed + trainer.dist.rank)
         if not self.keeps_best_metric():
@@ -146,7 +150,8 @@ class ForkStart:
 
     def keeps_best_metric(self) -> bool:
         rescored = {"checkpoint.monitor", "checkpoint.mode"} & self.changes.keys()
-        return "step" not in self.reset and not data_changed(self.changes) and not rescored
+        same_text = self.corpus.fingerprint == self.state["data_fingerprint"]
+        return "step" not in self.reset and same_text and not rescored
 
     def save_checkpoint(self, trainer: Trainer) -> None:
         """The fork's first checkpoint holds its start state, so resume, eval and export work
