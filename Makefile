@@ -71,6 +71,10 @@ diff: $(INSTALLED)  ## Where two runs part: make diff RUN="<run A> <run B>" [ARG
 	@test -n "$(RUN)" || { echo "usage: make diff RUN=\"<run A> <run B>\" [ARGS=...]"; exit 2; }
 	$(PYTHON) -m gptexp.diff $(RUN) $(ARGS)
 
+fork: $(INSTALLED)  ## Branch a run from a checkpoint: make fork RUN=<run dir> [CKPT=last|best|<step>] [ARGS="training.lr=3e-4"]
+	@test -n "$(RUN)" || { echo "usage: make fork RUN=<run dir> [CKPT=last|best|<step>] [ARGS=\"key=value ...\"]"; exit 2; }
+	$(PYTHON) -m gptexp.fork run=$(RUN) ckpt=$(CKPT) $(ARGS)
+
 sweep: $(INSTALLED)  ## A multirun: make sweep ARGS="model=nano,tiny training.lr=1e-3,3e-4"
 	$(PYTHON) -m gptexp.train -m $(ARGS)
 

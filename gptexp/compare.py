@@ -7,6 +7,7 @@ No torch is imported::
 
     python -m gptexp.compare outputs/sweeps/2026-11-28_12-30-00 sort=final/val_loss --plot
     python -m gptexp.compare outputs/runs/a outputs/runs/b filter=status=finished csv=t.csv
+    python -m gptexp.compare --tree outputs/     # the family tree of the runs and their forks
 """
 
 from __future__ import annotations
@@ -19,16 +20,32 @@ from pathlib import Path
 from typing import Any
 
 from gptexp.cli import parse_options, run_command
-from gptexp.errors import ConfigError
+from gptexp.errors import ConfigError, RunError
 from gptexp.fsio import atomic_write_text
-from gptexp.metrics import STEP, TRAIN_LOSS, VAL_LOSS, flatten, is_number, read_metrics
+from gptexp.metrics import (
+    INHERITED,
+    STEP,
+    TRAIN_LOSS,
+    VAL_LOSS,
+    flatten,
+    is_number,
+    read_metrics,
+)
 from gptexp.rundir import RunDirectory, find_runs
-from gptexp.runtable import cells, distinguishing_keys, label, run_rows, table_columns
+from gptexp.runtable import (
+    cells,
+    distinguishing_keys,
+    family_tree,
+    label,
+    run_rows,
+    runs_below,
+    table_columns,
+)
 from gptexp.tables import csv_table, markdown_table, text_table
 
 USAGE = (
     "usage: python -m gptexp.compare <sweep dir | run dirs...> [sort=[-]KEY] "
-    "[filter=KEY=VALUE ...] [csv=PATH] [markdown=PATH] [plot=PATH | --plot]"
+    "[filter=KEY=VALUE ...] [csv=PATH] [markdown=PATH] [plot=PATH | --plot] [--tree]"
 )
 
 
@@ -47,6 +64,10 @@ class CompareOptions:
     plot: str | None = field(
         default=None,
         metadata={"help": "loss curves into a PNG; --plot: <sweep dir or runs' parent>/losses.png"},
+    )
+    tree: bool = field(
+        default=False,
+        metadata={"help": "print the family tree (runs and their forks) of every run below"},
     )
 
     def __post_init__(self) -> None:
@@ -116,7 +137,7 @@ def plot_losses(rows: list[dict[str, Any]], path: Path, title: str) -> None:
     fig, (train_ax, val_ax) = plt.subplots(1, 2, figsize=(13, 4.8), sharey=True)
     colors = plt.get_cmap("tab10" if len(rows) <= 10 else "tab20")
     for index, row in enumerate(rows):
-        records = [r for r in read_metrics(Path(row["run_dir"]) / "metrics.jsonl")]
+        records = own_curve(row, read_metrics(Path(row["run_dir"]) / "metrics.jsonl"))
         color = colors(index % colors.N)
         for ax, metric, style in (
             (train_ax, TRAIN_LOSS, {"linewidth": 1.2, "alpha": 0.85}),
@@ -152,8 +173,31 @@ def plot_losses(rows: list[dict[str, Any]], path: Path, title: str) -> None:
     plt.close(fig)
 
 
+def own_curve(row: dict[str, Any], records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """A run's records to plot: a fork's from its fork step on (the records it inherited
+    before that are its parent's curve, drawn with the parent)."""
+    if "fork_step" not in row:
+        return records
+    return [r for r in records if not r.get(INHERITED) or r[STEP] == row["fork_step"]]
+
+
+def family(paths: list[str]) -> str:
+    """The family tree of every run at or below ``paths``."""
+    runs = []
+    for path in paths:
+        if not Path(path).is_dir():
+            raise RunError(f"{path}: no such directory")
+        runs += [run for run in runs_below(Path(path)) if run.path not in {r.path for r in runs}]
+    if not runs:
+        raise RunError(f"{', '.join(paths)}: no gptexp run directories below")
+    base = Path(paths[0]).resolve() if len(paths) == 1 else None
+    return family_tree(runs, base)
+
+
 def compare(options: CompareOptions) -> str:
     """Build the table (and the files asked for); returns the text table."""
+    if options.tree:
+        return family(options.paths)
     runs, base = collect_runs(options.paths)
     rows = run_rows(runs, base)
     kept = [

@@ -27,6 +27,8 @@ TOKENS = "tokens"
 TOKENS_PER_S = "throughput/tokens_per_s"
 MFU = "throughput/mfu"  # model FLOPs utilisation against the device's peak (gptexp.hardware)
 STEP_SECONDS = "time/step_s"  # mean wall time of the updates in the logging window
+# A fork's metrics.jsonl begins with its parent's records up to the fork step, marked so.
+INHERITED = "inherited"
 
 # Event records (not metrics: tables and the W&B mirror keep them apart by the EVENT key)
 EVENT = "event"

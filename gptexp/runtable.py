@@ -5,9 +5,11 @@ overrides), so it works on runs that are training, interrupted, crashed or faile
 
 from __future__ import annotations
 
+import fcntl
 from pathlib import Path
 from typing import Any
 
+from gptexp.fsio import atomic_write_json, atomic_write_text
 from gptexp.metrics import (
     BEST_VAL_LOSS,
     FINAL_TRAIN_LOSS,
@@ -22,11 +24,13 @@ from gptexp.metrics import (
     read_metrics,
     values_of,
 )
-from gptexp.rundir import RunDirectory
+from gptexp.rundir import RunDirectory, runs_under
+from gptexp.tables import markdown_table
 
 # The columns after the ones that set runs apart; "run" and "status" come first.
 METRIC_COLUMNS = ("params", "step", BEST_VAL_LOSS, FINAL_VAL_LOSS, MEDIAN_TOKENS_PER_S)
 DEFAULT_CHOICE = "(default)"  # a config group the run did not choose explicitly
+PARENT = "parent@step"  # a fork's lineage column: the run it branched from, at which step
 
 
 def override_keys(overrides: list[str]) -> list[str]:
@@ -60,9 +64,8 @@ def run_row(run: RunDirectory, base: Path | None = None) -> dict[str, Any]:
         key: config.get(key, chosen.get(key)) if "." in key else chosen.get(key, DEFAULT_CHOICE)
         for key in changed_keys(status, overrides)
     }
-    name = str(run.path.relative_to(base)) if base and run.path.is_relative_to(base) else None
     row: dict[str, Any] = {
-        "run": name or run.path.name,
+        "run": display_name(run.path, base),
         "status": run.status(),
         **settings,
         "params": status.get("parameters"),
@@ -78,11 +81,37 @@ def run_row(run: RunDirectory, base: Path | None = None) -> dict[str, Any]:
     }
     if status.get("error"):
         row["error"] = status["error"]
+    parent = fork_parent(status)
+    if parent is not None:
+        row[PARENT] = f"{display_name(Path(parent['run']), base)}@{parent['step']}"
+        row["fork_step"] = parent["step"]
     return row
 
 
+def fork_parent(status: dict[str, Any]) -> dict[str, Any] | None:
+    """run.json's ``parent`` of a fork ({run, step, checkpoint, sha256}), else None."""
+    parent = status.get("parent")
+    valid = isinstance(parent, dict) and isinstance(parent.get("step"), int)
+    return parent if valid and isinstance(parent.get("run"), str) else None
+
+
+def display_name(path: Path, base: Path | None) -> str:
+    """A run's path relative to ``base`` where it lies under it, else its directory name."""
+    path = Path(path)
+    return str(path.relative_to(base)) if base and path.is_relative_to(base) else path.name
+
+
 def run_rows(runs: list[RunDirectory], base: Path | None = None) -> list[dict[str, Any]]:
-    return [run_row(run, base) for run in runs]
+    """The rows of ``runs``; a config key that some run changed and another did not shows the
+    other's effective value (a fork's ``training.lr`` next to its parent's), not a blank."""
+    rows = [run_row(run, base) for run in runs]
+    changed = {key for row in rows for key in row["settings"] if "." in key}
+    for row, run in zip(rows, runs, strict=True):
+        missing = [key for key in changed if key not in row]
+        if missing:
+            config = flatten(run.read_status().get("config") or {})
+            row |= {key: config[key] for key in missing if key in config}
+    return rows
 
 
 def distinguishing_keys(rows: list[dict[str, Any]]) -> list[str]:
@@ -103,7 +132,8 @@ def label(row: dict[str, Any], keys: list[str]) -> str:
 
 
 def table_columns(rows: list[dict[str, Any]]) -> list[str]:
-    return ["run", "status", *distinguishing_keys(rows), *METRIC_COLUMNS]
+    lineage = [PARENT] if any(PARENT in row for row in rows) else []
+    return ["run", "status", *lineage, *distinguishing_keys(rows), *METRIC_COLUMNS]
 
 
 def format_cell(row: dict[str, Any], column: str) -> str:
@@ -123,3 +153,89 @@ def format_cell(row: dict[str, Any], column: str) -> str:
 
 def cells(rows: list[dict[str, Any]], columns: list[str]) -> list[list[str]]:
     return [[format_cell(row, column) for column in columns] for row in rows]
+
+
+# ----------------------------------------------------------------------------- the summary
+
+
+def write_summary(sweep_dir: Path) -> list[dict[str, Any]]:
+    """Write ``sweep.json`` and ``summary.md`` for the runs in ``sweep_dir``; returns the rows.
+
+    Jobs of a parallel launcher finish in their own processes; the lock makes the last writer
+    the one that saw every run's final status.
+    """
+    sweep_dir.mkdir(parents=True, exist_ok=True)
+    with open(sweep_dir / ".summary.lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        rows = run_rows(runs_under(sweep_dir))
+        atomic_write_json(sweep_dir / "sweep.json", {"sweep_dir": str(sweep_dir), "jobs": rows})
+        columns = table_columns(rows)
+        table = markdown_table(columns, cells(rows, columns))
+        atomic_write_text(sweep_dir / "summary.md", f"# Sweep {sweep_dir.name}\n\n{table}")
+    return rows
+
+
+# ----------------------------------------------------------------------------- lineage
+
+
+def runs_below(directory: Path) -> list[RunDirectory]:
+    """Every run at or below ``directory``, at any depth (a run's own folders are not
+    searched), in path order."""
+    found: list[RunDirectory] = []
+    pending = [Path(directory)]
+    while pending:
+        folder = pending.pop()
+        candidate = RunDirectory(folder)
+        if candidate.is_run():
+            found.append(candidate)
+            continue
+        pending += [child for child in folder.iterdir() if child.is_dir()]
+    return sorted(found, key=lambda run: str(run.path))
+
+
+def family_tree(runs: list[RunDirectory], base: Path | None = None) -> str:
+    """The runs as a forest: each root, its forks indented under it with the step they
+    branched at and what they changed. A fork whose parent is not among ``runs`` is a root
+    that names its parent."""
+    by_path = {run.path: run for run in runs}
+    statuses = {run.path: run.read_status() for run in runs}
+    children: dict[Path, list[RunDirectory]] = {run.path: [] for run in runs}
+    roots = []
+    for run in runs:
+        parent = fork_parent(statuses[run.path])
+        parent_path = Path(parent["run"]).resolve() if parent else None
+        if parent_path in by_path and parent_path != run.path:
+            children[parent_path].append(run)
+        else:
+            roots.append(run)
+
+    def describe(run: RunDirectory, as_root: bool) -> str:
+        status = statuses[run.path]
+        parts = [display_name(run.path, base)]
+        parent = fork_parent(status)
+        if parent is not None:
+            origin = f"{parent['run']}@{parent['step']}" if as_root else f"@{parent['step']}"
+            parts.append(f"fork of {origin}" if as_root else origin)
+            changed = [str(item) for item in status.get("fork_overrides") or []]
+            if status.get("reset"):
+                changed.append("reset=" + ",".join(status["reset"]))
+            parts.append(" ".join(changed) or "(no change)")
+        step = status.get(STEP)
+        parts.append(f"{run.status()}" + (f" at step {step}" if step is not None else ""))
+        return "  ".join(parts)
+
+    lines: list[str] = []
+
+    def walk(run: RunDirectory, prefix: str, last: bool, root: bool) -> None:
+        branch = "" if root else ("└─ " if last else "├─ ")
+        lines.append(prefix + branch + describe(run, root))
+        below = prefix if root else prefix + ("   " if last else "│  ")
+        forks = sorted(
+            children[run.path], key=lambda r: (fork_parent(statuses[r.path])["step"], str(r.path))
+        )
+        for index, child in enumerate(forks):
+            walk(child, below, index == len(forks) - 1, False)
+
+    for root in roots:
+        walk(root, "", True, True)
+    return "\n".join(lines)

@@ -18,6 +18,7 @@ from gptexp.checkpoint import CheckpointEntry, CheckpointManager
 from gptexp.config import TrainConfig, config_to_dict, to_train_config
 from gptexp.data import Corpus, Tokenizer, prepare_corpus, tokenizer_from_json
 from gptexp.errors import ConfigError, TrainingInterrupted
+from gptexp.forking import ForkStart, wandb_lineage
 from gptexp.fsio import atomic_write_text
 from gptexp.hf import import_source
 from gptexp.metrics import MetricsFile, config_diff
@@ -47,6 +48,9 @@ log = logging.getLogger(__name__)
 # change (a moved corpus): the text is checked by its fingerprint instead.
 FROZEN_GROUPS = ("model", "data")
 MOVABLE_KEYS = ("data.path",)
+# A fork may train on another text, encoded with its parent's tokenizer; the model and the
+# tokenizer are the checkpoint's.
+FORK_FROZEN_KEYS = ("data.tokenizer", "data.vocab_size")
 
 
 # ----------------------------------------------------------------------------- resume config
@@ -58,15 +62,23 @@ def parse_resume_overrides(overrides: list[str]) -> list[str]:
         key, sep, _ = item.partition("=")
         if not sep or key.startswith(("+", "~")) or "." not in key:
             raise ConfigError(
-                f"{item!r}: a resumed run takes key=value overrides of its stored config "
-                "(e.g. training.max_steps=6000); group choices such as model=small would "
-                "start a different run"
+                f"{item!r}: a resumed or forked run takes key=value overrides of its stored "
+                "config (e.g. training.max_steps=6000); group choices such as model=small "
+                "would start a different run"
             )
     return overrides
 
 
-def resume_config(run: RunDirectory, overrides: list[str]) -> tuple[TrainConfig, dict]:
-    """The typed config to resume with, and the changes the overrides make."""
+def overridden_config(
+    run: RunDirectory, overrides: list[str], *, fork: bool = False
+) -> tuple[TrainConfig, dict]:
+    """The run's stored config with ``overrides`` applied, and the changes they make.
+
+    What may change is the one rule shared by resume and fork: never the model (its weights
+    are the checkpoint's); for a resume not the data either (except where the file now is);
+    for a fork the data may change but not the tokenizer (the fork keeps its parent's).
+    Refused changes are listed as a diff.
+    """
     old = to_train_config(stored_config(run))
     try:
         merged = OmegaConf.merge(
@@ -76,18 +88,28 @@ def resume_config(run: RunDirectory, overrides: list[str]) -> tuple[TrainConfig,
         raise ConfigError(str(error).splitlines()[0]) from None
     new = to_train_config(merged)
     changes = config_diff(config_to_dict(old), config_to_dict(new))
+    frozen_groups = ("model",) if fork else FROZEN_GROUPS
+    allowed = () if fork else MOVABLE_KEYS
     frozen = {
         k: v
         for k, v in changes.items()
-        if k.split(".")[0] in FROZEN_GROUPS and k not in MOVABLE_KEYS
+        if (k.split(".")[0] in frozen_groups and k not in allowed)
+        or (fork and k in FORK_FROZEN_KEYS)
     }
     if frozen:
         lines = "\n".join(f"  {k}: {a!r} -> {b!r}" for k, (a, b) in frozen.items())
-        raise ConfigError(
-            f"these changes cannot apply to the run's checkpoints (start a new run instead):\n"
-            f"{lines}"
+        what = (
+            "a fork (it keeps its parent's model and tokenizer; start a new run instead)"
+            if fork
+            else "the run's checkpoints (start a new run instead)"
         )
+        raise ConfigError(f"these changes cannot apply to {what}:\n{lines}")
     return new, changes
+
+
+def resume_config(run: RunDirectory, overrides: list[str]) -> tuple[TrainConfig, dict]:
+    """The typed config to resume with, and the changes the overrides make."""
+    return overridden_config(run, overrides)
 
 
 # ----------------------------------------------------------------------------- the pieces
@@ -138,8 +160,9 @@ def record_start(
     resume_note: dict[str, Any] | None,
     extra: dict[str, Any],
 ) -> None:
-    """run.json at the start: status, the effective config, provenance. A resume adds an
-    entry (with its own command line) to ``resumes``; the first start's fields stay."""
+    """run.json at the start: status, the effective config, provenance, and the caller's
+    ``extra`` fields (W&B group and name; a fork's lineage). A resume adds an entry (with its
+    own command line) to ``resumes``; the first start's fields stay."""
     previous = run.read_status()
     env = environment()
     argv = env.pop("argv")
@@ -196,9 +219,11 @@ def run_training(
     wandb_group: str | None = None,
     wandb_name: str | None = None,
     locked: bool = False,
+    start: ForkStart | None = None,
 ) -> float | None:
     """Train (or resume) the run in ``run``: lock, status, checkpoints, logs. ``locked``: the
     caller already holds the run's lock (a sweep job claims its run before it records it).
+    ``start``: a new run that starts from another run's checkpoint (a fork), not from step 0.
 
     Raises a user error (gptexp.errors.USER_ERRORS) before any write when the input is bad,
     TrainingInterrupted after a clean stop on a signal.
@@ -213,10 +238,15 @@ def run_training(
             apply_process_settings(cfg.training)
             found = latest_checkpoint(run, cfg) if resume else None
             state = found[1] if found else None
-            # A run started from a Hugging Face model (not resumed from its own checkpoint)
-            # takes that model's tokenizer and weights; the entry point set its shape.
-            imported = import_source(cfg.model) if cfg.model.init_from and state is None else None
-            corpus = run_corpus(cfg, run, state, imported.tokenizer if imported else None)
+            imported = None
+            if start is not None:  # the fork command has checked the parent's state and text
+                state, corpus = start.trainer_state(), start.corpus
+            else:
+                # A run started from a Hugging Face model (not resumed from its own checkpoint)
+                # takes that model's tokenizer and weights; the entry point set its shape.
+                if cfg.model.init_from and state is None:
+                    imported = import_source(cfg.model)
+                corpus = run_corpus(cfg, run, state, imported.tokenizer if imported else None)
             metrics = MetricsFile(run.metrics) if dist_ctx.is_main else None
             trainer = Trainer(
                 cfg,
@@ -227,26 +257,34 @@ def run_training(
                 sinks=[metrics] if metrics else [],
                 init_weights=imported.state_dict if imported else None,
             )
+            if start is not None:
+                start.apply(trainer)
             # Validation passed: from here on the run directory is written to.
             mirror = None
+            extra: dict[str, Any] = {"wandb_group": wandb_group, "wandb_name": wandb_name}
             if dist_ctx.is_main:
                 if resume:
                     rewind_metrics(run, found[0].step if found else None, len(trainer.guard.events))
-                extra = {"wandb_group": wandb_group, "wandb_name": wandb_name}
                 if imported is not None:  # the source and the sha256 of its weights
                     extra["init_from"] = imported.record
+                if start is not None:
+                    start.write_inherited(run)
+                    extra |= start.lineage()
                 record_start(run, cfg, trainer, dist_ctx, resume_note if resume else None, extra)
-                if cfg.logger.wandb:
-                    mirror = WandbMirror(
-                        cfg.logger,
-                        run.path,
-                        trainer.wandb_id,
-                        config_to_dict(cfg),
-                        name=wandb_name or run.path.name,
-                        group=wandb_group,
-                    )
-                    trainer.sinks.append(mirror)
-                    run.update_status(wandb_mode=mirror.mode)
+            if start is not None:
+                start.save_checkpoint(trainer)  # every rank: the checkpoint gathers RNG states
+            if dist_ctx.is_main and cfg.logger.wandb:
+                mirror = WandbMirror(
+                    cfg.logger,
+                    run.path,
+                    trainer.wandb_id,
+                    config_to_dict(cfg) | wandb_lineage(run.read_status()),
+                    name=wandb_name or run.path.name,
+                    group=wandb_group,
+                    fork_from=start.wandb_fork_from() if start is not None else None,
+                )
+                trainer.sinks.append(mirror)
+                run.update_status(wandb_mode=mirror.mode)
             log.info("run directory: %s", run.path)
             return _fit(trainer, run, dist_ctx, metrics, mirror)
     finally:

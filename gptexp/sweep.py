@@ -13,7 +13,6 @@ and ``<sweep>/summary.md``: one row per run with its overrides, status and losse
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import json
 import logging
 import math
@@ -36,7 +35,7 @@ from gptexp.errors import (
     RunError,
     TrainingInterrupted,
 )
-from gptexp.fsio import atomic_write_bytes, atomic_write_json, atomic_write_text
+from gptexp.fsio import atomic_write_bytes, atomic_write_text
 from gptexp.hf import resolve_init_from
 from gptexp.metrics import FINAL_VAL_LOSS
 from gptexp.requeue import requeue_if_preempted
@@ -49,10 +48,10 @@ from gptexp.rundir import (
     now,
     runs_under,
 )
-from gptexp.runtable import cells, run_rows, table_columns
+from gptexp.runtable import cells, table_columns, write_summary
 from gptexp.runtime import Distributed
 from gptexp.session import run_training
-from gptexp.tables import markdown_table, text_table
+from gptexp.tables import text_table
 
 log = logging.getLogger(__name__)
 
@@ -262,23 +261,6 @@ def _train_job(plan, typed, own, wandb_group, wandb_name, dist_ctx) -> float:
 
 
 # ----------------------------------------------------------------------------- the summary
-
-
-def write_summary(sweep_dir: Path) -> list[dict[str, Any]]:
-    """Write ``sweep.json`` and ``summary.md`` for the runs in ``sweep_dir``; returns the rows.
-
-    Jobs of a parallel launcher finish in their own processes; the lock makes the last writer
-    the one that saw every run's final status.
-    """
-    sweep_dir.mkdir(parents=True, exist_ok=True)
-    with open(sweep_dir / ".summary.lock", "a") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        rows = run_rows(runs_under(sweep_dir))
-        atomic_write_json(sweep_dir / "sweep.json", {"sweep_dir": str(sweep_dir), "jobs": rows})
-        columns = table_columns(rows)
-        table = markdown_table(columns, cells(rows, columns))
-        atomic_write_text(sweep_dir / "summary.md", f"# Sweep {sweep_dir.name}\n\n{table}")
-    return rows
 
 
 class SweepSummary(Callback):

@@ -68,7 +68,10 @@ class WandbMirror:
         config: dict[str, Any],
         name: str,
         group: str | None,
+        fork_from: str | None = None,
     ) -> None:
+        """``fork_from`` (``"<parent id>?_step=<step>"``): a fork's first start, drawn online
+        from its parent's history where the SDK and server support it."""
         import wandb
 
         self.mode = wandb_mode(cfg.mode)
@@ -84,8 +87,10 @@ class WandbMirror:
             dir=str(run_dir),
             settings=wandb.Settings(init_timeout=30, silent=True, console="off"),
         )
+        self.run = self._start_fork(wandb, fork_from, kwargs) if fork_from else None
         try:
-            self.run = wandb.init(mode=self.mode, **kwargs)
+            if self.run is None:
+                self.run = wandb.init(mode=self.mode, **kwargs)
         except (wandb.errors.Error, OSError) as error:
             if self.mode == "offline":
                 raise
@@ -96,6 +101,19 @@ class WandbMirror:
         self._errors = (wandb.errors.Error, OSError)
         self.failed = False
         log.info("W&B run %s (%s) in %s", run_id, self.mode, run_dir / "wandb")
+
+    def _start_fork(self, wandb, fork_from: str, kwargs: dict[str, Any]):
+        """The W&B run started with ``fork_from`` (online only), or None: then the fork is an
+        ordinary W&B run whose config names its parent."""
+        if self.mode != "online":
+            return None
+        try:
+            # fork_from cannot go with resume; a later resume of the fork uses its own id.
+            fork_kwargs = {k: v for k, v in kwargs.items() if k != "resume"}
+            return wandb.init(mode=self.mode, fork_from=fork_from, **fork_kwargs)
+        except (wandb.errors.Error, OSError, TypeError, ValueError) as error:
+            log.info("W&B: fork_from not available (%s); a run of its own", _first_line(error))
+            return None
 
     def _guarded(self, action, *args, **kwargs) -> None:
         """Run a W&B call; the first failure switches the mirror off, training goes on."""

@@ -1,0 +1,245 @@
+"""``python -m gptexp.fork run=<dir> ckpt=<last|best|STEP> [key=value ...]``: branch a run.
+
+A fork is a new run directory that starts from the full state of one of its parent's
+checkpoints (weights, optimizer, scheduler, grad scaler, the RNG of every rank, the data
+position, the best metric) with ``key=value`` overrides of any ``training``, ``checkpoint``,
+``logger`` or ``data`` key applied. Without overrides it continues bit for bit as its parent
+did. The parent's directory is only read. ``-m`` makes one fork per combination of
+comma-separated values, under one sweep directory::
+
+    python -m gptexp.fork run=outputs/runs/A ckpt=500 training.lr=3e-4
+    python -m gptexp.fork run=outputs/runs/A ckpt=best reset=optimizer,scheduler \\
+        data=... data.name=text data.path=finetune.txt
+    python -m gptexp.fork -m run=outputs/runs/A ckpt=500 training.lr=1e-4,3e-4
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import sys
+import time
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+
+from gptexp.cli import command_logging, parse_options, run_command
+from gptexp.config import TrainConfig
+from gptexp.errors import USER_ERRORS, ConfigError, JobFailed, RunError, TrainingInterrupted
+from gptexp.evaluation import check_ckpt, load_run_checkpoint
+from gptexp.forking import ForkStart, data_changed, fork_corpus, parse_reset
+from gptexp.rundir import (
+    FAILED,
+    FINISHED,
+    RunDirectory,
+    discard_unstarted,
+    now,
+    require_run,
+)
+from gptexp.runtable import cells, table_columns, write_summary
+from gptexp.session import overridden_config, run_training
+from gptexp.tables import text_table
+
+log = logging.getLogger(__name__)
+
+USAGE = (
+    "usage: python -m gptexp.fork [-m] run=<run dir> [ckpt=last|best|<step>] [out=<dir>] "
+    "[reset=optimizer,scheduler,rng,step] [key=value ...]\n"
+    "key=value: any key of the parent's training, checkpoint, logger or data config "
+    "(e.g. training.lr=3e-4); -m: one fork per comma-separated value"
+)
+RUNS_DIR, SWEEPS_DIR = Path("outputs/runs"), Path("outputs/sweeps")
+# Group names of the run config: ``model=small`` is a config override (refused with a clear
+# message: a fork keeps its parent's model), not an unknown option of this command.
+CONFIG_GROUPS = {f.name for f in fields(TrainConfig)}
+
+
+@dataclass
+class ForkOptions:
+    run: str = field(metadata={"help": "the parent run directory"})
+    ckpt: str = field(default="last", metadata={"help": "last, best or a step number"})
+    out: str | None = field(
+        default=None,
+        metadata={"help": "the fork's directory (default outputs/runs/<date>_<time>)"},
+    )
+    reset: str = field(
+        default="",
+        metadata={"help": "restart any of optimizer,scheduler,rng,step (comma-separated)"},
+    )
+
+    def __post_init__(self) -> None:
+        check_ckpt(self.ckpt)
+        parse_reset(self.reset)
+
+
+def split_args(argv: list[str]) -> tuple[bool, list[str], list[str]]:
+    """(multirun, this command's options, the config overrides ``key.path=value``)."""
+    multirun = any(arg in ("-m", "--multirun") for arg in argv)
+    options, overrides = [], []
+    for arg in argv:
+        if arg in ("-m", "--multirun"):
+            continue
+        key = arg.partition("=")[0]
+        is_config = "." in key or key.lstrip("+~") in CONFIG_GROUPS
+        (overrides if is_config and not arg.startswith("-") else options).append(arg)
+    return multirun, options, overrides
+
+
+def prepare(options: ForkOptions, overrides: list[str]) -> tuple[TrainConfig, ForkStart]:
+    """Everything a fork checks before it writes anything: the parent, the config, the
+    checkpoint (verified) and the text (encoded with the parent's tokenizer)."""
+    parent = started_run(options.run)
+    cfg, changes = overridden_config(parent, overrides, fork=True)
+    loaded = load_run_checkpoint(parent, options.ckpt)
+    reset = parse_reset(options.reset)
+    if "step" not in reset and cfg.training.max_steps <= loaded.entry.step:
+        raise ConfigError(
+            f"training.max_steps={cfg.training.max_steps}: the fork starts at step "
+            f"{loaded.entry.step} ({loaded.entry.file}), so it would not train; raise "
+            "training.max_steps, or add reset=step to count from 0 again"
+        )
+    corpus = fork_corpus(cfg, loaded.state, data_changed(changes))
+    start = ForkStart(
+        parent=parent,
+        entry=loaded.entry,
+        state=loaded.state,
+        corpus=corpus,
+        overrides=overrides,
+        changes=changes,
+        reset=reset,
+        parent_status=parent.read_status(),
+    )
+    return cfg, start
+
+
+def started_run(path: str) -> RunDirectory:
+    run = require_run(path)
+    if not run.has_started():
+        raise RunError(f"{path}: this run never started training; there is nothing to fork")
+    return run
+
+
+def check_destination(path: Path, parent: RunDirectory) -> None:
+    """A fork never writes into its parent, nor over anything already there."""
+    path = path.resolve()
+    if path == parent.path or path.is_relative_to(parent.path):
+        raise RunError(f"out={path}: inside the parent run {parent.path}; choose another place")
+    if path.exists() and (not path.is_dir() or any(path.iterdir())):
+        raise RunError(f"out={path}: already exists and is not empty; choose another place")
+
+
+def timestamped(base: Path) -> Path:
+    """``base/<date>_<time>``, with ``-1``, ``-2``... when that name is taken already."""
+    stamp = base / time.strftime("%Y-%m-%d_%H-%M-%S")
+    candidate, index = stamp, 0
+    while candidate.exists():
+        index += 1
+        candidate = stamp.with_name(f"{stamp.name}-{index}")
+    return candidate
+
+
+def wandb_names(start: ForkStart) -> tuple[str, str]:
+    """(group, name) of the fork's W&B run: in its parent's group (or one named after the
+    parent), named ``<parent>@<step>`` and what the fork changed."""
+    status = start.parent_status
+    parent_name = status.get("wandb_name") or start.parent.path.name
+    group = status.get("wandb_group") or parent_name
+    name = f"{parent_name}@{start.step}"
+    return group, f"{name} {','.join(start.overrides)}" if start.overrides else name
+
+
+def train_fork(cfg: TrainConfig, start: ForkStart, run: RunDirectory) -> float | None:
+    group, name = wandb_names(start)
+    return run_training(cfg, run, resume=False, wandb_group=group, wandb_name=name, start=start)
+
+
+# ----------------------------------------------------------------------------- one fork
+
+
+def fork_one(options: ForkOptions, overrides: list[str]) -> float | None:
+    run = RunDirectory(Path(options.out) if options.out else timestamped(RUNS_DIR))
+    check_destination(run.path, started_run(options.run))
+    cfg, start = prepare(options, overrides)
+    run.path.mkdir(parents=True, exist_ok=True)
+    try:
+        with command_logging(run.log_file):
+            result = run_command(lambda: train_fork(cfg, start, run))
+    finally:
+        discard_unstarted(run)  # a fork refused before it started leaves nothing behind
+    print(f"fork: {run.path}", file=sys.stderr)
+    return result
+
+
+# ----------------------------------------------------------------------------- -m
+
+
+def expand(overrides: list[str]) -> list[list[str]]:
+    """One list of overrides per combination of the comma-separated values (a list value in
+    brackets is one value)."""
+    choices = []
+    for item in overrides:
+        key, _, value = item.partition("=")
+        values = [value] if value.startswith(("[", "{")) else value.split(",")
+        choices.append([f"{key}={v}" for v in values])
+    return [list(combination) for combination in itertools.product(*choices)]
+
+
+def fork_sweep(options: ForkOptions, overrides: list[str]) -> None:
+    """One fork per combination, ``<sweep>/0``, ``<sweep>/1``...; every combination's config
+    is checked before the first fork starts. A fork that fails is recorded and the others go
+    on; the command then exits 1."""
+    jobs = expand(overrides)
+    parent = started_run(options.run)
+    for job in jobs:
+        overridden_config(parent, job, fork=True)
+    sweep_dir = Path(options.out) if options.out else timestamped(SWEEPS_DIR)
+    check_destination(sweep_dir, parent)
+    failed = []
+    for number, job in enumerate(jobs):
+        run = RunDirectory(sweep_dir / str(number))
+        run.path.mkdir(parents=True, exist_ok=True)
+        try:
+            with command_logging(run.log_file):
+                log.info("fork %d of %d: %s", number + 1, len(jobs), " ".join(job) or "as is")
+                cfg, start = prepare(options, job)
+                train_fork(cfg, start, run)
+        except (*USER_ERRORS, FloatingPointError) as error:
+            log.error("fork %s failed: %s", run.path, error)
+            failed.append(run.path.name)
+            run.update_status(status=FAILED, error=str(error), ended=now(), fork_overrides=job)
+        except TrainingInterrupted as stop:
+            log.warning("%s; the sweep of forks stops here", stop)
+            write_summary(sweep_dir)
+            raise
+        finally:
+            discard_unstarted(run)
+    rows = write_summary(sweep_dir)
+    columns = table_columns(rows)
+    print(text_table(columns, cells(rows, columns)), file=sys.stderr)
+    print(f"sweep of forks: {sweep_dir.resolve()}", file=sys.stderr)
+    if failed:
+        finished = sum(row["status"] == FINISHED for row in rows)
+        raise JobFailed(
+            f"{len(failed)} of {len(jobs)} forks failed ({', '.join(failed)}); "
+            f"{finished} finished; see their run.json and train.log"
+        )
+
+
+# ----------------------------------------------------------------------------- entry
+
+
+def fork(argv: list[str]) -> float | None:
+    multirun, option_args, overrides = split_args(argv)
+    options = parse_options(option_args, ForkOptions, USAGE)
+    if multirun:
+        fork_sweep(options, overrides)
+        return None
+    return fork_one(options, overrides)
+
+
+def main() -> None:
+    with command_logging(None):  # a fork's own log (train.log) takes over once its directory exists
+        run_command(lambda: fork(sys.argv[1:]))
+
+
+if __name__ == "__main__":
+    main()

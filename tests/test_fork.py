@@ -1,0 +1,228 @@
+"""Forks through the real entry points: ``python -m gptexp.fork`` branches a run from one of its
+checkpoints. Without overrides the fork ends bit-identical to its parent; with overrides it
+parts from the parent right after the fork step; the parent's directory is never written.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+import gptexp.compare
+import gptexp.fork
+from gptexp.checkpoint import CheckpointManager
+from gptexp.config import CheckpointConfig, TrainingConfig
+from gptexp.optim import lr_factor
+from tests.conftest import call_main, files_of, read_metrics, run_module, train
+from tests.test_wandb import offline_run
+
+pytestmark = pytest.mark.slow  # every test trains (in subprocesses)
+
+# Dropout on, so that the fork must carry the RNG state for the losses to match.
+PARENT = ["model.dropout=0.1", "checkpoint.every_steps=10", "checkpoint.keep_last=2"]
+
+
+def fork(*args: str, cwd: Path):
+    return run_module("gptexp.fork", *args, cwd=cwd)
+
+
+def checkpoint(run_dir: Path, which: str | int = "last") -> dict:
+    manager = CheckpointManager(run_dir / "checkpoints", CheckpointConfig())
+    return manager.load(manager.find(which))
+
+
+def status(run_dir: Path) -> dict:
+    return json.loads((run_dir / "run.json").read_text())
+
+
+def losses(records: list[dict]) -> list[tuple]:
+    return [(r["step"], r.get("train/loss"), r.get("val/loss")) for r in records]
+
+
+@pytest.fixture(scope="module")
+def parent(tmp_path_factory) -> tuple[Path, dict[str, str]]:
+    """A finished 20-step run with checkpoints at 10 and 20, and its files' hashes."""
+    base = tmp_path_factory.mktemp("parent")
+    result = train(base / "parent", *PARENT, cwd=base)
+    assert result.returncode == 0, result.stderr
+    return base / "parent", files_of(base / "parent")
+
+
+@pytest.fixture(scope="module")
+def control(parent) -> Path:
+    """The parent forked at step 10 with no override, trained to its end (step 20)."""
+    parent_dir, _ = parent
+    out = parent_dir.parent / "control"
+    result = fork(f"run={parent_dir}", "ckpt=10", f"out={out}", cwd=parent_dir.parent)
+    assert result.returncode == 0, result.stderr
+    return out
+
+
+def test_fork_without_overrides_ends_bit_identical_and_leaves_parent_untouched(parent, control):
+    parent_dir, before = parent
+    mine, theirs = checkpoint(control), checkpoint(parent_dir)
+    assert mine["step"] == theirs["step"] == 20
+    assert mine["tokens_seen"] == theirs["tokens_seen"]
+    for key, tensor in theirs["model"].items():
+        assert torch.equal(mine["model"][key], tensor), f"parameter {key} differs"
+    assert mine["optimizer"]["state"].keys() == theirs["optimizer"]["state"].keys()
+    for index, state in theirs["optimizer"]["state"].items():
+        for name, tensor in state.items():
+            assert torch.equal(mine["optimizer"]["state"][index][name], tensor), (index, name)
+    assert mine["scheduler"] == theirs["scheduler"]
+    assert mine["wandb_id"] != theirs["wandb_id"]  # a W&B run of its own
+
+    # metrics.jsonl: the parent's records up to step 10 marked inherited, then the same curve.
+    records, parent_records = read_metrics(control), read_metrics(parent_dir)
+    inherited = [r for r in records if r.get("inherited")]
+    assert inherited == [r | {"inherited": True} for r in parent_records if r["step"] <= 10]
+    assert losses(records) == losses(parent_records)
+    assert records[len(inherited)]["step"] == 11
+
+    lineage = status(control)["parent"]
+    manifest = json.loads((parent_dir / "checkpoints" / "manifest.json").read_text())
+    entry = next(e for e in manifest["checkpoints"] if e["step"] == 10)
+    assert lineage["run"] == str(parent_dir.resolve()) and lineage["step"] == 10
+    assert (lineage["checkpoint"], lineage["sha256"]) == (entry["file"], entry["sha256"])
+    assert status(control)["fork_overrides"] == [] and status(control)["reset"] == []
+    assert files_of(parent_dir) == before  # the lock file's content included
+
+
+def test_fork_with_another_lr_parts_after_the_fork_step_and_is_mirrored(parent, tmp_path):
+    parent_dir, before = parent
+    out = tmp_path / "lr"
+    result = fork(
+        f"run={parent_dir}", "ckpt=10", f"out={out}", "training.lr=3e-3", "logger.wandb=true",
+        cwd=tmp_path,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    own = {r["step"]: r for r in read_metrics(out) if not r.get("inherited")}
+    theirs = {r["step"]: r for r in read_metrics(parent_dir)}
+    # Step 11's loss is measured on the weights of step 10, before the new lr acts.
+    assert own[11]["train/loss"] == theirs[11]["train/loss"]
+    # From update 11 on, the schedule of lr=3e-3 at the same place (the lr logged at a step is
+    # the next update's), so the losses part from step 12 on.
+    schedule = TrainingConfig(**status(out)["config"]["training"])
+    assert schedule.lr == 3e-3
+    assert own[11]["lr"] == pytest.approx(3e-3 * lr_factor(11, schedule))
+    assert own[11]["lr"] != theirs[11]["lr"]
+    assert all(own[s]["train/loss"] != theirs[s]["train/loss"] for s in range(12, 21))
+    assert status(out)["fork_overrides"] == ["training.lr=3e-3", "logger.wandb=true"]
+
+    w = offline_run(out)
+    assert w["config"]["parent_run_id"] == checkpoint(parent_dir, 10)["wandb_id"]
+    assert w["config"]["fork_step"] == 10
+    # In the parent's group (a run launched alone has none: one named after the parent).
+    assert w["run"].run_group == status(parent_dir)["wandb_name"]
+    assert w["run"].display_name.startswith(f"{status(parent_dir)['wandb_name']}@10 ")
+    assert min(h["trainer/step"] for h in w["history"]) == 11  # no inherited record mirrored
+
+    # compare: the lineage column, and a plot of both curves.
+    code, _ = call_main(gptexp.compare.main, str(parent_dir), str(out), f"plot={tmp_path}/l.png")
+    assert code == 0 and (tmp_path / "l.png").stat().st_size > 0
+    table = gptexp.compare.compare(gptexp.compare.CompareOptions(paths=[str(parent_dir), str(out)]))
+    header, _, first, second = table.splitlines()
+    assert "parent@step" in header and "training.lr" in header
+    assert "0.001" in first and f"{parent_dir.name}@10" in second and "0.003" in second
+    assert files_of(parent_dir) == before
+
+
+def test_reset_restarts_optimizer_schedule_and_step(parent, tmp_path):
+    parent_dir, _ = parent
+    out = tmp_path / "reset"
+    result = fork(
+        f"run={parent_dir}", "ckpt=10", f"out={out}", "reset=optimizer,scheduler,rng,step",
+        "checkpoint.keep_every=10", cwd=tmp_path,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    start, origin = checkpoint(out, 0), checkpoint(parent_dir, 10)
+    for key, tensor in origin["model"].items():
+        assert torch.equal(start["model"][key], tensor)  # the parent's weights...
+    assert start["optimizer"]["state"] == {}  # ... with a fresh AdamW
+    assert start["scheduler"]["last_epoch"] == 0 and start["tokens_seen"] == 0
+    records = read_metrics(out)
+    assert not any(r.get("inherited") for r in records)  # its own steps start again at 0
+    # The schedule starts again, warm-up included: the lr of the parent's own first steps.
+    first_steps = {r["step"]: r.get("lr") for r in read_metrics(parent_dir) if r["step"] <= 3}
+    assert records[0]["step"] == 0
+    assert {r["step"]: r.get("lr") for r in records if r["step"] <= 3} == first_steps
+    assert status(out)["reset"] == ["optimizer", "scheduler", "rng", "step"]
+
+
+def test_bad_input_is_refused_before_anything_is_written(parent, tmp_path):
+    parent_dir, before = parent
+    out = tmp_path / "never"
+    base = (f"run={parent_dir}", f"out={out}")
+    code, stderr = call_main(gptexp.fork.main, *base, "model.n_layer=3")
+    assert code == 2 and "model.n_layer: 2 -> 3" in stderr
+    code, stderr = call_main(gptexp.fork.main, *base, "data.tokenizer=bpe")
+    assert code == 2 and "data.tokenizer: 'char' -> 'bpe'" in stderr
+    code, stderr = call_main(gptexp.fork.main, *base, "model=small")
+    assert code == 2 and "group choices" in stderr
+    code, stderr = call_main(gptexp.fork.main, *base, "reset=optimizer,weights")
+    assert code == 2 and "weights cannot be reset" in stderr
+    code, stderr = call_main(gptexp.fork.main, *base, "ckpt=20")  # at max_steps already
+    assert code == 2 and "training.max_steps=20: the fork starts at step 20" in stderr
+    code, stderr = call_main(gptexp.fork.main, *base, "ckpt=15")
+    assert code == 2 and "no checkpoint at step 15" in stderr
+    code, stderr = call_main(gptexp.fork.main, f"run={parent_dir}", f"out={parent_dir}/f")
+    assert code == 2 and "inside the parent run" in stderr
+    # Another text is fine, but it must be one the parent's tokenizer can encode.
+    text = tmp_path / "other.txt"
+    text.write_text("An ünïcödé text the char tokenizer never saw. " * 200, encoding="utf-8")
+    code, stderr = call_main(
+        gptexp.fork.main, *base, "ckpt=10", "data.name=text", f"data.path={text}"
+    )
+    assert code == 2 and "not in the tokenizer's vocabulary" in stderr and "ü" in stderr
+    assert "keeps its parent's tokenizer" in stderr
+    assert not out.exists()
+    assert files_of(parent_dir) == before
+
+
+def test_a_fork_is_an_ordinary_run_resume_eval_fork_again_tree(parent, control, tmp_path):
+    parent_dir, before = parent
+    grandchild = tmp_path / "grandchild"
+    result = fork(
+        f"run={control}", f"out={grandchild}", "training.max_steps=22", cwd=tmp_path
+    )  # ckpt=last: step 20
+    assert result.returncode == 0, result.stderr
+    assert status(grandchild)["parent"]["run"] == str(control.resolve())
+    assert status(grandchild)["parent"]["step"] == 20
+
+    result = run_module("gptexp.resume", f"run={grandchild}", "training.max_steps=24", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    steps = [r["step"] for r in read_metrics(grandchild)]
+    assert steps == sorted(set(steps)) and steps[-1] == 24
+    assert status(grandchild)["status"] == "finished" and status(grandchild)["parent"]["step"] == 20
+    result = run_module("gptexp.eval", f"run={grandchild}", "samples=0", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+
+    # The tree of the runs below two directories: the parent and its fork, the fork's fork.
+    tree = gptexp.compare.family([str(parent_dir.parent), str(tmp_path)])
+    lines = tree.splitlines()
+    root = next(i for i, line in enumerate(lines) if line.startswith("parent "))
+    assert lines[root + 1].startswith("└─ control  @10  (no change)")
+    assert lines[root + 2].startswith("   └─ grandchild  @20  training.max_steps=22")
+    assert files_of(parent_dir) == before
+
+
+def test_multirun_makes_one_fork_per_value_under_one_sweep_dir(parent, tmp_path):
+    parent_dir, before = parent
+    sweep = tmp_path / "sweep"
+    result = fork(
+        "-m", f"run={parent_dir}", "ckpt=10", f"out={sweep}", "training.lr=1e-4,3e-3",
+        "training.max_steps=12", "training.batch_size=16", cwd=tmp_path,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    jobs = json.loads((sweep / "sweep.json").read_text())["jobs"]
+    assert [job["run"] for job in jobs] == ["0", "1"]
+    assert [status(sweep / j["run"])["config"]["training"]["lr"] for j in jobs] == [1e-4, 3e-3]
+    assert all(job["parent@step"] == f"{parent_dir.name}@10" for job in jobs)
+    assert all(job["status"] == "finished" for job in jobs)
+    # The batch it asks for (a resume would keep the parent's global batch of 8 sequences).
+    tokens = {r["step"]: r["tokens"] for r in read_metrics(sweep / "0") if "tokens" in r}
+    assert tokens[12] - tokens[11] == 16 * 64
+    assert files_of(parent_dir) == before
