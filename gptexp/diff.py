@@ -34,7 +34,7 @@ from gptexp.checkpoint import CheckpointManager, checkpoint_name
 from gptexp.cli import command_logging, parse_options, run_command
 from gptexp.config import CheckpointConfig
 from gptexp.errors import CheckpointError, ConfigError, RunError
-from gptexp.metrics import flatten, read_metrics
+from gptexp.metrics import config_diff, read_metrics
 from gptexp.rundir import RunDirectory, require_run, stored_config
 
 log = logging.getLogger(__name__)
@@ -105,11 +105,9 @@ def config_difference(a: RunInfo, b: RunInfo) -> tuple[list[dict[str, Any]], lis
     A key that one config lacks (an older schema) shows as None on that side. A different
     text under the same config shows as ``data.fingerprint``.
     """
-    flat_a, flat_b = flatten(a.config), flatten(b.config)
     rows = [
-        {"key": key, "a": flat_a.get(key), "b": flat_b.get(key)}
-        for key in sorted(flat_a.keys() | flat_b.keys())
-        if flat_a.get(key) != flat_b.get(key)
+        {"key": key, "a": value_a, "b": value_b}
+        for key, (value_a, value_b) in config_diff(a.config, b.config).items()
     ]
     print_a, print_b = a.status.get("data_fingerprint"), b.status.get("data_fingerprint")
     if print_a and print_b and print_a != print_b:
