@@ -37,10 +37,10 @@ if __name__ == "__main__":
     elif where == "before-training":
         corpus = session.run_corpus
 
-        def run_corpus(cfg, run, state):
+        def run_corpus(cfg, run, *args, **kwargs):
             if run.path.name == job:
                 die()
-            return corpus(cfg, run, state)
+            return corpus(cfg, run, *args, **kwargs)
 
         session.run_corpus = run_corpus
     else:
