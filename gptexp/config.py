@@ -13,6 +13,7 @@ import dataclasses
 import math
 import os
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
@@ -329,6 +330,23 @@ class TrainConfig:
                 "use training.guard.action=skip",
                 self.training.guard.action,
             )
+
+
+# The Hydra config tree ships inside the package, so an installed gptexp finds it anywhere.
+CONF_DIR = Path(__file__).resolve().parent / "conf"
+
+
+def compose_config(overrides: list[str] | None = None) -> TrainConfig:
+    """The typed config that ``python -m gptexp.train <overrides>`` composes, built in this
+    process with Hydra's compose API (nothing is written)."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    register_configs()
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base=None):
+        cfg = compose(config_name="train", overrides=overrides or [])
+    return to_train_config(cfg)
 
 
 def register_configs() -> None:

@@ -20,7 +20,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from gptexp.cli import command_logging, run_command
-from gptexp.config import register_configs, to_train_config
+from gptexp.config import CONF_DIR, register_configs, to_train_config
 from gptexp.errors import JobFailed, RunError
 from gptexp.hf import resolve_init_from
 from gptexp.requeue import prefer_sigusr1
@@ -30,9 +30,6 @@ from gptexp.session import run_training
 from gptexp.sweep import BASIC_SWEEPER, share_cores_between_jobs, sweep_job
 
 log = logging.getLogger(__name__)
-
-# The config tree ships inside the package, so an installed gptexp finds it from anywhere.
-CONF_DIR = str(Path(__file__).resolve().parent / "conf")
 
 
 def task_config(config: DictConfig) -> DictConfig:
@@ -110,7 +107,7 @@ def train(cfg: DictConfig) -> float | None:
 def main() -> None:
     prefer_sigusr1()  # SLURM's pre-timeout signal for submitit jobs (gptexp.requeue)
     register_configs()
-    hydra.main(config_path=CONF_DIR, config_name="train", version_base=None)(train)()
+    hydra.main(config_path=str(CONF_DIR), config_name="train", version_base=None)(train)()
 
 
 if __name__ == "__main__":

@@ -16,13 +16,10 @@ import time
 from pathlib import Path
 
 import pytest
-from hydra import compose, initialize_config_dir
-from hydra.core.global_hydra import GlobalHydra
 
-from gptexp.config import TrainConfig, register_configs, to_train_config
+from gptexp.config import CONF_DIR, compose_config  # noqa: F401 (tests import them from here)
 
 ROOT = Path(__file__).resolve().parent.parent
-CONF_DIR = ROOT / "gptexp" / "conf"
 
 # A run of a few seconds: nano model, tiny batches, frequent evaluation and checkpoints.
 FAST = [
@@ -39,15 +36,6 @@ def _offline_and_isolated(tmp_path, monkeypatch):
     monkeypatch.setenv("WANDB_SILENT", "true")
     monkeypatch.setenv("GPTEXP_CACHE", str(tmp_path / "cache"))
     monkeypatch.delenv("WANDB_API_KEY", raising=False)
-
-
-def compose_config(overrides: list[str] | None = None) -> TrainConfig:
-    """conf/train.yaml composed with ``overrides`` and made typed, as the entry point does."""
-    register_configs()
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base=None):
-        cfg = compose(config_name="train", overrides=overrides or [])
-    return to_train_config(cfg)
 
 
 def make_trainer(cfg, run_dir: Path, dist_ctx=None, state=None, sinks=()):

@@ -11,7 +11,6 @@ from typing import Any
 from gptexp.config import ModelConfig
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent.parent
-CONF_DIR = PROJECT_ROOT / "conf"
 GPT2_VOCAB = 50257
 
 
@@ -60,11 +59,10 @@ class BenchPlan:
         )  # fmt: skip
 
     def model_config(self, name: str | None = None) -> ModelConfig:
-        """The shape of ``conf/model/<name>.yaml``, the file the entry point composes."""
-        from omegaconf import OmegaConf
+        """The shape that ``model=<name>`` composes, as the entry point composes it."""
+        from gptexp.config import compose_config
 
-        path = CONF_DIR / "model" / f"{name or self.model_name}.yaml"
-        return ModelConfig(**OmegaConf.to_container(OmegaConf.load(path)))  # type: ignore[arg-type]
+        return compose_config([f"model={name or self.model_name}"]).model
 
     @property
     def tokens_per_step(self) -> int:
