@@ -25,6 +25,7 @@ import logging
 import os
 import pickle
 import shutil
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -35,9 +36,7 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-from torch.distributed.tensor import DTensor
 
-from gptexp import sharded_checkpoint
 from gptexp.config import CheckpointConfig
 from gptexp.errors import CheckpointError, TrainingDiverged
 from gptexp.fsio import (
@@ -160,14 +159,29 @@ def snapshot(obj: Any, buffers: dict[tuple, torch.Tensor] | None = None) -> Any:
     return frozen
 
 
+def _sharded():
+    """gptexp.sharded_checkpoint, imported on first use: it pulls in torch.distributed's
+    tensor and checkpoint stacks (most of a second), which runs without DCP never need."""
+    from gptexp import sharded_checkpoint
+
+    return sharded_checkpoint
+
+
+def _dtensor_type() -> type | None:
+    """DTensor, where torch.distributed.tensor has been imported (none exist otherwise)."""
+    module = sys.modules.get("torch.distributed.tensor")
+    return getattr(module, "DTensor", None)
+
+
 def nonfinite_tensors(state: Any) -> list[str]:
     """The places (``model.lm_head.weight``, ``optimizer.state.3.exp_avg_sq``) of the
     floating-point tensors in ``state`` that hold a NaN or an infinity."""
     found: list[tuple[str, torch.Tensor]] = []
+    dtensor = _dtensor_type()
 
     def walk(node: Any, place: str) -> None:
         if isinstance(node, torch.Tensor):
-            if isinstance(node, DTensor):  # a shard of a sharded state: this rank's part
+            if dtensor is not None and isinstance(node, dtensor):  # a shard: this rank's part
                 node = node.to_local()
             if node.is_floating_point():
                 found.append((place, node))
@@ -209,8 +223,8 @@ def load_checkpoint_file(path: Path, *, mmap: bool = False) -> dict[str, Any]:
     """
     try:
         if path.is_dir():
-            meta, tensors = sharded_checkpoint.read(path)
-            state = sharded_checkpoint.merge(meta, tensors)
+            meta, tensors = _sharded().read(path)
+            state = _sharded().merge(meta, tensors)
         else:
             state = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as error:
@@ -247,7 +261,7 @@ class CheckpointManager:
         # The copies of the last snapshot, reused by the next one (see snapshot()): training
         # then stalls for a copy into mapped memory instead of a fresh allocation.
         self._snapshot_buffers: dict[tuple, torch.Tensor] = {}
-        self._shards = sharded_checkpoint.ShardWriter()
+        self._shards = _sharded().ShardWriter() if policy.format == "dcp" else None
 
     @property
     def collective(self) -> bool:
@@ -367,13 +381,15 @@ class CheckpointManager:
         """
         asynchronous = self.policy.async_save if asynchronous is None else asynchronous
         self.wait()
-        self.refuse_nonfinite(state, step)
+        in_background = asynchronous and not self.collective
+        if not in_background:  # the background writer checks its snapshot before writing
+            self.refuse_nonfinite(state, step)
         self.directory.mkdir(parents=True, exist_ok=True)
         started = time.perf_counter()
         if self.collective:
             self._save_dcp(state, step, metric, reasons, asynchronous)
             self.save_seconds.append(time.perf_counter() - started)
-        elif asynchronous:
+        elif in_background:
             # wait() above has joined the previous writer, so its buffers are free again.
             frozen = snapshot(state, self._snapshot_buffers)
             self._pending = threading.Thread(
@@ -414,6 +430,9 @@ class CheckpointManager:
 
     def _write_in_background(self, state, step, metric, reasons) -> None:
         try:
+            # The finite check reads every value: here it costs training no time (a refusal
+            # surfaces at the next save or wait, and nothing is written).
+            self.refuse_nonfinite(state, step)
             self._write(state, step, metric, reasons)
         except BaseException as error:  # handed to the training thread by wait()
             self._pending_error = error
@@ -422,9 +441,9 @@ class CheckpointManager:
         """Every rank: its shards into ``step_N.dcp.tmp/``; then rank 0 adds ``meta.pt``,
         hashes every file, renames the directory into place and lists it in the manifest.
         DCP's own end-of-save step makes rank 0 wait until every rank's shards are written."""
-        name = f"step_{step:07d}{sharded_checkpoint.SUFFIX}"
+        name = f"step_{step:07d}{_sharded().SUFFIX}"
         tmp = self.directory / (name + TMP_SUFFIX)
-        tensors, meta = sharded_checkpoint.split_tensors(state)
+        tensors, meta = _sharded().split_tensors(state)
         try:
             future = self._shards.write(tensors, tmp, asynchronous)
         except (OSError, RuntimeError) as error:
@@ -451,9 +470,9 @@ class CheckpointManager:
                 future.result()
             if not self._is_coordinator():
                 return
-            sharded_checkpoint.write_meta(tmp, meta)
+            _sharded().write_meta(tmp, meta)
             fsync_dir(tmp)
-            files = sharded_checkpoint.file_hashes(tmp)
+            files = _sharded().file_hashes(tmp)
             size = sum((tmp / f).stat().st_size for f in files)
             if final_path.exists():  # an unlisted directory of an earlier, interrupted try
                 _remove(final_path)
@@ -461,7 +480,7 @@ class CheckpointManager:
             fsync_dir(self.directory)
         except (OSError, RuntimeError) as error:
             raise self._write_error(final_path, error) from None
-        digest = sharded_checkpoint.listing_digest(files)
+        digest = _sharded().listing_digest(files)
         entry = CheckpointEntry(name, step, digest, size, metric, reasons, time.time(), files=files)
         self._record(entry)
         self.write_seconds.append(time.perf_counter() - started)

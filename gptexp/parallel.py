@@ -18,12 +18,6 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from torch.distributed.checkpoint.state_dict import (
-    StateDictOptions,
-    get_state_dict,
-    set_state_dict,
-)
-from torch.distributed.fsdp import fully_shard
 
 from gptexp.config import TrainConfig
 from gptexp.errors import CheckpointError
@@ -33,6 +27,8 @@ from gptexp.model import GPT
 def shard_model(model: GPT) -> None:
     """FSDP2 in place: every Block a unit, then the root. Call before building the optimizer
     (its parameters become the sharded DTensors)."""
+    from torch.distributed.fsdp import fully_shard  # imported here: most of a second
+
     for block in model.blocks:
         fully_shard(block)
     fully_shard(model)
@@ -51,6 +47,8 @@ def named_state(
     ``full``: whole tensors on the CPU, on rank 0 only (other ranks get empty dicts), for the
     single-file format. Otherwise each rank's own shards, for a DCP checkpoint.
     """
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+
     options = StateDictOptions(full_state_dict=full, cpu_offload=full)
     return get_state_dict(model, optimizer, options=options)
 
@@ -69,6 +67,8 @@ def load_named_state(
 ) -> None:
     """Load whole tensors (every rank holds them) into a whole or a sharded model: each rank
     keeps the slices of its own shards, so any world size reads any checkpoint."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
+
     set_state_dict(
         model,
         optimizer,

@@ -39,6 +39,7 @@ FIGURES = {
     "efficiency": ["matmul_flops_per_s", "flops_per_token", "fp32_share_of_peak"],
     "eval": ["evaluate_loss_tokens_per_s", "entry_wall_s"],
     "memory": ["gptexp_peak_rss_bytes", "plain_peak_rss_bytes"],
+    "guard": ["off_step_s", "skip_step_s", "skip_over_off"],
 }
 CHECKPOINT_FIGURES = [
     "first_stall_s",

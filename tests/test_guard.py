@@ -216,7 +216,7 @@ def test_a_checkpoint_with_a_nonfinite_tensor_is_never_written(tmp_path, asynchr
     assert nonfinite_tensors(bad) == ["model.w", "optimizer.state.0.exp_avg_sq"]
     with pytest.raises(TrainingDiverged, match="step_0000005.pt is the last valid one"):
         checkpoints.save(bad, 10, None, ["periodic"], asynchronous=asynchronous)
-    checkpoints.wait()
+        checkpoints.wait()  # an asynchronous save's refusal surfaces here
     assert sorted(p.name for p in tmp_path.iterdir()) == ["manifest.json", "step_0000005.pt"]
     entry, state = checkpoints.load_latest_valid()
     assert entry.step == 5 and torch.equal(state["model"]["w"], torch.ones(3))

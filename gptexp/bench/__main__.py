@@ -117,6 +117,9 @@ def measure(plan, corpus: Path, workdir: Path, say: Callable[[str], None]) -> di
         say("torch.compile break-even (in-process)")
         extra["compile_break_even"] = mz.compile_break_even(plan, data.tokenizer.vocab_size)
 
+    say("spike guard: off vs skip, in-process, in alternation")
+    extra["guard"] = mz.guard_overhead(plan, corpus, workdir, plan.guard_steps)
+
     say("checkpoint cost: tiny")
     extra["tiny"] = mz.tiny_checkpoint_cost(plan, corpus, workdir)
     extra["gpt2"] = None

@@ -457,6 +457,42 @@ def tiny_checkpoint_cost(plan: BenchPlan, corpus: Path, workdir: Path) -> dict[s
     return result
 
 
+def guard_overhead(plan: BenchPlan, corpus: Path, workdir: Path, steps: int) -> dict[str, Any]:
+    """The spike guard's cost per step: two trainers of the same run, one with
+    ``training.guard.action=off`` and one with ``skip``, stepped in alternation (ms/step,
+    medians); the guard's decision is the only difference between their steps."""
+    from gptexp.config import DataConfig, GuardConfig, LoggerConfig, TrainConfig, TrainingConfig
+    from gptexp.rundir import RunDirectory
+    from gptexp.runtime import Distributed
+    from gptexp.session import run_corpus
+    from gptexp.trainer import Trainer
+
+    trainers = {}
+    for action in ("off", "skip"):
+        training = TrainingConfig(
+            batch_size=plan.batch_size, max_steps=steps, device="cpu", progress=False,
+            num_threads=plan.threads, guard=GuardConfig(action=action),
+        )  # fmt: skip
+        cfg = TrainConfig(
+            model=plan.model_config(),
+            data=DataConfig(name="text", path=str(corpus)),
+            training=training,
+            checkpoint=CheckpointConfig(enabled=False),
+            logger=LoggerConfig(),
+        )
+        run = RunDirectory(workdir / f"guard-{action}")
+        run.path.mkdir(parents=True)
+        trainers[action] = Trainer(cfg, run, Distributed(), run_corpus(cfg, run, None))
+    seconds: dict[str, list[float]] = {"off": [], "skip": []}
+    for _ in range(steps):
+        for action, trainer in trainers.items():
+            started = time.perf_counter()
+            trainer.train_step()
+            seconds[action].append(time.perf_counter() - started)
+    off, on = median(seconds["off"][1:]), median(seconds["skip"][1:])  # the first: warm-up
+    return {"off_step_s": off, "skip_step_s": on, "skip_over_off": on / off, "steps": steps}
+
+
 def gpt2_checkpoint_cost(plan: BenchPlan, workdir: Path) -> dict[str, Any]:
     """The 124M GPT-2 shape with AdamW state (one optimizer step so that the moments exist):
     saved as training would save it (not trained; the values do not change the cost)."""

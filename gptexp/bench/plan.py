@@ -31,6 +31,7 @@ class BenchPlan:
     eval_entry: tuple[int, int]  # python -m gptexp.eval with both batch counts
     eval_repeats: int
     resume_repeats: int
+    guard_steps: int  # steps of each trainer in the spike guard's in-process A/B
     threads: int
     compile: bool  # also measure torch.compile (and its break-even)
     bf16: bool  # also measure bf16 autocast (only where the CPU has native bf16)
@@ -50,11 +51,11 @@ class BenchPlan:
         if quick:
             skipped.append("124M checkpoint cost and PASS/FAIL verdicts: --quick sizes are toys")
             return cls(
-                "quick", "nano", 4, 6, 2, 2, 1, 256, 1, False, (1, 3), 1, 1, threads, compile,
+                "quick", "nano", 4, 6, 2, 2, 1, 256, 1, False, (1, 3), 1, 1, 3, threads, compile,
                 bf16, tuple(skipped),
             )  # fmt: skip
         return cls(
-            "full", "tiny", 32, 150, 5, 5, 2, 1024, 3, True, (2, 22), 2, 2, threads, compile,
+            "full", "tiny", 32, 150, 5, 5, 2, 1024, 3, True, (2, 22), 2, 2, 21, threads, compile,
             bf16, tuple(skipped),
         )  # fmt: skip
 

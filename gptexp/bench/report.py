@@ -93,6 +93,7 @@ def summarise(plan: BenchPlan, m: Measurements, extra: dict[str, Any]) -> dict[s
             "plain_share_of_peak": plan.tokens_per_step / p_step * flops / peaks["fp32"],
         },
         "checkpoint": {"tiny": extra["tiny"], "gpt2_124m": extra["gpt2"]},
+        "guard": extra["guard"],
         "eval": {
             "entry_wall_s": {
                 str(low): median([a for a, _ in m.eval_entry_s]),
@@ -253,6 +254,15 @@ def table(results: dict[str, Any]) -> str:
             _si(e["fp32_share_of_peak"] * e["matmul_flops_per_s"]["fp32"], "FLOP/s"),
             _si(e["matmul_flops_per_s"]["fp32"], "FLOP/s") + " matmul",
             f"{e['fp32_share_of_peak']:.1%}",
+        )
+    )
+    guard = results["guard"]
+    rows.append(
+        (
+            "step with training.guard.action=skip",
+            f"{guard['skip_step_s'] * 1000:.1f} ms",
+            f"{guard['off_step_s'] * 1000:.1f} ms guard off",
+            f"{guard['skip_over_off']:.3f}",
         )
     )
     for label, cost in (("tiny", c["tiny"]), ("124M", c["gpt2_124m"])):
