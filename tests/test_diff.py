@@ -13,7 +13,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 from dataclasses import asdict
 from pathlib import Path
 
@@ -32,6 +31,7 @@ from tests.conftest import (
     read_metrics,
     run_module,
     subprocess_env,
+    wait_until,
 )
 
 pytestmark = pytest.mark.slow
@@ -94,11 +94,11 @@ def runs(tmp_path_factory) -> dict[str, Path]:
         for path, extra in ((parent, []), (threads2, ["training.num_threads=2"]), (twin, []))
     ]
     killed = training.pop()
-    deadline = time.monotonic() + 120
-    while not (twin / "checkpoints" / MANIFEST).is_file():
-        assert killed.poll() is None, f"the twin ended (rc {killed.returncode}) too early"
-        assert time.monotonic() < deadline, "the twin wrote no checkpoint in 120 s"
-        time.sleep(0.01)
+    wait_until(
+        lambda: (twin / "checkpoints" / MANIFEST).is_file(),
+        process=killed,
+        what="the twin's first checkpoint",
+    )
     killed.send_signal(signal.SIGKILL)
     killed.communicate(timeout=60)
     assert killed.returncode == -signal.SIGKILL
