@@ -107,8 +107,9 @@ class GPT(nn.Module):
 
 
 def get_batch(data, block: int, batch: int, seed: int, split: int, step: int):
-    # The same windows as gptexp's global batch of this step (data order 2, one process).
-    rng = np.random.default_rng([2, seed, split, step])
+    # The windows gptexp draws: a training step's global batch (data order 2, one process),
+    # or evaluation batch ``step`` of the validation split.
+    rng = np.random.default_rng([2, seed, split, step] if split == 0 else [seed, split, step, 0, 0])
     starts = torch.from_numpy(rng.integers(0, len(data) - block, size=batch))
     windows = data.unfold(0, block + 1, 1)[starts]  # (B, T+1)
     return windows[:, :-1].contiguous(), windows[:, 1:].contiguous()
