@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -25,7 +24,6 @@ from tests.conftest import (
 
 pytestmark = [
     pytest.mark.slow,
-    pytest.mark.skipif(shutil.which("torchrun") is None, reason="torchrun not on PATH"),
 ]
 
 SETTINGS = ["model.dropout=0.1", "training.max_steps=16", "checkpoint.every_steps=5"]

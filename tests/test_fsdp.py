@@ -59,7 +59,6 @@ def test_config_names_a_bad_parallel_or_format():
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(shutil.which("torchrun") is None, reason="torchrun not on PATH")
 def test_fsdp_dcp_killed_mid_save_resumes_exactly_on_two_ranks_and_on_one(tmp_path):
     straight, crashed = tmp_path / "straight", tmp_path / "crashed"
     result = torchrun("gptexp.train", *FAST, *SETTINGS, f"hydra.run.dir={straight}")
