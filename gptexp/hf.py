@@ -34,12 +34,11 @@ from gptexp.config import ModelConfig, TrainConfig
 from gptexp.data import BPETokenizer, CharTokenizer, Tokenizer
 from gptexp.errors import ConfigError
 from gptexp.fsio import atomic_write_bytes, atomic_write_json
-from gptexp.model import GPT
+from gptexp.model import GPT, LAYER_NORM_EPS
 
 EXTRA = 'pip install "gptexp[hf]"'
 WEIGHTS, CONFIG, GENERATION = "model.safetensors", "config.json", "generation_config.json"
 TOKENIZER, TOKENIZER_CONFIG, MODEL_CARD = "tokenizer.json", "tokenizer_config.json", "README.md"
-LAYER_NORM_EPS = 1e-5  # gptexp.model.LayerNorm's epsilon (GPT-2's default too)
 
 # model.activation -> config.json's activation_function, and back.
 ACTIVATION_TO_HF = {"gelu": "gelu", "gelu_tanh": "gelu_pytorch_tanh"}

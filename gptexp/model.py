@@ -18,6 +18,8 @@ import torch.nn.functional as F
 
 from gptexp.config import ModelConfig
 
+LAYER_NORM_EPS = 1e-5  # GPT-2's too; gptexp.hf refuses a source with another
+
 
 class LayerNorm(nn.Module):
     """LayerNorm with an optional bias (PyTorch's cannot drop only the bias)."""
@@ -28,7 +30,7 @@ class LayerNorm(nn.Module):
         self.bias = nn.Parameter(torch.zeros(ndim)) if bias else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.layer_norm(x, self.weight.shape, self.weight, self.bias, 1e-5)
+        return F.layer_norm(x, self.weight.shape, self.weight, self.bias, LAYER_NORM_EPS)
 
 
 class KVCache:
