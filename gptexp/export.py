@@ -37,6 +37,7 @@ from gptexp.hf import (
     save_hf,
 )
 from gptexp.model import GPT
+from gptexp.process_tuning import freeze_imported_objects
 from gptexp.rundir import require_run
 
 USAGE = (
@@ -153,6 +154,7 @@ def export_hf(options: ExportOptions) -> Path:
 
 
 def main() -> None:
+    freeze_imported_objects()
     with command_logging(None):
         run_command(lambda: export(parse_options(sys.argv[1:], ExportOptions, USAGE)))
 

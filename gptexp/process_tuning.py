@@ -1,18 +1,27 @@
-"""Process settings for training on the CPU.
+"""Process settings: for training on the CPU, and for a command's own process.
 
-glibc's malloc hands large blocks (above a threshold of at most 32 MiB, 128 KiB at first)
+Memory: glibc's malloc hands large blocks (above a threshold of at most 32 MiB, 128 KiB at first)
 back to the kernel when they are freed, and trims the heap top; the next training step asks
 for the same activations again, and every page of them faults in afresh and is zeroed. For
 model=tiny, batch 32 that is ~8,700 page faults (34 MB) per step; with the threshold and
 the trim limit raised, freed blocks stay in the heap and are reused: 0.3 faults per step.
 The price is that the process keeps its peak memory until it exits, which a training
 process reaches on its first step anyway. A plain PyTorch script does not do this.
+
+Garbage collection: ``import torch`` leaves ~10^6 Python objects (its modules, their
+functions and types), all alive until the process exits. Each full collection walks them all
+(~0.1 s per pass here), and the interpreter's shutdown walks them again: 0.5 s after
+``import torch`` alone, 1.0 s with torch._dynamo, on a 2-core AMD EPYC. ``gc.freeze()`` moves
+the objects alive now out of the collector's sight (they are still freed by reference
+counting); done once the imports are over and again at exit, a command's teardown took 0.25 s.
 """
 
 from __future__ import annotations
 
+import atexit
 import ctypes
 import ctypes.util
+import gc
 import logging
 import platform
 
@@ -38,3 +47,11 @@ def keep_freed_memory() -> bool:
     if not ok:
         log.debug("mallopt refused the thresholds; malloc keeps its defaults")
     return ok
+
+
+def freeze_imported_objects() -> None:
+    """In a command's own process, once its modules are imported: freeze what exists now and,
+    at exit, everything (see the module docstring). Not for library use: objects frozen in a
+    long-lived process (a notebook, a test session) are never collected as cycles."""
+    gc.freeze()
+    atexit.register(gc.freeze)  # atexit runs before the interpreter's final collections

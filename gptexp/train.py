@@ -23,6 +23,7 @@ from gptexp.cli import command_logging, run_command
 from gptexp.config import CONF_DIR, register_configs, to_train_config
 from gptexp.errors import JobFailed, RunError
 from gptexp.hf import resolve_init_from
+from gptexp.process_tuning import freeze_imported_objects
 from gptexp.requeue import prefer_sigusr1
 from gptexp.rundir import RunDirectory, discard_unstarted
 from gptexp.runtime import Distributed, init_distributed
@@ -105,6 +106,7 @@ def train(cfg: DictConfig) -> float | None:
 
 
 def main() -> None:
+    freeze_imported_objects()  # gptexp.process_tuning: no collection walks torch's modules
     prefer_sigusr1()  # SLURM's pre-timeout signal for submitit jobs (gptexp.requeue)
     register_configs()
     hydra.main(config_path=str(CONF_DIR), config_name="train", version_base=None)(train)()
