@@ -28,7 +28,8 @@ import shutil
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -57,6 +58,23 @@ def load_average() -> list[float] | None:
     return [round(x, 2) for x in os.getloadavg()] if hasattr(os, "getloadavg") else None
 
 
+class PartClock:
+    """Seconds per part of the bench (the bench's own length is one of its goals)."""
+
+    def __init__(self, say: Callable[[str], None]) -> None:
+        self.say = say
+        self.seconds: dict[str, float] = {}
+
+    @contextmanager
+    def part(self, name: str, message: str) -> Iterator[None]:
+        self.say(message)
+        started = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - started
+
+
 def measure(plan, corpus: Path, workdir: Path, say: Callable[[str], None]) -> dict[str, Any]:
     import torch
 
@@ -67,65 +85,70 @@ def measure(plan, corpus: Path, workdir: Path, say: Callable[[str], None]) -> di
 
     torch.set_num_threads(plan.threads)
     m = Measurements()
+    clock = PartClock(say)
     settings: dict[str, tuple[str, bool]] = {}
     if plan.bf16:
         settings["bf16"] = ("bf16", False)
     if plan.compile:
         settings["fp32+compile"] = ("fp32", True)
     for pair in range(plan.pairs):
-        say(f"pair {pair + 1}/{plan.pairs}: import torch, gptexp.train, plain script")
-        m.import_torch_s.append(mz.run_child(["-c", "import torch"], workdir).wall_s)
-        m.gptexp.append(mz.gptexp_run(plan, corpus, workdir / f"fp32-{pair}", workdir))
-        m.plain.append(mz.plain_run(plan, corpus, workdir))
-        dtypes = [(torch.float32, "fp32")] + ([(torch.bfloat16, "bf16")] if plan.bf16 else [])
-        for dtype, name in dtypes:  # the peaks in alternation with the training
-            m.matmul_flops_per_s.setdefault(name, []).append(
-                mz.matmul_flops_per_s(dtype, plan.matmul_size)
-            )
+        message = f"pair {pair + 1}/{plan.pairs}: import torch, gptexp.train, plain script"
+        with clock.part("whole-process pairs", message):
+            m.import_torch_s.append(mz.run_child(["-c", "import torch"], workdir).wall_s)
+            m.gptexp.append(mz.gptexp_run(plan, corpus, workdir / f"fp32-{pair}", workdir))
+            m.plain.append(mz.plain_run(plan, corpus, workdir))
+            dtypes = [(torch.float32, "fp32")] + ([(torch.bfloat16, "bf16")] if plan.bf16 else [])
+            for dtype, name in dtypes:  # the peaks in alternation with the training
+                m.matmul_flops_per_s.setdefault(name, []).append(
+                    mz.matmul_flops_per_s(dtype, plan.matmul_size)
+                )
     for name, (precision, compile) in settings.items():
-        say(f"setting {name}: one gptexp.train run")
-        m.settings[name] = [
-            mz.gptexp_run(plan, corpus, workdir / name, workdir, precision, compile)
-        ]
-    say("start-up: resume (a short run with a final checkpoint, extended); imports")
+        with clock.part(f"setting {name}", f"setting {name}: one gptexp.train run"):
+            m.settings[name] = [
+                mz.gptexp_run(plan, corpus, workdir / name, workdir, precision, compile)
+            ]
+    message = "start-up: resume (a short run with a final checkpoint, extended); imports"
     short = workdir / "with-checkpoint"
-    mz.gptexp_run(plan, corpus, short, workdir, steps=plan.short_steps, checkpoint=True)
-    for _ in range(plan.resume_repeats):
-        steps = plan.short_steps + 2 * len(m.resume_first_step_s)  # each resume adds 2
-        m.resume_first_step_s.append(mz.resume_first_step(plan, short, steps, workdir))
-    torch.set_num_threads(plan.threads)
-    extra: dict[str, Any] = {"import_profile": mz.import_profile(workdir)}
+    with clock.part("resume and imports", message):
+        mz.gptexp_run(plan, corpus, short, workdir, steps=plan.short_steps, checkpoint=True)
+        for _ in range(plan.resume_repeats):
+            steps = plan.short_steps + 2 * len(m.resume_first_step_s)  # each resume adds 2
+            m.resume_first_step_s.append(mz.resume_first_step(plan, short, steps, workdir))
+        torch.set_num_threads(plan.threads)
+        extra: dict[str, Any] = {"import_profile": mz.import_profile(workdir)}
 
-    say("eval: python -m gptexp.eval, two batch counts in alternation")
-    low, high = plan.eval_entry
-    for _ in range(plan.eval_repeats):
-        m.eval_entry_s.append(
-            (
-                mz.eval_entry_seconds(short, low, workdir),
-                mz.eval_entry_seconds(short, high, workdir),
+    with clock.part("eval", "eval: python -m gptexp.eval, two batch counts in alternation"):
+        low, high = plan.eval_entry
+        for _ in range(plan.eval_repeats):
+            m.eval_entry_s.append(
+                (
+                    mz.eval_entry_seconds(short, low, workdir),
+                    mz.eval_entry_seconds(short, high, workdir),
+                )
             )
+        data = prepare_corpus(
+            DataConfig(name="text", path=str(corpus)), plan.model_config().block_size
         )
-    data = prepare_corpus(DataConfig(name="text", path=str(corpus)), plan.model_config().block_size)
-    from gptexp.model import GPT
+        from gptexp.model import GPT
 
-    torch.manual_seed(0)
-    model = GPT(plan.model_config(), data.tokenizer.vocab_size)
-    extra["eval_engine"] = mz.eval_in_process(plan, model, data.val)
-    extra["sample_in_process"] = mz.sample_in_process(model, 200)
-    extra["flops_per_token"] = mz.training_flops_per_token(model)
+        torch.manual_seed(0)
+        model = GPT(plan.model_config(), data.tokenizer.vocab_size)
+        extra["eval_engine"] = mz.eval_in_process(plan, model, data.val)
+        extra["sample_in_process"] = mz.sample_in_process(model, 200)
+        extra["flops_per_token"] = mz.training_flops_per_token(model)
     if plan.compile:
-        say("torch.compile break-even (in-process)")
-        extra["compile_break_even"] = mz.compile_break_even(plan, data.tokenizer.vocab_size)
+        with clock.part("compile break-even", "torch.compile break-even (in-process)"):
+            extra["compile_break_even"] = mz.compile_break_even(plan, data.tokenizer.vocab_size)
 
-    say("spike guard: off vs skip, in-process, in alternation")
-    extra["guard"] = mz.guard_overhead(plan, corpus, workdir, plan.guard_steps)
+    with clock.part("guard", "spike guard: off vs skip, in-process, in alternation"):
+        extra["guard"] = mz.guard_overhead(plan, corpus, workdir, plan.guard_steps)
 
-    say("checkpoint cost: tiny")
-    extra["tiny"] = mz.tiny_checkpoint_cost(plan, corpus, workdir)
+    with clock.part("checkpoint tiny", "checkpoint cost: tiny"):
+        extra["tiny"] = mz.tiny_checkpoint_cost(plan, corpus, workdir)
     extra["gpt2"] = None
     if plan.gpt2:
-        say("checkpoint cost: 124M GPT-2 shape")
-        extra["gpt2"] = mz.gpt2_checkpoint_cost(plan, workdir)
+        with clock.part("checkpoint 124M", "checkpoint cost: 124M GPT-2 shape"):
+            extra["gpt2"] = mz.gpt2_checkpoint_cost(plan, workdir)
 
     shape = plan.model_config()
     results: dict[str, Any] = {
@@ -143,6 +166,7 @@ def measure(plan, corpus: Path, workdir: Path, say: Callable[[str], None]) -> di
         }
     }
     results.update(summarise(plan, m, extra))
+    results["bench_parts_s"] = clock.seconds
     return results
 
 

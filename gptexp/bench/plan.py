@@ -55,7 +55,7 @@ class BenchPlan:
                 bf16, tuple(skipped),
             )  # fmt: skip
         return cls(
-            "full", "tiny", 32, 150, 5, 5, 2, 1024, 3, True, (2, 22), 2, 2, 21, threads, compile,
+            "full", "tiny", 32, 150, 5, 5, 2, 1024, 3, True, (2, 22), 2, 2, 11, threads, compile,
             bf16, tuple(skipped),
         )  # fmt: skip
 

@@ -317,6 +317,8 @@ def table(results: dict[str, Any]) -> str:
         )
     for reason in results["skipped"]:
         lines.append(f"skipped: {reason}")
+    parts = ", ".join(f"{k} {v:.0f}" for k, v in results["bench_parts_s"].items())
+    lines.append(f"the bench's parts (s): {parts}")
     lines.append("")
     for target in results["targets"]:
         verdict = {True: "PASS", False: "FAIL", None: "--  "}[target["holds"]]
