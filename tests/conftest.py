@@ -133,12 +133,17 @@ def call_main(main, *args: str, cwd: Path | None = None) -> tuple[int, str]:
 
     ``cwd``: the directory the command runs in. What a command sets for its whole process
     (the root logger's handlers and level, which Hydra configures; torch's thread count; the
-    environment) is put back afterwards: the tests after it see this process as it was."""
+    environment; the git commit a run that stopped early started to collect in the
+    background) is put back afterwards: the tests after it see this process as it was."""
     import torch
+
+    from gptexp import rundir
 
     root = logging.getLogger()
     handlers, level = root.handlers[:], root.level
     threads, environ = torch.get_num_threads(), dict(os.environ)
+    pending_git = getattr(rundir, "_pending_git", {})
+    git_before = dict(pending_git)
     with pytest.MonkeyPatch.context() as patch:
         if cwd is not None:
             patch.chdir(cwd)
@@ -156,6 +161,8 @@ def call_main(main, *args: str, cwd: Path | None = None) -> tuple[int, str]:
             for key in os.environ.keys() - environ.keys():
                 del os.environ[key]
             os.environ.update(environ)
+            pending_git.clear()
+            pending_git.update(git_before)
     return 0, stderr.getvalue()
 
 

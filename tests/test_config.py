@@ -220,7 +220,7 @@ class CliResult:
 
 # These cases run as real ``python -m gptexp.train`` processes (side by side, since each start
 # costs seconds of imports); the others call the same ``main()`` in this process.
-IN_A_PROCESS = ("typo", "n_embd % n_head")
+IN_A_PROCESS = ("typo", "n_embd % n_head", "block_size > corpus")
 
 
 @pytest.fixture(scope="module")
