@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -126,10 +127,26 @@ def finished_run(tmp_path_factory) -> Path:
     return run_dir
 
 
-def call_main(main, *args: str) -> tuple[int, str]:
+def call_main(main, *args: str, cwd: Path | None = None) -> tuple[int, str]:
     """An entry point's ``main()`` in this process (no interpreter start-up): exit code and
-    stderr. The checks with a process of their own are the other bad-input tests."""
+    stderr. Each entry point keeps tests with a process of their own (bad input included).
+
+    ``cwd``: the directory the command runs in. What a command sets for its whole process
+    (the root logger's handlers and level, which Hydra configures; torch's thread count; the
+    environment; the git commit a run that stopped early started to collect in the
+    background) is put back afterwards: the tests after it see this process as it was."""
+    import torch
+
+    from gptexp import rundir
+
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    threads, environ = torch.get_num_threads(), dict(os.environ)
+    pending_git = getattr(rundir, "_pending_git", {})
+    git_before = dict(pending_git)
     with pytest.MonkeyPatch.context() as patch:
+        if cwd is not None:
+            patch.chdir(cwd)
         patch.setattr(sys, "argv", ["gptexp", *args])
         stderr = io.StringIO()
         patch.setattr(sys, "stderr", stderr)
@@ -137,6 +154,15 @@ def call_main(main, *args: str) -> tuple[int, str]:
             main()
         except SystemExit as stop:
             return int(stop.code or 0), stderr.getvalue()
+        finally:
+            root.handlers[:] = handlers
+            root.setLevel(level)
+            torch.set_num_threads(threads)
+            for key in os.environ.keys() - environ.keys():
+                del os.environ[key]
+            os.environ.update(environ)
+            pending_git.clear()
+            pending_git.update(git_before)
     return 0, stderr.getvalue()
 
 

@@ -17,11 +17,13 @@ import pytest
 from hydra.errors import HydraException
 from omegaconf import OmegaConf
 
+import gptexp.train
 from gptexp.config import ConfigError, config_to_dict, to_train_config
 from gptexp.data import prepare_corpus
 from tests.conftest import (
     CONF_DIR,
     FAST,
+    call_main,
     compose_config,
     read_metrics,
     run_module,
@@ -216,28 +218,37 @@ class CliResult:
     run_dir: Path
 
 
+# These cases run as real ``python -m gptexp.train`` processes (side by side, since each start
+# costs seconds of imports); the others call the same ``main()`` in this process.
+IN_A_PROCESS = ("typo", "n_embd % n_head", "block_size > corpus")
+
+
 @pytest.fixture(scope="module")
 def bad_cli_results(tmp_path_factory) -> dict[str, CliResult]:
-    """Each bad command line of CLI_CASES, run once; side by side, since each start costs
-    seconds of imports."""
+    """Each bad command line of CLI_CASES, run once, each from a directory of its own."""
     base = tmp_path_factory.mktemp("bad_cli")
     env = subprocess_env(GPTEXP_CACHE=str(base / "cache"))
-    launched = {}
+    launched, results = {}, {}
     for number, (name, (overrides, _)) in enumerate(CLI_CASES.items()):
         cwd = base / f"case{number}"
         cwd.mkdir()
         run_dir = cwd / "runs" / "bad"
-        command = [sys.executable, "-m", "gptexp.train", *FAST, *overrides]
-        process = subprocess.Popen(
-            [*command, f"hydra.run.dir={run_dir}"],
-            cwd=cwd,
-            env=env,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        launched[name] = (process, cwd, run_dir)
-    results = {}
+        args = [*FAST, *overrides, f"hydra.run.dir={run_dir}"]
+        if name in IN_A_PROCESS:
+            process = subprocess.Popen(
+                [sys.executable, "-m", "gptexp.train", *args],
+                cwd=cwd,
+                env=env,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.PIPE,
+                text=True,
+            )
+            launched[name] = (process, cwd, run_dir)
+            continue
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setenv("GPTEXP_CACHE", str(base / "cache"))
+            code, stderr = call_main(gptexp.train.main, *args, cwd=cwd)
+        results[name] = CliResult(code, stderr, cwd, run_dir)
     for name, (process, cwd, run_dir) in launched.items():
         _, stderr = process.communicate(timeout=180)
         results[name] = CliResult(process.returncode, stderr, cwd, run_dir)

@@ -81,8 +81,9 @@ def test_eval_loss_equals_logged_val_loss_and_is_deterministic(run_copy: Path) -
     assert samples.count(")\ndef ") == 2  # two samples, each continuing the prompt
     assert files_of(run_copy, skip="eval") == before  # only eval/ was written
 
-    again = evaluate(run_copy, *sampling)
-    assert again.returncode == 0, again.stderr
+    # Again, in this process (another process than the first): the same numbers and samples.
+    code, stderr = call_main(gptexp.eval.main, f"run={run_copy}", *sampling)
+    assert code == 0, stderr
     assert result(run_copy, "last")["loss"] == last["loss"]
     assert (run_copy / "eval" / "samples_last.txt").read_text() == samples
 
@@ -107,14 +108,15 @@ def sweep_dir(tmp_path_factory) -> Path:
     return sweep
 
 
-def test_sweep_prints_one_table_and_lists_the_run_without_checkpoint(sweep_dir: Path) -> None:
-    done = run_module("gptexp.eval", f"run={sweep_dir}", cwd=sweep_dir.parent)
-    assert done.returncode == 0, done.stderr
-    rows = {line.split()[0]: line for line in done.stdout.splitlines() if line[:1].isdigit()}
+def test_sweep_prints_one_table_and_lists_the_run_without_checkpoint(sweep_dir, capsys) -> None:
+    code, stderr = call_main(gptexp.eval.main, f"run={sweep_dir}", cwd=sweep_dir.parent)
+    assert code == 0, stderr
+    stdout = capsys.readouterr().out
+    rows = {line.split()[0]: line for line in stdout.splitlines() if line[:1].isdigit()}
     assert "checkpoint=default" in rows["0"] and "step_0000020.pt" in rows["0"]
     assert f"{result(sweep_dir / '0', 'last')['loss']:.4f}" in rows["0"]
     assert "checkpoint=none" in rows["1"] and "no checkpoint" in rows["1"]
-    assert "training=debug" not in done.stdout  # overrides every run shares are left out
+    assert "training=debug" not in stdout  # overrides every run shares are left out
     assert not (sweep_dir / "1" / "eval").exists()
 
 
@@ -129,9 +131,12 @@ def test_run_without_checkpoint_is_an_error(sweep_dir: Path) -> None:
 # ----------------------------------------------------------------------------- runs of any age
 
 
-def test_interrupted_run_is_evaluated(tmp_path: Path) -> None:
+def test_interrupted_run_is_evaluated(tmp_path: Path, capsys) -> None:
     run_dir = tmp_path / "interrupted"
+    # A run too long to finish, not compiled (compile=auto would compile one this long: seconds
+    # of waiting; test_loop evaluates a compiled run's checkpoint).
     command = [sys.executable, "-m", "gptexp.train", *FAST, "training.max_steps=100000"]
+    command += ["training.compile=false"]
     command += ["checkpoint.every_steps=5", f"hydra.run.dir={run_dir}"]
     with open(tmp_path / "train.out", "w") as out:
         training = subprocess.Popen(
@@ -148,9 +153,9 @@ def test_interrupted_run_is_evaluated(tmp_path: Path) -> None:
     status = json.loads((run_dir / "run.json").read_text())
     assert status["status"] == "interrupted"
 
-    done = evaluate(run_dir)
-    assert done.returncode == 0, done.stderr
-    assert "--- sample 1" in done.stdout
+    code, stderr = call_main(gptexp.eval.main, f"run={run_dir}", cwd=tmp_path)
+    assert code == 0, stderr
+    assert "--- sample 1" in capsys.readouterr().out
     record = result(run_dir, "last")
     assert record["status"] == "interrupted"
     assert record["step"] == status["step"]  # the checkpoint the signal made
@@ -174,12 +179,12 @@ def test_run_with_a_config_key_that_no_longer_exists(run_copy: Path) -> None:
     overrides = run_copy / ".hydra" / "overrides.yaml"
     overrides.write_text(overrides.read_text() + "- optimizer=lion\n")
 
-    done = evaluate(run_copy, "samples=0")
-    assert done.returncode == 0, done.stderr
+    code, stderr = call_main(gptexp.eval.main, f"run={run_copy}", "samples=0")
+    assert code == 0, stderr
     record = result(run_copy, "last")
     assert record["loss"] == logged_val_loss(run_copy, 20)
     assert record["ignored_config_keys"] == ["optimizer.name", "training.ema"]
-    assert "training.ema" in done.stderr
+    assert "training.ema" in stderr
 
 
 def test_changed_text_is_refused_and_a_moved_text_is_found(run_copy: Path, tmp_path: Path) -> None:
@@ -199,8 +204,10 @@ def test_changed_text_is_refused_and_a_moved_text_is_found(run_copy: Path, tmp_p
 
     original = tmp_path / "original.txt"
     original.write_text(python_docs_text(), encoding="utf-8")
-    moved = evaluate(run_copy, "ckpt=20", f"data.path={original}", "samples=0")
-    assert moved.returncode == 0, moved.stderr
+    code, stderr = call_main(
+        gptexp.eval.main, f"run={run_copy}", "ckpt=20", f"data.path={original}", "samples=0"
+    )
+    assert code == 0, stderr
     assert result(run_copy, "step_0000020")["loss"] == logged_val_loss(run_copy, 20)
 
 
@@ -220,9 +227,9 @@ def test_corrupt_checkpoint(run_copy: Path) -> None:
     assert files_of(run_copy) == before
 
     # last: the damaged newest checkpoint is named and the newest valid one is used.
-    fallback = evaluate(run_copy, "samples=0")
-    assert fallback.returncode == 0, fallback.stderr
-    assert "step_0000020.pt" in fallback.stderr
+    code, stderr = call_main(gptexp.eval.main, f"run={run_copy}", "samples=0")
+    assert code == 0, stderr
+    assert "step_0000020.pt" in stderr
     record = result(run_copy, "last")
     assert record["step"] == 10 and record["skipped_checkpoints"]
     assert record["loss"] == logged_val_loss(run_copy, 10)

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 import gptexp.compare
+import gptexp.eval
 import gptexp.fork
 from gptexp.checkpoint import CheckpointManager
 from gptexp.config import CheckpointConfig, TrainingConfig
@@ -197,8 +198,8 @@ def test_a_fork_is_an_ordinary_run_resume_eval_fork_again_tree(parent, control, 
     steps = [r["step"] for r in read_metrics(grandchild)]
     assert steps == sorted(set(steps)) and steps[-1] == 24
     assert status(grandchild)["status"] == "finished" and status(grandchild)["parent"]["step"] == 20
-    result = run_module("gptexp.eval", f"run={grandchild}", "samples=0", cwd=tmp_path)
-    assert result.returncode == 0, result.stderr
+    code, stderr = call_main(gptexp.eval.main, f"run={grandchild}", "samples=0", cwd=tmp_path)
+    assert code == 0, stderr
 
     # The tree of the runs below two directories: the parent and its fork, the fork's fork.
     tree = gptexp.compare.family([str(parent_dir.parent), str(tmp_path)])

@@ -15,6 +15,7 @@ from safetensors import safe_open
 
 import gptexp.eval
 import gptexp.export
+import gptexp.train
 from gptexp.config import ModelConfig
 from gptexp.data import CharTokenizer, python_docs_text, sample_batch
 from gptexp.errors import ConfigError
@@ -384,19 +385,18 @@ def test_a_gptexp_export_imports_back_exactly(char_export: Exported) -> None:
 
 def test_conflicting_model_override_is_refused(gpt2_dir: Path, tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
-    done = run_module(
-        "gptexp.train",
+    code, stderr = call_main(
+        gptexp.train.main,
         *FAST_NO_MODEL,
         f"model.init_from={gpt2_dir}",
         "model.n_layer=3",
         "model.bias=true",  # the same as the source: no conflict
         f"hydra.run.dir={run_dir}",
         cwd=tmp_path,
-        env=offline_env(),
-    )
-    assert done.returncode == 2
-    assert "model.n_layer=3 (the source has 2)" in done.stderr
-    assert "model.bias" not in done.stderr
+    )  # HF_HUB_OFFLINE: this module's autouse fixture
+    assert code == 2
+    assert "model.n_layer=3 (the source has 2)" in stderr
+    assert "model.bias" not in stderr
     assert not run_dir.exists()
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import fcntl
 import json
+import math
 import os
 import pty
 import select
@@ -19,11 +20,12 @@ from pathlib import Path
 
 import pytest
 
+import gptexp.eval
 from gptexp.checkpoint import CheckpointManager
 from gptexp.config import CheckpointConfig
 from gptexp.errors import ConfigError
 from gptexp.export import load_export
-from tests.conftest import FAST, read_metrics, subprocess_env, train, wait_until
+from tests.conftest import FAST, call_main, read_metrics, subprocess_env, train, wait_until
 
 pytestmark = pytest.mark.slow
 
@@ -36,7 +38,12 @@ def start(run_dir: Path, *overrides: str, cwd: Path, **popen) -> subprocess.Pope
 def test_sigusr1_saves_and_stops_like_sigterm(tmp_path):
     run_dir = tmp_path / "run"
     proc = start(
-        run_dir, "training.max_steps=100000", cwd=tmp_path, stderr=subprocess.PIPE, text=True
+        run_dir,
+        "training.max_steps=100000",
+        "training.compile=false",  # auto would compile a run this long: seconds of waiting
+        cwd=tmp_path,
+        stderr=subprocess.PIPE,
+        text=True,
     )
     wait_until(
         lambda: any(r["step"] >= 3 for r in read_metrics(run_dir)), process=proc, what="step 3"
@@ -81,6 +88,11 @@ def test_compile_true_trains(tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     status = json.loads((tmp_path / "run" / "run.json").read_text())
     assert status["status"] == "finished" and status["config"]["training"]["compile"] == "true"
+    # The compiled model's checkpoint evaluates (the long runs of the other tests, which
+    # compile=auto would compile, set compile=false).
+    code, stderr = call_main(gptexp.eval.main, f"run={tmp_path / 'run'}", "samples=0")
+    assert code == 0, stderr
+    assert math.isfinite(json.loads((tmp_path / "run" / "eval" / "last.json").read_text())["loss"])
 
 
 def test_progress_lines_go_to_the_log_file_only_under_a_bar(tmp_path):

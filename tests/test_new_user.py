@@ -11,12 +11,16 @@ from pathlib import Path
 
 import pytest
 
+import gptexp.eval
+import gptexp.resume
+import gptexp.train
 from gptexp.errors import ConfigError
 from gptexp.rundir import RunDirectory
 from gptexp.runtable import distinguishing_keys, label, run_rows
 from tests.conftest import (
     FAST,
     ROOT,
+    call_main,
     compose_config,
     files_of,
     run_module,
@@ -34,8 +38,11 @@ def test_data_path_does_not_apply_to_pydocs(tmp_path):
     with pytest.raises(ConfigError, match="data=text data.path=") as caught:
         compose_config(["data.path=my_corpus.txt"])
     assert "does not apply to data=pydocs" in str(caught.value)
-    done = train(tmp_path / "run", "data.path=my_corpus.txt", cwd=tmp_path)
-    assert done.returncode == 2 and "data=text data.path=" in done.stderr
+    code, stderr = call_main(
+        gptexp.train.main, *FAST, "data.path=my_corpus.txt", f"hydra.run.dir={tmp_path / 'run'}",
+        cwd=tmp_path,
+    )  # fmt: skip
+    assert code == 2 and "data=text data.path=" in stderr
     assert not (tmp_path / "run").exists()
 
 
@@ -56,24 +63,24 @@ def test_a_relative_corpus_path_is_stored_absolute_and_a_moved_corpus_resumes(tm
     assert stored == str(launch / "my_corpus.txt")
     assert "data.path=my_corpus.txt" in (run_dir / ".hydra" / "overrides.yaml").read_text()
     # eval from anywhere else finds it
-    assert run_module("gptexp.eval", f"run={run_dir}", "samples=0", cwd=ROOT).returncode == 0
+    assert call_main(gptexp.eval.main, f"run={run_dir}", "samples=0", cwd=ROOT)[0] == 0
 
     moved = tmp_path / "moved.txt"
     shutil.move(launch / "my_corpus.txt", moved)
-    refused = run_module("gptexp.resume", f"run={run_dir}", "training.max_steps=8", cwd=tmp_path)
-    assert refused.returncode == 2 and "no such file" in refused.stderr
+    code, stderr = call_main(
+        gptexp.resume.main, f"run={run_dir}", "training.max_steps=8", cwd=tmp_path
+    )
+    assert code == 2 and "no such file" in stderr
     changed = tmp_path / "changed.txt"
     changed.write_text(CORPUS.upper())
-    refused = run_module(
-        "gptexp.resume",
+    code, stderr = call_main(
+        gptexp.resume.main,
         f"run={run_dir}",
         f"data.path={changed}",
         "training.max_steps=8",
         cwd=tmp_path,
     )
-    assert refused.returncode == 2 and "differs from the one this run was trained on" in (
-        refused.stderr
-    )
+    assert code == 2 and "differs from the one this run was trained on" in stderr
     resumed = run_module(
         "gptexp.resume",
         f"run={run_dir}",
@@ -91,12 +98,26 @@ def test_a_relative_corpus_path_is_stored_absolute_and_a_moved_corpus_resumes(tm
 
 @pytest.fixture(scope="module")
 def two_runs(tmp_path_factory) -> tuple[Path, Path]:
-    """Run a (lr 1e-3, 6 steps, later extended to 10) and run b (lr 3e-4, 6 steps)."""
+    """Run a (lr 1e-3, 6 steps, later extended to 10) and run b (lr 3e-4, 6 steps).
+
+    a and b train at the same time, to keep the set-up short."""
     base = tmp_path_factory.mktemp("two_runs")
     a, b = base / "runs" / "a", base / "runs" / "b"
-    for run_dir, lr in ((a, "1e-3"), (b, "3e-4")):
-        done = train(run_dir, f"training.lr={lr}", "training.max_steps=6", cwd=base)
-        assert done.returncode == 0, done.stderr
+    launched = [
+        subprocess.Popen(
+            [sys.executable, "-m", "gptexp.train", *FAST, f"training.lr={lr}"]
+            + ["training.max_steps=6", f"hydra.run.dir={run_dir}"],
+            cwd=base,
+            env=subprocess_env(),
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for run_dir, lr in ((a, "1e-3"), (b, "3e-4"))
+    ]
+    for process in launched:
+        _, stderr = process.communicate(timeout=180)
+        assert process.returncode == 0, stderr
     done = run_module("gptexp.resume", f"run={a}", "training.max_steps=10", cwd=base)
     assert done.returncode == 0, done.stderr
     return a, b
@@ -144,14 +165,14 @@ def test_resuming_a_finished_run_touches_nothing(two_runs, tmp_path):
 # ----------------------------------------------------------------------------- 5: status
 
 
-def test_one_status_everywhere(finished_run, tmp_path):
+def test_one_status_everywhere(finished_run, tmp_path, capsys):
     crashed = tmp_path / "crashed"
     shutil.copytree(finished_run, crashed, ignore=shutil.ignore_patterns("eval", "export"))
     status = json.loads((crashed / "run.json").read_text())
     (crashed / "run.json").write_text(json.dumps(status | {"status": "running"}))  # SIGKILLed
-    done = run_module("gptexp.eval", f"run={crashed}", "samples=0", cwd=tmp_path)
-    assert done.returncode == 0, done.stderr
-    assert f"{crashed} (crashed)" in done.stdout
+    code, stderr = call_main(gptexp.eval.main, f"run={crashed}", "samples=0", cwd=tmp_path)
+    assert code == 0, stderr
+    assert f"{crashed} (crashed)" in capsys.readouterr().out
     assert json.loads((crashed / "eval" / "last.json").read_text())["status"] == "crashed"
     table = run_module("gptexp.compare", str(crashed), cwd=tmp_path).stdout
     assert table.splitlines()[2].split()[1] == "crashed"

@@ -19,9 +19,18 @@ from pathlib import Path
 import pytest
 import torch
 
+import gptexp.resume
 from gptexp.checkpoint import CheckpointManager
 from gptexp.config import CheckpointConfig
-from tests.conftest import FAST, ROOT, read_metrics, run_module, subprocess_env, train
+from tests.conftest import (
+    FAST,
+    ROOT,
+    call_main,
+    read_metrics,
+    run_module,
+    subprocess_env,
+    train,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -210,12 +219,19 @@ def test_sigkill_at_any_instant_even_mid_save_resumes_bit_identical(tmp_path, st
 
 def test_live_run_cannot_be_resumed_twice_and_second_ctrl_c_damages_nothing(tmp_path):
     run_dir = tmp_path / "run"
-    proc = start(run_dir, "training.max_steps=100000", "checkpoint.every_steps=5", cwd=tmp_path)
+    # compile=false: auto would compile a run this long (seconds of waiting, nothing tested)
+    proc = start(
+        run_dir,
+        "training.max_steps=100000",
+        "training.compile=false",
+        "checkpoint.every_steps=5",
+        cwd=tmp_path,
+    )
     wait_for_step(run_dir, 12, proc)
 
-    result = resume(run_dir)
-    assert result.returncode == 2
-    assert f"pid {proc.pid}" in result.stderr and "live process" in result.stderr
+    code, stderr = call_main(gptexp.resume.main, f"run={run_dir}", cwd=ROOT)
+    assert code == 2
+    assert f"pid {proc.pid}" in stderr and "live process" in stderr
 
     proc.send_signal(signal.SIGINT)
     proc.send_signal(signal.SIGINT)  # the impatient second Ctrl-C aborts at once
@@ -241,17 +257,19 @@ def test_extend_a_finished_run_and_refuse_what_cannot_apply(tmp_path, straight_r
         (["model=small"], "group choices"),
         (["training.lr=-1"], "training.lr"),
     ]
+    # The refusals call gptexp.resume's main() in this process; the real processes of the
+    # other tests (and the extension below) cover its start as a command.
     for overrides, message in refused:
-        result = resume(run_dir, *overrides)
-        assert result.returncode == 2, (overrides, result.stderr)
-        assert message in result.stderr, result.stderr
+        code, stderr = call_main(gptexp.resume.main, f"run={run_dir}", *overrides, cwd=ROOT)
+        assert code == 2, (overrides, stderr)
+        assert message in stderr, stderr
     assert (run_dir / "metrics.jsonl").read_bytes() == metrics_before, "refusals change nothing"
 
-    result = resume(tmp_path / "nowhere")
-    assert result.returncode == 2 and "no such directory" in result.stderr
+    code, stderr = call_main(gptexp.resume.main, f"run={tmp_path / 'nowhere'}", cwd=ROOT)
+    assert code == 2 and "no such directory" in stderr
     (tmp_path / "empty").mkdir()
-    result = resume(tmp_path / "empty")
-    assert result.returncode == 2 and "not a gptexp run directory" in result.stderr
+    code, stderr = call_main(gptexp.resume.main, f"run={tmp_path / 'empty'}", cwd=ROOT)
+    assert code == 2 and "not a gptexp run directory" in stderr
 
     result = resume(run_dir, "training.max_steps=70")
     assert result.returncode == 0, result.stderr

@@ -10,7 +10,17 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
-from tests.conftest import FAST, ROOT, read_metrics, run_module, subprocess_env, sweep, wait_until
+import gptexp.train
+from tests.conftest import (
+    FAST,
+    ROOT,
+    call_main,
+    read_metrics,
+    run_module,
+    subprocess_env,
+    sweep,
+    wait_until,
+)
 
 # Two short jobs: what every sweep below varies.
 LRS = "training.lr=1e-3,3e-4"
@@ -157,24 +167,12 @@ def test_optuna_nan_trial_fails_without_crashing_the_search(tmp_path):
     assert best.best_value == finished["final/val_loss"]
 
 
-def test_launcher_configs_compose():
+def test_launcher_configs_compose(capsys):
+    # gptexp.train's main() in this process (``--cfg`` prints and launches nothing); the
+    # sweeps above start it as a real process, hydra/launcher=slurm_local included.
     for launcher, target in (("slurm", "SlurmLauncher"), ("slurm_local", "LocalLauncher")):
-        out = subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "gptexp.train",
-                f"hydra/launcher={launcher}",
-                "--cfg",
-                "hydra",
-                "-p",
-                "hydra.launcher",
-            ],
-            cwd=ROOT,
-            env=subprocess_env(),
-            capture_output=True,
-            text=True,
-            timeout=60,
-        )
-        assert out.returncode == 0, out.stderr
-        assert target in out.stdout and "submitit_folder" in out.stdout
+        args = (f"hydra/launcher={launcher}", "--cfg", "hydra", "-p", "hydra.launcher")
+        code, stderr = call_main(gptexp.train.main, *args, cwd=ROOT)
+        out = capsys.readouterr().out
+        assert code == 0, stderr
+        assert target in out and "submitit_folder" in out

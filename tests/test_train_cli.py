@@ -27,6 +27,7 @@ from tests.conftest import (
     CONF_DIR,
     FAST,
     FINISHED_RUN_OVERRIDES,
+    call_main,
     compose_config,
     read_metrics,
     train,
@@ -190,8 +191,10 @@ def test_bf16_precision_trains_on_cpu(tmp_path):
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
 def test_cuda_without_cuda_is_a_clear_error(tmp_path):
     run_dir = tmp_path / "run"
-    result = train(run_dir, "training.device=cuda", cwd=tmp_path)
-    assert result.returncode == 2
-    assert "training.device='cuda'" in result.stderr and "no CUDA device" in result.stderr
-    assert "Traceback" not in result.stderr
+    code, stderr = call_main(
+        train_entry.main, *FAST, "training.device=cuda", f"hydra.run.dir={run_dir}", cwd=tmp_path
+    )
+    assert code == 2
+    assert "training.device='cuda'" in stderr and "no CUDA device" in stderr
+    assert "Traceback" not in stderr
     assert not run_dir.exists()
