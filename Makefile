@@ -88,8 +88,8 @@ bench: $(INSTALLED)  ## Whole process and per step next to a plain script, with 
 gpu-check: $(INSTALLED)  ## On a CUDA machine (<5 min): gpt2 speed and MFU, checkpoint cost, exact resume, fp16, 2 GPUs
 	$(PYTHON) -m gptexp.gpucheck
 
-test: $(INSTALLED)  ## Run the test suite (CPU only, a few minutes)
-	$(PYTHON) -m pytest -q $(PYTEST_ARGS)
+test: $(INSTALLED)  ## Run the test suite (CPU only, two workers, a few minutes; PYTEST_ARGS="-n 0" runs it serially)
+	$(PYTHON) -m pytest -q -n 2 --dist loadfile $(PYTEST_ARGS)
 
 lint: $(INSTALLED)  ## ruff lint and format check
 	$(PYTHON) -m ruff check gptexp tests

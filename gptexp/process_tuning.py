@@ -54,4 +54,5 @@ def freeze_imported_objects() -> None:
     at exit, everything (see the module docstring). Not for library use: objects frozen in a
     long-lived process (a notebook, a test session) are never collected as cycles."""
     gc.freeze()
+    atexit.unregister(gc.freeze)  # registered once, however many commands the process runs
     atexit.register(gc.freeze)  # atexit runs before the interpreter's final collections
