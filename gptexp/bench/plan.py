@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import os
 import platform
 from dataclasses import dataclass
@@ -60,14 +62,21 @@ class BenchPlan:
         )  # fmt: skip
 
     def model_config(self, name: str | None = None) -> ModelConfig:
-        """The shape that ``model=<name>`` composes, as the entry point composes it."""
-        from gptexp.config import compose_config
-
-        return compose_config([f"model={name or self.model_name}"]).model
+        """The shape that ``model=<name>`` composes, as the entry point composes it (a copy)."""
+        return dataclasses.replace(composed_model_config(name or self.model_name))
 
     @property
     def tokens_per_step(self) -> int:
         return self.batch_size * self.model_config().block_size
+
+
+@functools.cache
+def composed_model_config(name: str) -> ModelConfig:
+    """Composed once per name: a Hydra composition takes ~0.15 s, and the bench asks for the
+    shape for every step it reads (it took 22 s a whole-process pair before this cache)."""
+    from gptexp.config import compose_config
+
+    return compose_config([f"model={name}"]).model
 
 
 def cpu_flags() -> set[str]:
