@@ -248,36 +248,26 @@ def git_commit() -> str | None:
         return None
 
 
-# The git subprocesses of the run being started, in a background thread (start_git_commit).
-_pending_git: dict[str, Any] = {}
+class PendingGitCommit:
+    """The source tree's commit (:func:`git_commit`), asked for in a background thread when a
+    run starts, so that training does not wait for git's subprocesses; one per run."""
+
+    def __init__(self) -> None:
+        self._answer: dict[str, str | None] = {}
+        self._thread = threading.Thread(target=self._ask, name="gptexp-git-commit", daemon=True)
+        self._thread.start()
+
+    def _ask(self) -> None:
+        self._answer["commit"] = git_commit()
+
+    def result(self) -> str | None:
+        self._thread.join(timeout=15)  # git_commit's own subprocess timeouts are 2 x 5 s
+        return self._answer.get("commit")
 
 
-def start_git_commit() -> None:
-    """Ask git for the source tree's commit in a background thread, so that training does not
-    wait for it; :func:`environment` collects the answer."""
-    if "thread" in _pending_git:
-        return
-    answer: dict[str, str | None] = {}
-
-    def ask() -> None:
-        answer["commit"] = git_commit()
-
-    thread = threading.Thread(target=ask, name="gptexp-git-commit", daemon=True)
-    thread.start()
-    _pending_git.update(thread=thread, answer=answer)
-
-
-def _collect_git_commit() -> str | None:
-    thread = _pending_git.pop("thread", None)
-    answer = _pending_git.pop("answer", {})
-    if thread is None:
-        return git_commit()
-    thread.join(timeout=15)  # git_commit's own subprocess timeouts are 2 x 5 s
-    return answer.get("commit")
-
-
-def environment() -> dict[str, Any]:
-    """Host, process and library facts recorded in run.json."""
+def environment(git: PendingGitCommit | None = None) -> dict[str, Any]:
+    """Host, process and library facts recorded in run.json; the git commit from ``git`` (a
+    run's own question, asked when it started) or, without it, asked now."""
     import hydra
     import numpy
     import omegaconf
@@ -294,7 +284,7 @@ def environment() -> dict[str, Any]:
             "omegaconf": omegaconf.__version__,
             "numpy": numpy.__version__,
         },
-        "git_commit": _collect_git_commit(),
+        "git_commit": git.result() if git is not None else git_commit(),
         "argv": sys.argv,
     }
 

@@ -27,10 +27,10 @@ from gptexp.rundir import (
     FINISHED,
     INTERRUPTED,
     RUNNING,
+    PendingGitCommit,
     RunDirectory,
     environment,
     now,
-    start_git_commit,
     stored_config,
 )
 from gptexp.runtime import (
@@ -159,12 +159,14 @@ def record_start(
     dist_ctx: Distributed,
     resume_note: dict[str, Any] | None,
     extra: dict[str, Any],
+    git: PendingGitCommit | None = None,
 ) -> None:
     """run.json at the start: status, the effective config, provenance, and the caller's
     ``extra`` fields (W&B group and name; a fork's lineage). A resume adds an entry (with its
-    own command line) to ``resumes``; the first start's fields stay."""
+    own command line) to ``resumes``; the first start's fields stay. ``git``: the commit asked
+    for when the run started."""
     previous = run.read_status()
-    env = environment()
+    env = environment(git)
     argv = env.pop("argv")
     fields: dict[str, Any] = {
         "status": RUNNING,
@@ -230,8 +232,8 @@ def run_training(
     """
     dist_ctx = Distributed.from_env()
     init_distributed(dist_ctx, cfg.training.device)
-    if dist_ctx.is_main:
-        start_git_commit()  # in the background: run.json collects it, the first step does not wait
+    # In the background: run.json collects it, the first step does not wait for git.
+    git = PendingGitCommit() if dist_ctx.is_main else None
     lock = run.lock() if dist_ctx.is_main and not locked else contextlib.nullcontext()
     try:
         with lock:
@@ -270,7 +272,9 @@ def run_training(
                 if start is not None:
                     start.write_inherited(run)
                     extra |= start.lineage()
-                record_start(run, cfg, trainer, dist_ctx, resume_note if resume else None, extra)
+                record_start(
+                    run, cfg, trainer, dist_ctx, resume_note if resume else None, extra, git
+                )
             if start is not None:
                 start.save_checkpoint(trainer)  # every rank: the checkpoint gathers RNG states
             if dist_ctx.is_main and cfg.logger.wandb:

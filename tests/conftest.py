@@ -134,18 +134,13 @@ def call_main(main, *args: str, cwd: Path | None = None) -> tuple[int, str]:
 
     ``cwd``: the directory the command runs in. What a command sets for its whole process
     (the root logger's handlers and level, which Hydra configures; torch's thread count; the
-    environment; the git commit a run that stopped early started to collect in the
-    background; the objects frozen for the garbage collector) is put back afterwards: the
+    environment; the objects frozen for the garbage collector) is put back afterwards: the
     tests after it see this process as it was."""
     import torch
-
-    from gptexp import rundir
 
     root = logging.getLogger()
     handlers, level = root.handlers[:], root.level
     threads, environ = torch.get_num_threads(), dict(os.environ)
-    pending_git = getattr(rundir, "_pending_git", {})
-    git_before = dict(pending_git)
     frozen_before = gc.get_freeze_count()
     with pytest.MonkeyPatch.context() as patch:
         if cwd is not None:
@@ -164,8 +159,6 @@ def call_main(main, *args: str, cwd: Path | None = None) -> tuple[int, str]:
             for key in os.environ.keys() - environ.keys():
                 del os.environ[key]
             os.environ.update(environ)
-            pending_git.clear()
-            pending_git.update(git_before)
             if frozen_before == 0:
                 gc.unfreeze()  # frozen objects would never be collected as cycles
     return 0, stderr.getvalue()

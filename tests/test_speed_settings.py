@@ -84,10 +84,12 @@ def test_git_commit_is_collected_from_the_background(monkeypatch):
 
     calls = []
     monkeypatch.setattr(run_module, "git_commit", lambda: calls.append(1) or "abc123-dirty")
-    run_module.start_git_commit()
-    run_module.start_git_commit()  # once per run: a second start is a no-op
-    assert run_module.environment()["git_commit"] == "abc123-dirty"
+    pending = run_module.PendingGitCommit()  # a run asks when it starts
+    assert run_module.environment(pending)["git_commit"] == "abc123-dirty"
     assert calls == [1]
-    # Without a start, environment() asks git itself.
-    assert run_module.environment()["git_commit"] == "abc123-dirty"
+    # Each run asks its own question: another run's answer is never reused.
+    assert run_module.environment(run_module.PendingGitCommit())["git_commit"] == "abc123-dirty"
     assert calls == [1, 1]
+    # Without a question asked at the start, environment() asks git itself.
+    assert run_module.environment()["git_commit"] == "abc123-dirty"
+    assert calls == [1, 1, 1]
