@@ -15,7 +15,7 @@ yardstick, in alternation, and reported as a median over repeats:
 4. resume start-up and ``python -m gptexp.eval`` throughput.
 
 Results: ``<out>/<date>_<time>.json`` (``outputs/bench`` by default), with the CPU's model and
-flags; a table is printed. ``--quick`` runs every part at toy sizes (~30 s, a smoke test of
+flags; a table is printed. ``--quick`` runs every part at toy sizes (~40 s, a smoke test of
 the bench itself: no verdicts).
 """
 
@@ -43,7 +43,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         description="Measure gptexp's speed and checkpoint cost as ratios to plain PyTorch.",
     )
     parser.add_argument("--corpus", type=Path, help="a UTF-8 text file (default: pydocs)")
-    parser.add_argument("--quick", action="store_true", help="toy sizes, ~30 s: a smoke test")
+    parser.add_argument("--quick", action="store_true", help="toy sizes, ~40 s: a smoke test")
     parser.add_argument("--out", type=Path, default=Path("outputs/bench"), help="results dir")
     parser.add_argument(
         "--threads", type=int, default=0, help="torch threads (default: the usable cores)"
