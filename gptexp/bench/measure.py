@@ -107,15 +107,33 @@ class WholeRun:
     val_loss: float | None
     logged_step_s: list[float] = field(default_factory=list)  # gptexp: train_step alone
 
-
-def _phases(launched_at: float, wall_s: float, marks: list[tuple[str, float]]) -> dict[str, float]:
-    """Durations between consecutive marks; each phase is named by the mark that ends it."""
-    phases, previous = {}, launched_at
-    for name, instant in marks:
-        phases[name] = instant - previous
-        previous = instant
-    phases["teardown"] = launched_at + wall_s - previous
-    return phases
+    @classmethod
+    def timed(
+        cls,
+        child: ChildResult,
+        marks: list[tuple[str, float]],
+        step_ends: list[float],
+        losses: list[float],
+        val_loss: float | None,
+        logged_step_s: list[float] | None = None,
+    ) -> WholeRun:
+        """The run of ``child`` from the instants of its phases (``marks``, in process order;
+        each phase is named by the mark that ends it) and of its step ends."""
+        phases, previous = {}, child.launched_at
+        for name, instant in marks:
+            phases[name] = instant - previous
+            previous = instant
+        phases["teardown"] = child.launched_at + child.wall_s - previous
+        return cls(
+            wall_s=child.wall_s,
+            phases=phases,
+            step_s=[b - a for a, b in zip(step_ends, step_ends[1:], strict=False)],
+            first_step_s=step_ends[0] - child.launched_at,
+            max_rss_bytes=child.max_rss_bytes,
+            losses=losses,
+            val_loss=val_loss,
+            logged_step_s=logged_step_s or [],
+        )
 
 
 def gptexp_overrides(
@@ -183,16 +201,15 @@ def gptexp_run(
         ("run end (run.json, close)", m["exit"]),
     ]
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return WholeRun(
-        wall_s=child.wall_s,
-        phases=_phases(child.launched_at, child.wall_s, order),
-        step_s=[b - a for a, b in zip(ends, ends[1:], strict=False)],
-        first_step_s=ends[0] - child.launched_at,
-        max_rss_bytes=child.max_rss_bytes,
+    tokens_per_step = plan.tokens_per_step
+    return WholeRun.timed(
+        child,
+        order,
+        ends,
         losses=[r["train/loss"] for r in records if "train/loss" in r],
         val_loss=next((r["val/loss"] for r in reversed(records) if "val/loss" in r), None),
         logged_step_s=[
-            plan.tokens_per_step / r["throughput/tokens_per_s"]
+            tokens_per_step / r["throughput/tokens_per_s"]
             for r in records[1:]
             if "throughput/tokens_per_s" in r
         ],
@@ -224,15 +241,7 @@ def plain_run(plan: BenchPlan, corpus: Path, workdir: Path) -> WholeRun:
         ("later steps", ends[-1]),
         ("evaluation", m["evaluated"]),
     ]
-    return WholeRun(
-        wall_s=child.wall_s,
-        phases=_phases(child.launched_at, child.wall_s, order),
-        step_s=[b - a for a, b in zip(ends, ends[1:], strict=False)],
-        first_step_s=ends[0] - child.launched_at,
-        max_rss_bytes=child.max_rss_bytes,
-        losses=t["losses"],
-        val_loss=t["val_loss"],
-    )
+    return WholeRun.timed(child, order, ends, losses=t["losses"], val_loss=t["val_loss"])
 
 
 def resume_first_step(plan: BenchPlan, run_dir: Path, steps: int, workdir: Path) -> float:
