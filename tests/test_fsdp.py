@@ -11,6 +11,7 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
+from unittest.mock import ANY
 
 import pytest
 import torch
@@ -77,6 +78,14 @@ def test_fsdp_dcp_killed_mid_save_resumes_exactly_on_two_ranks_and_on_one(tmp_pa
     # Two ranks wrote their own shards; every file is listed with its sha256.
     assert {"__0_0.distcp", "__1_0.distcp", ".metadata", "meta.pt"} == set(listed[-1]["files"])
     assert not (straight / "checkpoints" / "step_0000005.dcp").exists()  # retention
+
+    # The same seed starts from the same model on one process as on two FSDP ranks (whose
+    # seeds differ and which FSDP itself does not make agree): step 0's val/loss, bit for bit.
+    alone = tmp_path / "alone"
+    one_step = [s for s in SETTINGS if not s.startswith("training.max_steps")]
+    result = train(alone, *one_step, "training.max_steps=1", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert read_metrics(alone)[0] == read_metrics(straight)[0] == {"step": 0, "val/loss": ANY}
 
     # Rank 0 dies (SIGKILL) at step 10: every shard is written, the directory is not complete.
     result = torchrun(
