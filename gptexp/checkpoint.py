@@ -227,6 +227,8 @@ def load_checkpoint_file(path: Path, *, mmap: bool = False) -> dict[str, Any]:
             state = _sharded().merge(meta, tensors)
         else:
             state = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+    except CheckpointError:  # the DCP reader's own message names the file and the problem
+        raise
     except pickle.UnpicklingError as error:
         raise CheckpointError(
             f"{path}: refused to load: it holds objects other than plain data "

@@ -233,6 +233,22 @@ def test_a_dcp_metadata_that_runs_code_is_refused_though_the_manifest_lists_it(d
     assert not marker.exists()
 
 
+def test_a_dcp_metadata_that_points_out_of_its_directory_is_refused(dcp_copy):
+    """Every shard a .metadata names is a file of its own directory: one that reads another
+    checkpoint's shard (or any file) through a relative path is refused."""
+    directory = dcp_copy / "checkpoints" / "step_0000004.dcp"
+    metadata = pickle.loads((directory / ".metadata").read_bytes())
+    for info in metadata.storage_data.values():
+        info.relative_path = "../step_0000003.dcp/__0_0.distcp"  # the same layout, step 3's
+    (directory / ".metadata").write_bytes(pickle.dumps(metadata))
+    relist(
+        dcp_copy,
+        lambda entry: entry["files"].update({".metadata": sha256_file(directory / ".metadata")}),
+    )
+
+    assert_refused(dcp_copy, "not a file of the directory")
+
+
 @pytest.mark.parametrize(
     "damage, message",
     [
