@@ -222,9 +222,13 @@ _PATHS = {
 }
 
 
+class _NotMetadata(pickle.UnpicklingError):
+    """A global that DCP metadata never names."""
+
+
 class _MetadataUnpickler(pickle.Unpickler):
     """Unpickles a DCP ``.metadata`` admitting only the globals above and torch's dtypes;
-    any other global (``os.system``, ``builtins.eval``...) is an UnpicklingError."""
+    any other global (``os.system``, ``builtins.eval``...) is refused before it is called."""
 
     def find_class(self, module: str, name: str) -> Any:
         found = _DCP_CLASSES.get((module, name))
@@ -232,9 +236,10 @@ class _MetadataUnpickler(pickle.Unpickler):
             return found
         if module in ("pathlib", "pathlib._local") and name in _PATHS:
             return _PATHS[name]
-        if module == "torch" and isinstance(getattr(torch, name, None), torch.dtype):
-            return getattr(torch, name)
-        raise pickle.UnpicklingError(f"{module}.{name} is not DCP metadata")
+        dtype = vars(torch).get(name) if module == "torch" else None  # no lazy imports
+        if isinstance(dtype, torch.dtype):
+            return dtype
+        raise _NotMetadata(f"{module}.{name} is not DCP metadata")
 
 
 def read_metadata(directory: Path) -> Metadata:
@@ -244,13 +249,16 @@ def read_metadata(directory: Path) -> Metadata:
     try:
         with open(path, "rb") as f:
             metadata = _MetadataUnpickler(f).load()
-    except pickle.UnpicklingError as error:
+    except _NotMetadata as error:
         raise CheckpointError(f"{path}: refused to load ({error})") from None
     except OSError as error:
         raise CheckpointError(f"{path}: unreadable ({error.strerror or error})") from None
     except Exception as error:  # a damaged pickle fails in as many ways as it has opcodes
         raise CheckpointError(f"{path}: unreadable ({type(error).__name__})") from None
-    problem = _metadata_problem(metadata, directory)
+    try:
+        problem = _metadata_problem(metadata, directory)
+    except AttributeError as error:  # an object unpickled without the fields of its class
+        problem = f"an entry without its fields: {error}"
     if problem is not None:
         raise CheckpointError(f"{path}: refused to load ({problem})")
     return metadata
@@ -267,6 +275,8 @@ def _metadata_problem(metadata: Any, directory: Path) -> str | None:
     )
     if not (isinstance(items, dict) and isinstance(places, dict) and isinstance(storage, dict)):
         return "its tables are not dicts"
+    if not isinstance(metadata.storage_meta, (dcp_metadata.StorageMeta, type(None))):
+        return "malformed storage_meta"
     for key, item in items.items():
         if not isinstance(item, TensorStorageMetadata):
             # gptexp writes tensors only; DCP would unpickle anything else without restriction.

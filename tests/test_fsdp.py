@@ -16,6 +16,7 @@ from unittest.mock import ANY
 import pytest
 import torch
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.metadata import Metadata
 
 from gptexp import sharded_checkpoint
 from gptexp.checkpoint import CheckpointManager
@@ -247,6 +248,25 @@ def test_a_dcp_metadata_that_points_out_of_its_directory_is_refused(dcp_copy):
     )
 
     assert_refused(dcp_copy, "not a file of the directory")
+
+
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        (pickle.dumps({"not": "metadata"}), "refused to load (a dict)"),
+        (pickle.dumps(object.__new__(Metadata)), "an entry without its fields"),
+        (b"\x80\x04random bytes", "unreadable"),
+    ],
+    ids=["another object", "no fields", "random bytes"],
+)
+def test_a_malformed_dcp_metadata_is_one_error_line(dcp_copy, content, message):
+    directory = dcp_copy / "checkpoints" / "step_0000004.dcp"
+    (directory / ".metadata").write_bytes(content)
+    relist(
+        dcp_copy,
+        lambda entry: entry["files"].update({".metadata": sha256_file(directory / ".metadata")}),
+    )
+    assert_refused(dcp_copy, message)
 
 
 @pytest.mark.parametrize(
