@@ -227,6 +227,8 @@ def load_checkpoint_file(path: Path, *, mmap: bool = False) -> dict[str, Any]:
             state = _sharded().merge(meta, tensors)
         else:
             state = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+    except CheckpointError:  # the DCP reader's own message names the file and the problem
+        raise
     except pickle.UnpicklingError as error:
         raise CheckpointError(
             f"{path}: refused to load: it holds objects other than plain data "
@@ -553,12 +555,26 @@ class CheckpointManager:
 
     @staticmethod
     def _verify_directory(path: Path, entry: CheckpointEntry) -> str | None:
+        """Every file of a DCP directory, before any is read: the entry lists exactly the
+        files there are (DCP's ``.metadata`` and ``meta.pt`` among them), each a plain file
+        whose sha256 matches. An empty listing verifies nothing, so it is damage too."""
+        listed = entry.files
+        required = {_sharded().METADATA, _sharded().META}
+        if not isinstance(listed, dict) or not required <= listed.keys():
+            names = " and ".join(sorted(required))
+            return f"damaged manifest entry (its files do not list {names})"
         if not path.is_dir():
             return "missing"
-        for name, digest in sorted(entry.files.items()):
+        present = {member.name for member in path.iterdir()}
+        unlisted = sorted(present - listed.keys())
+        if unlisted:
+            return f"damaged ({unlisted[0]} is in the directory but not in the manifest)"
+        for name, digest in sorted(listed.items()):
             member = path / name
-            if not member.is_file():
+            if name not in present:
                 return f"incomplete ({name} is missing)"
+            if member.is_symlink() or not member.is_file():
+                return f"damaged ({name} is not a plain file)"
             if sha256_file(member) != digest:
                 return f"corrupted ({name}: sha256 differs from the manifest)"
         return None

@@ -20,9 +20,11 @@ inside the functions that need it, and without it they raise a ConfigError that 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -219,8 +221,14 @@ def save_hf(model: GPT, tokenizer: Tokenizer, out: Path, info: ExportInfo) -> No
     eot = end_of_text(backend)
     eot_id = eot[1] if eot else None
     config = hf_config(model.cfg, model.vocab_size, eot_id)
+    # A length in new tokens, never max_length: transformers warns when a caller's
+    # max_new_tokens meets a stored max_length, and when neither is stored at all. Half the
+    # context leaves the other half for the prompt (GPT-2 has no positions beyond it).
     generation = transformers.GenerationConfig(
-        bos_token_id=eot_id, eos_token_id=eot_id, max_length=model.cfg.block_size
+        bos_token_id=eot_id,
+        eos_token_id=eot_id,
+        pad_token_id=eot_id,  # what transformers would pick, with a warning, for a batch
+        max_new_tokens=model.cfg.block_size // 2,
     )
     # An explicit tokenizer_class: without it AutoTokenizer picks GPT-2's own tokenizer class
     # for model_type gpt2, which rebuilds GPT-2's pipeline around this vocabulary.
@@ -290,11 +298,25 @@ tokenizer = AutoTokenizer.from_pretrained("{out}")
 """
 
 
+@contextlib.contextmanager
+def _no_progress_bars(transformers) -> Iterator[None]:
+    """transformers' (and the hub's) progress bars off for a block, then as they were."""
+    hf_logging = transformers.utils.logging
+    was_enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            hf_logging.enable_progress_bar()
+
+
 def check_hf_export(out: Path, model: GPT) -> float:
     """Load ``out`` with transformers and return the largest logit difference from ``model``
     over one context of tokens (what tells a user the export computes what the run did)."""
     transformers = require_transformers("format=hf")
-    loaded = transformers.AutoModelForCausalLM.from_pretrained(out).float().eval()
+    with _no_progress_bars(transformers):  # export prints its own one-line summary
+        loaded = transformers.AutoModelForCausalLM.from_pretrained(out).float().eval()
     generator = torch.Generator().manual_seed(0)
     T = min(model.cfg.block_size, 64)
     ids = torch.randint(0, model.vocab_size, (1, T), generator=generator)  # (1, T)

@@ -18,6 +18,7 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+import torch.distributed as dist
 
 from gptexp.config import TrainConfig
 from gptexp.errors import CheckpointError
@@ -26,9 +27,16 @@ from gptexp.model import GPT
 
 def shard_model(model: GPT) -> None:
     """FSDP2 in place: every Block a unit, then the root. Call before building the optimizer
-    (its parameters become the sharded DTensors)."""
+    (its parameters become the sharded DTensors).
+
+    Every rank first takes rank 0's weights, as DDP does when it wraps a model: each rank
+    built its model from a seed of its own (``seed + rank``), and ``fully_shard`` keeps each
+    rank's slice of its own model, so without this the same seed would start from another
+    model at each world size."""
     from torch.distributed.fsdp import fully_shard  # imported here: most of a second
 
+    for tensor in [*model.parameters(), *model.buffers()]:
+        dist.broadcast(tensor.detach(), src=0)
     for block in model.blocks:
         fully_shard(block)
     fully_shard(model)

@@ -5,8 +5,11 @@
 go through DCP, each rank writing its own shards; everything else (step, RNG states, config,
 tokenizer, optimizer hyper-parameters) is a plain ``meta.pt`` that rank 0 writes and
 ``torch.load(..., weights_only=True)`` reads. Keeping every non-tensor out of DCP means no
-DCP byte object is ever unpickled; DCP's ``.metadata`` is a pickle (torch's format), so it is
-read only after every file of the directory matched the sha256 the manifest lists for it.
+DCP byte object is ever unpickled. DCP's ``.metadata`` is a pickle, and whoever wrote a run
+directory also wrote the manifest that lists its sha256, so matching hashes prove nothing
+about intent: it is read by an unpickler that admits only DCP's metadata classes and the
+torch values they hold (as ``weights_only=True`` does for tensors), then checked field by
+field before DCP is given it; the shard files are read with ``weights_only=True`` too.
 
 This module knows DCP; :mod:`gptexp.checkpoint` owns the manifest, retention and the policy.
 """
@@ -15,6 +18,8 @@ from __future__ import annotations
 
 import hashlib
 import os
+import pathlib
+import pickle
 import warnings
 from concurrent.futures import Future
 from pathlib import Path
@@ -23,7 +28,15 @@ from typing import Any
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+from torch.distributed.checkpoint import metadata as dcp_metadata
+from torch.distributed.checkpoint.filesystem import _StorageInfo
+from torch.distributed.checkpoint.metadata import (
+    ChunkStorageMetadata,
+    Metadata,
+    MetadataIndex,
+    TensorProperties,
+    TensorStorageMetadata,
+)
 from torch.distributed.tensor import DTensor
 
 from gptexp.errors import CheckpointError
@@ -31,6 +44,7 @@ from gptexp.fsio import sha256_file
 
 SUFFIX = ".dcp"
 META = "meta.pt"
+METADATA = ".metadata"  # DCP's own name for it
 # In meta.pt: tensors that are another tensor of the state (tied weights), written once.
 ALIASES = "dcp_aliases"
 
@@ -163,6 +177,10 @@ def write_meta(directory: Path, rest: dict[str, Any]) -> None:
         os.fsync(f.fileno())
 
 
+def _is_plain_file(path: Path) -> bool:
+    return path.is_file() and not path.is_symlink()
+
+
 def file_hashes(directory: Path) -> dict[str, str]:
     """sha256 of every file of the directory, by name."""
     return {path.name: sha256_file(path) for path in sorted(directory.iterdir()) if path.is_file()}
@@ -174,19 +192,151 @@ def listing_digest(files: dict[str, str]) -> str:
     return hashlib.sha256(lines.encode()).hexdigest()
 
 
+# What a .metadata of a tensors-only DCP checkpoint names, found by reading
+# torch/distributed/checkpoint/metadata.py and by unpickling real ones: DCP's dataclasses, the
+# per-entry storage info of its file-system writer, and the torch values inside them (a Size,
+# a dtype, a layout by name). Nothing else is importable from the file.
+_DCP_CLASSES = {
+    ("torch.distributed.checkpoint.metadata", cls.__name__): cls
+    for cls in (
+        Metadata,
+        TensorStorageMetadata,
+        TensorProperties,
+        ChunkStorageMetadata,
+        dcp_metadata.BytesStorageMetadata,  # empty; admitted to be named, then refused
+        MetadataIndex,
+        dcp_metadata.StorageMeta,
+        dcp_metadata._MEM_FORMAT_ENCODING,  # an Enum: TensorProperties' memory format
+    )
+} | {
+    ("torch.distributed.checkpoint.filesystem", "_StorageInfo"): _StorageInfo,
+    ("torch", "Size"): torch.Size,
+    ("torch.serialization", "_get_layout"): torch.serialization._get_layout,
+}
+# StorageMeta.checkpoint_id: the path DCP wrote to, kept as a path that touches no file system.
+_PATHS = {
+    "PosixPath": pathlib.PurePosixPath,
+    "PurePosixPath": pathlib.PurePosixPath,
+    "WindowsPath": pathlib.PureWindowsPath,
+    "PureWindowsPath": pathlib.PureWindowsPath,
+}
+
+
+class _NotMetadata(pickle.UnpicklingError):
+    """A global that DCP metadata never names."""
+
+
+class _MetadataUnpickler(pickle.Unpickler):
+    """Unpickles a DCP ``.metadata`` admitting only the globals above and torch's dtypes;
+    any other global (``os.system``, ``builtins.eval``...) is refused before it is called."""
+
+    def find_class(self, module: str, name: str) -> Any:
+        found = _DCP_CLASSES.get((module, name))
+        if found is not None:
+            return found
+        if module in ("pathlib", "pathlib._local") and name in _PATHS:
+            return _PATHS[name]
+        dtype = vars(torch).get(name) if module == "torch" else None  # no lazy imports
+        if isinstance(dtype, torch.dtype):
+            return dtype
+        raise _NotMetadata(f"{module}.{name} is not DCP metadata")
+
+
+def read_metadata(directory: Path) -> Metadata:
+    """The directory's ``.metadata``, through :class:`_MetadataUnpickler`, checked to describe
+    tensors stored in plain files of ``directory`` (what gptexp writes, nothing more)."""
+    path = directory / METADATA
+    try:
+        with open(path, "rb") as f:
+            metadata = _MetadataUnpickler(f).load()
+    except _NotMetadata as error:
+        raise CheckpointError(f"{path}: refused to load ({error})") from None
+    except OSError as error:
+        raise CheckpointError(f"{path}: unreadable ({error.strerror or error})") from None
+    except Exception as error:  # a damaged pickle fails in as many ways as it has opcodes
+        raise CheckpointError(f"{path}: unreadable ({type(error).__name__})") from None
+    try:
+        problem = _metadata_problem(metadata, directory)
+    except AttributeError as error:  # an object unpickled without the fields of its class
+        problem = f"an entry without its fields: {error}"
+    if problem is not None:
+        raise CheckpointError(f"{path}: refused to load ({problem})")
+    return metadata
+
+
+def _metadata_problem(metadata: Any, directory: Path) -> str | None:
+    """What in the unpickled ``metadata`` is not what gptexp writes, or None."""
+    if not isinstance(metadata, Metadata):
+        return f"a {type(metadata).__name__}"
+    items, places, storage = (
+        metadata.state_dict_metadata,
+        metadata.planner_data,
+        metadata.storage_data,
+    )
+    if not (isinstance(items, dict) and isinstance(places, dict) and isinstance(storage, dict)):
+        return "its tables are not dicts"
+    if not isinstance(metadata.storage_meta, (dcp_metadata.StorageMeta, type(None))):
+        return "malformed storage_meta"
+    for key, item in items.items():
+        if not isinstance(item, TensorStorageMetadata):
+            # gptexp writes tensors only; DCP would unpickle anything else without restriction.
+            return f"{key} is not a tensor"
+        if not (
+            isinstance(item.properties, TensorProperties)
+            and isinstance(item.properties.dtype, torch.dtype)
+            and isinstance(item.size, torch.Size)
+            and isinstance(item.chunks, list)
+            and all(isinstance(chunk, ChunkStorageMetadata) for chunk in item.chunks)
+        ):
+            return f"{key}: malformed tensor entry"
+        place = places.get(key)
+        if not (
+            isinstance(place, (tuple, list)) and place and all(isinstance(p, str) for p in place)
+        ):
+            return f"{key}: no place in the state"
+    names = {path.name for path in directory.iterdir() if _is_plain_file(path)}
+    for index, info in storage.items():
+        if not (isinstance(index, MetadataIndex) and isinstance(info, _StorageInfo)):
+            return "malformed storage entry"
+        file = info.relative_path
+        # A plain file of this directory (never a path out of it), stored without transforms.
+        if not (isinstance(file, str) and file in names):
+            return f"{index.fqn}: stored in {file!r}, not a file of the directory"
+        if info.transform_descriptors:
+            return f"{index.fqn}: stored through transforms gptexp never writes"
+    return None
+
+
+class _CheckedReader(dcp.FileSystemReader):
+    """DCP's file-system reader, handed the metadata :func:`read_metadata` already read and
+    checked instead of unpickling ``.metadata`` itself."""
+
+    def __init__(self, directory: Path, metadata: Metadata) -> None:
+        super().__init__(str(directory))
+        self._metadata = metadata
+
+    def read_metadata(self, *args: Any, **kwargs: Any) -> Metadata:
+        if self._metadata.storage_meta is None:
+            self._metadata.storage_meta = dcp_metadata.StorageMeta()
+        self._metadata.storage_meta.load_id = self.load_id
+        return self._metadata
+
+
 def read(directory: Path) -> tuple[dict[str, Any], dict[str, Any]]:
     """(meta, tensors) of a verified directory, as whole CPU tensors, on this process alone
     (no process group needed; the shards of any world size are joined in memory)."""
     meta = torch.load(directory / META, map_location="cpu", weights_only=True)
-    reader = dcp.FileSystemReader(str(directory))
-    metadata = reader.read_metadata()
-    flat: dict[str, torch.Tensor] = {}
-    for key, item in metadata.state_dict_metadata.items():
-        if not isinstance(item, TensorStorageMetadata):
-            # gptexp writes tensors only; a pickled object is never loaded.
-            raise CheckpointError(f"{directory}: {key} is not a tensor; refused to load")
-        flat[key] = torch.empty(item.size, dtype=item.properties.dtype)
-    dcp.load(flat, storage_reader=reader, no_dist=True)
+    metadata = read_metadata(directory)
+    flat = {
+        key: torch.empty(item.size, dtype=item.properties.dtype)
+        for key, item in metadata.state_dict_metadata.items()
+    }
+    try:
+        dcp.load(flat, storage_reader=_CheckedReader(directory, metadata), no_dist=True)
+    except dcp.CheckpointException as error:  # a BaseException: each rank's failure inside
+        failures = [failure for failure, _ in error.failures.values()]
+        reason = str(failures[0]).splitlines()[0] if failures else "no reason given"
+        raise CheckpointError(f"{directory}: unreadable ({reason})") from None
     tensors: dict[str, Any] = {}
     for key, tensor in flat.items():
         _place(tensors, metadata.planner_data[key], tensor)  # DCP's flattened name -> path

@@ -5,13 +5,18 @@ sharded checkpoints."""
 from __future__ import annotations
 
 import json
+import os
+import pickle
 import shutil
 import subprocess
 import sys
+from pathlib import Path
+from unittest.mock import ANY
 
 import pytest
 import torch
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.metadata import Metadata
 
 from gptexp import sharded_checkpoint
 from gptexp.checkpoint import CheckpointManager
@@ -20,6 +25,7 @@ from gptexp.errors import CheckpointError, ConfigError
 from gptexp.eval import main as eval_main
 from gptexp.evaluation import load_run_checkpoint
 from gptexp.export import main as export_main
+from gptexp.fsio import sha256_file
 from gptexp.rundir import RunDirectory
 from tests.conftest import (
     FAST,
@@ -31,6 +37,7 @@ from tests.conftest import (
     run_module,
     subprocess_env,
     torchrun,
+    train,
 )
 
 SETTINGS = [
@@ -72,6 +79,14 @@ def test_fsdp_dcp_killed_mid_save_resumes_exactly_on_two_ranks_and_on_one(tmp_pa
     # Two ranks wrote their own shards; every file is listed with its sha256.
     assert {"__0_0.distcp", "__1_0.distcp", ".metadata", "meta.pt"} == set(listed[-1]["files"])
     assert not (straight / "checkpoints" / "step_0000005.dcp").exists()  # retention
+
+    # The same seed starts from the same model on one process as on two FSDP ranks (whose
+    # seeds differ and which FSDP itself does not make agree): step 0's val/loss, bit for bit.
+    alone = tmp_path / "alone"
+    one_step = [s for s in SETTINGS if not s.startswith("training.max_steps")]
+    result = train(alone, *one_step, "training.max_steps=1", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert read_metrics(alone)[0] == read_metrics(straight)[0] == {"step": 0, "val/loss": ANY}
 
     # Rank 0 dies (SIGKILL) at step 10: every shard is written, the directory is not complete.
     result = torchrun(
@@ -150,5 +165,124 @@ def test_a_dcp_directory_holding_a_pickled_object_is_refused(tmp_path):
     directory = tmp_path / "step_0000001.dcp"
     dcp.save({"model": {"w": torch.ones(2)}, "payload": "not a tensor"}, checkpoint_id=directory)
     sharded_checkpoint.write_meta(directory, {"step": 1})
-    with pytest.raises(CheckpointError, match="payload is not a tensor; refused to load"):
+    with pytest.raises(CheckpointError, match="refused to load .payload is not a tensor"):
         sharded_checkpoint.read(directory)
+
+
+# ----------------------------------------------------------------------------- hostile DCP runs
+
+
+@pytest.fixture(scope="module")
+def dcp_run(tmp_path_factory) -> Path:
+    """A finished one-process run whose checkpoints are DCP directories (steps 3 and 4)."""
+    base = tmp_path_factory.mktemp("dcp_run")
+    run_dir = base / "run"
+    settings = ["checkpoint.format=dcp", "training.max_steps=4", "checkpoint.every_steps=3"]
+    result = train(run_dir, *settings, cwd=base)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return run_dir
+
+
+@pytest.fixture
+def dcp_copy(dcp_run: Path, tmp_path: Path) -> Path:
+    copy = tmp_path / "run"
+    shutil.copytree(dcp_run, copy)
+    return copy
+
+
+def relist(run_dir: Path, edit) -> None:
+    """Apply ``edit`` to the step-4 entry of the manifest, as whoever wrote the run could."""
+    path = run_dir / "checkpoints" / "manifest.json"
+    manifest = json.loads(path.read_text())
+    (entry,) = [e for e in manifest["checkpoints"] if e["step"] == 4]
+    edit(entry)
+    entry["sha256"] = sharded_checkpoint.listing_digest(entry["files"])
+    path.write_text(json.dumps(manifest))
+
+
+def assert_refused(run_dir: Path, message: str) -> None:
+    code, err = call_main(eval_main, f"run={run_dir}", "ckpt=4", "samples=0")
+    errors = [line for line in err.splitlines() if line.startswith("error:")]
+    assert code == 2 and len(errors) == 1 and message in errors[0], err[-3000:]
+    assert not (run_dir / "eval").exists()
+
+
+class SystemCall:
+    """Unpickles as ``os.system(command)``."""
+
+    def __init__(self, command: str) -> None:
+        self.command = command
+
+    def __reduce__(self):
+        return os.system, (self.command,)
+
+
+def test_a_dcp_metadata_that_runs_code_is_refused_though_the_manifest_lists_it(dcp_copy):
+    """Whoever wrote a run controls its manifest: a .metadata whose pickle calls os.system,
+    listed with its true sha256, is refused without running anything."""
+    directory = dcp_copy / "checkpoints" / "step_0000004.dcp"
+    marker = dcp_copy.parent / "code-ran"
+    metadata = pickle.loads((directory / ".metadata").read_bytes())
+    metadata.version = SystemCall(f"touch {marker}")  # the rest still loads as a checkpoint
+    (directory / ".metadata").write_bytes(pickle.dumps(metadata))
+    relist(
+        dcp_copy,
+        lambda entry: entry["files"].update({".metadata": sha256_file(directory / ".metadata")}),
+    )
+
+    assert_refused(dcp_copy, "system is not DCP metadata")
+    assert not marker.exists()
+
+
+def test_a_dcp_metadata_that_points_out_of_its_directory_is_refused(dcp_copy):
+    """Every shard a .metadata names is a file of its own directory: one that reads another
+    checkpoint's shard (or any file) through a relative path is refused."""
+    directory = dcp_copy / "checkpoints" / "step_0000004.dcp"
+    metadata = pickle.loads((directory / ".metadata").read_bytes())
+    for info in metadata.storage_data.values():
+        info.relative_path = "../step_0000003.dcp/__0_0.distcp"  # the same layout, step 3's
+    (directory / ".metadata").write_bytes(pickle.dumps(metadata))
+    relist(
+        dcp_copy,
+        lambda entry: entry["files"].update({".metadata": sha256_file(directory / ".metadata")}),
+    )
+
+    assert_refused(dcp_copy, "not a file of the directory")
+
+
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        (pickle.dumps({"not": "metadata"}), "refused to load (a dict)"),
+        (pickle.dumps(object.__new__(Metadata)), "an entry without its fields"),
+        (b"\x80\x04random bytes", "unreadable"),
+    ],
+    ids=["another object", "no fields", "random bytes"],
+)
+def test_a_malformed_dcp_metadata_is_one_error_line(dcp_copy, content, message):
+    directory = dcp_copy / "checkpoints" / "step_0000004.dcp"
+    (directory / ".metadata").write_bytes(content)
+    relist(
+        dcp_copy,
+        lambda entry: entry["files"].update({".metadata": sha256_file(directory / ".metadata")}),
+    )
+    assert_refused(dcp_copy, message)
+
+
+@pytest.mark.parametrize(
+    "damage, message",
+    [
+        ("an empty listing", "its files do not list .metadata and meta.pt"),
+        ("no .metadata listed", "its files do not list .metadata and meta.pt"),
+        ("an unlisted file", "extra.pt is in the directory but not in the manifest"),
+    ],
+)
+def test_a_dcp_entry_that_does_not_list_every_file_is_damaged(dcp_copy, damage, message):
+    directory = dcp_copy / "checkpoints" / "step_0000004.dcp"
+    if damage == "an empty listing":
+        relist(dcp_copy, lambda entry: entry["files"].clear())
+    elif damage == "no .metadata listed":
+        relist(dcp_copy, lambda entry: entry["files"].pop(".metadata"))
+    else:
+        (directory / "extra.pt").write_bytes(b"not listed")
+    assert_refused(dcp_copy, message)

@@ -5,8 +5,10 @@ loss), and ``model.init_from`` starts a run from a ``save_pretrained`` directory
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -203,6 +205,46 @@ def test_greedy_generation_is_identical(bpe_export: Exported) -> None:
         )
     assert theirs.shape == (1, 120)
     assert theirs.tolist() == ours.tolist()
+
+
+def test_export_prints_no_progress_bar(char_export: Exported, tmp_path: Path) -> None:
+    hf_logging = transformers.utils.logging
+    was_enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.enable_progress_bar()  # as in a fresh process, whatever ran before
+    try:
+        code, stderr = call_main(
+            gptexp.export.main, f"run={char_export.run}", "format=hf", f"out={tmp_path / 'hf'}"
+        )
+        assert hf_logging.is_progress_bar_enabled()  # the caller's setting is left as it was
+    finally:
+        (hf_logging.enable_progress_bar if was_enabled else hf_logging.disable_progress_bar)()
+    assert code == 0, stderr
+    assert "Loading weights" not in stderr and "it/s" not in stderr, stderr
+
+
+def test_generate_on_an_export_does_not_warn(char_export: Exported) -> None:
+    """The exported generation_config.json holds nothing transformers warns about, whether
+    the caller gives a length or not."""
+    complaints: list[logging.LogRecord] = []
+    handler = logging.Handler(logging.WARNING)
+    handler.emit = complaints.append  # type: ignore[method-assign]
+    transformers_logger = logging.getLogger("transformers")
+    transformers_logger.addHandler(handler)
+    prompt = char_export.val_batch(batch_size=1)[:, :8]  # (1, 8)
+    try:
+        with warnings.catch_warnings(record=True) as warned:
+            warnings.simplefilter("always")
+            model = transformers.AutoModelForCausalLM.from_pretrained(char_export.out)
+            default = model.generate(prompt, attention_mask=torch.ones_like(prompt))
+            chosen = model.generate(
+                prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=5
+            )
+    finally:
+        transformers_logger.removeHandler(handler)
+    assert [str(w.message) for w in warned] == []
+    assert [record.getMessage() for record in complaints] == []
+    block = char_export.rebuilt.model_cfg.block_size
+    assert default.shape == (1, 8 + block // 2) and chosen.shape == (1, 13)
 
 
 def test_char_tokenizer_exports_with_identical_encode_and_decode(tmp_path: Path) -> None:
