@@ -117,9 +117,7 @@ def check_groupable(rows: list[dict[str, Any]], keys: list[str], metric: str) ->
         )
 
 
-def seed_groups(
-    rows: list[dict[str, Any]], keys: list[str], metric: str
-) -> list[SeedGroup]:
+def seed_groups(rows: list[dict[str, Any]], keys: list[str], metric: str) -> list[SeedGroup]:
     """The runs grouped by their values of ``keys``, each group's statistics of ``metric``,
     best mean first; ``p_vs_best`` against that best group."""
     check_groupable(rows, keys, metric)
@@ -268,8 +266,9 @@ def plot_bands(
             low = [m - h for m, h in zip(means, halves, strict=True)]
             high = [m + h for m, h in zip(means, halves, strict=True)]
             ax.fill_between(steps, low, high, color=color, alpha=0.2, linewidth=0)
-            ax.plot(steps, means, color=color, label=label, linewidth=1.6, marker=marker,
-                    markersize=3)
+            ax.plot(
+                steps, means, color=color, label=label, linewidth=1.6, marker=marker, markersize=3
+            )
     for ax, name in ((train_ax, "training loss"), (val_ax, "validation loss")):
         ax.set_title(f"{name}: mean of the seeds, shaded 95% interval")
         ax.set_xlabel("step")
@@ -280,8 +279,14 @@ def plot_bands(
     if not handles:
         handles, names = val_ax.get_legend_handles_labels()
     fig.suptitle(title)
-    fig.legend(handles, names, loc="lower center", ncol=min(3, max(1, len(names))),
-               fontsize=9, frameon=False)
+    fig.legend(
+        handles,
+        names,
+        loc="lower center",
+        ncol=min(3, max(1, len(names))),
+        fontsize=9,
+        frameon=False,
+    )
     rows_of_legend = math.ceil(len(names) / 3) if names else 0
     fig.tight_layout(rect=(0, min(0.5, 0.05 * rows_of_legend + 0.03), 1, 1))
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -1,5 +1,5 @@
 """The life of a run around its trainer: lock, resume point, corpus, run.json, the metric
-sinks (metrics.jsonl and the W&B mirror), and what the run records when it ends.
+sinks (metrics.jsonl, the W&B and TensorBoard mirrors), and what the run records when it ends.
 
 ``train`` and ``resume`` (and each job of a sweep) come here. Everything that can fail on bad
 input fails before the first write into the run directory.
@@ -39,6 +39,7 @@ from gptexp.runtime import (
     init_distributed,
     shutdown_distributed,
 )
+from gptexp.tensorboard_sink import TensorBoardSink
 from gptexp.trainer import Trainer
 from gptexp.wandb_mirror import WandbMirror
 
@@ -262,7 +263,7 @@ def run_training(
             if start is not None:
                 start.apply(trainer)
             # Validation passed: from here on the run directory is written to.
-            mirror = None
+            mirror = board = None
             extra: dict[str, Any] = {"wandb_group": wandb_group, "wandb_name": wandb_name}
             if dist_ctx.is_main:
                 if resume:
@@ -289,13 +290,17 @@ def run_training(
                 )
                 trainer.sinks.append(mirror)
                 run.update_status(wandb_mode=mirror.mode)
+            if dist_ctx.is_main and cfg.logger.tensorboard:
+                resumed_from = (found[0].step if found else -1) if resume else None
+                board = TensorBoardSink(run.path, resumed_from)
+                trainer.sinks.append(board)
             log.info("run directory: %s", run.path)
-            return _fit(trainer, run, dist_ctx, metrics, mirror)
+            return _fit(trainer, run, dist_ctx, metrics, mirror, board)
     finally:
         shutdown_distributed(dist_ctx)
 
 
-def _fit(trainer, run, dist_ctx, metrics, mirror) -> float | None:
+def _fit(trainer, run, dist_ctx, metrics, mirror, board=None) -> float | None:
     status = FAILED
     try:
         result = trainer.fit()
@@ -318,6 +323,8 @@ def _fit(trainer, run, dist_ctx, metrics, mirror) -> float | None:
                 status=status, ended=now(), **{k: v for k, v in summary.items() if v is not None}
             )
             metrics.close()
+            if board is not None:
+                board.close()
             if mirror is not None:
                 mirror.summary(summary)
                 mirror.finish(exit_code=0 if status == FINISHED else 1)

@@ -119,9 +119,7 @@ def test_groups_equal_an_independent_computation(seed_sweep, tmp_path):
     other = by_lr[float(rows[1]["training.lr"])]
     assert float(rows[1]["p_vs_best"]) == pytest.approx(welch_by_hand(other, by_lr[best]))
     header = (tmp_path / "g.md").read_text().splitlines()[0]
-    assert header == (
-        f"| training.lr | n | {m}_mean | {m}_std | {m}_ci95 | p_vs_best |"
-    )
+    assert header == (f"| training.lr | n | {m}_mean | {m}_std | {m}_ci95 | p_vs_best |")
     assert (tmp_path / "bands.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     # The terminal: mean ± ci95, the best named.
     first = table.splitlines()[2].split()
@@ -164,8 +162,9 @@ def test_the_cli_takes_group_metric_alpha(seed_sweep, tmp_path):
     assert result.returncode == 0, result.stderr
     assert "best/val_loss (mean ± ci95)" in result.stdout
     assert "alpha=0.01" in result.stdout
-    bad_alpha = run_module("gptexp.compare", str(seed_sweep), "group=training.lr", "alpha=5",
-                           cwd=tmp_path)
+    bad_alpha = run_module(
+        "gptexp.compare", str(seed_sweep), "group=training.lr", "alpha=5", cwd=tmp_path
+    )
     assert bad_alpha.returncode == 2 and "alpha=5.0: must be in (0, 1]" in bad_alpha.stderr
     refused = run_module("gptexp.compare", str(seed_sweep), "group=training.seed", cwd=tmp_path)
     assert refused.returncode == 2

@@ -1,0 +1,128 @@
+"""logger=tensorboard: TensorBoard's own readers see what metrics.jsonl holds, each step once,
+across a SIGKILL and a resume; a rollback rewinds the event files as it rewinds metrics.jsonl."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+pytest.importorskip("tensorboard")  # the `tensorboard` extra (make install installs it)
+
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator  # noqa: E402
+from tensorboard.backend.event_processing.event_file_loader import EventFileLoader  # noqa: E402
+from tensorboard.backend.event_processing.plugin_event_multiplexer import (  # noqa: E402
+    EventMultiplexer,
+)
+from tensorboard.util import tensor_util  # noqa: E402
+
+from gptexp.config import compose_config  # noqa: E402
+from gptexp.tensorboard_sink import TensorBoardSink, event_files  # noqa: E402
+from tests.conftest import FAST, ROOT, run_module, subprocess_env  # noqa: E402
+
+CRASHING_SAVE = str(ROOT / "tests" / "crashing_save.py")
+LOSSES = ("train/loss", "val/loss")
+
+
+def raw_scalars(folder: Path) -> list[tuple[str, int, float]]:
+    """Every scalar in every event file of ``folder``, in the order TensorBoard reads them,
+    duplicates included (no purging: the files as they are)."""
+    found = []
+    for path in event_files(folder):
+        for event in EventFileLoader(str(path)).Load():
+            found += [(v.tag, event.step, scalar(v)) for v in event.summary.value]
+    return found
+
+
+def scalar(value) -> float:
+    """A summary value as a number: the tensor form, or the older ``simple_value``."""
+    if value.HasField("tensor"):
+        return float(tensor_util.make_ndarray(value.tensor).item())
+    return value.simple_value
+
+
+def jsonl_scalars(run_dir: Path, tag: str) -> list[tuple[int, float]]:
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [(r["step"], r[tag]) for r in records if isinstance(r.get(tag), float)]
+
+
+def test_sigkill_and_resume_each_step_once_as_in_metrics_jsonl(tmp_path):
+    run_dir = tmp_path / "run"
+    board = run_dir / "tensorboard"
+    overrides = [*FAST, "logger=tensorboard", "training.max_steps=30", "checkpoint.every_steps=10"]
+    # Killed mid-save of step 20's checkpoint: steps 11..20 are logged, the last checkpoint
+    # is step 10.
+    killed = subprocess.run(
+        [sys.executable, CRASHING_SAVE, "20", "write", "gptexp.train", *overrides,
+         f"hydra.run.dir={run_dir}"],
+        cwd=tmp_path, env=subprocess_env(), capture_output=True, text=True, timeout=180,
+    )  # fmt: skip
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+    before = raw_scalars(board)
+    assert max(step for tag, step, _ in before if tag == "train/loss") == 20
+
+    resumed = run_module("gptexp.resume", f"run={run_dir}", cwd=tmp_path)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert "resuming from step_0000010.pt" in resumed.stderr
+    assert len(event_files(board)) == 2  # a fresh event file per start
+
+    after = raw_scalars(board)
+    for tag in LOSSES:
+        expected = jsonl_scalars(run_dir, tag)
+        assert [s for s, _ in expected] == sorted({s for s, _ in expected})
+        # The files as they are: each step once (steps 11..20 of the killed start are gone).
+        seen = [(step, value) for t, step, value in after if t == tag]
+        assert [s for s, _ in seen] == [s for s, _ in expected], tag
+        assert np.allclose([v for _, v in seen], [v for _, v in expected], rtol=1e-6)
+        # TensorBoard's view of the run.
+        view = EventAccumulator(str(board))
+        view.Reload()
+        assert [(e.step, pytest.approx(e.value, rel=1e-6)) for e in view.Scalars(tag)] == expected
+    assert max(s for s, _ in jsonl_scalars(run_dir, "train/loss")) == 30
+
+    # `tensorboard --logdir <parent>`: one run, named by its path under the logdir.
+    multiplexer = EventMultiplexer()
+    multiplexer.AddRunsFromDirectory(str(tmp_path))
+    multiplexer.Reload()
+    assert list(multiplexer.Runs()) == ["run/tensorboard"]
+
+
+def test_a_rollback_rewinds_the_event_files(tmp_path):
+    """The trainer's guard rolls back: it calls rewind; the steps after it are logged again."""
+    sink = TensorBoardSink(tmp_path)
+    for step in range(1, 6):
+        sink.log({"step": step, "train/loss": float(step)})
+    sink.log({"step": 5, "event": "spike", "n": 1})  # an event is not a scalar
+    sink.rewind(3)
+    for step in range(4, 8):
+        sink.log({"step": step, "train/loss": 10.0 + step})
+    sink.close()
+    scalars = raw_scalars(tmp_path / "tensorboard")
+    assert [(step, value) for _, step, value in scalars] == [
+        (1, 1.0), (2, 2.0), (3, 3.0), (4, 14.0), (5, 15.0), (6, 16.0), (7, 17.0),
+    ]  # fmt: skip
+
+
+def test_a_torn_record_is_cut_at_the_next_start(tmp_path):
+    """A crash mid-write leaves half a record; the next start rewrites the file without it."""
+    sink = TensorBoardSink(tmp_path)
+    sink.log({"step": 1, "train/loss": 2.5})
+    sink.close()
+    (path,) = event_files(tmp_path / "tensorboard")
+    with open(path, "ab") as f:
+        f.write(b"\x30\x00\x00\x00\x00\x00\x00\x00torn")
+    TensorBoardSink(tmp_path, resumed_from=1).close()
+    assert raw_scalars(tmp_path / "tensorboard") == [("train/loss", 1, 2.5)]
+    assert not path.read_bytes().endswith(b"torn")
+
+
+def test_both_loggers_compose():
+    both = compose_config(["logger=[wandb,tensorboard]"]).logger
+    assert both.wandb and both.tensorboard
+    alone = compose_config(["logger=tensorboard"]).logger
+    assert alone.tensorboard and not alone.wandb
