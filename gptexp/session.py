@@ -39,7 +39,7 @@ from gptexp.runtime import (
     init_distributed,
     shutdown_distributed,
 )
-from gptexp.tensorboard_sink import TensorBoardSink
+from gptexp.tensorboard_sink import TensorBoardSink, require_tensorboard
 from gptexp.trainer import Trainer
 from gptexp.wandb_mirror import WandbMirror
 
@@ -239,6 +239,8 @@ def run_training(
     try:
         with lock:
             apply_process_settings(cfg.training)
+            if cfg.logger.tensorboard and dist_ctx.is_main:
+                require_tensorboard()
             found = latest_checkpoint(run, cfg) if resume else None
             state = found[1] if found else None
             imported = None

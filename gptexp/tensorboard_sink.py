@@ -25,12 +25,25 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from gptexp.errors import ConfigError
 from gptexp.metrics import EVENT, STEP, is_number
 
 log = logging.getLogger(__name__)
 
 FOLDER = "tensorboard"
 EVENT_FILE_PREFIX = "events.out.tfevents."
+
+
+def require_tensorboard() -> None:
+    """logger=tensorboard needs the package (the ``tensorboard`` extra): said before the run
+    directory is written to, not after."""
+    try:
+        import tensorboard  # noqa: F401
+    except ImportError:
+        raise ConfigError(
+            "logger=tensorboard: the tensorboard package is not installed; install it with "
+            "pip install 'gptexp[tensorboard]' (make install does), or drop logger=tensorboard"
+        ) from None
 
 
 def event_files(folder: Path) -> list[Path]:

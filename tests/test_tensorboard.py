@@ -4,6 +4,7 @@ across a SIGKILL and a resume; a rollback rewinds the event files as it rewinds 
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -119,6 +120,24 @@ def test_a_torn_record_is_cut_at_the_next_start(tmp_path):
     TensorBoardSink(tmp_path, resumed_from=1).close()
     assert raw_scalars(tmp_path / "tensorboard") == [("train/loss", 1, 2.5)]
     assert not path.read_bytes().endswith(b"torn")
+
+
+def test_without_the_package_the_run_is_refused_before_it_writes(tmp_path):
+    """An environment without the extra: a ``tensorboard`` that cannot be imported first on
+    the path (the fault is the test's, the product has no switch for it)."""
+    shadow = tmp_path / "shadow" / "tensorboard"
+    shadow.mkdir(parents=True)
+    (shadow / "__init__.py").write_text("raise ImportError('not installed')\n")
+    env = subprocess_env()
+    env["PYTHONPATH"] = f"{shadow.parent}{os.pathsep}{env['PYTHONPATH']}"
+    run_dir = tmp_path / "run"
+    result = run_module(
+        "gptexp.train", *FAST, "logger=tensorboard", f"hydra.run.dir={run_dir}",
+        cwd=tmp_path, env=env,
+    )  # fmt: skip
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert "error: logger=tensorboard: the tensorboard package is not installed" in result.stderr
+    assert not (run_dir / "run.json").exists() and not (run_dir / "metrics.jsonl").exists()
 
 
 def test_both_loggers_compose():
