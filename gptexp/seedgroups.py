@@ -250,6 +250,9 @@ def plot_bands(
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.legend_handler import HandlerTuple
+    from matplotlib.lines import Line2D
+    from matplotlib.patches import Patch
 
     fig, (train_ax, val_ax) = plt.subplots(1, 2, figsize=(13, 4.8), sharey=True)
     colors = plt.get_cmap("tab10" if len(groups) <= 10 else "tab20")
@@ -278,10 +281,19 @@ def plot_bands(
     handles, names = train_ax.get_legend_handles_labels()
     if not handles:
         handles, names = val_ax.get_legend_handles_labels()
+    # Each entry shows the line over its band, as the axes draw them.
+    handles = [
+        (
+            Patch(color=line.get_color(), alpha=0.2, linewidth=0),
+            Line2D([], [], color=line.get_color()),
+        )
+        for line in handles
+    ]
     fig.suptitle(title)
     fig.legend(
         handles,
         names,
+        handler_map={tuple: HandlerTuple(ndivide=1)},
         loc="lower center",
         ncol=min(3, max(1, len(names))),
         fontsize=9,

@@ -93,6 +93,24 @@ def test_sigkill_and_resume_each_step_once_as_in_metrics_jsonl(tmp_path):
     assert list(multiplexer.Runs()) == ["run/tensorboard"]
 
 
+def test_a_guard_rollback_in_a_run_leaves_each_step_once(tmp_path):
+    """The spike guard rolls back to step 10 after step 14: steps 11..14 are trained again."""
+    from tests.test_guard import GUARDED, spiking
+
+    run_dir = tmp_path / "run"
+    result = spiking(
+        "13:100", run_dir, "training.guard.action=rollback", *GUARDED, "logger=tensorboard",
+        cwd=tmp_path,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "rolled back to checkpoint step_0000010.pt" in result.stderr
+    scalars = raw_scalars(run_dir / "tensorboard")
+    expected = jsonl_scalars(run_dir, "train/loss")
+    seen = [(step, value) for tag, step, value in scalars if tag == "train/loss"]
+    assert [s for s, _ in seen] == [s for s, _ in expected] == list(range(1, 21))
+    assert np.allclose([v for _, v in seen], [v for _, v in expected], rtol=1e-6)
+
+
 def test_a_rollback_rewinds_the_event_files(tmp_path):
     """The trainer's guard rolls back: it calls rewind; the steps after it are logged again."""
     sink = TensorBoardSink(tmp_path)
