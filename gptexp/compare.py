@@ -249,6 +249,8 @@ def compare_groups(
 ) -> str:
     """One row per seed group (gptexp.seedgroups), best mean first; the files asked for."""
     seedgroups.check_alpha(options.alpha)
+    if options.sort:
+        raise ConfigError("sort= does not apply with group=: groups are listed best mean first")
     keys = seedgroups.group_keys(options.group)
     groups = seedgroups.seed_groups(rows, keys, options.metric)
     if options.csv:

@@ -216,9 +216,21 @@ def legend_lines(groups: list[SeedGroup], metric: str, alpha: float) -> list[str
         f"p_vs_best: Welch's t-test against the best group; n.s.: not significant at "
         f"alpha={alpha:g}",
     ]
-    missing = [row["run"] for g in groups for row in g.rows if not is_number(row.get(metric))]
+    rows = [row for g in groups for row in g.rows]
+    missing = [row["run"] for row in rows if not is_number(row.get(metric))]
     if missing:
         lines.append(f"left out (no {metric}): {', '.join(missing)}")
+    unfinished = [
+        f"{row['run']} ({row['status']})"
+        for row in rows
+        if row["status"] != "finished" and is_number(row.get(metric))
+    ]
+    if unfinished:
+        # A crashed or diverged run's last value is not its final one: say it is counted.
+        lines.append(
+            f"counted though not finished: {', '.join(unfinished)} "
+            "(filter=status=finished leaves them out)"
+        )
     return lines
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -138,6 +139,8 @@ def test_not_significant_is_marked_at_alpha(seed_sweep, alpha):
 def test_runs_that_differ_in_an_ungrouped_key_are_refused(seed_sweep):
     with pytest.raises(ConfigError, match=r"differ in training\.lr, which is not grouped"):
         compare(CompareOptions(paths=[str(seed_sweep)], group=["training.seed"]))
+    with pytest.raises(ConfigError, match="sort= does not apply with group="):
+        compare(CompareOptions(paths=[str(seed_sweep)], group=["training.lr"], sort="n"))
     with pytest.raises(ConfigError, match="group=training.batch_size: no run here set it"):
         compare(CompareOptions(paths=[str(seed_sweep)], group=["training.batch_size"]))
     # Filtered to one lr, every seed is its own group: one run each, nothing to test.
@@ -148,6 +151,23 @@ def test_runs_that_differ_in_an_ungrouped_key_are_refused(seed_sweep):
     )
     assert [line.split()[1] for line in table.splitlines()[2:5]] == ["1", "1", "1"]
     assert [line.split()[-1] for line in table.splitlines()[3:5]] == ["-", "-"]
+
+
+def test_unfinished_runs_are_named(seed_sweep, tmp_path):
+    """A run whose run.json says running but no process holds it (killed) is crashed."""
+    copy = tmp_path / "sweep"
+    shutil.copytree(seed_sweep, copy)
+    status = json.loads((copy / "0" / "run.json").read_text())
+    (copy / "0" / "run.json").write_text(json.dumps(status | {"status": "running"}))
+    table = compare(CompareOptions(paths=[str(copy)], group=["training.lr"]))
+    assert table.splitlines()[-1] == (
+        "counted though not finished: 0 (crashed) (filter=status=finished leaves them out)"
+    )
+    kept = compare(
+        CompareOptions(paths=[str(copy)], group=["training.lr"], filter=["status=finished"])
+    )
+    assert "not finished" not in kept
+    assert sorted(line.split()[1] for line in kept.splitlines()[2:4]) == ["2", "3"]  # n
 
 
 def test_the_cli_takes_group_metric_alpha(seed_sweep, tmp_path):
