@@ -39,7 +39,7 @@ from gptexp.runtime import (
     init_distributed,
     shutdown_distributed,
 )
-from gptexp.tensorboard_sink import TensorBoardSink, require_tensorboard
+from gptexp.tensorboard_sink import TensorBoardSink, require_tensorboard, rewind_run
 from gptexp.trainer import Trainer
 from gptexp.wandb_mirror import WandbMirror
 
@@ -146,11 +146,13 @@ def run_corpus(
 
 
 def rewind_metrics(run: RunDirectory, step: int | None, guard_events: int = 0) -> None:
-    """Drop the records logged after the checkpoint: they will be logged again, identically.
-    ``guard_events``: how many spike-guard events the checkpoint knows (those stay)."""
+    """Drop the records logged after the checkpoint (metrics.jsonl and the TensorBoard event
+    files): they will be logged again, identically. ``guard_events``: how many spike-guard
+    events the checkpoint knows (those stay)."""
     dropped = MetricsFile(run.metrics).rewind(-1 if step is None else step, guard_events)
     if dropped:
         log.info("metrics.jsonl: dropped %d records logged after step %s", dropped, step)
+    rewind_run(run.path, -1 if step is None else step)  # TensorBoard's view of the same
 
 
 def record_start(
@@ -293,8 +295,7 @@ def run_training(
                 trainer.sinks.append(mirror)
                 run.update_status(wandb_mode=mirror.mode)
             if dist_ctx.is_main and cfg.logger.tensorboard:
-                resumed_from = (found[0].step if found else -1) if resume else None
-                board = TensorBoardSink(run.path, resumed_from)
+                board = TensorBoardSink(run.path)
                 trainer.sinks.append(board)
             log.info("run directory: %s", run.path)
             return _fit(trainer, run, dist_ctx, metrics, mirror, board)

@@ -6,9 +6,10 @@ stays the record; the event files follow its rewinds, so no reader sees a step t
 
 - each start of the run writes a fresh event file (TensorBoard reads a directory's files in
   name order, which is the order they were started in);
-- a resume first rewinds the earlier event files to the checkpoint it resumes from, exactly
-  as metrics.jsonl is rewound: the steps a crashed start logged after that checkpoint are
-  dropped from its file (rewritten atomically), and the new start logs them again;
+- a resume first rewinds the earlier event files to the checkpoint it resumes from, with
+  metrics.jsonl (gptexp.session.rewind_metrics; also when this start does not write
+  TensorBoard): the steps a crashed start logged after that checkpoint are dropped from its
+  file (rewritten atomically), and the new start logs them again;
 - a spike guard's rollback does the same mid-run (the trainer rewinds every sink that can).
 
 Each record is flushed as it is written, as metrics.jsonl's lines are: a crash loses at most
@@ -101,15 +102,35 @@ def _intact(path: Path, records: list[bytes]) -> bool:
     return path.stat().st_size == sum(16 + len(r) for r in records)
 
 
-class TensorBoardSink:
-    """Writes the metric records of one start of a run into a fresh event file."""
+def rewind_run(run_dir: Path, step: int) -> None:
+    """A resume's rewind of the run's event files to its checkpoint's ``step``, whether or not
+    this start writes TensorBoard (a start without it must not leave a crashed start's steps
+    in view)."""
+    folder = Path(run_dir) / FOLDER
+    if not event_files(folder):
+        return
+    try:
+        import tensorboard  # noqa: F401
+    except ImportError:
+        log.warning(
+            "TensorBoard: %s is not rewound to step %d (tensorboard is not installed); it "
+            "may show steps after that step twice",
+            folder,
+            step,
+        )
+        return
+    dropped = rewind_event_files(folder, step)
+    if dropped:
+        log.info("TensorBoard: dropped %d scalars logged after step %d", dropped, step)
 
-    def __init__(self, run_dir: Path, resumed_from: int | None = None) -> None:
-        """``resumed_from``: the step of the checkpoint this start resumes from (-1: a resume
-        that found none, so starts over); the earlier event files are rewound to it."""
-        self.folder = Path(run_dir) / FOLDER
-        if resumed_from is not None:
-            self._rewind_files(resumed_from)
+
+class TensorBoardSink:
+    """Writes the metric records of one start of a run into a fresh event file (the resume
+    has rewound the earlier ones: rewind_run)."""
+
+    def __init__(self, run_dir: Path) -> None:
+        self.run_dir = Path(run_dir)
+        self.folder = self.run_dir / FOLDER
         self._writer = None
         self._open()
         log.info("TensorBoard: %s", self.folder)
@@ -119,11 +140,6 @@ class TensorBoardSink:
 
         self.folder.mkdir(exist_ok=True)
         self._writer = SummaryWriter(log_dir=str(self.folder))
-
-    def _rewind_files(self, step: int) -> None:
-        dropped = rewind_event_files(self.folder, step)
-        if dropped:
-            log.info("TensorBoard: dropped %d scalars logged after step %d", dropped, step)
 
     def log(self, record: dict[str, Any]) -> None:
         if EVENT in record:
@@ -137,7 +153,7 @@ class TensorBoardSink:
         """After a rollback to ``step``: the steps after it will be logged again. The file
         written so far is closed and rewound with the others; a fresh one takes the rest."""
         self.close()
-        self._rewind_files(step)
+        rewind_run(self.run_dir, step)
         self._open()
 
     def close(self) -> None:

@@ -23,7 +23,7 @@ from tensorboard.backend.event_processing.plugin_event_multiplexer import (  # n
 from tensorboard.util import tensor_util  # noqa: E402
 
 from gptexp.config import compose_config  # noqa: E402
-from gptexp.tensorboard_sink import TensorBoardSink, event_files  # noqa: E402
+from gptexp.tensorboard_sink import TensorBoardSink, event_files, rewind_run  # noqa: E402
 from tests.conftest import FAST, ROOT, run_module, subprocess_env  # noqa: E402
 
 CRASHING_SAVE = str(ROOT / "tests" / "crashing_save.py")
@@ -127,6 +127,20 @@ def test_a_rollback_rewinds_the_event_files(tmp_path):
     ]  # fmt: skip
 
 
+def test_a_resume_without_tensorboard_still_rewinds_its_files(tmp_path):
+    """The resume's rewind (session.rewind_metrics) covers the event files, whatever this
+    start's logger: a later start with TensorBoard on again must not show steps twice."""
+    from gptexp.rundir import RunDirectory
+    from gptexp.session import rewind_metrics
+
+    sink = TensorBoardSink(tmp_path)
+    for step in range(1, 6):
+        sink.log({"step": step, "train/loss": float(step)})
+    sink.close()
+    rewind_metrics(RunDirectory(tmp_path), 3)
+    assert [step for _, step, _ in raw_scalars(tmp_path / "tensorboard")] == [1, 2, 3]
+
+
 def test_a_torn_record_is_cut_at_the_next_start(tmp_path):
     """A crash mid-write leaves half a record; the next start rewrites the file without it."""
     sink = TensorBoardSink(tmp_path)
@@ -135,7 +149,7 @@ def test_a_torn_record_is_cut_at_the_next_start(tmp_path):
     (path,) = event_files(tmp_path / "tensorboard")
     with open(path, "ab") as f:
         f.write(b"\x30\x00\x00\x00\x00\x00\x00\x00torn")
-    TensorBoardSink(tmp_path, resumed_from=1).close()
+    rewind_run(tmp_path, 1)
     assert raw_scalars(tmp_path / "tensorboard") == [("train/loss", 1, 2.5)]
     assert not path.read_bytes().endswith(b"torn")
 
