@@ -70,6 +70,9 @@ def rewind_event_files(folder: Path, step: int) -> int:
     for path in event_files(folder):
         # The records as written (a torn last one is left out); parsed only for their step.
         records = list(RawEventFileLoader(str(path)).Load())
+        if not records or not Event.FromString(records[0]).HasField("file_version"):
+            log.warning("TensorBoard: %s is not an event file; left as it is", path)
+            continue
         kept = [r for r in records if _step_of(Event.FromString(r), step) <= step]
         if len(kept) == len(records) and _intact(path, records):
             continue

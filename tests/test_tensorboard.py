@@ -23,7 +23,12 @@ from tensorboard.backend.event_processing.plugin_event_multiplexer import (  # n
 from tensorboard.util import tensor_util  # noqa: E402
 
 from gptexp.config import compose_config  # noqa: E402
-from gptexp.tensorboard_sink import TensorBoardSink, event_files, rewind_run  # noqa: E402
+from gptexp.tensorboard_sink import (  # noqa: E402
+    EVENT_FILE_PREFIX,
+    TensorBoardSink,
+    event_files,
+    rewind_run,
+)
 from tests.conftest import FAST, ROOT, run_module, subprocess_env  # noqa: E402
 
 CRASHING_SAVE = str(ROOT / "tests" / "crashing_save.py")
@@ -152,6 +157,11 @@ def test_a_torn_record_is_cut_at_the_next_start(tmp_path):
     rewind_run(tmp_path, 1)
     assert raw_scalars(tmp_path / "tensorboard") == [("train/loss", 1, 2.5)]
     assert not path.read_bytes().endswith(b"torn")
+    # What is named like an event file but is none is not the run's to rewrite.
+    stranger = tmp_path / "tensorboard" / f"{EVENT_FILE_PREFIX}0.someone-else"
+    stranger.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00not an event file at all")
+    rewind_run(tmp_path, 0)
+    assert stranger.read_bytes().endswith(b"not an event file at all")
 
 
 def test_without_the_package_the_run_is_refused_before_it_writes(tmp_path):
