@@ -36,12 +36,23 @@ def summary_columns(metric: str) -> list[str]:
     return [N, f"{metric}_mean", f"{metric}_std", f"{metric}_ci95", P_VS_BEST]
 
 
+def _scipy_stats():
+    """scipy.stats (the ``compare`` extra), or a user error that says how to install it."""
+    try:
+        from scipy import stats
+    except ImportError:
+        raise ConfigError(
+            "group=: the statistics need scipy, which is not installed; install it with "
+            "pip install 'gptexp[compare]' (make install does)"
+        ) from None
+    return stats
+
+
 def mean_and_ci95(values: list[float]) -> tuple[float, float | None, float | None]:
     """Mean, sample standard deviation (n-1) and the half-width of the 95% confidence
     interval of the mean (Student's t, n-1 degrees of freedom); the last two are None for
     a single value."""
-    from scipy import stats
-
+    stats = _scipy_stats()
     n = len(values)
     mean = math.fsum(values) / n
     if n < 2:
@@ -53,8 +64,7 @@ def mean_and_ci95(values: list[float]) -> tuple[float, float | None, float | Non
 def welch_p(a: list[float], b: list[float]) -> float | None:
     """Two-sided p-value of Welch's t-test (unequal variances); None where either sample
     has fewer than two values, or both have no spread (the test is undefined)."""
-    from scipy import stats
-
+    stats = _scipy_stats()
     if len(a) < 2 or len(b) < 2 or (len(set(a)) == 1 and len(set(b)) == 1):
         return None
     p = float(stats.ttest_ind(a, b, equal_var=False).pvalue)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import os
 import shutil
 from pathlib import Path
 
@@ -15,7 +16,7 @@ import pytest
 from gptexp.compare import CompareOptions, compare
 from gptexp.errors import ConfigError
 from gptexp.seedgroups import band, mean_and_ci95, welch_p
-from tests.conftest import run_module, sweep
+from tests.conftest import run_module, subprocess_env, sweep
 
 # Student's t quantiles t(0.975; dof), from the tables (to the digits scipy gives).
 T975 = {1: 12.706204736174698, 2: 4.302652729911275, 4: 2.7764451051977987}
@@ -168,6 +169,21 @@ def test_unfinished_runs_are_named(seed_sweep, tmp_path):
     )
     assert "not finished" not in kept
     assert sorted(line.split()[1] for line in kept.splitlines()[2:4]) == ["2", "3"]  # n
+
+
+def test_without_scipy_group_is_a_clear_error(seed_sweep, tmp_path):
+    """An environment without the extra: a ``scipy`` that cannot be imported first on the
+    path (the fault is the test's)."""
+    shadow = tmp_path / "shadow" / "scipy"
+    shadow.mkdir(parents=True)
+    (shadow / "__init__.py").write_text("raise ImportError('not installed')\n")
+    env = subprocess_env()
+    env["PYTHONPATH"] = f"{shadow.parent}{os.pathsep}{env['PYTHONPATH']}"
+    result = run_module(
+        "gptexp.compare", str(seed_sweep), "group=training.lr", cwd=tmp_path, env=env
+    )
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.startswith("error: group=: the statistics need scipy")
 
 
 def test_the_cli_takes_group_metric_alpha(seed_sweep, tmp_path):
