@@ -18,7 +18,7 @@ INSTALLED := $(ENV_DIR)/.gptexp-installed
 # not pull the multi-GB CUDA build to satisfy "torch>=2.4".
 TORCH_VERSION ?= 2.13.0
 TORCH_CPU_INDEX ?= https://download.pytorch.org/whl/cpu
-EXTRAS ?= dev,sweep,hf
+EXTRAS ?= dev,sweep,hf,compare,tensorboard
 RUN ?=
 CKPT ?= last
 ARGS ?=
@@ -33,7 +33,7 @@ PYTEST_ARGS ?=
 help:  ## List the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "} {printf "  make %-10s %s\n", $$1, $$2}'
 
-install: $(INSTALLED)  ## Set up: .venv (outside a virtual env), CPU PyTorch where no GPU, gptexp[dev,sweep,hf]
+install: $(INSTALLED)  ## Set up: .venv (outside a virtual env), CPU PyTorch where no GPU, gptexp[dev,sweep,hf,compare,tensorboard]
 
 $(INSTALLED): pyproject.toml
 	@if [ "$(ENV_DIR)" = ".venv" ] && [ ! -x "$(PYTHON)" ]; then \

@@ -8,6 +8,7 @@ No torch is imported::
     python -m gptexp.compare outputs/sweeps/2026-11-28_12-30-00 sort=final/val_loss --plot
     python -m gptexp.compare outputs/runs/a outputs/runs/b filter=status=finished csv=t.csv
     python -m gptexp.compare --tree outputs/     # the family tree of the runs and their forks
+    python -m gptexp.compare outputs/sweeps/2026-11-28_12-30-00 group=training.lr  # seeds pooled
 """
 
 from __future__ import annotations
@@ -19,10 +20,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from gptexp import seedgroups
 from gptexp.cli import parse_options, run_command
 from gptexp.errors import ConfigError, RunError
 from gptexp.fsio import atomic_write_text
 from gptexp.metrics import (
+    FINAL_VAL_LOSS,
     INHERITED,
     STEP,
     TRAIN_LOSS,
@@ -45,7 +48,8 @@ from gptexp.tables import csv_table, markdown_table, text_table
 
 USAGE = (
     "usage: python -m gptexp.compare <sweep dir | run dirs...> [sort=[-]KEY] "
-    "[filter=KEY=VALUE ...] [csv=PATH] [markdown=PATH] [plot=PATH | --plot] [--tree]"
+    "[filter=KEY=VALUE ...] [group=KEY[,KEY...] [metric=COLUMN] [alpha=0.05]] [csv=PATH] "
+    "[markdown=PATH] [plot=PATH | --plot] [--tree]"
 )
 
 
@@ -68,6 +72,16 @@ class CompareOptions:
     tree: bool = field(
         default=False,
         metadata={"help": "print the family tree (runs and their forks) of every run below"},
+    )
+    group: list[str] = field(
+        default_factory=list,
+        metadata={"help": "KEY[,KEY...]: one row per group of seeds (gptexp.seedgroups)"},
+    )
+    metric: str = field(
+        default=FINAL_VAL_LOSS, metadata={"help": "with group=: the column to summarise"}
+    )
+    alpha: float = field(
+        default=0.05, metadata={"help": "with group=: significance level of p_vs_best"}
     )
 
     def __post_init__(self) -> None:
@@ -181,6 +195,11 @@ def own_curve(row: dict[str, Any], records: list[dict[str, Any]]) -> list[dict[s
     return [r for r in records if not r.get(INHERITED) or r[STEP] == row["fork_step"]]
 
 
+def run_curve(row: dict[str, Any]) -> list[dict[str, Any]]:
+    """The records of a run to draw (a fork's own, see own_curve)."""
+    return own_curve(row, read_metrics(Path(row["run_dir"]) / "metrics.jsonl"))
+
+
 def family(paths: list[str]) -> str:
     """The family tree of every run at or below ``paths``."""
     runs = []
@@ -205,6 +224,8 @@ def compare(options: CompareOptions) -> str:
         for row, run in zip(rows, runs, strict=True)
         if all(matches(row, run, condition) for condition in options.filter)
     ]
+    if options.group:
+        return compare_groups(options, kept, runs, base)
     if options.sort:
         kept = sort_rows(kept, options.sort)
     columns = table_columns(kept)
@@ -221,6 +242,33 @@ def compare(options: CompareOptions) -> str:
     if not kept:
         return "no runs match"
     return text_table(columns, cells(kept, columns))
+
+
+def compare_groups(
+    options: CompareOptions, rows: list[dict[str, Any]], runs: list[RunDirectory], base
+) -> str:
+    """One row per seed group (gptexp.seedgroups), best mean first; the files asked for."""
+    seedgroups.check_alpha(options.alpha)
+    if options.sort:
+        raise ConfigError("sort= does not apply with group=: groups are listed best mean first")
+    keys = seedgroups.group_keys(options.group)
+    groups = seedgroups.seed_groups(rows, keys, options.metric)
+    if options.csv:
+        header, raw = seedgroups.raw_table(groups, keys, options.metric)
+        atomic_write_text(Path(options.csv), csv_table(header, raw))
+    if options.markdown:
+        header, text = seedgroups.markdown_cells(groups, keys, options.metric)
+        atomic_write_text(Path(options.markdown), markdown_table(header, text))
+    if options.plot is not None:
+        as_flag = options.plot.lower() in ("true", "")
+        path = default_plot_path(runs, base) if as_flag else Path(options.plot)
+        seedgroups.plot_bands(groups, path, base.name if base else "gptexp runs", run_curve)
+        print(f"plot: {path.resolve()}", file=sys.stderr)
+    if not groups:
+        return "no runs match"
+    header, cells_ = seedgroups.text_cells(groups, keys, options.metric, options.alpha)
+    legend = seedgroups.legend_lines(groups, options.metric, options.alpha)
+    return "\n".join([text_table(header, cells_), *legend])
 
 
 def main() -> None:

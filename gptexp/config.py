@@ -282,9 +282,12 @@ WANDB_MODES = ("auto", "online", "offline", "disabled")
 
 @dataclass
 class LoggerConfig:
-    """The W&B mirror. ``metrics.jsonl`` in the run directory is written whatever this says."""
+    """The metric mirrors: W&B and TensorBoard. ``metrics.jsonl`` in the run directory is
+    written whatever this says."""
 
     wandb: bool = False
+    # TensorBoard scalars of every metric record in <run>/tensorboard/ (gptexp.tensorboard_sink)
+    tensorboard: bool = False
     project: str = "gptexp"
     entity: str | None = None
     group: str | None = None  # defaults to the sweep directory's name in a multirun

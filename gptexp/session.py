@@ -1,5 +1,5 @@
 """The life of a run around its trainer: lock, resume point, corpus, run.json, the metric
-sinks (metrics.jsonl and the W&B mirror), and what the run records when it ends.
+sinks (metrics.jsonl, the W&B and TensorBoard mirrors), and what the run records when it ends.
 
 ``train`` and ``resume`` (and each job of a sweep) come here. Everything that can fail on bad
 input fails before the first write into the run directory.
@@ -39,6 +39,7 @@ from gptexp.runtime import (
     init_distributed,
     shutdown_distributed,
 )
+from gptexp.tensorboard_sink import TensorBoardSink, require_tensorboard, rewind_run
 from gptexp.trainer import Trainer
 from gptexp.wandb_mirror import WandbMirror
 
@@ -145,11 +146,13 @@ def run_corpus(
 
 
 def rewind_metrics(run: RunDirectory, step: int | None, guard_events: int = 0) -> None:
-    """Drop the records logged after the checkpoint: they will be logged again, identically.
-    ``guard_events``: how many spike-guard events the checkpoint knows (those stay)."""
+    """Drop the records logged after the checkpoint (metrics.jsonl and the TensorBoard event
+    files): they will be logged again, identically. ``guard_events``: how many spike-guard
+    events the checkpoint knows (those stay)."""
     dropped = MetricsFile(run.metrics).rewind(-1 if step is None else step, guard_events)
     if dropped:
         log.info("metrics.jsonl: dropped %d records logged after step %s", dropped, step)
+    rewind_run(run.path, -1 if step is None else step)  # TensorBoard's view of the same
 
 
 def record_start(
@@ -238,6 +241,8 @@ def run_training(
     try:
         with lock:
             apply_process_settings(cfg.training)
+            if cfg.logger.tensorboard and dist_ctx.is_main:
+                require_tensorboard()
             found = latest_checkpoint(run, cfg) if resume else None
             state = found[1] if found else None
             imported = None
@@ -262,7 +267,7 @@ def run_training(
             if start is not None:
                 start.apply(trainer)
             # Validation passed: from here on the run directory is written to.
-            mirror = None
+            mirror = board = None
             extra: dict[str, Any] = {"wandb_group": wandb_group, "wandb_name": wandb_name}
             if dist_ctx.is_main:
                 if resume:
@@ -289,13 +294,16 @@ def run_training(
                 )
                 trainer.sinks.append(mirror)
                 run.update_status(wandb_mode=mirror.mode)
+            if dist_ctx.is_main and cfg.logger.tensorboard:
+                board = TensorBoardSink(run.path)
+                trainer.sinks.append(board)
             log.info("run directory: %s", run.path)
-            return _fit(trainer, run, dist_ctx, metrics, mirror)
+            return _fit(trainer, run, dist_ctx, metrics, mirror, board)
     finally:
         shutdown_distributed(dist_ctx)
 
 
-def _fit(trainer, run, dist_ctx, metrics, mirror) -> float | None:
+def _fit(trainer, run, dist_ctx, metrics, mirror, board=None) -> float | None:
     status = FAILED
     try:
         result = trainer.fit()
@@ -318,6 +326,8 @@ def _fit(trainer, run, dist_ctx, metrics, mirror) -> float | None:
                 status=status, ended=now(), **{k: v for k, v in summary.items() if v is not None}
             )
             metrics.close()
+            if board is not None:
+                board.close()
             if mirror is not None:
                 mirror.summary(summary)
                 mirror.finish(exit_code=0 if status == FINISHED else 1)

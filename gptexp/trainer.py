@@ -44,7 +44,6 @@ from gptexp.metrics import (
     TOKENS_PER_S,
     TRAIN_LOSS,
     VAL_LOSS,
-    MetricsFile,
     best_metric_name,
     median_throughput,
 )
@@ -412,9 +411,10 @@ class Trainer:
             spike_batch + self.cfg.training.guard.skip_after,
         )
         if self.dist.is_main:
-            # The steps after the checkpoint will be logged again; W&B keeps its first values.
+            # The steps after the checkpoint will be logged again: metrics.jsonl and TensorBoard
+            # drop them (they can rewind); W&B keeps its first values.
             for sink in self.sinks:
-                if isinstance(sink, MetricsFile):
+                if callable(getattr(sink, "rewind", None)):
                     sink.rewind(self.step, len(self.guard.events))
         self._guard_event(event)
 
