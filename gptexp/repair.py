@@ -157,7 +157,8 @@ def repair(options: RepairOptions) -> list[CheckpointEntry]:
                 try:
                     entries.append(rebuild_entry(path, manager, fingerprint, fork_step))
                 except (CheckpointError, OSError) as error:
-                    left.append(f"{path.name}: {getattr(error, 'strerror', None) or error}")
+                    why = getattr(error, "strerror", None) or str(error).removeprefix(f"{path}: ")
+                    left.append(f"{path.name}: {why}")
         for line in left:
             log.warning("left untouched, not listed: %s", line)
         if not entries:
