@@ -17,6 +17,7 @@ import pytest
 import torch
 
 import gptexp.checkpoint
+import gptexp.fork
 from gptexp.checkpoint import (
     FORK_START,
     MANIFEST,
@@ -28,7 +29,7 @@ from gptexp.checkpoint import (
 from gptexp.config import CheckpointConfig
 from gptexp.errors import CheckpointError
 from gptexp.fsio import sha256_file, xxh3_128_file
-from tests.conftest import fake_state, policy
+from tests.conftest import call_main, fake_state, policy
 
 
 def save(manager: CheckpointManager, step: int, metric: float | None = None) -> None:
@@ -208,7 +209,7 @@ import resource, sys, torch
 from pathlib import Path
 from gptexp.checkpoint import CheckpointManager, CheckpointError
 from gptexp.config import CheckpointConfig
-from tests.conftest import fake_state, policy
+from tests.conftest import call_main, fake_state, policy
 directory = Path(sys.argv[1])
 manager = CheckpointManager(directory, CheckpointConfig(every_steps=10, keep_last=5,
                                                         async_save=sys.argv[2] == "async"))
@@ -311,6 +312,17 @@ def test_a_fork_start_survives_retention_like_the_best(tmp_path):
         save(manager, step)
     assert listed_steps(manager) == [23, 50]
     assert manager.load(manager.find(23))["step"] == 23
+
+
+def test_a_real_forks_start_checkpoint_outlives_keep_last(finished_run, tmp_path):
+    fork_dir = tmp_path / "fork"
+    keep_one = ["checkpoint.every_steps=5", "checkpoint.keep_last=1", "checkpoint.keep_best=0"]
+    args = [f"run={finished_run}", "ckpt=10", f"out={fork_dir}", *keep_one]
+    code, stderr = call_main(gptexp.fork.main, *args, cwd=tmp_path)
+    assert code == 0, stderr
+    manager = CheckpointManager(fork_dir / "checkpoints", CheckpointConfig())
+    assert [(e.step, e.reasons) for e in manager.entries()][0] == (10, [FORK_START])
+    assert listed_steps(manager) == [10, 20]  # 15 went; the fork's start stays
 
 
 # ----------------------------------------------------------------------------- hostile manifests
