@@ -147,7 +147,7 @@ def parse_entry(raw: Any, directory: Path) -> CheckpointEntry:
     if not all(isinstance(reason, str) for reason in raw.get("reasons", [])):
         raise ValueError("reasons must be strings")
     name = raw["file"]
-    if step_of(name) != raw["step"]:
+    if step_of(name) != raw["step"] or not name.startswith(f"step_{raw['step']:07d}."):
         raise ValueError(
             f"file {json.dumps(name)[:80]} is not the name of step {raw['step']}'s checkpoint "
             f"({checkpoint_name(raw['step'])} or its .dcp directory, directly in checkpoints/)"

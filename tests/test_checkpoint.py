@@ -374,6 +374,7 @@ def test_a_manifest_entry_outside_checkpoints_is_refused_and_nothing_is_deleted(
         {"time": {}},
         {"files": {"a": "b"}},  # a .pt file has no member files
         {"step": 20},  # file step_0000010.pt does not say step 20
+        {"file": "step_00000010.pt"},  # step 10, but not its checkpoint's name
         {"owner": "me"},
     ],
     ids=str,
