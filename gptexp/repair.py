@@ -6,8 +6,10 @@ resume, eval, export and fork refuse. A ``step_NNNNNNN.pt`` is listed again only
 with ``torch.load(weights_only=True)``, holds what the trainer saves (model, optimizer, LR
 schedule, step, RNG states, config, tokenizer, data fingerprint), its ``step`` is the one its
 name says and its data fingerprint is the run's. Every other file is reported and left as it
-is. Nothing is deleted: an existing manifest is kept as ``manifest.json.bak-<time>``. A run
-that a live process is training is refused (its lock is held while repairing).
+is. An entry of the old manifest that still reads and whose file is unchanged keeps its
+reasons and metric; the others get them from the run's checkpoint policy and the file. Nothing
+is deleted: an existing manifest is kept as ``manifest.json.bak-<time>``. A run that a live
+process is training is refused (its lock is held while repairing).
 
 DCP directories (``step_NNNNNNN.dcp``) are not rebuilt: checking their shards means reading
 DCP's pickled metadata, which a hand-made directory could abuse. They are reported and left
@@ -16,6 +18,7 @@ alone.
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
@@ -34,6 +37,7 @@ from gptexp.checkpoint import (
     CheckpointEntry,
     CheckpointManager,
     load_checkpoint_file,
+    parse_entry,
     step_of,
 )
 from gptexp.cli import command_logging, parse_options, run_command
@@ -90,8 +94,29 @@ def fork_start_step(run: RunDirectory) -> int | None:
     return 0 if "step" in (status.get("reset") or []) else parent["step"]
 
 
+def previous_entries(directory: Path) -> dict[str, CheckpointEntry]:
+    """The entries of the manifest being replaced that still read as entries, by file."""
+    try:
+        data = json.loads((directory / MANIFEST).read_text(encoding="utf-8"))
+    except (OSError, ValueError, RecursionError):
+        return {}
+    raw = data.get("checkpoints") if isinstance(data, dict) else None
+    found = {}
+    for item in raw if isinstance(raw, list) else []:
+        try:
+            entry = parse_entry(item, directory)
+        except ValueError:
+            continue
+        found[entry.file] = entry
+    return found
+
+
 def rebuild_entry(
-    path: Path, manager: CheckpointManager, fingerprint: Any, fork_step: int | None
+    path: Path,
+    manager: CheckpointManager,
+    fingerprint: Any,
+    fork_step: int | None,
+    previous: CheckpointEntry | None = None,
 ) -> CheckpointEntry:
     """The manifest entry of the checkpoint file ``path``; CheckpointError saying why not."""
     step = step_of(path.name)
@@ -102,6 +127,10 @@ def rebuild_entry(
     problem = structure_problem(state, step, fingerprint)
     if problem is not None:
         raise CheckpointError(problem)
+    if previous is not None and (previous.sha256, previous.bytes) == (sha256, size):
+        return CheckpointEntry(
+            path.name, step, sha256, size, previous.metric, previous.reasons, previous.time, fast
+        )
     policy = manager.policy
     reasons = [REPAIRED]
     if policy.every_steps and step % policy.every_steps == 0:
@@ -144,6 +173,7 @@ def repair(options: RepairOptions) -> list[CheckpointEntry]:
         manager = run_checkpoints(run)
         fingerprint = run.read_status().get("data_fingerprint")
         fork_step = fork_start_step(run)
+        previous = previous_entries(directory)
         entries: list[CheckpointEntry] = []
         left: list[str] = []
         for path in sorted(directory.iterdir()):
@@ -155,7 +185,10 @@ def repair(options: RepairOptions) -> list[CheckpointEntry]:
                 left.append(f"{path.name}: a DCP directory (repair lists .pt files only)")
             else:
                 try:
-                    entries.append(rebuild_entry(path, manager, fingerprint, fork_step))
+                    entry = rebuild_entry(
+                        path, manager, fingerprint, fork_step, previous.get(path.name)
+                    )
+                    entries.append(entry)
                 except (CheckpointError, OSError) as error:
                     why = getattr(error, "strerror", None) or str(error).removeprefix(f"{path}: ")
                     left.append(f"{path.name}: {why}")

@@ -172,3 +172,21 @@ def test_export_of_a_step_that_retention_took_meanwhile_is_one_clear_line(run, m
     (line,) = error_lines(stderr)
     assert "no checkpoint at step 20" in line and "ckpt=last" in line
     assert "Traceback" not in stderr
+
+
+def test_repair_keeps_what_the_old_manifest_says_of_an_unchanged_file(run):
+    manifest = json.loads((run / "checkpoints" / MANIFEST).read_text())
+    ten, twenty = manifest["checkpoints"]
+    manifest["checkpoints"] = [ten, dict(twenty, file="/etc")]  # a hostile entry
+    (run / "checkpoints" / MANIFEST).write_text(json.dumps(manifest))
+    code, stderr = call_main(gptexp.repair.main, f"run={run}")
+    assert code == 0, stderr
+    rebuilt = {e.step: e for e in manager(run).entries()}
+    assert (rebuilt[10].reasons, rebuilt[10].metric, rebuilt[10].time) == (
+        ten["reasons"],
+        ten["metric"],
+        ten["time"],
+    )
+    state = manager(run).load(rebuilt[20])
+    assert rebuilt[20].reasons == ["repaired", "periodic"]  # from the run's policy
+    assert rebuilt[20].metric == state["metric"] == twenty["metric"]
