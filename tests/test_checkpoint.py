@@ -509,3 +509,16 @@ def test_an_explicit_step_that_retention_took_meanwhile_is_a_clear_error(tmp_pat
     monkeypatch.setattr(gptexp.checkpoint, "xxh3_128_of_open_file", lambda f: (real(f), race())[0])
     with pytest.raises(CheckpointError, match=r"no checkpoint at step 10 \(have: 20\)"):
         reader.load_requested(10)
+
+
+def test_a_dcp_save_never_removes_a_directory_the_manifest_does_not_list(tmp_path):
+    manager = CheckpointManager(tmp_path, policy(format="dcp", keep_last=5))
+    save(manager, 10)
+    theirs = tmp_path / "step_0000020.dcp"
+    theirs.mkdir()
+    (theirs / "notes.txt").write_text("mine")
+    save(manager, 20)
+    manager.wait()
+    assert listed_steps(manager) == [10, 20]
+    assert manager.load(manager.find(20))["step"] == 20
+    assert (tmp_path / "step_0000020.dcp.unlisted" / "notes.txt").read_text() == "mine"
