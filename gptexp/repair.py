@@ -36,6 +36,7 @@ from gptexp.checkpoint import (
     MANIFEST,
     CheckpointEntry,
     CheckpointManager,
+    checkpoint_name,
     load_checkpoint_file,
     parse_entry,
     step_of,
@@ -177,12 +178,15 @@ def repair(options: RepairOptions) -> list[CheckpointEntry]:
         entries: list[CheckpointEntry] = []
         left: list[str] = []
         for path in sorted(directory.iterdir()):
-            if step_of(path.name) is None:
+            step = step_of(path.name)
+            if step is None:
                 continue
             if path.is_symlink():
                 left.append(f"{path.name}: a symbolic link (gptexp writes files)")
             elif path.is_dir():
                 left.append(f"{path.name}: a DCP directory (repair lists .pt files only)")
+            elif path.name != checkpoint_name(step):
+                left.append(f"{path.name}: not the name gptexp gives step {step}'s checkpoint")
             else:
                 try:
                     entry = rebuild_entry(

@@ -93,6 +93,7 @@ def test_repair_lists_only_what_loads_and_deletes_nothing(run, tmp_path):
     foreign = state | {"step": 70, "data_fingerprint": "0" * 64}  # another text
     torch.save(foreign, checkpoints / checkpoint_name(70))
     (checkpoints / "step_0000080.dcp").mkdir()
+    (checkpoints / "step_00000010.pt").write_bytes(good)  # step 10's, not under its name
     (checkpoints / MANIFEST).write_text('{"checkpoints": [{"file": "../../x"}]}')  # damaged
     before = files_of(checkpoints)
 
@@ -109,6 +110,7 @@ def test_repair_lists_only_what_loads_and_deletes_nothing(run, tmp_path):
         assert f"left untouched, not listed: {checkpoint_name(step)}: " in stderr
         assert why in stderr.split(checkpoint_name(step) + ": ")[1].splitlines()[0]
     assert "step_0000080.dcp: a DCP directory" in stderr
+    assert "step_00000010.pt: not the name gptexp gives step 10's checkpoint" in stderr
     assert not marker.exists(), "no code in a checkpoint ever runs"
     after = files_of(checkpoints)
     (backup,) = [name for name in after if name.startswith(f"{MANIFEST}.bak-")]
