@@ -27,8 +27,8 @@ CORPUS ?=
 PYTEST_ARGS ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help install train resume eval export fork diff sweep compare bench gpu-check test lint \
-	format clean
+.PHONY: help install train resume repair eval export fork diff sweep compare bench gpu-check \
+	test lint format clean
 
 help:  ## List the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "} {printf "  make %-10s %s\n", $$1, $$2}'
@@ -58,6 +58,10 @@ ifeq ($(NPROC),1)
 else
 	$(PYTHON) -m torch.distributed.run --standalone --nproc_per_node=$(NPROC) -m gptexp.resume run=$(RUN) $(ARGS)
 endif
+
+repair: $(INSTALLED)  ## Rebuild a run's checkpoints/manifest.json from the checkpoint files that load: make repair RUN=<run dir>
+	@test -n "$(RUN)" || { echo "usage: make repair RUN=<run dir>"; exit 2; }
+	$(PYTHON) -m gptexp.repair run=$(RUN)
 
 eval: $(INSTALLED)  ## Evaluate a run (or a sweep): make eval RUN=<dir> [ARGS="ckpt=best samples=3"]
 	@test -n "$(RUN)" || { echo "usage: make eval RUN=<run or sweep dir> [ARGS=...]"; exit 2; }

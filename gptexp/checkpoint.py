@@ -16,6 +16,14 @@ over its final name, and the directory fsynced; the manifest is rewritten the sa
 Retention deletes files only after the new checkpoint and the manifest that lists it are
 durable. Writes may run in a background thread from a snapshot of the state, so training
 stalls only for the copy.
+
+The directory is input someone else may have written (a copy, a hand edit, a shared run), so
+nothing in it is trusted before it is checked: a manifest entry names a plain
+``step_NNNNNNN.pt`` / ``.dcp`` inside ``checkpoints/`` with fields of the right types (else the
+whole manifest is damaged); retention counts, keeps and deletes only entries that verify, and
+takes a damaged one off the manifest, keeping its file under another name; a save never
+overwrites a file the manifest does not vouch for (it is set aside the same way); a directory
+of checkpoint files without a manifest is refused, pointing to ``python -m gptexp.repair``.
 """
 
 from __future__ import annotations
@@ -24,7 +32,10 @@ import json
 import logging
 import os
 import pickle
+import re
+import shlex
 import shutil
+import stat
 import sys
 import threading
 import time
@@ -53,6 +64,14 @@ log = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
+# The reason listed for a fork's first checkpoint (its parent's state at the fork step): the
+# anchor of the fork's lineage, which retention always keeps (as it keeps the best ones).
+FORK_START = "fork"
+# A checkpoint's name inside checkpoints/: its step (zero-padded to 7 digits) and its format.
+CHECKPOINT_NAME = re.compile(r"step_([0-9]{7,})\.(pt|dcp)")
+# How often a reader starts again when the live run replaced or deleted the checkpoint it chose
+# (retention) before it could be read; each try follows a real change of the manifest.
+RACE_TRIES = 20
 
 
 @dataclass
@@ -80,16 +99,103 @@ def _listed(entry: CheckpointEntry) -> dict[str, Any]:
     return fields
 
 
+# The manifest's fields and the JSON types each may have (a bool is never a number here).
+_REQUIRED = ("file", "step", "sha256", "bytes")
+_TYPES: dict[str, tuple[type, ...]] = {
+    "file": (str,),
+    "step": (int,),
+    "sha256": (str,),
+    "bytes": (int,),
+    "metric": (int, float, type(None)),
+    "reasons": (list,),
+    "time": (int, float),
+    "xxh3_128": (str, type(None)),
+    "files": (dict, type(None)),
+}
+
+
+def _plain_member_name(name: Any) -> bool:
+    """A file name directly inside a DCP directory: no path, no parent."""
+    return (
+        isinstance(name, str)
+        and name not in ("", ".", "..")
+        and "/" not in name
+        and "\0" not in name
+    )
+
+
+def parse_entry(raw: Any, directory: Path) -> CheckpointEntry:
+    """A manifest entry as a CheckpointEntry, or ValueError saying what is wrong with it.
+
+    Whoever wrote the run directory wrote its manifest: the file must be a plain checkpoint
+    name inside ``directory`` (retention deletes it, loading reads it), never a path, a link or
+    another step's name, and every field must have its type."""
+    if not isinstance(raw, dict):
+        raise ValueError(f"not an object but {type(raw).__name__}")
+    unknown = sorted(set(raw) - set(_TYPES))
+    missing = [key for key in _REQUIRED if key not in raw]
+    if unknown or missing:
+        raise ValueError(
+            ", ".join([*(f"unknown field {k!r}" for k in unknown), *(f"no {k!r}" for k in missing)])
+        )
+    for key, value in raw.items():
+        if isinstance(value, bool) or not isinstance(value, _TYPES[key]):
+            kinds = " or ".join("null" if t is type(None) else t.__name__ for t in _TYPES[key])
+            raise ValueError(f"{key} is {json.dumps(value)[:40]}, not {kinds}")
+    if raw["step"] < 0 or raw["bytes"] < 0:
+        raise ValueError("step and bytes must be >= 0")
+    if not all(isinstance(reason, str) for reason in raw.get("reasons", [])):
+        raise ValueError("reasons must be strings")
+    name = raw["file"]
+    if step_of(name) != raw["step"] or not name.startswith(f"step_{raw['step']:07d}."):
+        raise ValueError(
+            f"file {json.dumps(name)[:80]} is not the name of step {raw['step']}'s checkpoint "
+            f"({checkpoint_name(raw['step'])} or its .dcp directory, directly in checkpoints/)"
+        )
+    files = raw.get("files")
+    if (files is not None) != name.endswith(".dcp"):
+        raise ValueError("a .dcp directory lists its files, a .pt file none")
+    if files is not None and not all(
+        _plain_member_name(k) and isinstance(v, str) for k, v in files.items()
+    ):
+        raise ValueError("files must map plain file names to sha256 digests")
+    if (directory / name).is_symlink():
+        raise ValueError(f"{name} is a symbolic link (a checkpoint is a file of checkpoints/)")
+    return CheckpointEntry(**raw)
+
+
 def _remove(path: Path) -> None:
-    """Delete a checkpoint file or a DCP directory."""
-    if path.is_dir():
+    """Delete a checkpoint file or a DCP directory (a link: the link alone, never its target)."""
+    if path.is_dir() and not path.is_symlink():
         shutil.rmtree(path)
     else:
         path.unlink(missing_ok=True)
 
 
+def _identity(path: Path) -> tuple:
+    """What changes when a file (or a file of a directory) is replaced or rewritten."""
+    info = os.lstat(path)
+    if stat.S_ISDIR(info.st_mode):
+        return tuple(
+            sorted((child.name, _identity(Path(child.path))) for child in os.scandir(path))
+        )
+    return (info.st_dev, info.st_ino, info.st_size, info.st_mtime_ns)
+
+
 def checkpoint_name(step: int) -> str:
     return f"step_{step:07d}.pt"
+
+
+def step_of(name: Any) -> int | None:
+    """The step a checkpoint's name says (``step_0000500.pt`` or ``.dcp``), or None when the
+    name is not a checkpoint's."""
+    match = CHECKPOINT_NAME.fullmatch(name) if isinstance(name, str) else None
+    return int(match.group(1)) if match else None
+
+
+def repair_hint(directory: Path) -> str:
+    """The command that rebuilds the manifest of the run whose checkpoint directory this is."""
+    return f"python -m gptexp.repair run={shlex.quote(str(Path(directory).parent))}"
 
 
 def snapshot(obj: Any, buffers: dict[tuple, torch.Tensor] | None = None) -> Any:
@@ -264,6 +370,10 @@ class CheckpointManager:
         # then stalls for a copy into mapped memory instead of a fresh allocation.
         self._snapshot_buffers: dict[tuple, torch.Tensor] = {}
         self._shards = _sharded().ShardWriter() if policy.format == "dcp" else None
+        self._written: set[str] = set()  # the checkpoints this process wrote (by name)
+        # (file, sha256) -> the identity of the file when it last verified: retention checks
+        # each listed checkpoint once per process, not at every save.
+        self._verified: dict[tuple[str, str], tuple] = {}
 
     @property
     def collective(self) -> bool:
@@ -273,15 +383,68 @@ class CheckpointManager:
     # -- manifest
 
     def entries(self) -> list[CheckpointEntry]:
-        """The manifest's checkpoints, oldest first (no verification)."""
+        """The manifest's checkpoints, oldest first (their files are not verified here).
+
+        A manifest that is not what gptexp writes (an entry that names a path, a link or
+        another step's file, a field of the wrong type, a step twice) is damaged: a
+        CheckpointError, so that nothing acts on it. So is a missing manifest beside
+        checkpoint files this process did not write (a copy without it): starting afresh
+        would overwrite them."""
         path = self.directory / MANIFEST
         if not path.is_file():
+            self._refuse_unlisted_directory()
             return []
         try:
-            data = json.loads(path.read_text())
-            return [CheckpointEntry(**entry) for entry in data["checkpoints"]]
-        except (json.JSONDecodeError, KeyError, TypeError) as error:
-            raise CheckpointError(f"{path}: damaged manifest ({error})") from None
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except (ValueError, RecursionError) as error:  # bad JSON, bad UTF-8, absurd nesting
+            raise CheckpointError(
+                f"{path}: damaged manifest ({str(error)[:120]}); rebuild it from the "
+                f"checkpoint files with: {repair_hint(self.directory)}"
+            ) from None
+        except OSError as error:
+            raise CheckpointError(f"{path}: unreadable ({error.strerror})") from None
+        raw = data.get("checkpoints") if isinstance(data, dict) else None
+        if not isinstance(raw, list):
+            raise CheckpointError(
+                f"{path}: damaged manifest (no list of checkpoints); rebuild it with: "
+                f"{repair_hint(self.directory)}"
+            )
+        entries: list[CheckpointEntry] = []
+        for index, item in enumerate(raw):
+            try:
+                entry = parse_entry(item, self.directory)
+                if any(e.step == entry.step for e in entries):
+                    raise ValueError(f"step {entry.step} is listed twice")
+            except ValueError as error:
+                raise CheckpointError(
+                    f"{path}: damaged manifest: entry {index} ({str(error)}); nothing is "
+                    f"loaded or deleted through it; rebuild it with: {repair_hint(self.directory)}"
+                ) from None
+            entries.append(entry)
+        return sorted(entries, key=lambda e: e.step)
+
+    def _refuse_unlisted_directory(self) -> None:
+        """No manifest: fine for a run that has written nothing yet (or only this process's
+        first save), refused when checkpoints lie there that this process did not write."""
+        if not self.directory.is_dir():
+            return
+        found = sorted(
+            child.name
+            for child in self.directory.iterdir()
+            if step_of(child.name) is not None and child.name not in self._written
+        )
+        if found:
+            shown = ", ".join(found[:3]) + (f" and {len(found) - 3} more" if len(found) > 3 else "")
+            raise CheckpointError(
+                f"{self.directory} holds {len(found)} checkpoint(s) ({shown}) but no {MANIFEST}, "
+                f"so none is trusted, loaded or overwritten; rebuild the manifest from the files "
+                f"that load with: {repair_hint(self.directory)}"
+            )
+
+    def replace_manifest(self, entries: list[CheckpointEntry]) -> None:
+        """List exactly ``entries`` (``gptexp.repair``, which has checked each one's file)."""
+        with self._lock:
+            self._write_manifest(entries)
 
     def _write_manifest(self, entries: list[CheckpointEntry]) -> None:
         entries = sorted(entries, key=lambda e: e.step)
@@ -292,9 +455,11 @@ class CheckpointManager:
 
     def remove_stale_temporaries(self) -> None:
         """Temporary files (and DCP directories) are what a crash in the middle of a write
-        leaves behind."""
+        leaves behind; only gptexp's own names go (a checkpoint's or the manifest's)."""
         for tmp in self.directory.glob(f"*{TMP_SUFFIX}"):
-            _remove(tmp)
+            name = tmp.name.removesuffix(TMP_SUFFIX)
+            if step_of(name) is not None or name == MANIFEST:
+                _remove(tmp)
 
     # -- policy
 
@@ -340,12 +505,13 @@ class CheckpointManager:
 
     def retained(self, entries: list[CheckpointEntry]) -> list[CheckpointEntry]:
         """The checkpoints the policy keeps: the newest ``keep_last`` periodic ones, the
-        ``keep_best`` best, every ``keep_every``-th step, and always the newest checkpoint of
-        any kind (resume needs it)."""
+        ``keep_best`` best, every ``keep_every``-th step, a fork's start, and always the newest
+        checkpoint of any kind (resume needs it). ``entries`` are the verified ones."""
         p = self.policy
         by_step = sorted(entries, key=lambda e: e.step)
         periodic = [e for e in by_step if "periodic" in e.reasons]
         keep = {by_step[-1].step} if by_step else set()
+        keep |= {e.step for e in by_step if FORK_START in e.reasons}
         if p.keep_last:
             keep |= {e.step for e in periodic[-p.keep_last :]}
         keep |= {e.step for e in self.best_first(by_step)[: p.keep_best]}
@@ -476,10 +642,12 @@ class CheckpointManager:
             fsync_dir(tmp)
             files = _sharded().file_hashes(tmp)
             size = sum((tmp / f).stat().st_size for f in files)
-            if final_path.exists():  # an unlisted directory of an earlier, interrupted try
-                _remove(final_path)
+            self._make_room(final_path)  # e.g. an unlisted directory of an interrupted try
             os.replace(tmp, final_path)
+            self._written.add(name)
             fsync_dir(self.directory)
+        except CheckpointError:  # the directory's manifest is damaged or missing: said as is
+            raise
         except (OSError, RuntimeError) as error:
             raise self._write_error(final_path, error) from None
         digest = _sharded().listing_digest(files)
@@ -504,6 +672,7 @@ class CheckpointManager:
         final_path = self.directory / name
         tmp = self.directory / (name + TMP_SUFFIX)
         writer = None
+        self.entries()  # a damaged or missing manifest is refused before anything is written
         try:
             with open(tmp, "wb") as f:
                 writer = HashingWriter(f)
@@ -511,8 +680,13 @@ class CheckpointManager:
                 f.flush()
                 os.fsync(f.fileno())
             size, digest, fast = writer.count, writer.sha.hexdigest(), writer.fast.hexdigest()
+            self._make_room(final_path)
             os.replace(tmp, final_path)
+            self._written.add(name)
             fsync_dir(self.directory)
+        except CheckpointError:  # the directory's manifest is damaged or missing: said as is
+            tmp.unlink(missing_ok=True)
+            raise
         except (OSError, RuntimeError) as error:
             tmp.unlink(missing_ok=True)
             cause = writer.error if writer is not None and writer.error is not None else error
@@ -525,12 +699,68 @@ class CheckpointManager:
         self._record(entry)
         self.write_seconds.append(time.perf_counter() - started)
 
+    def _make_room(self, path: Path) -> None:
+        """Before a save renames its file (or directory) to ``path``: what is there already is
+        replaced only when it is this run's listed, intact checkpoint of the step; anything
+        else (unlisted: an interrupted save or not gptexp's; damaged) is set aside, never
+        overwritten."""
+        if not os.path.lexists(path):
+            return
+        listed = next((e for e in self.entries() if e.file == path.name), None)
+        if listed is not None:
+            problem = self._check(listed)
+            if problem is None:
+                return
+            self._set_aside(path, "damaged", f"listed, but {problem}")
+        else:
+            self._set_aside(path, "unlisted", "not in the manifest")
+
+    def _set_aside(self, path: Path, label: str, why: str) -> None:
+        """Rename ``path`` out of the way (``step_0000500.pt.damaged``, ``-2``...): gptexp
+        deletes only the checkpoints its manifest lists and that verify."""
+        target, n = path.with_name(f"{path.name}.{label}"), 1
+        while os.path.lexists(target):
+            n += 1
+            target = path.with_name(f"{path.name}.{label}-{n}")
+        os.rename(path, target)
+        fsync_dir(self.directory)
+        log.warning("%s: %s; kept as %s, not used or deleted", path, why, target.name)
+
+    def _check(self, entry: CheckpointEntry) -> str | None:
+        """``verify`` once per file and process: a file unchanged since it verified (or since
+        this process wrote it) is not read again."""
+        try:
+            identity = _identity(self.directory / entry.file)
+        except OSError:
+            return "missing"
+        if self._verified.get((entry.file, entry.sha256)) == identity:
+            return None
+        problem = self.verify(entry)
+        if problem is None:
+            self._verified[(entry.file, entry.sha256)] = identity
+        return problem
+
     def _record(self, entry: CheckpointEntry) -> None:
-        """List the durable new checkpoint, then apply retention (un-list, then delete)."""
+        """List the durable new checkpoint, then apply retention (un-list, then delete).
+
+        Only listed checkpoints that verify count: a damaged one is never the newest or the
+        best, so it can never cause a valid one (or this save) to be deleted; it is taken off
+        the manifest and its file set aside."""
+        self._verified[(entry.file, entry.sha256)] = _identity(self.directory / entry.file)
         with self._lock:
-            entries = [e for e in self.entries() if e.step != entry.step] + [entry]
+            others = [e for e in self.entries() if e.step != entry.step]
+            problems = {e.file: self._check(e) for e in others}
+            damaged = [e for e in others if problems[e.file] is not None]
+            entries = [e for e in others if problems[e.file] is None] + [entry]
             self._write_manifest(entries)  # the new checkpoint is durable and listed
+            for bad in damaged:  # un-listed just now; its file (if any) goes aside
+                if os.path.lexists(self.directory / bad.file):
+                    self._set_aside(self.directory / bad.file, "damaged", problems[bad.file])
+                else:
+                    log.warning("%s: missing; taken off the manifest", self.directory / bad.file)
             kept = self.retained(entries)
+            if entry not in kept:  # never delete the checkpoint just saved (and announced)
+                kept.append(entry)
             if len(kept) < len(entries):
                 self._write_manifest(kept)  # un-list first, then delete
                 kept_files = {e.file for e in kept}
@@ -541,16 +771,27 @@ class CheckpointManager:
     # -- loading
 
     def verify(self, entry: CheckpointEntry) -> str | None:
-        """None when the file matches its manifest entry, else what is wrong with it."""
+        """None when the file matches its manifest entry, else what is wrong with it (the
+        checksum that loading checks: XXH3 where listed, else sha256)."""
         path = self.directory / entry.file
-        if entry.files is not None:
-            return self._verify_directory(path, entry)
-        if not path.is_file():
+        try:
+            if entry.files is not None:
+                return self._verify_directory(path, entry)
+            if not path.is_file():
+                return "missing"
+            with open(path, "rb") as f:
+                size = os.fstat(f.fileno()).st_size
+                if size != entry.bytes:
+                    return f"truncated or extended ({size} bytes, listed {entry.bytes})"
+                if entry.xxh3_128 is not None:
+                    if xxh3_128_of_open_file(f) != entry.xxh3_128:
+                        return "corrupted (its XXH3 checksum differs from the manifest)"
+                elif sha256_of_open_file(f) != entry.sha256:
+                    return "corrupted (sha256 differs from the manifest)"
+        except FileNotFoundError:
             return "missing"
-        if path.stat().st_size != entry.bytes:
-            return f"truncated or extended ({path.stat().st_size} bytes, listed {entry.bytes})"
-        if sha256_file(path) != entry.sha256:
-            return "corrupted (sha256 differs from the manifest)"
+        except OSError as error:
+            return f"unreadable ({error.strerror})"
         return None
 
     @staticmethod
@@ -580,6 +821,18 @@ class CheckpointManager:
         return None
 
     def load(self, entry: CheckpointEntry) -> dict[str, Any]:
+        """The checkpoint's state, verified against the manifest; a CheckpointError when it
+        cannot be had (also when it disappears while it is read)."""
+        try:
+            return self._load_verified(entry)
+        except FileNotFoundError:
+            raise CheckpointError(f"{self.directory / entry.file}: missing") from None
+        except OSError as error:
+            raise CheckpointError(
+                f"{self.directory / entry.file}: unreadable ({error.strerror})"
+            ) from None
+
+    def _load_verified(self, entry: CheckpointEntry) -> dict[str, Any]:
         """The checkpoint's state, verified against the manifest.
 
         The file is read once: checksumming it through a memory mapping brings it into the
@@ -633,20 +886,58 @@ class CheckpointManager:
         steps = ", ".join(str(e.step) for e in entries)
         raise CheckpointError(f"{self.directory}: no checkpoint at step {which} (have: {steps})")
 
+    def load_requested(self, which: str | int) -> tuple[CheckpointEntry, dict[str, Any]]:
+        """(entry, state) of ``best`` or a step, verified; never another checkpoint than the
+        one asked for. When the live run deletes or replaces it while it is read (retention),
+        the manifest is read again and the request answered from that."""
+        for _ in range(RACE_TRIES):
+            entry = self.find(which)  # a step retention took is "no checkpoint at step N"
+            try:
+                return entry, self.load(entry)
+            except CheckpointError:
+                if entry in self.entries():  # still listed as it was: really damaged
+                    raise
+        raise self._race_error()
+
     def load_latest_valid(
         self, warn: Callable[[str], None] = log.warning
     ) -> tuple[CheckpointEntry, dict[str, Any]] | None:
         """The newest checkpoint that verifies and loads; damaged ones are skipped, with a
-        message. None when there is no valid checkpoint at all."""
-        listed = {e.file for e in self.entries()}
-        if self.directory.is_dir():
-            written = [*self.directory.glob("step_*.pt"), *self.directory.glob("step_*.dcp")]
-            for path in sorted(written):
-                if path.name not in listed:
-                    warn(f"ignoring {path}: not in the manifest (its write never completed)")
-        for entry in reversed(self.entries()):
-            try:
-                return entry, self.load(entry)
-            except CheckpointError as error:
-                warn(f"skipping checkpoint: {error}; falling back to an older one")
-        return None
+        message. None when there is no valid checkpoint at all.
+
+        A run may be saving while this reads (eval or export of a live run): when the entry
+        chosen is no longer listed as it was after it failed to load, retention took it, and
+        the search starts again from the newest entry of the manifest as it is now."""
+        # The directory before the manifest: a file a live run saves meanwhile is listed by then.
+        found = sorted(self.directory.iterdir()) if self.directory.is_dir() else []
+        entries = self.entries()
+        listed = {e.file for e in entries}
+        for path in found:
+            if step_of(path.name) is not None and path.name not in listed and path.exists():
+                warn(
+                    f"ignoring {path}: not in the manifest (a save interrupted before it "
+                    "was listed, or not written by this run)"
+                )
+        damaged: list[CheckpointEntry] = []
+        for _ in range(RACE_TRIES):
+            for entry in reversed(entries):
+                if entry in damaged:
+                    continue
+                try:
+                    return entry, self.load(entry)
+                except CheckpointError as error:
+                    now = self.entries()
+                    if entry not in now:  # deleted or replaced under the reader: start again
+                        entries = now
+                        break
+                    warn(f"skipping checkpoint: {error}; falling back to an older one")
+                    damaged.append(entry)
+            else:
+                return None
+        raise self._race_error()
+
+    def _race_error(self) -> CheckpointError:
+        return CheckpointError(
+            f"{self.directory}: the live run replaced or deleted each checkpoint chosen before "
+            f"it could be read ({RACE_TRIES} tries); try again, or when the run has stopped"
+        )

@@ -142,11 +142,11 @@ def load_run_checkpoint(run: RunDirectory, ckpt: str) -> LoadedCheckpoint:
                 f"{'; '.join(skipped)})"
             )
         return LoadedCheckpoint(found[0], found[1], label, skipped)
-    entry = manager.find(ckpt)
+    manager.find(ckpt)  # a step that is not listed: the error says which are
     try:
-        return LoadedCheckpoint(entry, manager.load(entry), label)
-    except CheckpointError as error:
-        steps = ", ".join(str(e.step) for e in entries)
+        return LoadedCheckpoint(*manager.load_requested(ckpt), label)
+    except CheckpointError as error:  # damaged, or taken by a live run's retention meanwhile
+        steps = ", ".join(str(e.step) for e in manager.entries())
         raise CheckpointError(
             f"ckpt={ckpt}: {error}. An explicitly requested checkpoint is never replaced by "
             f"another one; choose ckpt=last (the newest valid one) or another step ({steps})"

@@ -27,7 +27,7 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
-from gptexp.checkpoint import CheckpointEntry
+from gptexp.checkpoint import FORK_START, CheckpointEntry
 from gptexp.config import TrainConfig
 from gptexp.data import Corpus, prepare_corpus, tokenizer_from_json
 from gptexp.errors import ConfigError, DataError
@@ -45,7 +45,6 @@ log = logging.getLogger(__name__)
 RESETS = ("optimizer", "scheduler", "rng", "step")
 # A resume keeps its run's global batch; a fork that sets these trains with the batch it asks for.
 BATCH_KEYS = ("training.batch_size", "training.grad_accum")
-START_REASON = "fork"  # the reason recorded in the manifest for the fork's first checkpoint
 
 
 def parse_reset(text: str) -> tuple[str, ...]:
@@ -155,13 +154,14 @@ class ForkStart:
 
     def save_checkpoint(self, trainer: Trainer) -> None:
         """The fork's first checkpoint holds its start state, so resume, eval and export work
-        on the fork from its first moment, whatever becomes of its parent. Every rank takes
-        part (the RNG states are gathered); the main process writes."""
+        on the fork from its first moment, whatever becomes of its parent; listed as the fork's
+        start, retention keeps it (the lineage's anchor). Every rank takes part (the RNG states
+        are gathered); the main process writes."""
         if not trainer.cfg.checkpoint.enabled:
             return
         state = trainer.state_dict(None)
         if trainer.dist.is_main:
-            trainer.checkpoints.save(state, trainer.step, None, [START_REASON], asynchronous=False)
+            trainer.checkpoints.save(state, trainer.step, None, [FORK_START], asynchronous=False)
 
     def wandb_fork_from(self) -> str | None:
         """W&B's ``fork_from`` moment: the parent's W&B run at the fork step (none after

@@ -16,7 +16,10 @@ from pathlib import Path
 import pytest
 import torch
 
+import gptexp.checkpoint
+import gptexp.fork
 from gptexp.checkpoint import (
+    FORK_START,
     MANIFEST,
     CheckpointManager,
     checkpoint_name,
@@ -26,7 +29,7 @@ from gptexp.checkpoint import (
 from gptexp.config import CheckpointConfig
 from gptexp.errors import CheckpointError
 from gptexp.fsio import sha256_file, xxh3_128_file
-from tests.conftest import fake_state, policy
+from tests.conftest import call_main, fake_state, policy
 
 
 def save(manager: CheckpointManager, step: int, metric: float | None = None) -> None:
@@ -206,7 +209,7 @@ import resource, sys, torch
 from pathlib import Path
 from gptexp.checkpoint import CheckpointManager, CheckpointError
 from gptexp.config import CheckpointConfig
-from tests.conftest import fake_state, policy
+from tests.conftest import call_main, fake_state, policy
 directory = Path(sys.argv[1])
 manager = CheckpointManager(directory, CheckpointConfig(every_steps=10, keep_last=5,
                                                         async_save=sys.argv[2] == "async"))
@@ -299,3 +302,223 @@ def test_max_mode_ranks_higher_as_better(tmp_path):
 def test_disabled_policy_wants_nothing(tmp_path):
     manager = CheckpointManager(tmp_path, CheckpointConfig(enabled=False, every_steps=10))
     assert manager.wants(10, 1.0, final=True) == []
+
+
+def test_a_fork_start_survives_retention_like_the_best(tmp_path):
+    """A fork's first checkpoint (its parent's state at the fork step) is its lineage's anchor."""
+    manager = CheckpointManager(tmp_path, policy(keep_last=1, keep_best=0))
+    manager.save(fake_state(23), 23, None, [FORK_START])
+    for step in (30, 40, 50):
+        save(manager, step)
+    assert listed_steps(manager) == [23, 50]
+    assert manager.load(manager.find(23))["step"] == 23
+
+
+def test_a_real_forks_start_checkpoint_outlives_keep_last(finished_run, tmp_path):
+    fork_dir = tmp_path / "fork"
+    keep_one = ["checkpoint.every_steps=5", "checkpoint.keep_last=1", "checkpoint.keep_best=0"]
+    args = [f"run={finished_run}", "ckpt=10", f"out={fork_dir}", *keep_one]
+    code, stderr = call_main(gptexp.fork.main, *args, cwd=tmp_path)
+    assert code == 0, stderr
+    manager = CheckpointManager(fork_dir / "checkpoints", CheckpointConfig())
+    assert [(e.step, e.reasons) for e in manager.entries()][0] == (10, [FORK_START])
+    assert listed_steps(manager) == [10, 20]  # 15 went; the fork's start stays
+
+
+# ----------------------------------------------------------------------------- hostile manifests
+
+
+def craft_entry(directory: Path, **fields) -> None:
+    """Append an entry (a copy of the first one with ``fields`` changed) to the manifest."""
+    manifest = json.loads((directory / MANIFEST).read_text())
+    manifest["checkpoints"].append(dict(manifest["checkpoints"][0], **fields))
+    (directory / MANIFEST).write_text(json.dumps(manifest))
+
+
+@pytest.mark.parametrize("how", ["parent", "absolute", "inside a folder", "link"])
+def test_a_manifest_entry_outside_checkpoints_is_refused_and_nothing_is_deleted(tmp_path, how):
+    directory = tmp_path / "run" / "checkpoints"
+    victim = tmp_path / "victim"
+    victim.mkdir()
+    (victim / "thesis.txt").write_text("years of work")
+    manager = CheckpointManager(directory, policy(keep_last=1, keep_best=0))
+    save(manager, 10)
+    name = {
+        "parent": "../../victim",
+        "absolute": str(victim),
+        "inside a folder": "old/step_0000005.pt",
+        "link": "step_0000005.pt",
+    }[how]
+    if how == "link":
+        (directory / name).symlink_to(victim)
+    craft_entry(directory, file=name, step=5)  # older: retention would drop it at the next save
+
+    with pytest.raises(CheckpointError, match=r"manifest.json: damaged manifest: entry 1 "):
+        save(manager, 20)
+    with pytest.raises(CheckpointError, match="gptexp.repair"):
+        manager.load_latest_valid()
+    assert (victim / "thesis.txt").read_text() == "years of work"
+    assert (directory / checkpoint_name(10)).is_file()
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [
+        {"step": "10"},
+        {"step": True},
+        {"bytes": [1]},
+        {"sha256": None},
+        {"reasons": "periodic"},
+        {"reasons": [1]},
+        {"metric": "low"},
+        {"time": {}},
+        {"files": {"a": "b"}},  # a .pt file has no member files
+        {"step": 20},  # file step_0000010.pt does not say step 20
+        {"file": "step_00000010.pt"},  # step 10, but not its checkpoint's name
+        {"owner": "me"},
+    ],
+    ids=str,
+)
+def test_manifest_entries_of_the_wrong_type_are_one_clean_error(tmp_path, fields):
+    manager = CheckpointManager(tmp_path, policy())
+    save(manager, 10)
+    manifest = json.loads((tmp_path / MANIFEST).read_text())
+    manifest["checkpoints"][0].update(fields)
+    (tmp_path / MANIFEST).write_text(json.dumps(manifest))
+    for use in (manager.entries, manager.load_latest_valid, lambda: manager.find(10)):
+        with pytest.raises(CheckpointError, match=r"damaged manifest: entry 0 \("):
+            use()
+
+
+@pytest.mark.parametrize(
+    "text", ['{"checkpoints": {}}', "[1, 2]", '{"checkpoints": [[]]}', "[" * 100_000, "\xff"]
+)
+def test_a_manifest_that_is_not_a_list_of_entries_is_one_clean_error(tmp_path, text):
+    manager = CheckpointManager(tmp_path, policy())
+    (tmp_path / MANIFEST).write_text(text, encoding="latin-1")
+    with pytest.raises(CheckpointError, match="damaged manifest"):
+        manager.load_latest_valid()
+
+
+# ----------------------------------------------------------------------------- damaged newest
+
+
+def test_a_damaged_newest_never_costs_a_valid_checkpoint(tmp_path, caplog):
+    """keep_last=1, resumed from step 10 past a truncated step 20: retention counts the verified
+    checkpoints only, so the save of step 13 and the checkpoint resumed from both stay."""
+    save(CheckpointManager(tmp_path, policy(keep_last=2)), 10)
+    save(CheckpointManager(tmp_path, policy(keep_last=2)), 20)
+    newest = tmp_path / checkpoint_name(20)
+    newest.write_bytes(newest.read_bytes()[:100])
+    manager = CheckpointManager(tmp_path, policy(keep_last=1, keep_best=0))
+    entry, _ = manager.load_latest_valid(warn=lambda m: None)
+    assert entry.step == 10
+
+    manager.save(fake_state(13), 13, None, ["signal"])  # "saved checkpoint at step 13"
+    assert listed_steps(manager) == [10, 13]
+    for entry in manager.entries():
+        assert manager.load(entry)["step"] == entry.step
+    aside = tmp_path / "step_0000020.pt.damaged"
+    assert len(aside.read_bytes()) == 100, "the damaged file is kept, under another name"
+    said = [r.getMessage() for r in caplog.records if "step_0000020.pt.damaged" in r.getMessage()]
+    assert len(said) == 1 and "truncated" in said[0]
+
+    save(manager, 20)  # training reaches step 20 again: a new file, the damaged one untouched
+    save(manager, 30)
+    assert listed_steps(manager) == [30]
+    assert manager.load(manager.find(30))["step"] == 30
+    assert len(aside.read_bytes()) == 100
+
+
+def test_a_save_never_overwrites_a_file_the_manifest_does_not_vouch_for(tmp_path, caplog):
+    manager = CheckpointManager(tmp_path, policy(keep_last=5))
+    save(manager, 10)
+    theirs = tmp_path / checkpoint_name(20)
+    theirs.write_bytes(b"not written by this process")
+    save(manager, 20)
+    assert listed_steps(manager) == [10, 20]
+    assert manager.load(manager.find(20))["step"] == 20
+    assert (tmp_path / "step_0000020.pt.unlisted").read_bytes() == b"not written by this process"
+    assert any("not in the manifest" in r.getMessage() for r in caplog.records)
+    save(manager, 20)  # its own listed checkpoint of the step: replaced, nothing more set aside
+    assert sorted(p.name for p in tmp_path.glob("step_0000020*")) == [
+        "step_0000020.pt",
+        "step_0000020.pt.unlisted",
+    ]
+
+
+def test_checkpoints_without_a_manifest_are_refused_naming_the_repair(tmp_path):
+    run = tmp_path / "my run"
+    manager = CheckpointManager(run / "checkpoints", policy(keep_last=5))
+    for step in (10, 20):
+        save(manager, step)
+    (run / "checkpoints" / MANIFEST).unlink()
+    before = {p.name: p.read_bytes() for p in (run / "checkpoints").iterdir()}
+    fresh = CheckpointManager(run / "checkpoints", policy(keep_last=1))
+    for use in (fresh.load_latest_valid, lambda: save(fresh, 10), lambda: save(fresh, 30)):
+        with pytest.raises(CheckpointError) as error:
+            use()
+        assert f"python -m gptexp.repair run='{run}'" in str(error.value)
+    after = {p.name: p.read_bytes() for p in (run / "checkpoints").iterdir()}
+    assert after == before, "nothing overwritten, deleted or added"
+
+
+# ----------------------------------------------------------------------------- a live run
+
+
+def save_when_read(writer: CheckpointManager, step: int):
+    """A side effect that saves ``step`` with the writer (keep_last=1: the older one goes), once."""
+    done = []
+
+    def act() -> None:
+        if not done:
+            done.append(step)
+            save(writer, step)
+
+    return act
+
+
+@pytest.mark.parametrize("moment", ["after the manifest", "after the checksum", "after the load"])
+def test_a_reader_racing_retention_takes_the_newest_valid_checkpoint(tmp_path, monkeypatch, moment):
+    """eval / export of a live run with keep_last=1: retention deletes the checkpoint the reader
+    chose between two of its reads (made deterministic here by saving at that moment)."""
+    writer = CheckpointManager(tmp_path, policy(keep_last=1, keep_best=0))
+    save(writer, 10)
+    reader = CheckpointManager(tmp_path, policy())
+    race = save_when_read(writer, 20)
+    if moment == "after the manifest":
+        entries = reader.entries
+        monkeypatch.setattr(reader, "entries", lambda: (entries(), race())[0])
+    else:
+        name = "xxh3_128_of_open_file" if moment == "after the checksum" else "load_checkpoint_file"
+        real = getattr(gptexp.checkpoint, name)
+        monkeypatch.setattr(gptexp.checkpoint, name, lambda *a, **k: (real(*a, **k), race())[0])
+    messages: list[str] = []
+    entry, state = reader.load_latest_valid(warn=messages.append)
+    assert (entry.step, state["step"]) == (20, 20)
+    assert messages == [], "nothing was damaged: no message"
+    assert not (tmp_path / checkpoint_name(10)).exists(), "the race did happen"
+
+
+def test_an_explicit_step_that_retention_took_meanwhile_is_a_clear_error(tmp_path, monkeypatch):
+    writer = CheckpointManager(tmp_path, policy(keep_last=1, keep_best=0))
+    save(writer, 10)
+    reader = CheckpointManager(tmp_path, policy())
+    race = save_when_read(writer, 20)
+    real = gptexp.checkpoint.xxh3_128_of_open_file
+    monkeypatch.setattr(gptexp.checkpoint, "xxh3_128_of_open_file", lambda f: (real(f), race())[0])
+    with pytest.raises(CheckpointError, match=r"no checkpoint at step 10 \(have: 20\)"):
+        reader.load_requested(10)
+
+
+def test_a_dcp_save_never_removes_a_directory_the_manifest_does_not_list(tmp_path):
+    manager = CheckpointManager(tmp_path, policy(format="dcp", keep_last=5))
+    save(manager, 10)
+    theirs = tmp_path / "step_0000020.dcp"
+    theirs.mkdir()
+    (theirs / "notes.txt").write_text("mine")
+    save(manager, 20)
+    manager.wait()
+    assert listed_steps(manager) == [10, 20]
+    assert manager.load(manager.find(20))["step"] == 20
+    assert (tmp_path / "step_0000020.dcp.unlisted" / "notes.txt").read_text() == "mine"

@@ -20,6 +20,7 @@ import pytest
 import torch
 
 import gptexp.resume
+import gptexp.trainer
 from gptexp.checkpoint import CheckpointManager
 from gptexp.config import CheckpointConfig
 from tests.conftest import (
@@ -280,3 +281,47 @@ def test_extend_a_finished_run_and_refuse_what_cannot_apply(tmp_path, straight_r
     assert status["status"] == "finished" and status["step"] == 70
     assert status["resumes"][-1]["overrides"] == ["training.max_steps=70"]
     assert status["config"]["training"]["max_steps"] == 70
+
+
+def test_a_truncated_newest_checkpoint_costs_no_valid_one(tmp_path, monkeypatch):
+    """keep_last=1, resumed from step 10 past a truncated step 20, stopped at step 13: the
+    save of step 13 and the checkpoint resumed from both stay (the damaged 20 is neither newest
+    nor kept in the manifest), and the next resume continues from 13."""
+    run_dir = tmp_path / "run"
+    done = train(
+        run_dir,
+        "training.max_steps=20",
+        "checkpoint.every_steps=10",
+        "checkpoint.keep_last=2",
+        "checkpoint.keep_best=0",
+        cwd=tmp_path,
+    )
+    assert done.returncode == 0, done.stderr
+    newest = run_dir / "checkpoints" / "step_0000020.pt"
+    damaged = newest.read_bytes()[:100_000]
+    newest.write_bytes(damaged)
+
+    stop_if_requested = gptexp.trainer.Trainer._stop_if_requested
+
+    def sigterm_at_step_13(self) -> None:  # as if SIGTERM arrived during step 13
+        if self.step == 13:
+            self.stop.signame = "SIGTERM"
+        stop_if_requested(self)
+
+    monkeypatch.setattr(gptexp.trainer.Trainer, "_stop_if_requested", sigterm_at_step_13)
+    overrides = ["training.max_steps=40", "checkpoint.keep_last=1"]
+    code, stderr = call_main(gptexp.resume.main, f"run={run_dir}", *overrides, cwd=ROOT)
+    assert code == 130, stderr
+    assert "resuming from step_0000010.pt" in stderr and "saved checkpoint at step 13" in stderr
+    manager = CheckpointManager(run_dir / "checkpoints", CheckpointConfig())
+    assert [e.step for e in manager.entries()] == [10, 13]
+    for entry in manager.entries():
+        assert manager.load(entry)["step"] == entry.step
+    assert (run_dir / "checkpoints" / "step_0000020.pt.damaged").read_bytes() == damaged
+    assert stderr.count("kept as step_0000020.pt.damaged") == 1
+
+    monkeypatch.undo()
+    code, stderr = call_main(gptexp.resume.main, f"run={run_dir}", *overrides, cwd=ROOT)
+    assert code == 0, stderr
+    assert "resuming from step_0000013.pt" in stderr
+    assert [e.step for e in manager.entries()] == [40]
