@@ -642,7 +642,12 @@ class CheckpointManager:
             fsync_dir(tmp)
             files = _sharded().file_hashes(tmp)
             size = sum((tmp / f).stat().st_size for f in files)
+            digest = _sharded().listing_digest(files)
+            entry = CheckpointEntry(
+                name, step, digest, size, metric, reasons, time.time(), files=files
+            )
             self._make_room(final_path)  # e.g. an unlisted directory of an interrupted try
+            self._list_before_rename(entry)
             os.replace(tmp, final_path)
             self._written.add(name)
             fsync_dir(self.directory)
@@ -650,8 +655,6 @@ class CheckpointManager:
             raise
         except (OSError, RuntimeError) as error:
             raise self._write_error(final_path, error) from None
-        digest = _sharded().listing_digest(files)
-        entry = CheckpointEntry(name, step, digest, size, metric, reasons, time.time(), files=files)
         self._record(entry)
         self.write_seconds.append(time.perf_counter() - started)
 
@@ -680,7 +683,9 @@ class CheckpointManager:
                 f.flush()
                 os.fsync(f.fileno())
             size, digest, fast = writer.count, writer.sha.hexdigest(), writer.fast.hexdigest()
+            entry = CheckpointEntry(name, step, digest, size, metric, reasons, time.time(), fast)
             self._make_room(final_path)
+            self._list_before_rename(entry)
             os.replace(tmp, final_path)
             self._written.add(name)
             fsync_dir(self.directory)
@@ -695,9 +700,18 @@ class CheckpointManager:
                 f"could not write checkpoint {final_path} ({reason}); "
                 "the earlier checkpoints are intact"
             ) from None
-        entry = CheckpointEntry(name, step, digest, size, metric, reasons, time.time(), fast)
         self._record(entry)
         self.write_seconds.append(time.perf_counter() - started)
+
+    def _list_before_rename(self, entry: CheckpointEntry) -> None:
+        """List the new checkpoint before its file takes its name. A crash between the two
+        leaves a listed entry whose file is missing (skipped when loading, un-listed by the
+        next save) and a temporary (removed at the next start), never a checkpoint file that
+        no manifest lists: that would look like a copy without its manifest, which resume
+        refuses, so a crash in a run's first save would stop the run until a repair."""
+        with self._lock:
+            others = [e for e in self.entries() if e.step != entry.step]
+            self._write_manifest([*others, entry])
 
     def _make_room(self, path: Path) -> None:
         """Before a save renames its file (or directory) to ``path``: what is there already is

@@ -463,6 +463,37 @@ def test_checkpoints_without_a_manifest_are_refused_naming_the_repair(tmp_path):
     assert after == before, "nothing overwritten, deleted or added"
 
 
+@pytest.mark.parametrize("crash_at", ["before the rename", "after the rename"])
+def test_a_crash_in_the_first_save_needs_no_repair(tmp_path, monkeypatch, crash_at):
+    """A SIGKILL between the manifest write and the rename of a run's first checkpoint
+    (simulated by an exception there) leaves nothing that looks like a copy without its
+    manifest: the next process starts or resumes, it is not sent to ``gptexp.repair``."""
+    directory = tmp_path / "checkpoints"
+    real_replace = os.replace
+
+    class Killed(BaseException):
+        pass
+
+    def replace(src, dst):
+        if Path(dst).name != checkpoint_name(10):
+            return real_replace(src, dst)
+        if crash_at == "after the rename":
+            real_replace(src, dst)
+        raise Killed
+
+    monkeypatch.setattr(gptexp.checkpoint.os, "replace", replace)
+    with pytest.raises(Killed):
+        save(CheckpointManager(directory, policy(keep_last=2)), 10)
+    monkeypatch.setattr(gptexp.checkpoint.os, "replace", real_replace)
+    later = CheckpointManager(directory, policy(keep_last=2))
+    found = later.load_latest_valid(warn=lambda message: None)
+    assert (found[0].step if found else None) == (10 if crash_at == "after the rename" else None)
+    later.remove_stale_temporaries()
+    save(later, 10)
+    save(later, 20)
+    assert listed_steps(later) == [10, 20]
+
+
 # ----------------------------------------------------------------------------- a live run
 
 
