@@ -71,7 +71,7 @@ def test_imports_point_downward_without_a_cycle():
         if module not in done:
             visit(module)
     commands = {"gptexp.train", "gptexp.resume", "gptexp.eval", "gptexp.export",
-                "gptexp.compare", "gptexp.diff", "gptexp.fork"}  # fmt: skip
+                "gptexp.compare", "gptexp.diff", "gptexp.fork", "gptexp.repair"}  # fmt: skip
     for command in commands & graph.keys():
         assert not graph[command] & commands, f"{command} imports another command"
 
