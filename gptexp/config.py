@@ -10,8 +10,10 @@ below the entry points sees these typed objects only.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import math
 import os
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -342,6 +344,7 @@ def compose_config(overrides: list[str] | None = None) -> TrainConfig:
     from hydra import compose, initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
 
+    parse_overrides(overrides or [])
     register_configs()
     GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base=None):
@@ -357,12 +360,117 @@ def register_configs() -> None:
     store.store(name="train_schema", node=TrainConfig)
 
 
+# ----------------------------------------------------------------------------- keys
+
+# The schema above is the one source of config keys. Hydra's ``+key=`` / ``++key=`` add keys
+# that are in no schema (and OmegaConf carries them into the dataclasses as stray attributes),
+# so every key is checked here, against the dataclasses, however it was added.
+
+
+def _schema_fields(schema: type) -> dict[str, Any]:
+    """The fields of a config dataclass with their types (nested configs as classes)."""
+    hints = typing.get_type_hints(schema)
+    return {f.name: hints[f.name] for f in dataclasses.fields(schema)}
+
+
+def _unknown(key: str, candidates: list[str], prefix: str) -> ConfigError:
+    """An unknown key, with the closest known one."""
+    close = difflib.get_close_matches(key, candidates, n=1, cutoff=0.6)
+    hint = f"did you mean {prefix}{close[0]}?" if close else f"known: {', '.join(candidates)}"
+    return ConfigError(f"{prefix}{key}: no such config key ({hint})")
+
+
+def check_key(path: str) -> None:
+    """ConfigError unless ``path`` (``training.guard.action``) names a key of the schema."""
+    schema: Any = TrainConfig
+    parts = path.split(".")
+    for depth, part in enumerate(parts):
+        if not dataclasses.is_dataclass(schema):
+            return  # inside a value (a list, a free-form string): not a config key any more
+        fields = _schema_fields(schema)
+        if part not in fields:
+            prefix = "".join(f"{p}." for p in parts[:depth])
+            extra = [g for g in config_groups() if depth == 0 and g not in fields]
+            raise _unknown(part, sorted(fields) + extra, prefix)
+        schema = fields[part]
+
+
+def check_keys(cfg: Any, schema: type = TrainConfig, prefix: str = "") -> None:
+    """ConfigError naming the first key of ``cfg`` (a mapping) that the schema lacks."""
+    if isinstance(cfg, DictConfig):
+        cfg = OmegaConf.to_container(cfg, resolve=False)  # keys only: nothing is resolved
+    if not isinstance(cfg, dict):
+        return
+    fields = _schema_fields(schema)
+    for key in cfg:
+        if key not in fields:
+            raise _unknown(str(key), sorted(fields), prefix)
+        if dataclasses.is_dataclass(fields[key]):
+            check_keys(cfg[key], fields[key], f"{prefix}{key}.")
+
+
+def config_groups() -> dict[str, list[str]]:
+    """gptexp's config groups (``conf/<group>/``) and their options."""
+    return {
+        path.name: sorted(option.stem for option in path.glob("*.yaml"))
+        for path in sorted(CONF_DIR.iterdir())
+        if path.is_dir() and path.name != "hydra"
+    }
+
+
+def parse_overrides(overrides: list[str]) -> list:
+    """``overrides`` parsed with Hydra's override grammar (the one parser of every command),
+    with each config key and each group option checked against the schema and ``conf/``.
+
+    Hydra refuses a typo with its own traceback-like message and exit 1 (failed), and accepts
+    ``+training.lrr=1`` (its own suggestion) silently; this names the key, suggests the
+    closest one and is bad input (exit 2). Hydra's own keys (``hydra.*``, ``hydra/...``) and
+    package overrides (``key@pkg``) are Hydra's to check.
+    """
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import OverrideParseException
+
+    try:
+        parsed = OverridesParser.create().parse_overrides(overrides)
+    except OverrideParseException as error:
+        raise ConfigError(str(error).splitlines()[0]) from None
+    groups = config_groups()
+    for override in parsed:
+        key = override.key_or_group
+        if key.split(".")[0].split("/")[0] == "hydra" or override.package is not None:
+            continue
+        if key in groups and not override.is_delete():
+            _check_options(override, key, groups[key])
+        else:
+            check_key(key)
+    return parsed
+
+
+def _check_options(override: Any, group: str, options: list[str]) -> None:
+    if override.is_sweep_override():
+        try:
+            values = list(override.sweep_string_iterator())
+        except Exception:  # range() or glob() sweeps: Hydra checks them itself
+            return
+    else:
+        values = [override.value()]
+    for value in values:
+        if value is None or (isinstance(value, str) and value in options):
+            continue
+        close = difflib.get_close_matches(str(value), options, n=1, cutoff=0.5)
+        hint = f"did you mean {group}={close[0]}? " if close else ""
+        raise ConfigError(
+            f"{group}={value}: no such option ({hint}options: {', '.join(options)})"
+        )
+
+
 def to_train_config(cfg: DictConfig | dict) -> TrainConfig:
     """Turn a composed config (or a plain dict, e.g. from a checkpoint) into typed config.
 
     Raises ConfigError with the offending key for unknown keys, wrong types and impossible
     values.
     """
+    check_keys(cfg)
     schema = OmegaConf.structured(TrainConfig)
     try:
         merged = OmegaConf.merge(schema, cfg)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import math
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +21,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from gptexp.cli import command_logging, run_command
-from gptexp.config import CONF_DIR, register_configs, to_train_config
+from gptexp.config import CONF_DIR, parse_overrides, register_configs, to_train_config
 from gptexp.errors import JobFailed, RunError
 from gptexp.hf import resolve_init_from
 from gptexp.process_tuning import freeze_imported_objects
@@ -105,9 +106,19 @@ def train(cfg: DictConfig) -> float | None:
             discard_unstarted(run)  # bad input leaves no half-made run directory behind
 
 
+def check_command_line(argv: list[str]) -> None:
+    """The overrides' keys and group options, before Hydra composes (see
+    gptexp.config.parse_overrides): a typo is bad input with one line, not Hydra's failure."""
+    from hydra._internal.utils import get_args_parser
+
+    args, _ = get_args_parser().parse_known_args(argv)
+    parse_overrides(args.overrides)
+
+
 def main() -> None:
     freeze_imported_objects()  # gptexp.process_tuning: no collection walks torch's modules
     prefer_sigusr1()  # SLURM's pre-timeout signal for submitit jobs (gptexp.requeue)
+    run_command(lambda: check_command_line(sys.argv[1:]))
     register_configs()
     hydra.main(config_path=str(CONF_DIR), config_name="train", version_base=None)(train)()
 

@@ -8,6 +8,7 @@ message that names the key, without creating or touching a run directory.
 from __future__ import annotations
 
 import dataclasses
+import json
 import shutil
 import subprocess
 import sys
@@ -18,7 +19,7 @@ from hydra.errors import HydraException
 from omegaconf import OmegaConf
 
 import gptexp.train
-from gptexp.config import ConfigError, config_to_dict, to_train_config
+from gptexp.config import ConfigError, TrainConfig, config_to_dict, to_train_config
 from gptexp.data import prepare_corpus
 from tests.conftest import (
     CONF_DIR,
@@ -131,8 +132,6 @@ def test_command_line_overrides_win_over_group_files():
 
 # (overrides, the key the message must name). Each is one class of bad input.
 BAD_AT_COMPOSITION = {
-    "typo": (["training.lrr=1"], "training.lrr"),
-    "unknown top-level key": (["trainig.lr=1"], "trainig"),
     "wrong type float": (["training.lr=abc"], "training.lr"),
     "wrong type int": (["model.n_layer=two"], "model.n_layer"),
     "wrong type bool": (["model.bias=maybe"], "model.bias"),
@@ -155,6 +154,55 @@ def test_composition_rejects_typos_and_wrong_types(overrides, key):
     with pytest.raises(HydraException) as error:
         compose_config(overrides)
     assert key in str(error.value)
+
+
+# (overrides, the line's start, the suggestion): however a key is added, it must be the schema's.
+UNKNOWN_KEYS = {
+    "typo": (["training.lrr=1"], "training.lrr: no such config key", "training.lr?"),
+    "append": (["+training.lrr=1"], "training.lrr: no such config key", "training.lr?"),
+    "force append": (["++training.lrr=1"], "training.lrr: no such config key", "training.lr?"),
+    "nested": (["+training.guard.actoin=off"], "training.guard.actoin", "training.guard.action?"),
+    "top level": (["trainig.lr=1"], "trainig: no such config key", "training?"),
+    "new top level": (["+foo=1"], "foo: no such config key", "known: checkpoint"),
+    "group option": (["model=tinny"], "model=tinny: no such option", "model=tiny?"),
+    "group sweep": (["model=nano,tinny"], "model=tinny: no such option", "model=tiny?"),
+}
+
+
+@pytest.mark.parametrize(
+    ("overrides", "start", "hint"), UNKNOWN_KEYS.values(), ids=UNKNOWN_KEYS.keys()
+)
+def test_unknown_keys_and_options_are_refused_with_the_closest(overrides, start, hint):
+    with pytest.raises(ConfigError) as error:
+        compose_config(overrides)
+    assert str(error.value).startswith(start) and hint in str(error.value)
+
+
+def test_hydra_keys_and_presets_still_compose():
+    cfg = compose_config(["experiment=quick", "hydra.run.dir=/tmp/x", "logger.entity=null"])
+    assert cfg.experiment == "quick" and cfg.logger.entity is None
+
+
+def test_a_key_added_behind_composition_is_refused():
+    """The typed config is the one source of keys, whatever composed the tree: Hydra's
+    ``+key`` adds to a structured node, which OmegaConf would carry as a stray attribute."""
+    tree = OmegaConf.structured(TrainConfig)
+    OmegaConf.update(tree, "training.lrr", 1, force_add=True)  # what Hydra does for +key
+    with pytest.raises(ConfigError, match=r"^training\.lrr: .*did you mean training\.lr\?"):
+        to_train_config(tree)
+
+
+@pytest.mark.parametrize(
+    "args",
+    [["+training.lrr=1"], ["model=tinny"], ["-m", "training.lrr=1,2"]],
+    ids=["append", "group option", "sweep"],
+)
+def test_train_refuses_unknown_keys_with_one_line_and_exit_2(args, tmp_path):
+    run_dir = tmp_path / "run"
+    code, stderr = call_main(gptexp.train.main, *args, *FAST, f"hydra.run.dir={run_dir}")
+    assert code == 2, stderr
+    assert stderr.count("error:") == 1 and "did you mean" in stderr, stderr
+    assert "Traceback" not in stderr and not run_dir.exists()
 
 
 @pytest.mark.parametrize(
@@ -284,3 +332,65 @@ def test_cli_refuses_to_relaunch_into_a_finished_run(finished_run, tmp_path):
     assert {name: (run_dir / name).read_bytes() for name in kept} == before
     assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == checkpoints
     assert read_metrics(run_dir)[-1]["step"] == 20
+
+
+# ----------------------------------------------------------------------------- resume and fork
+
+
+@pytest.fixture
+def stopped_run(tmp_path) -> Path:
+    """A run directory that stopped at step 57 (only its run.json: the config is read from it)."""
+    run_dir = tmp_path / "stopped"
+    run_dir.mkdir()
+    status = {"status": "interrupted", "step": 57, "config": config_to_dict(compose_config(FAST))}
+    (run_dir / "run.json").write_text(json.dumps(status))
+    return run_dir
+
+
+# Words YAML 1.1 reads as booleans or null, and numbers that must stay strings: train parses
+# them with Hydra's grammar, and resume and fork must read them the same way.
+SAME_IN_TRAIN_AND_RESUME = [
+    "training.guard.action=off",
+    "training.guard.action=skip",
+    "logger.project=on",
+    "logger.project=yes",
+    "logger.name=no",
+    "logger.name=010",
+    "logger.name=1e3",
+    "logger.entity=null",
+    "logger.entity='null'",
+    "training.deterministic=yes",
+    "training.compile=false",
+    "training.seed=010",
+    "logger.tags=[a,off]",
+]
+
+
+@pytest.mark.parametrize("override", SAME_IN_TRAIN_AND_RESUME)
+def test_resume_and_fork_read_overrides_as_train_does(override, stopped_run):
+    from gptexp.rundir import RunDirectory
+    from gptexp.session import overridden_config
+
+    launched = config_to_dict(compose_config([*FAST, override]))
+    run = RunDirectory(stopped_run)
+    assert config_to_dict(overridden_config(run, [override])[0]) == launched
+    assert config_to_dict(overridden_config(run, [override], fork=True)[0]) == launched
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("training.lrr=1", "training.lrr: no such config key (did you mean training.lr?)"),
+        ("+training.lrr=1", "training.lrr: no such config key (did you mean training.lr?)"),
+        ("++training.lrr=1", "training.lrr: no such config key (did you mean training.lr?)"),
+        ("model=tinny", "model=tinny: no such option (did you mean model=tiny?"),
+        ("training.max_steps=40", "the run is at step 57; give training.max_steps > 57"),
+    ],
+)
+def test_resume_refuses_unknown_keys_and_cutting_a_run_short(override, message, stopped_run):
+    import gptexp.resume
+
+    before = (stopped_run / "run.json").read_bytes()
+    code, stderr = call_main(gptexp.resume.main, f"run={stopped_run}", override)
+    assert code == 2 and stderr.count("error:") == 1 and message in stderr, stderr
+    assert (stopped_run / "run.json").read_bytes() == before
