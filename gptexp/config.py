@@ -33,6 +33,11 @@ def _one_of(key: str, value: str, choices: tuple[str, ...]) -> None:
     _require(value in choices, key, f"must be one of {', '.join(choices)}", value)
 
 
+def check_seed(key: str, value: int) -> None:
+    """A seed numpy's and torch's generators both take (numpy refuses negative ones)."""
+    _require(0 <= value < 2**63, key, "must be in [0, 2**63)", value)
+
+
 ACTIVATIONS = ("gelu", "gelu_tanh")
 
 
@@ -212,6 +217,7 @@ class TrainingConfig:
         ):
             value = getattr(self, key)
             _require(value >= 0, f"training.{key}", "must be >= 0", value)
+        check_seed("training.seed", self.seed)
         _require(self.lr > 0 and math.isfinite(self.lr), "training.lr", "must be > 0", self.lr)
         _require(
             0 <= self.min_lr <= self.lr,

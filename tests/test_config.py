@@ -144,6 +144,7 @@ BAD_VALUES = {
     "missing data.path for data=text": (["data=text"], "data.path"),
     "unknown tokenizer": (["data.tokenizer=words"], "data.tokenizer"),
     "val_fraction out of range": (["data.val_fraction=1.5"], "data.val_fraction"),
+    "negative seed": (["training.seed=-1"], "training.seed=-1: must be in [0, 2**63)"),
 }
 
 

@@ -249,3 +249,12 @@ def test_the_progress_line_shows_the_loss_metrics_jsonl_holds(tmp_path, monkeypa
     logged = [round(r["train/loss"], 4) for r in records if "train/loss" in r]
     assert len(logged) == 3 and shown == logged
     assert ", 1 thread" in caplog.text and "1 threads" not in caplog.text
+
+
+@pytest.mark.parametrize("seed", ["-1", str(2**63)])
+def test_eval_refuses_a_seed_its_generators_cannot_take(seed):
+    from gptexp.eval import USAGE, EvalOptions
+
+    with pytest.raises(ConfigError, match=rf"^seed={seed}: must be in \[0, 2\*\*63\)"):
+        parse_options(["run=somewhere", f"seed={seed}"], EvalOptions, USAGE)
+    assert parse_options(["run=somewhere", "seed=0"], EvalOptions, USAGE).seed == 0
