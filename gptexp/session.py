@@ -18,7 +18,7 @@ from omegaconf.errors import OmegaConfBaseException
 from gptexp.checkpoint import CheckpointEntry, CheckpointManager
 from gptexp.config import TrainConfig, config_to_dict, parse_overrides, to_train_config
 from gptexp.data import Corpus, Tokenizer, prepare_corpus, tokenizer_from_json
-from gptexp.errors import ConfigError, TrainingInterrupted
+from gptexp.errors import ConfigError, TrainingInterrupted, shell_command
 from gptexp.forking import ForkStart, wandb_lineage
 from gptexp.fsio import atomic_write_text
 from gptexp.hf import import_source
@@ -319,10 +319,10 @@ def _fit(trainer, run, dist_ctx, metrics, mirror) -> float | None:
         result = trainer.fit()
         status = FINISHED
         log.info(
-            "finished at step %d: val/loss %s; evaluate with: python -m gptexp.eval run=%s",
+            "finished at step %d: val/loss %s; evaluate with: %s",
             trainer.step,
             "n/a" if result is None else f"{result:.4f}",
-            run.path,
+            shell_command("python", "-m", "gptexp.eval", f"run={run.path}"),
         )
         return result
     except (TrainingInterrupted, KeyboardInterrupt):

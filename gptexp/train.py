@@ -22,7 +22,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from gptexp.cli import command_logging, run_command
 from gptexp.config import CONF_DIR, parse_overrides, register_configs, to_train_config
-from gptexp.errors import JobFailed, RunError
+from gptexp.errors import JobFailed, RunError, resume_hint
 from gptexp.hf import resolve_init_from
 from gptexp.process_tuning import freeze_imported_objects
 from gptexp.requeue import prefer_sigusr1
@@ -53,7 +53,7 @@ class ValidateBeforeRun(Callback):
         if run.has_started():
             raise RunError(
                 f"{run.path} already holds a run; continue it with "
-                f"make resume RUN={run.path} (or choose another hydra.run.dir)"
+                f"{resume_hint(run.path)} (or choose another hydra.run.dir)"
             )
 
 

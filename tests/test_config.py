@@ -395,3 +395,22 @@ def test_resume_refuses_unknown_keys_and_cutting_a_run_short(override, message, 
     code, stderr = call_main(gptexp.resume.main, f"run={stopped_run}", override)
     assert code == 2 and stderr.count("error:") == 1 and message in stderr, stderr
     assert (stopped_run / "run.json").read_bytes() == before
+
+
+def test_the_hint_of_a_finished_run_can_be_pasted(tmp_path):
+    import shlex
+
+    import gptexp.resume
+
+    run_dir = tmp_path / "my runs" / "it's done"
+    run_dir.mkdir(parents=True)
+    config = config_to_dict(compose_config([*FAST, "training.max_steps=20"]))
+    (run_dir / "run.json").write_text(
+        json.dumps({"status": "finished", "step": 20, "config": config})
+    )
+    code, stderr = call_main(gptexp.resume.main, f"run={run_dir}")
+    assert code == 0 and "already finished at step 20" in stderr, stderr
+    command = stderr.strip().partition("extend it with ")[2]
+    assert shlex.split(command) == [
+        "python", "-m", "gptexp.resume", f"run={run_dir}", "training.max_steps=N"
+    ]

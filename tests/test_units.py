@@ -258,3 +258,27 @@ def test_eval_refuses_a_seed_its_generators_cannot_take(seed):
     with pytest.raises(ConfigError, match=rf"^seed={seed}: must be in \[0, 2\*\*63\)"):
         parse_options(["run=somewhere", f"seed={seed}"], EvalOptions, USAGE)
     assert parse_options(["run=somewhere", "seed=0"], EvalOptions, USAGE).seed == 0
+
+
+# ----------------------------------------------------------------------------- hints
+
+
+def test_hints_with_a_path_can_be_pasted_into_a_shell():
+    import shlex
+
+    from gptexp.errors import TrainingInterrupted, resume_hint, shell_command
+
+    plain = TrainingInterrupted("SIGTERM", 7, "outputs/runs/a")
+    assert str(plain).endswith("resume with: make resume RUN=outputs/runs/a")
+    awkward = "/tmp/my runs/bob's run"
+    stopped = str(TrainingInterrupted("SIGTERM", 7, awkward))
+    command = stopped.partition("resume with: ")[2]
+    assert shlex.split(command) == ["python", "-m", "gptexp.resume", f"run={awkward}"]
+    extend = resume_hint(awkward, "training.max_steps=N")
+    assert shlex.split(extend)[-2:] == [f"run={awkward}", "training.max_steps=N"]
+    assert resume_hint("runs/a", "training.max_steps=N") == (
+        'make resume RUN=runs/a ARGS="training.max_steps=N"'
+    )
+    assert shlex.split(shell_command("python", "-m", "gptexp.eval", f"run={awkward}"))[-1] == (
+        f"run={awkward}"
+    )
