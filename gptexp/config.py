@@ -434,12 +434,15 @@ def parse_overrides(overrides: list[str]) -> list:
     package overrides (``key@pkg``) are Hydra's to check.
     """
     from hydra.core.override_parser.overrides_parser import OverridesParser
-    from hydra.errors import OverrideParseException
+    from hydra.errors import HydraException
 
-    try:
-        parsed = OverridesParser.create().parse_overrides(overrides)
-    except OverrideParseException as error:
-        raise ConfigError(str(error).splitlines()[0]) from None
+    parser, parsed = OverridesParser.create(), []
+    for item in overrides:
+        try:
+            parsed.append(parser.parse_override(item))
+        except HydraException as error:  # the grammar's errors
+            reason = str(error).splitlines()[0]
+            raise ConfigError(f"{item!r}: not an override key=value ({reason})") from None
     groups = config_groups()
     for override in parsed:
         key = override.key_or_group

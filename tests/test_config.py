@@ -179,6 +179,11 @@ def test_unknown_keys_and_options_are_refused_with_the_closest(overrides, start,
     assert str(error.value).startswith(start) and hint in str(error.value)
 
 
+def test_an_override_hydra_cannot_parse_is_named():
+    with pytest.raises(ConfigError, match=r"^'training\.lr=\[': not an override key=value"):
+        compose_config(["training.lr=["])
+
+
 def test_hydra_keys_and_presets_still_compose():
     cfg = compose_config(["experiment=quick", "hydra.run.dir=/tmp/x", "logger.entity=null"])
     assert cfg.experiment == "quick" and cfg.logger.entity is None
