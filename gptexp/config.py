@@ -468,9 +468,7 @@ def _check_options(override: Any, group: str, options: list[str]) -> None:
             continue
         close = difflib.get_close_matches(str(value), options, n=1, cutoff=0.5)
         hint = f"did you mean {group}={close[0]}? " if close else ""
-        raise ConfigError(
-            f"{group}={value}: no such option ({hint}options: {', '.join(options)})"
-        )
+        raise ConfigError(f"{group}={value}: no such option ({hint}options: {', '.join(options)})")
 
 
 def to_train_config(cfg: DictConfig | dict) -> TrainConfig:

@@ -63,7 +63,7 @@ def parse_resume_overrides(overrides: list[str]) -> list[tuple[str, Any]]:
     is a string that an int key reads as 10), their keys checked against the schema. Only
     one value per key applies to a stored run; a group choice would recompose it."""
     pairs = []
-    for item, override in zip(overrides, parse_overrides(overrides)):
+    for item, override in zip(overrides, parse_overrides(overrides), strict=True):
         key = override.key_or_group
         if override.is_sweep_override():
             raise ConfigError(

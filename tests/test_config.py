@@ -417,5 +417,9 @@ def test_the_hint_of_a_finished_run_can_be_pasted(tmp_path):
     assert code == 0 and "already finished at step 20" in stderr, stderr
     command = stderr.strip().partition("extend it with ")[2]
     assert shlex.split(command) == [
-        "python", "-m", "gptexp.resume", f"run={run_dir}", "training.max_steps=N"
+        "python",
+        "-m",
+        "gptexp.resume",
+        f"run={run_dir}",
+        "training.max_steps=N",
     ]
