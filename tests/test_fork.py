@@ -274,3 +274,18 @@ def test_fork_reads_yaml_words_as_train_does(stored_parent):
     assert options == [f"run={stored_parent}"] and ForkOptions(run=str(stored_parent))
     cfg, _ = overridden_config(RunDirectory(stored_parent), overrides, fork=True)
     assert (cfg.training.guard.action, cfg.logger.name) == ("off", "no")
+
+
+def test_fork_sweeps_read_values_as_train_sweeps_do():
+    from gptexp.fork import expand
+
+    assert expand(["training.lr=1e-4,3e-3", "logger.name='a,b'", "logger.tags=[x,y]"]) == [
+        ["training.lr=0.0001", "logger.name='a,b'", "logger.tags=[x,y]"],
+        ["training.lr=0.003", "logger.name='a,b'", "logger.tags=[x,y]"],
+    ]
+    assert expand(["training.seed=range(1,3)", "logger.name=choice(p,q)"]) == [
+        ["training.seed=1", "logger.name=p"],
+        ["training.seed=1", "logger.name=q"],
+        ["training.seed=2", "logger.name=p"],
+        ["training.seed=2", "logger.name=q"],
+    ]
