@@ -415,18 +415,26 @@ def check_keys(cfg: Any, schema: type = TrainConfig, prefix: str = "") -> None:
             check_keys(cfg[key], fields[key], f"{prefix}{key}.")
 
 
-def config_groups() -> dict[str, list[str]]:
-    """gptexp's config groups (``conf/<group>/``) and their options."""
-    return {
-        path.name: sorted(option.stem for option in path.glob("*.yaml"))
-        for path in sorted(CONF_DIR.iterdir())
-        if path.is_dir() and path.name != "hydra"
-    }
+def config_groups(search_path: tuple[Path, ...] = ()) -> dict[str, list[str]]:
+    """The config groups and their options: gptexp's (``conf/<group>/``) and those of the
+    directories a command line adds to Hydra's search path (``--config-dir``,
+    ``hydra.searchpath``)."""
+    groups: dict[str, set[str]] = {}
+    for root in (CONF_DIR, *search_path):
+        for path in sorted(root.iterdir()) if root.is_dir() else []:
+            if path.is_dir() and path.name != "hydra":
+                options = groups.setdefault(path.name, set())
+                options.update(o.stem for o in path.iterdir() if o.suffix in (".yaml", ".yml"))
+    return {name: sorted(options) for name, options in groups.items()}
 
 
-def parse_overrides(overrides: list[str]) -> list:
+def parse_overrides(
+    overrides: list[str], config_dirs: tuple[str, ...] = (), *, options_known: bool = True
+) -> list:
     """``overrides`` parsed with Hydra's override grammar (the one parser of every command),
-    with each config key and each group option checked against the schema and ``conf/``.
+    with each config key and each group option checked against the schema and the config
+    groups (``config_dirs``: directories the command line adds; ``options_known=False``: the
+    command line replaced the primary config, so Hydra alone knows the options).
 
     Hydra refuses a typo with its own traceback-like message and exit 1 (failed), and accepts
     ``+training.lrr=1`` (its own suggestion) silently; this names the key, suggests the
@@ -443,13 +451,22 @@ def parse_overrides(overrides: list[str]) -> list:
         except HydraException as error:  # the grammar's errors
             reason = str(error).splitlines()[0]
             raise ConfigError(f"{item!r}: not an override key=value ({reason})") from None
-    groups = config_groups()
+    search = [Path(d) for d in config_dirs]
+    for override in parsed:
+        if override.key_or_group == "hydra.searchpath" and isinstance(override.value(), list):
+            for entry in map(str, override.value()):
+                scheme, sep, where = entry.partition("://")
+                if sep and scheme != "file":  # pkg:// or a plugin's: Hydra alone lists those
+                    options_known = False
+                search.append(Path(where if sep else entry))
+    groups = config_groups(tuple(search))
     for override in parsed:
         key = override.key_or_group
         if key.split(".")[0].split("/")[0] == "hydra" or override.package is not None:
             continue
         if key in groups and not override.is_delete():
-            _check_options(override, key, groups[key])
+            if options_known:
+                _check_options(override, key, groups[key])
         else:
             check_key(key)
     return parsed
@@ -466,7 +483,7 @@ def _check_options(override: Any, group: str, options: list[str]) -> None:
     for value in values:
         if value is None or (isinstance(value, str) and value in options):
             continue
-        close = difflib.get_close_matches(str(value), options, n=1, cutoff=0.5)
+        close = difflib.get_close_matches(str(value), options, n=1, cutoff=0.6)
         hint = f"did you mean {group}={close[0]}? " if close else ""
         raise ConfigError(f"{group}={value}: no such option ({hint}options: {', '.join(options)})")
 

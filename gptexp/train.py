@@ -112,7 +112,11 @@ def check_command_line(argv: list[str]) -> None:
     from hydra._internal.utils import get_args_parser
 
     args, _ = get_args_parser().parse_known_args(argv)
-    parse_overrides(args.overrides)
+    parse_overrides(
+        args.overrides,
+        tuple(filter(None, [args.config_dir])),
+        options_known=not (args.config_path or args.config_name),  # another primary config
+    )
 
 
 def main() -> None:

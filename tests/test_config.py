@@ -189,6 +189,22 @@ def test_hydra_keys_and_presets_still_compose():
     assert cfg.experiment == "quick" and cfg.logger.entity is None
 
 
+def test_own_groups_on_the_search_path_are_options(tmp_path):
+    """The README's own groups (``--config-dir``, ``hydra.searchpath``) are options too."""
+    from gptexp.train import check_command_line
+
+    (tmp_path / "my_conf" / "model").mkdir(parents=True)
+    (tmp_path / "my_conf" / "model" / "mine.yaml").write_text("n_layer: 1\n")
+    mine = str(tmp_path / "my_conf")
+    check_command_line(["--config-dir", mine, "model=mine", "training.lr=0.1"])
+    check_command_line([f"hydra.searchpath=[file://{mine}]", "model=mine"])
+    check_command_line(["--config-name", "other", "model=whatever"])  # another primary config
+    with pytest.raises(ConfigError, match=r"^model=mien: no such option \(did you mean model=mine"):
+        check_command_line(["--config-dir", mine, "model=mien"])
+    with pytest.raises(ConfigError, match=r"^model=mine: no such option"):
+        check_command_line(["model=mine"])
+
+
 def test_a_key_added_behind_composition_is_refused():
     """The typed config is the one source of keys, whatever composed the tree: Hydra's
     ``+key`` adds to a structured node, which OmegaConf would carry as a stray attribute."""
