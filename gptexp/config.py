@@ -1,10 +1,12 @@
 """Typed configuration: one dataclass per config group, validated in ``__post_init__``.
 
 Hydra composes the YAML files under ``conf/`` over these schemas (registered in the
-ConfigStore by :func:`register_configs`), so an unknown key or a value of the wrong type fails
-at composition. ``OmegaConf.to_object`` then builds the dataclasses once, at the entry point,
-and ``__post_init__`` rejects impossible values with a message that names the key. Everything
-below the entry points sees these typed objects only.
+ConfigStore by :func:`register_configs`), so a value of the wrong type fails at composition.
+The schemas are the one source of keys: :func:`parse_overrides` (the one override parser of
+train, sweeps, resume and fork) and :func:`to_train_config` refuse any other key, however it
+was added (``+key=`` too), naming the closest one. ``OmegaConf.to_object`` then builds the
+dataclasses once, at the entry point, and ``__post_init__`` rejects impossible values with a
+message that names the key. Everything below the entry points sees these typed objects only.
 """
 
 from __future__ import annotations
