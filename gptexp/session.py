@@ -18,7 +18,7 @@ from omegaconf.errors import OmegaConfBaseException
 from gptexp.checkpoint import CheckpointEntry, CheckpointManager
 from gptexp.config import TrainConfig, config_to_dict, parse_overrides, to_train_config
 from gptexp.data import Corpus, Tokenizer, prepare_corpus, tokenizer_from_json
-from gptexp.errors import ConfigError, TrainingInterrupted, shell_command
+from gptexp.errors import CheckpointError, ConfigError, TrainingInterrupted, shell_command
 from gptexp.forking import ForkStart, wandb_lineage
 from gptexp.fsio import atomic_write_text
 from gptexp.hf import import_source
@@ -121,13 +121,27 @@ def resume_config(run: RunDirectory, overrides: list[str]) -> tuple[TrainConfig,
     """The typed config to resume with, and the changes the overrides make. A run cannot be
     cut short of the step it reached: that would rewrite its history as a shorter run."""
     cfg, changes = overridden_config(run, overrides)
-    step = run.read_status().get("step")
-    if isinstance(step, int) and not isinstance(step, bool) and cfg.training.max_steps < step:
+    step = reached_step(run, cfg)
+    if step is not None and cfg.training.max_steps < step:
         raise ConfigError(
             f"training.max_steps={cfg.training.max_steps}: the run is at step {step}; "
             f"give training.max_steps > {step} to train it further"
         )
     return cfg, changes
+
+
+def reached_step(run: RunDirectory, cfg: TrainConfig) -> int | None:
+    """The furthest step the run recorded: run.json's (written when it stopped) or, for a run
+    killed before it could say, its newest listed checkpoint's; None when it has neither."""
+    recorded = run.read_status().get("step")
+    steps = [recorded] if isinstance(recorded, int) and not isinstance(recorded, bool) else []
+    with contextlib.suppress(CheckpointError):  # a damaged manifest is the resume's to report
+        steps += [
+            entry.step
+            for entry in CheckpointManager(run.checkpoints, cfg.checkpoint).entries()
+            if isinstance(entry.step, int)
+        ]
+    return max(steps, default=None)
 
 
 # ----------------------------------------------------------------------------- the pieces

@@ -439,3 +439,20 @@ def test_the_hint_of_a_finished_run_can_be_pasted(tmp_path):
         f"run={run_dir}",
         "training.max_steps=N",
     ]
+
+
+def test_resume_of_a_killed_run_is_not_cut_short_of_its_checkpoints(stopped_run):
+    """Killed before run.json had its step: the newest listed checkpoint is where it is."""
+    import gptexp.resume
+
+    status = json.loads((stopped_run / "run.json").read_text())
+    del status["step"]
+    status["status"] = "running"
+    (stopped_run / "run.json").write_text(json.dumps(status))
+    (stopped_run / "checkpoints").mkdir()
+    entry = {"file": "step_0000057.pt", "step": 57, "sha256": "0" * 64, "bytes": 1}
+    (stopped_run / "checkpoints" / "manifest.json").write_text(
+        json.dumps({"checkpoints": [entry | {"file": "step_0000050.pt", "step": 50}, entry]})
+    )
+    code, stderr = call_main(gptexp.resume.main, f"run={stopped_run}", "training.max_steps=40")
+    assert code == 2 and "the run is at step 57; give training.max_steps > 57" in stderr, stderr
