@@ -397,9 +397,7 @@ def check_key(path: str) -> None:
             return  # inside a value (a list, a free-form string): not a config key any more
         fields = _schema_fields(schema)
         if part not in fields:
-            prefix = "".join(f"{p}." for p in parts[:depth])
-            extra = [g for g in config_groups() if depth == 0 and g not in fields]
-            raise _unknown(part, sorted(fields) + extra, prefix)
+            raise _unknown(part, sorted(fields), "".join(f"{p}." for p in parts[:depth]))
         schema = fields[part]
 
 
