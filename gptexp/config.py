@@ -1,17 +1,21 @@
 """Typed configuration: one dataclass per config group, validated in ``__post_init__``.
 
 Hydra composes the YAML files under ``conf/`` over these schemas (registered in the
-ConfigStore by :func:`register_configs`), so an unknown key or a value of the wrong type fails
-at composition. ``OmegaConf.to_object`` then builds the dataclasses once, at the entry point,
-and ``__post_init__`` rejects impossible values with a message that names the key. Everything
-below the entry points sees these typed objects only.
+ConfigStore by :func:`register_configs`), so a value of the wrong type fails at composition.
+The schemas are the one source of keys: :func:`parse_overrides` (the one override parser of
+train, sweeps, resume and fork) and :func:`to_train_config` refuse any other key, however it
+was added (``+key=`` too), naming the closest one. ``OmegaConf.to_object`` then builds the
+dataclasses once, at the entry point, and ``__post_init__`` rejects impossible values with a
+message that names the key. Everything below the entry points sees these typed objects only.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import math
 import os
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -29,6 +33,11 @@ def _require(ok: bool, key: str, message: str, value: Any) -> None:
 
 def _one_of(key: str, value: str, choices: tuple[str, ...]) -> None:
     _require(value in choices, key, f"must be one of {', '.join(choices)}", value)
+
+
+def check_seed(key: str, value: int) -> None:
+    """A seed numpy's and torch's generators both take (numpy refuses negative ones)."""
+    _require(0 <= value < 2**63, key, "must be in [0, 2**63)", value)
 
 
 ACTIVATIONS = ("gelu", "gelu_tanh")
@@ -210,6 +219,7 @@ class TrainingConfig:
         ):
             value = getattr(self, key)
             _require(value >= 0, f"training.{key}", "must be >= 0", value)
+        check_seed("training.seed", self.seed)
         _require(self.lr > 0 and math.isfinite(self.lr), "training.lr", "must be > 0", self.lr)
         _require(
             0 <= self.min_lr <= self.lr,
@@ -345,6 +355,7 @@ def compose_config(overrides: list[str] | None = None) -> TrainConfig:
     from hydra import compose, initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
 
+    parse_overrides(overrides or [])
     register_configs()
     GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base=None):
@@ -360,12 +371,133 @@ def register_configs() -> None:
     store.store(name="train_schema", node=TrainConfig)
 
 
+# ----------------------------------------------------------------------------- keys
+
+# The schema above is the one source of config keys. Hydra's ``+key=`` / ``++key=`` add keys
+# that are in no schema (and OmegaConf carries them into the dataclasses as stray attributes),
+# so every key is checked here, against the dataclasses, however it was added.
+
+
+def _schema_fields(schema: type) -> dict[str, Any]:
+    """The fields of a config dataclass with their types (nested configs as classes)."""
+    hints = typing.get_type_hints(schema)
+    return {f.name: hints[f.name] for f in dataclasses.fields(schema)}
+
+
+def _unknown(key: str, candidates: list[str], prefix: str) -> ConfigError:
+    """An unknown key, with the closest known one."""
+    close = difflib.get_close_matches(key, candidates, n=1, cutoff=0.6)
+    hint = f"did you mean {prefix}{close[0]}?" if close else f"known: {', '.join(candidates)}"
+    return ConfigError(f"{prefix}{key}: no such config key ({hint})")
+
+
+def check_key(path: str) -> None:
+    """ConfigError unless ``path`` (``training.guard.action``) names a key of the schema."""
+    schema: Any = TrainConfig
+    parts = path.split(".")
+    for depth, part in enumerate(parts):
+        if not dataclasses.is_dataclass(schema):
+            return  # inside a value (a list, a free-form string): not a config key any more
+        fields = _schema_fields(schema)
+        if part not in fields:
+            raise _unknown(part, sorted(fields), "".join(f"{p}." for p in parts[:depth]))
+        schema = fields[part]
+
+
+def check_keys(cfg: Any, schema: type = TrainConfig, prefix: str = "") -> None:
+    """ConfigError naming the first key of ``cfg`` (a mapping) that the schema lacks."""
+    if isinstance(cfg, DictConfig):
+        cfg = OmegaConf.to_container(cfg, resolve=False)  # keys only: nothing is resolved
+    if not isinstance(cfg, dict):
+        return
+    fields = _schema_fields(schema)
+    for key in cfg:
+        if key not in fields:
+            raise _unknown(str(key), sorted(fields), prefix)
+        if dataclasses.is_dataclass(fields[key]):
+            check_keys(cfg[key], fields[key], f"{prefix}{key}.")
+
+
+def config_groups(search_path: tuple[Path, ...] = ()) -> dict[str, list[str]]:
+    """The config groups and their options: gptexp's (``conf/<group>/``) and those of the
+    directories a command line adds to Hydra's search path (``--config-dir``,
+    ``hydra.searchpath``)."""
+    groups: dict[str, set[str]] = {}
+    for root in (CONF_DIR, *search_path):
+        for path in sorted(root.iterdir()) if root.is_dir() else []:
+            if path.is_dir() and path.name != "hydra":
+                options = groups.setdefault(path.name, set())
+                options.update(o.stem for o in path.iterdir() if o.suffix in (".yaml", ".yml"))
+    return {name: sorted(options) for name, options in groups.items()}
+
+
+def parse_overrides(
+    overrides: list[str], config_dirs: tuple[str, ...] = (), *, options_known: bool = True
+) -> list:
+    """``overrides`` parsed with Hydra's override grammar (the one parser of every command),
+    with each config key and each group option checked against the schema and the config
+    groups (``config_dirs``: directories the command line adds; ``options_known=False``: the
+    command line replaced the primary config, so Hydra alone knows the options).
+
+    Hydra refuses a typo with its own traceback-like message and exit 1 (failed), and accepts
+    ``+training.lrr=1`` (its own suggestion) silently; this names the key, suggests the
+    closest one and is bad input (exit 2). Hydra's own keys (``hydra.*``, ``hydra/...``) and
+    package overrides (``key@pkg``) are Hydra's to check.
+    """
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import HydraException
+
+    parser, parsed = OverridesParser.create(), []
+    for item in overrides:
+        try:
+            parsed.append(parser.parse_override(item))
+        except HydraException as error:  # the grammar's errors
+            reason = str(error).splitlines()[0]
+            raise ConfigError(f"{item!r}: not an override key=value ({reason})") from None
+    search = [Path(d) for d in config_dirs]
+    for override in parsed:
+        if override.key_or_group == "hydra.searchpath" and isinstance(override.value(), list):
+            for entry in map(str, override.value()):
+                scheme, sep, where = entry.partition("://")
+                if sep and scheme != "file":  # pkg:// or a plugin's: Hydra alone lists those
+                    options_known = False
+                search.append(Path(where if sep else entry))
+    groups = config_groups(tuple(search))
+    for override in parsed:
+        key = override.key_or_group
+        if key.split(".")[0].split("/")[0] == "hydra" or override.package is not None:
+            continue
+        if key in groups and not override.is_delete():
+            if options_known:
+                _check_options(override, key, groups[key])
+        else:
+            check_key(key)
+    return parsed
+
+
+def _check_options(override: Any, group: str, options: list[str]) -> None:
+    if override.is_sweep_override():
+        try:
+            values = list(override.sweep_string_iterator())
+        except Exception:  # range() or glob() sweeps: Hydra checks them itself
+            return
+    else:
+        values = [override.value()]
+    for value in values:
+        if value is None or (isinstance(value, str) and value in options):
+            continue
+        close = difflib.get_close_matches(str(value), options, n=1, cutoff=0.6)
+        hint = f"did you mean {group}={close[0]}? " if close else ""
+        raise ConfigError(f"{group}={value}: no such option ({hint}options: {', '.join(options)})")
+
+
 def to_train_config(cfg: DictConfig | dict) -> TrainConfig:
     """Turn a composed config (or a plain dict, e.g. from a checkpoint) into typed config.
 
     Raises ConfigError with the offending key for unknown keys, wrong types and impossible
     values.
     """
+    check_keys(cfg)
     schema = OmegaConf.structured(TrainConfig)
     try:
         merged = OmegaConf.merge(schema, cfg)

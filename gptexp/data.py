@@ -37,8 +37,35 @@ SPLITS = {"train": 0, "val": 1}
 # ----------------------------------------------------------------------------- tokenizers
 
 
+# Characters per piece when a text is turned into arrays: 4 MB of UTF-32 at a time, so that
+# tokenizing needs the int64 ids and little more (a Python list of ids took 19 bytes a char).
+CHUNK_CHARS = 1 << 20
+
+
+def _code_points(piece: str) -> np.ndarray:
+    """The code points of ``piece``: its bytes for ASCII, else its UTF-32 (lone surrogates,
+    which a str may hold, included)."""
+    if piece.isascii():
+        return np.frombuffer(piece.encode("ascii"), dtype=np.uint8)
+    return np.frombuffer(piece.encode("utf-32-le", "surrogatepass"), dtype="<u4")
+
+
+def _distinct(points: np.ndarray) -> np.ndarray:
+    """The distinct code points of a piece, sorted (for bytes, a count beats a sort)."""
+    if points.dtype == np.uint8:
+        return np.flatnonzero(np.bincount(points, minlength=128))
+    return np.unique(points)
+
+
+def _pieces(text: str):
+    for start in range(0, len(text), CHUNK_CHARS):
+        yield start, text[start : start + CHUNK_CHARS]
+
+
 class CharTokenizer:
-    """One token per distinct character of the training text."""
+    """One token per distinct character of the training text: token i is the i-th character
+    in code point order (the order ``sorted`` gives), so ids never depend on how they were
+    computed."""
 
     kind = "char"
     unit = "char"  # what bits-per-unit is counted in
@@ -46,23 +73,52 @@ class CharTokenizer:
     def __init__(self, chars: list[str]) -> None:
         self.chars = chars
         self.index = {c: i for i, c in enumerate(chars)}
+        # Code point -> id, from ``index`` (so a stored vocabulary with a repeated or a
+        # multi-character entry maps as the dict does): a table for ASCII, a binary search over
+        # the sorted code points for the rest; -1 marks a character outside the vocabulary.
+        single = sorted((ord(c), i) for c, i in self.index.items() if len(c) == 1)
+        self.points = np.array([point for point, _ in single], dtype=np.int64)
+        self.ids = np.array([i for _, i in single], dtype=np.int64)
+        self.ascii = np.full(128, -1, dtype=np.int64)
+        ascii_points = self.points < 128
+        self.ascii[self.points[ascii_points]] = self.ids[ascii_points]
 
     @classmethod
     def train(cls, text: str, vocab_size: int = 0) -> CharTokenizer:
-        return cls(sorted(set(text)))
+        distinct = [_distinct(_code_points(piece)) for _, piece in _pieces(text)]
+        points = np.unique(np.concatenate(distinct)) if distinct else np.array([], np.int64)
+        return cls([chr(int(point)) for point in points])
 
     @property
     def vocab_size(self) -> int:
         return len(self.chars)
 
+    def encode_array(self, text: str) -> np.ndarray:
+        """The ids of ``text``, (len(text),) int64, built piece by piece in place."""
+        ids = np.empty(len(text), dtype=np.int64)
+        for start, piece in _pieces(text):
+            points = _code_points(piece)
+            found = self._lookup(points)
+            if (found < 0).any():
+                unknown = sorted({chr(int(p)) for p in np.unique(points[found < 0])})
+                raise ValueError(
+                    f"characters not in the tokenizer's vocabulary: {''.join(unknown)!r} "
+                    f"(a char tokenizer knows only the {self.vocab_size} characters of its "
+                    "corpus)"
+                )
+            ids[start : start + len(piece)] = found
+        return ids
+
+    def _lookup(self, points: np.ndarray) -> np.ndarray:
+        if points.dtype == np.uint8:
+            return self.ascii[points]
+        if not len(self.points):
+            return np.full(len(points), -1, dtype=np.int64)
+        slot = np.minimum(np.searchsorted(self.points, points), len(self.points) - 1)
+        return np.where(self.points[slot] == points, self.ids[slot], -1)
+
     def encode(self, text: str) -> list[int]:
-        unknown = sorted(set(text) - self.index.keys())
-        if unknown:
-            raise ValueError(
-                f"characters not in the tokenizer's vocabulary: {''.join(unknown)!r} "
-                f"(a char tokenizer knows only the {self.vocab_size} characters of its corpus)"
-            )
-        return [self.index[c] for c in text]
+        return self.encode_array(text).tolist()
 
     def decode(self, ids: list[int]) -> str:
         return "".join(self.chars[i] for i in ids)
@@ -152,10 +208,18 @@ def cache_dir() -> Path:
 
 
 def _read_utf8(path: Path, key: str) -> str:
+    """The text of a regular file (a device such as /dev/zero never ends, a pipe is read once)."""
+    named = f"{key}={str(path)!r}"
+    if not path.exists():
+        raise DataError(f"{named}: no such file")
+    if path.is_dir():
+        raise DataError(f"{named}: a directory; give the text file itself")
     if not path.is_file():
-        raise DataError(f"{key}={str(path)!r}: no such file")
+        raise DataError(f"{named}: not a regular file (a device, pipe or socket); give a text file")
     try:
         return path.read_text(encoding="utf-8")
+    except PermissionError:
+        raise DataError(f"{named}: permission denied (cannot read it)") from None
     except UnicodeDecodeError as error:
         raise DataError(f"{key}={str(path)!r}: not UTF-8 text ({error.reason})") from None
 
@@ -237,14 +301,44 @@ def prepare_corpus(
     cached by the text's sha256 and the tokenizer settings (see ``corpus_cache``), so a second
     run on the same text does not tokenize it again.
     """
+    try:
+        return _prepare(cfg, block_size, tokenizer, expected_fingerprint)
+    except MemoryError:
+        # Reading and tokenizing need about 10 bytes per character (the text and its int64
+        # ids); an allocation that fails is the text's size, not a bug.
+        size = _source_size(cfg)
+        raise DataError(
+            f"{_source(cfg)}: out of memory while reading and tokenizing the text"
+            f"{f' ({size / 1e6:,.0f} MB)' if size is not None else ''}; it needs about 10 "
+            "bytes of memory per character: use a smaller text or a machine with more memory"
+        ) from None
+
+
+def _source(cfg: DataConfig) -> str:
+    """The corpus as the user named it."""
+    return f"data.path={cfg.path!r}" if cfg.path else f"data={cfg.name}"
+
+
+def _source_size(cfg: DataConfig) -> int | None:
+    try:
+        return os.stat(cfg.path).st_size if cfg.path else None
+    except OSError:
+        return None
+
+
+def _prepare(
+    cfg: DataConfig,
+    block_size: int,
+    tokenizer: Tokenizer | None,
+    expected_fingerprint: str | None,
+) -> Corpus:
     text = load_text(cfg)
     if not text:
         raise DataError(f"data.name={cfg.name!r}: the text is empty")
     fingerprint = sha256_text(text)
     if expected_fingerprint is not None and fingerprint != expected_fingerprint:
-        where = f"data.path={cfg.path!r}" if cfg.path else f"data={cfg.name}"
         raise DataError(
-            f"{where}: the text differs from the one this run was trained on (sha256); "
+            f"{_source(cfg)}: the text differs from the one this run was trained on (sha256); "
             "use the original text (data.path=<where it is now>)"
         )
     given = tokenizer.to_json() if tokenizer is not None else None
@@ -272,23 +366,31 @@ def prepare_corpus(
 
 def _tokenize(cfg: DataConfig, text: str, fingerprint: str, tokenizer: Tokenizer | None) -> Corpus:
     cut = int(len(text) * (1 - cfg.val_fraction))
-    train_text, val_text = text[:cut], text[cut:]
     if tokenizer is None:
         # A char vocabulary covers the whole text, so that a character that occurs only in
         # the validation split still has a token; BPE is byte-level and covers anything.
-        source = text if cfg.tokenizer == "char" else train_text
+        source = text if cfg.tokenizer == "char" else text[:cut]
         tokenizer = train_tokenizer(cfg.tokenizer, source, cfg.vocab_size)
     try:
-        train_ids, val_ids = tokenizer.encode(train_text), tokenizer.encode(val_text)
+        if isinstance(tokenizer, CharTokenizer):
+            # One token per character: the whole text at once, split by position, with no
+            # copy of either split's text.
+            ids = torch.from_numpy(tokenizer.encode_array(text))
+            train_ids, val_ids, units = ids[:cut], ids[cut:], (cut, len(text) - cut)
+        else:
+            train_text, val_text = text[:cut], text[cut:]
+            train_ids = torch.tensor(tokenizer.encode(train_text), dtype=torch.long)
+            val_ids = torch.tensor(tokenizer.encode(val_text), dtype=torch.long)
+            units = (tokenizer.units(train_text), tokenizer.units(val_text))
     except ValueError as error:
         raise DataError(f"data: {error}") from None
     return Corpus(
         tokenizer=tokenizer,
-        train=torch.tensor(train_ids, dtype=torch.long),
-        val=torch.tensor(val_ids, dtype=torch.long),
+        train=train_ids,
+        val=val_ids,
         fingerprint=fingerprint,
-        train_units=tokenizer.units(train_text),
-        val_units=tokenizer.units(val_text),
+        train_units=units[0],
+        val_units=units[1],
     )
 
 

@@ -9,6 +9,8 @@ that turns these into exit codes.
 
 from __future__ import annotations
 
+import shlex
+
 EXIT_OK = 0
 EXIT_FAILURE = 1  # a run or job failed (NaN loss, a failed sweep job, diverging runs in diff)
 EXIT_USER_ERROR = 2
@@ -35,10 +37,25 @@ class TrainingInterrupted(Exception):
     """Training stopped on a signal after saving; the run is resumable."""
 
     def __init__(self, signame: str, step: int, run_path: str | None = None) -> None:
-        where = f"make resume RUN={run_path}" if run_path else "make resume RUN=<run dir>"
+        where = resume_hint(run_path) if run_path else "make resume RUN=<run dir>"
         super().__init__(f"stopped by {signame} at step {step}; resume with: {where}")
         self.signame = signame
         self.step = step
+
+
+def shell_command(*words: object) -> str:
+    """A command for a hint, to be pasted into a shell: each word quoted where it must be
+    (a path with a space or a quote)."""
+    return " ".join(shlex.quote(str(word)) for word in words)
+
+
+def resume_hint(run_path: object, *args: str) -> str:
+    """How to resume the run at ``run_path``: ``make resume RUN=...`` (the documented way),
+    or, for a path make would split at its spaces, the python command it runs."""
+    path = str(run_path)
+    if all(shlex.quote(word) == word for word in (path, *args)):
+        return f"make resume RUN={path}" + (f' ARGS="{" ".join(args)}"' if args else "")
+    return shell_command("python", "-m", "gptexp.resume", f"run={path}", *args)
 
 
 class TrainingDiverged(FloatingPointError):

@@ -22,7 +22,7 @@ from typing import Any, ClassVar
 import torch
 
 from gptexp.cli import command_logging, parse_options, run_command
-from gptexp.config import DEVICES
+from gptexp.config import DEVICES, check_seed
 from gptexp.data import Tokenizer
 from gptexp.errors import USER_ERRORS, ConfigError, RunError
 from gptexp.evaluation import (
@@ -80,6 +80,8 @@ class EvalOptions:
             value = getattr(self, key)
             if value is not None and value < 1:
                 raise ConfigError(f"{key}={value}: must be >= 1")
+        if self.seed is not None:
+            check_seed("seed", self.seed)
         if self.samples is not None and self.samples < 0:
             raise ConfigError(f"samples={self.samples}: must be >= 0")
         if not (self.temperature >= 0 and math.isfinite(self.temperature)):

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 from gptexp.cli import command_logging, parse_options, run_command
-from gptexp.config import TrainConfig
+from gptexp.config import TrainConfig, parse_overrides
 from gptexp.errors import USER_ERRORS, ConfigError, JobFailed, RunError, TrainingInterrupted
 from gptexp.evaluation import check_ckpt, load_run_checkpoint
 from gptexp.forking import ForkStart, data_changed, fork_corpus, parse_reset
@@ -174,13 +174,17 @@ def fork_one(options: ForkOptions, overrides: list[str]) -> float | None:
 
 
 def expand(overrides: list[str]) -> list[list[str]]:
-    """One list of overrides per combination of the comma-separated values (a list value in
-    brackets is one value)."""
+    """One list of overrides per combination of the swept values, read as ``train -m`` reads
+    them (Hydra's grammar: ``a,b``, ``choice(a,b)``, ``range(1,4)``; a list in brackets or a
+    quoted value with commas is one value); each value is written back as Hydra writes a
+    job's override."""
     choices = []
-    for item in overrides:
-        key, _, value = item.partition("=")
-        values = [value] if value.startswith(("[", "{")) else value.split(",")
-        choices.append([f"{key}={v}" for v in values])
+    for item, override in zip(overrides, parse_overrides(overrides), strict=True):
+        if not override.is_sweep_override():
+            choices.append([item])
+            continue
+        key = item.partition("=")[0]
+        choices.append([f"{key}={value}" for value in override.sweep_string_iterator()])
     return [list(combination) for combination in itertools.product(*choices)]
 
 

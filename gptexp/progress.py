@@ -62,3 +62,8 @@ def duration(seconds: float) -> str:
     if seconds >= 3600:
         return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
     return f"{seconds // 60}m{seconds % 60:02d}s"
+
+
+def plural(count: int, word: str, many: str | None = None) -> str:
+    """``1 thread``, ``2 threads`` (``many``: an irregular plural, e.g. processes)."""
+    return f"{count} {word if count == 1 else many or word + 's'}"

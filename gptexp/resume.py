@@ -13,7 +13,7 @@ from __future__ import annotations
 import sys
 
 from gptexp.cli import command_logging, run_command
-from gptexp.errors import ConfigError
+from gptexp.errors import ConfigError, resume_hint
 from gptexp.metrics import FINAL_VAL_LOSS
 from gptexp.process_tuning import freeze_imported_objects
 from gptexp.rundir import require_run
@@ -46,7 +46,7 @@ def resume(argv: list[str]) -> float | None:
         step = run.read_status()["step"]
         print(
             f"{run.path}: already finished at step {step}; extend it with "
-            f'make resume RUN={run.path} ARGS="training.max_steps=N"',
+            + resume_hint(run.path, "training.max_steps=N"),
             file=sys.stderr,
         )
         return run.read_status().get(FINAL_VAL_LOSS)

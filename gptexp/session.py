@@ -11,13 +11,14 @@ import contextlib
 import logging
 from typing import Any
 
+from hydra.core.override_parser.types import OverrideType
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from gptexp.checkpoint import CheckpointEntry, CheckpointManager
-from gptexp.config import TrainConfig, config_to_dict, to_train_config
+from gptexp.config import TrainConfig, config_to_dict, parse_overrides, to_train_config
 from gptexp.data import Corpus, Tokenizer, prepare_corpus, tokenizer_from_json
-from gptexp.errors import ConfigError, TrainingInterrupted
+from gptexp.errors import CheckpointError, ConfigError, TrainingInterrupted, shell_command
 from gptexp.forking import ForkStart, wandb_lineage
 from gptexp.fsio import atomic_write_text
 from gptexp.hf import import_source
@@ -57,17 +58,26 @@ FORK_FROZEN_KEYS = ("data.tokenizer", "data.vocab_size")
 # ----------------------------------------------------------------------------- resume config
 
 
-def parse_resume_overrides(overrides: list[str]) -> list[str]:
-    """Only ``key.path=value`` applies to a stored run; a group choice would recompose."""
-    for item in overrides:
-        key, sep, _ = item.partition("=")
-        if not sep or key.startswith(("+", "~")) or "." not in key:
+def parse_resume_overrides(overrides: list[str]) -> list[tuple[str, Any]]:
+    """``key.path=value`` overrides as (key, value), parsed exactly as ``train`` parses them
+    (Hydra's override grammar: ``off`` and ``yes`` stay strings, ``null`` is None, ``010``
+    is a string that an int key reads as 10), their keys checked against the schema. Only
+    one value per key applies to a stored run; a group choice would recompose it."""
+    pairs = []
+    for item, override in zip(overrides, parse_overrides(overrides), strict=True):
+        key = override.key_or_group
+        if override.is_sweep_override():
+            raise ConfigError(
+                f"{item!r}: one value per key (a sweep of forks is python -m gptexp.fork -m)"
+            )
+        if override.type != OverrideType.CHANGE or override.package or "." not in key:
             raise ConfigError(
                 f"{item!r}: a resumed or forked run takes key=value overrides of its stored "
                 "config (e.g. training.max_steps=6000); group choices such as model=small "
                 "would start a different run"
             )
-    return overrides
+        pairs.append((key, override.value()))
+    return pairs
 
 
 def overridden_config(
@@ -81,12 +91,12 @@ def overridden_config(
     Refused changes are listed as a diff.
     """
     old = to_train_config(stored_config(run))
-    try:
-        merged = OmegaConf.merge(
-            OmegaConf.structured(old), OmegaConf.from_dotlist(parse_resume_overrides(overrides))
-        )
-    except OmegaConfBaseException as error:
-        raise ConfigError(str(error).splitlines()[0]) from None
+    merged = OmegaConf.structured(old)
+    for key, value in parse_resume_overrides(overrides):
+        try:  # the update Hydra applies to train's overrides
+            OmegaConf.update(merged, key, value, merge=True)
+        except OmegaConfBaseException as error:
+            raise ConfigError(f"{key}: {str(error).splitlines()[0]}") from None
     new = to_train_config(merged)
     changes = config_diff(config_to_dict(old), config_to_dict(new))
     frozen_groups = ("model",) if fork else FROZEN_GROUPS
@@ -109,8 +119,30 @@ def overridden_config(
 
 
 def resume_config(run: RunDirectory, overrides: list[str]) -> tuple[TrainConfig, dict]:
-    """The typed config to resume with, and the changes the overrides make."""
-    return overridden_config(run, overrides)
+    """The typed config to resume with, and the changes the overrides make. A run cannot be
+    cut short of the step it reached: that would rewrite its history as a shorter run."""
+    cfg, changes = overridden_config(run, overrides)
+    step = reached_step(run, cfg)
+    if step is not None and cfg.training.max_steps < step:
+        raise ConfigError(
+            f"training.max_steps={cfg.training.max_steps}: the run is at step {step}; "
+            f"give training.max_steps > {step} to train it further"
+        )
+    return cfg, changes
+
+
+def reached_step(run: RunDirectory, cfg: TrainConfig) -> int | None:
+    """The furthest step the run recorded: run.json's (written when it stopped) or, for a run
+    killed before it could say, its newest listed checkpoint's; None when it has neither."""
+    recorded = run.read_status().get("step")
+    steps = [recorded] if isinstance(recorded, int) and not isinstance(recorded, bool) else []
+    with contextlib.suppress(CheckpointError):  # a damaged manifest is the resume's to report
+        steps += [
+            entry.step
+            for entry in CheckpointManager(run.checkpoints, cfg.checkpoint).entries()
+            if isinstance(entry.step, int)
+        ]
+    return max(steps, default=None)
 
 
 # ----------------------------------------------------------------------------- the pieces
@@ -309,10 +341,10 @@ def _fit(trainer, run, dist_ctx, metrics, mirror, board=None) -> float | None:
         result = trainer.fit()
         status = FINISHED
         log.info(
-            "finished at step %d: val/loss %s; evaluate with: python -m gptexp.eval run=%s",
+            "finished at step %d: val/loss %s; evaluate with: %s",
             trainer.step,
             "n/a" if result is None else f"{result:.4f}",
-            run.path,
+            shell_command("python", "-m", "gptexp.eval", f"run={run.path}"),
         )
         return result
     except (TrainingInterrupted, KeyboardInterrupt):

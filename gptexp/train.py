@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import math
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -20,8 +21,8 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from gptexp.cli import command_logging, run_command
-from gptexp.config import CONF_DIR, register_configs, to_train_config
-from gptexp.errors import JobFailed, RunError
+from gptexp.config import CONF_DIR, parse_overrides, register_configs, to_train_config
+from gptexp.errors import JobFailed, RunError, resume_hint
 from gptexp.hf import resolve_init_from
 from gptexp.process_tuning import freeze_imported_objects
 from gptexp.requeue import prefer_sigusr1
@@ -52,7 +53,7 @@ class ValidateBeforeRun(Callback):
         if run.has_started():
             raise RunError(
                 f"{run.path} already holds a run; continue it with "
-                f"make resume RUN={run.path} (or choose another hydra.run.dir)"
+                f"{resume_hint(run.path)} (or choose another hydra.run.dir)"
             )
 
 
@@ -105,9 +106,23 @@ def train(cfg: DictConfig) -> float | None:
             discard_unstarted(run)  # bad input leaves no half-made run directory behind
 
 
+def check_command_line(argv: list[str]) -> None:
+    """The overrides' keys and group options, before Hydra composes (see
+    gptexp.config.parse_overrides): a typo is bad input with one line, not Hydra's failure."""
+    from hydra._internal.utils import get_args_parser
+
+    args, _ = get_args_parser().parse_known_args(argv)
+    parse_overrides(
+        args.overrides,
+        tuple(filter(None, [args.config_dir])),
+        options_known=not (args.config_path or args.config_name),  # another primary config
+    )
+
+
 def main() -> None:
     freeze_imported_objects()  # gptexp.process_tuning: no collection walks torch's modules
     prefer_sigusr1()  # SLURM's pre-timeout signal for submitit jobs (gptexp.requeue)
+    run_command(lambda: check_command_line(sys.argv[1:]))
     register_configs()
     hydra.main(config_path=str(CONF_DIR), config_name="train", version_base=None)(train)()
 

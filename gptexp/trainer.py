@@ -58,7 +58,7 @@ from gptexp.parallel import (
     uses_named_state,
 )
 from gptexp.process_tuning import keep_freed_memory
-from gptexp.progress import Progress
+from gptexp.progress import Progress, plural
 from gptexp.rundir import RunDirectory
 from gptexp.runtime import (
     Distributed,
@@ -257,8 +257,8 @@ class Trainer:
             self._keep_global_batch(state["config"]["training"], saved_world)
         if saved_world != self.dist.world_size:
             log.warning(
-                "checkpoint was written by %d processes, resuming with %d: %s",
-                saved_world,
+                "checkpoint was written by %s, resuming with %d: %s",
+                plural(saved_world, "process", "processes"),
                 self.dist.world_size,
                 "the data stay the same, the losses match an uninterrupted run up to float "
                 "reduction order (with dropout, also not its random numbers, which cannot follow "
@@ -522,7 +522,7 @@ class Trainer:
                 self._track_best(metric)
                 with self.window.timing():
                     self._save_if_due(metric, final)
-                self._report(progress, record, loss)
+                self._report(progress, record)
             self.checkpoints.wait()
         finally:
             progress.close()
@@ -541,12 +541,12 @@ class Trainer:
 
     def _announce(self) -> None:
         log.info(
-            "model: %.2fM parameters (non-embedding), vocab %d, device %s, %s, %d threads",
+            "model: %.2fM parameters (non-embedding), vocab %d, device %s, %s, %s",
             self.model.num_parameters() / 1e6,
             self.corpus.tokenizer.vocab_size,
             self.device,
             self.cfg.training.precision,
-            torch.get_num_threads(),
+            plural(torch.get_num_threads(), "thread"),
         )
 
     def _stop_if_requested(self) -> None:
@@ -634,10 +634,12 @@ class Trainer:
         if self.dist.is_main or self.checkpoints.collective:  # DCP: every rank writes shards
             self.checkpoints.save(state, self.step, metric, reasons)
 
-    def _report(self, progress: Progress, record: dict[str, Any], loss: float) -> None:
+    def _report(self, progress: Progress, record: dict[str, Any]) -> None:
+        """The progress line shows what metrics.jsonl holds: under torchrun the loss is the
+        mean across ranks (``_train_record``), never this rank's own."""
         if TRAIN_LOSS not in record and VAL_LOSS not in record:
             return
-        postfix = {"loss": f"{loss:.4f}"}
+        postfix = {"loss": f"{record[TRAIN_LOSS]:.4f}"} if TRAIN_LOSS in record else {}
         if self.last_val_loss is not None:
             postfix["val"] = f"{self.last_val_loss:.4f}"
         if self.tokens_per_s:

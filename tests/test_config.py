@@ -8,6 +8,7 @@ message that names the key, without creating or touching a run directory.
 from __future__ import annotations
 
 import dataclasses
+import json
 import shutil
 import subprocess
 import sys
@@ -18,7 +19,7 @@ from hydra.errors import HydraException
 from omegaconf import OmegaConf
 
 import gptexp.train
-from gptexp.config import ConfigError, config_to_dict, to_train_config
+from gptexp.config import ConfigError, TrainConfig, config_to_dict, to_train_config
 from gptexp.data import prepare_corpus
 from tests.conftest import (
     CONF_DIR,
@@ -131,8 +132,6 @@ def test_command_line_overrides_win_over_group_files():
 
 # (overrides, the key the message must name). Each is one class of bad input.
 BAD_AT_COMPOSITION = {
-    "typo": (["training.lrr=1"], "training.lrr"),
-    "unknown top-level key": (["trainig.lr=1"], "trainig"),
     "wrong type float": (["training.lr=abc"], "training.lr"),
     "wrong type int": (["model.n_layer=two"], "model.n_layer"),
     "wrong type bool": (["model.bias=maybe"], "model.bias"),
@@ -145,6 +144,7 @@ BAD_VALUES = {
     "missing data.path for data=text": (["data=text"], "data.path"),
     "unknown tokenizer": (["data.tokenizer=words"], "data.tokenizer"),
     "val_fraction out of range": (["data.val_fraction=1.5"], "data.val_fraction"),
+    "negative seed": (["training.seed=-1"], "training.seed=-1: must be in [0, 2**63)"),
 }
 
 
@@ -155,6 +155,76 @@ def test_composition_rejects_typos_and_wrong_types(overrides, key):
     with pytest.raises(HydraException) as error:
         compose_config(overrides)
     assert key in str(error.value)
+
+
+# (overrides, the line's start, the suggestion): however a key is added, it must be the schema's.
+UNKNOWN_KEYS = {
+    "typo": (["training.lrr=1"], "training.lrr: no such config key", "training.lr?"),
+    "append": (["+training.lrr=1"], "training.lrr: no such config key", "training.lr?"),
+    "force append": (["++training.lrr=1"], "training.lrr: no such config key", "training.lr?"),
+    "nested": (["+training.guard.actoin=off"], "training.guard.actoin", "training.guard.action?"),
+    "top level": (["trainig.lr=1"], "trainig: no such config key", "training?"),
+    "new top level": (["+foo=1"], "foo: no such config key", "known: checkpoint"),
+    "group option": (["model=tinny"], "model=tinny: no such option", "model=tiny?"),
+    "group sweep": (["model=nano,tinny"], "model=tinny: no such option", "model=tiny?"),
+}
+
+
+@pytest.mark.parametrize(
+    ("overrides", "start", "hint"), UNKNOWN_KEYS.values(), ids=UNKNOWN_KEYS.keys()
+)
+def test_unknown_keys_and_options_are_refused_with_the_closest(overrides, start, hint):
+    with pytest.raises(ConfigError) as error:
+        compose_config(overrides)
+    assert str(error.value).startswith(start) and hint in str(error.value)
+
+
+def test_an_override_hydra_cannot_parse_is_named():
+    with pytest.raises(ConfigError, match=r"^'training\.lr=\[': not an override key=value"):
+        compose_config(["training.lr=["])
+
+
+def test_hydra_keys_and_presets_still_compose():
+    cfg = compose_config(["experiment=quick", "hydra.run.dir=/tmp/x", "logger.entity=null"])
+    assert cfg.experiment == "quick" and cfg.logger.entity is None
+
+
+def test_own_groups_on_the_search_path_are_options(tmp_path):
+    """The README's own groups (``--config-dir``, ``hydra.searchpath``) are options too."""
+    from gptexp.train import check_command_line
+
+    (tmp_path / "my_conf" / "model").mkdir(parents=True)
+    (tmp_path / "my_conf" / "model" / "mine.yaml").write_text("n_layer: 1\n")
+    mine = str(tmp_path / "my_conf")
+    check_command_line(["--config-dir", mine, "model=mine", "training.lr=0.1"])
+    check_command_line([f"hydra.searchpath=[file://{mine}]", "model=mine"])
+    check_command_line(["--config-name", "other", "model=whatever"])  # another primary config
+    with pytest.raises(ConfigError, match=r"^model=mien: no such option \(did you mean model=mine"):
+        check_command_line(["--config-dir", mine, "model=mien"])
+    with pytest.raises(ConfigError, match=r"^model=mine: no such option"):
+        check_command_line(["model=mine"])
+
+
+def test_a_key_added_behind_composition_is_refused():
+    """The typed config is the one source of keys, whatever composed the tree: Hydra's
+    ``+key`` adds to a structured node, which OmegaConf would carry as a stray attribute."""
+    tree = OmegaConf.structured(TrainConfig)
+    OmegaConf.update(tree, "training.lrr", 1, force_add=True)  # what Hydra does for +key
+    with pytest.raises(ConfigError, match=r"^training\.lrr: .*did you mean training\.lr\?"):
+        to_train_config(tree)
+
+
+@pytest.mark.parametrize(
+    "args",
+    [["+training.lrr=1"], ["model=tinny"], ["-m", "training.lrr=1,2"]],
+    ids=["append", "group option", "sweep"],
+)
+def test_train_refuses_unknown_keys_with_one_line_and_exit_2(args, tmp_path):
+    run_dir = tmp_path / "run"
+    code, stderr = call_main(gptexp.train.main, *args, *FAST, f"hydra.run.dir={run_dir}")
+    assert code == 2, stderr
+    assert stderr.count("error:") == 1 and "did you mean" in stderr, stderr
+    assert "Traceback" not in stderr and not run_dir.exists()
 
 
 @pytest.mark.parametrize(
@@ -284,3 +354,105 @@ def test_cli_refuses_to_relaunch_into_a_finished_run(finished_run, tmp_path):
     assert {name: (run_dir / name).read_bytes() for name in kept} == before
     assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == checkpoints
     assert read_metrics(run_dir)[-1]["step"] == 20
+
+
+# ----------------------------------------------------------------------------- resume and fork
+
+
+@pytest.fixture
+def stopped_run(tmp_path) -> Path:
+    """A run directory that stopped at step 57 (only its run.json: the config is read from it)."""
+    run_dir = tmp_path / "stopped"
+    run_dir.mkdir()
+    status = {"status": "interrupted", "step": 57, "config": config_to_dict(compose_config(FAST))}
+    (run_dir / "run.json").write_text(json.dumps(status))
+    return run_dir
+
+
+# Words YAML 1.1 reads as booleans or null, and numbers that must stay strings: train parses
+# them with Hydra's grammar, and resume and fork must read them the same way.
+SAME_IN_TRAIN_AND_RESUME = [
+    "training.guard.action=off",
+    "training.guard.action=skip",
+    "logger.project=on",
+    "logger.project=yes",
+    "logger.name=no",
+    "logger.name=010",
+    "logger.name=1e3",
+    "logger.entity=null",
+    "logger.entity='null'",
+    "training.deterministic=yes",
+    "training.compile=false",
+    "training.seed=010",
+    "logger.tags=[a,off]",
+]
+
+
+@pytest.mark.parametrize("override", SAME_IN_TRAIN_AND_RESUME)
+def test_resume_and_fork_read_overrides_as_train_does(override, stopped_run):
+    from gptexp.rundir import RunDirectory
+    from gptexp.session import overridden_config
+
+    launched = config_to_dict(compose_config([*FAST, override]))
+    run = RunDirectory(stopped_run)
+    assert config_to_dict(overridden_config(run, [override])[0]) == launched
+    assert config_to_dict(overridden_config(run, [override], fork=True)[0]) == launched
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("training.lrr=1", "training.lrr: no such config key (did you mean training.lr?)"),
+        ("+training.lrr=1", "training.lrr: no such config key (did you mean training.lr?)"),
+        ("++training.lrr=1", "training.lrr: no such config key (did you mean training.lr?)"),
+        ("model=tinny", "model=tinny: no such option (did you mean model=tiny?"),
+        ("training.max_steps=40", "the run is at step 57; give training.max_steps > 57"),
+    ],
+)
+def test_resume_refuses_unknown_keys_and_cutting_a_run_short(override, message, stopped_run):
+    import gptexp.resume
+
+    before = (stopped_run / "run.json").read_bytes()
+    code, stderr = call_main(gptexp.resume.main, f"run={stopped_run}", override)
+    assert code == 2 and stderr.count("error:") == 1 and message in stderr, stderr
+    assert (stopped_run / "run.json").read_bytes() == before
+
+
+def test_the_hint_of_a_finished_run_can_be_pasted(tmp_path):
+    import shlex
+
+    import gptexp.resume
+
+    run_dir = tmp_path / "my runs" / "it's done"
+    run_dir.mkdir(parents=True)
+    config = config_to_dict(compose_config([*FAST, "training.max_steps=20"]))
+    (run_dir / "run.json").write_text(
+        json.dumps({"status": "finished", "step": 20, "config": config})
+    )
+    code, stderr = call_main(gptexp.resume.main, f"run={run_dir}")
+    assert code == 0 and "already finished at step 20" in stderr, stderr
+    command = stderr.strip().partition("extend it with ")[2]
+    assert shlex.split(command) == [
+        "python",
+        "-m",
+        "gptexp.resume",
+        f"run={run_dir}",
+        "training.max_steps=N",
+    ]
+
+
+def test_resume_of_a_killed_run_is_not_cut_short_of_its_checkpoints(stopped_run):
+    """Killed before run.json had its step: the newest listed checkpoint is where it is."""
+    import gptexp.resume
+
+    status = json.loads((stopped_run / "run.json").read_text())
+    del status["step"]
+    status["status"] = "running"
+    (stopped_run / "run.json").write_text(json.dumps(status))
+    (stopped_run / "checkpoints").mkdir()
+    entry = {"file": "step_0000057.pt", "step": 57, "sha256": "0" * 64, "bytes": 1}
+    (stopped_run / "checkpoints" / "manifest.json").write_text(
+        json.dumps({"checkpoints": [entry | {"file": "step_0000050.pt", "step": 50}, entry]})
+    )
+    code, stderr = call_main(gptexp.resume.main, f"run={stopped_run}", "training.max_steps=40")
+    assert code == 2 and "the run is at step 57; give training.max_steps > 57" in stderr, stderr

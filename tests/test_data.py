@@ -46,6 +46,66 @@ def test_char_tokenizer_round_trips_non_ascii_text():
     assert tokenizer.vocab_size == len(set(MIXED))
 
 
+def _old_char_ids(text: str) -> tuple[list[str], list[int]]:
+    """How ids were computed before arrays: existing runs and caches hold these."""
+    chars = sorted(set(text))
+    index = {c: i for i, c in enumerate(chars)}
+    return chars, [index[c] for c in text]
+
+
+@pytest.mark.parametrize("chunk", [7, 64, 1 << 20])
+def test_char_ids_are_the_ones_runs_already_hold(chunk, monkeypatch):
+    """Pieces of every kind (ASCII only, mixed, astral and lone surrogates) and piece
+    boundaries inside them give the ids of the list-based tokenizer."""
+    monkeypatch.setattr(data, "CHUNK_CHARS", chunk)
+    text = "plain ascii text. " * 5 + MIXED * 3 + "\ud800 surrogate, \x00 NUL, \U0010ffff end"
+    chars, ids = _old_char_ids(text)
+    tokenizer = CharTokenizer.train(text)
+    assert tokenizer.chars == chars
+    assert tokenizer.encode(text) == ids
+    assert tokenizer_from_json(tokenizer.to_json()).encode_array(text).tolist() == ids
+    # A stored vocabulary in another order (or with a repeated entry) maps as its dict does.
+    shuffled = CharTokenizer(chars[::-1] + [chars[0], "ab"])
+    assert shuffled.encode(text) == [shuffled.index[c] for c in text]
+
+
+def test_prepared_char_corpus_keeps_its_ids_and_split(text_file):
+    corpus = prepare_corpus(data_config("data=text", f"data.path={text_file}"), block_size=16)
+    text = text_file.read_text(encoding="utf-8")
+    cut = int(len(text) * 0.9)
+    _, ids = _old_char_ids(text)
+    assert corpus.train.tolist() == ids[:cut] and corpus.val.tolist() == ids[cut:]
+    assert corpus.train.dtype == corpus.val.dtype == torch.int64
+    assert (corpus.train_units, corpus.val_units) == (cut, len(text) - cut)
+
+
+MEMORY_PROBE = """
+import resource, sys
+from gptexp.config import DataConfig
+from gptexp.data import _tokenize
+n = 20_000_000
+text = ("héllo wörld, the quick brown fox 日本 " * (n // 36 + 1))[:n]
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+_tokenize(DataConfig(), text, "fingerprint", None)
+print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) * 1024 / n)
+"""
+
+
+def test_tokenizing_a_char_corpus_needs_little_more_than_its_ids():
+    """20 M characters: the int64 ids are 8 bytes a character; the list-based tokenizer
+    peaked at 16 (3.75 GB for a 200 MB text), arrays stay close to the ids."""
+    import subprocess
+    import sys
+
+    from tests.conftest import subprocess_env
+
+    probe = subprocess.run(
+        [sys.executable, "-c", MEMORY_PROBE], env=subprocess_env(), capture_output=True, text=True
+    )
+    assert probe.returncode == 0, probe.stderr
+    assert float(probe.stdout) < 11, f"{float(probe.stdout):.1f} bytes per character"
+
+
 def test_char_tokenizer_names_unknown_characters():
     tokenizer = CharTokenizer.train("abc ")
     with pytest.raises(ValueError, match="characters not in the tokenizer's vocabulary") as error:
@@ -156,6 +216,32 @@ def test_missing_file_is_a_clear_error(tmp_path):
     path = tmp_path / "nowhere.txt"
     with pytest.raises(DataError, match=r"data\.path=.*nowhere\.txt.*no such file"):
         prepare_corpus(data_config("data=text", f"data.path={path}"), block_size=16)
+
+
+@pytest.mark.parametrize(
+    ("where", "message"),
+    [
+        ("/dev/zero", "not a regular file (a device, pipe or socket); give a text file"),
+        ("{tmp}", "a directory; give the text file itself"),
+    ],
+)
+def test_a_path_that_is_not_a_text_file_says_what_it_is(tmp_path, where, message):
+    path = where.format(tmp=tmp_path)
+    with pytest.raises(DataError) as error:
+        prepare_corpus(data_config("data=text", f"data.path={path}"), block_size=16)
+    assert str(error.value) == f"data.path={path!r}: {message}"
+
+
+def test_running_out_of_memory_is_one_line_naming_the_text(text_file, monkeypatch):
+    def no_memory(self, text):
+        raise MemoryError
+
+    monkeypatch.setattr(CharTokenizer, "encode_array", no_memory)
+    with pytest.raises(DataError) as error:
+        prepare_corpus(data_config("data=text", f"data.path={text_file}"), block_size=16)
+    message = str(error.value)
+    assert message.startswith(f"data.path={str(text_file)!r}: out of memory while reading")
+    assert "(0 MB)" in message and "use a smaller text" in message
 
 
 def test_block_size_longer_than_a_split_names_the_key(text_file):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -40,6 +41,15 @@ def test_two_ranks_resume_after_a_crash_bit_identical(tmp_path):
     assert_finished(result, straight)
     status = json.loads((straight / "run.json").read_text())
     assert status["status"] == "finished" and status["world_size"] == 2
+    # train.log (and the progress line) show the loss metrics.jsonl holds: the mean across
+    # the ranks, not rank 0's own.
+    shown = [
+        (int(m.group(1)), float(m.group(2)))
+        for m in re.finditer(r"step (\d+)/16 \| loss (\S+)", (straight / "train.log").read_text())
+    ]
+    records = read_metrics(straight)
+    logged = [(r["step"], round(r["train/loss"], 4)) for r in records if "train/loss" in r]
+    assert len(shown) == 16 and shown == logged
 
     # Rank 0 dies (SIGKILL) after step 10's checkpoint file is in place, before it is listed.
     result = torchrun(

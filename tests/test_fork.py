@@ -227,3 +227,65 @@ def test_multirun_makes_one_fork_per_value_under_one_sweep_dir(parent, tmp_path)
     tokens = {r["step"]: r["tokens"] for r in read_metrics(sweep / "0") if "tokens" in r}
     assert tokens[12] - tokens[11] == 16 * 64
     assert files_of(parent_dir) == before
+
+
+# ----------------------------------------------------------------------------- argument parsing
+
+
+@pytest.fixture
+def stored_parent(tmp_path) -> Path:
+    """A parent that only has a stored config: overrides are checked before any checkpoint."""
+    from gptexp.config import compose_config, config_to_dict
+    from tests.conftest import FAST
+
+    parent = tmp_path / "parent"
+    parent.mkdir()
+    config = config_to_dict(compose_config(FAST))
+    (parent / "run.json").write_text(json.dumps({"status": "finished", "config": config}))
+    return parent
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["+training.lrr=1"], "training.lrr: no such config key (did you mean training.lr?)"),
+        (["++training.lrr=1"], "training.lrr: no such config key (did you mean training.lr?)"),
+        (["-m", "training.lrr=1,2"], "training.lrr: no such config key"),
+        (["model=tinny"], "model=tinny: no such option (did you mean model=tiny?"),
+        (["training.guard.action=of"], "training.guard.action='of': must be one of off"),
+    ],
+)
+def test_fork_checks_overrides_as_train_does(stored_parent, tmp_path, args, message):
+    out = tmp_path / "never"
+    code, stderr = call_main(gptexp.fork.main, f"run={stored_parent}", f"out={out}", *args)
+    assert code == 2 and stderr.count("error:") == 1 and message in stderr, stderr
+    assert not out.exists()
+
+
+def test_fork_reads_yaml_words_as_train_does(stored_parent):
+    """``off`` is a guard action, not YAML's false (the fork refused it)."""
+    from gptexp.fork import ForkOptions, split_args
+    from gptexp.rundir import RunDirectory
+    from gptexp.session import overridden_config
+
+    _, options, overrides = split_args(
+        [f"run={stored_parent}", "training.guard.action=off", "logger.name=no"]
+    )
+    assert options == [f"run={stored_parent}"] and ForkOptions(run=str(stored_parent))
+    cfg, _ = overridden_config(RunDirectory(stored_parent), overrides, fork=True)
+    assert (cfg.training.guard.action, cfg.logger.name) == ("off", "no")
+
+
+def test_fork_sweeps_read_values_as_train_sweeps_do():
+    from gptexp.fork import expand
+
+    assert expand(["training.lr=1e-4,3e-3", "logger.name='a,b'", "logger.tags=[x,y]"]) == [
+        ["training.lr=0.0001", "logger.name='a,b'", "logger.tags=[x,y]"],
+        ["training.lr=0.003", "logger.name='a,b'", "logger.tags=[x,y]"],
+    ]
+    assert expand(["training.seed=range(1,3)", "logger.name=choice(p,q)"]) == [
+        ["training.seed=1", "logger.name=p"],
+        ["training.seed=1", "logger.name=q"],
+        ["training.seed=2", "logger.name=p"],
+        ["training.seed=2", "logger.name=q"],
+    ]

@@ -205,3 +205,80 @@ def test_help_lists_every_key(capsys):
     assert stop.value.code == 0
     out = capsys.readouterr().out
     assert out.startswith("usage: x") and all(k in out for k in ("run", "count", "rate", "tags"))
+
+
+# ----------------------------------------------------------------------------- progress
+
+
+def test_counts_read_as_english():
+    from gptexp.progress import plural
+
+    assert plural(1, "thread") == "1 thread" and plural(2, "thread") == "2 threads"
+    assert plural(1, "process", "processes") == "1 process"
+    assert plural(4, "process", "processes") == "4 processes"
+
+
+def test_the_progress_line_shows_the_loss_metrics_jsonl_holds(tmp_path, monkeypatch, caplog):
+    """Under torchrun metrics.jsonl holds the mean loss across ranks; the progress line and
+    train.log must show that value, not this rank's own. The other ranks are stood in for by
+    a mean that differs from the local loss."""
+    import logging
+    import re
+
+    import torch
+
+    from gptexp import hardware
+    from tests.conftest import FAST, compose_config, make_trainer
+
+    monkeypatch.setattr(hardware, "measure_cpu_peak_flops", lambda dtype: 1e9)
+    (tmp_path / "run").mkdir()
+    cfg = compose_config([*FAST, "training.max_steps=3", "checkpoint.enabled=false"])
+    records: list[dict] = []
+    sink = type("Sink", (), {"log": lambda self, record: records.append(record)})()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with caplog.at_level(logging.INFO, logger="gptexp"):
+            trainer = make_trainer(cfg, tmp_path / "run", sinks=[sink])
+            monkeypatch.setattr(trainer, "_mean_across_ranks", lambda value: value + 1.0)
+            trainer.fit()
+    finally:
+        torch.set_num_threads(threads)
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("step ")]
+    shown = [float(m.group(1)) for line in lines if (m := re.search(r"\| loss (\S+)", line))]
+    logged = [round(r["train/loss"], 4) for r in records if "train/loss" in r]
+    assert len(logged) == 3 and shown == logged
+    assert ", 1 thread" in caplog.text and "1 threads" not in caplog.text
+
+
+@pytest.mark.parametrize("seed", ["-1", str(2**63)])
+def test_eval_refuses_a_seed_its_generators_cannot_take(seed):
+    from gptexp.eval import USAGE, EvalOptions
+
+    with pytest.raises(ConfigError, match=rf"^seed={seed}: must be in \[0, 2\*\*63\)"):
+        parse_options(["run=somewhere", f"seed={seed}"], EvalOptions, USAGE)
+    assert parse_options(["run=somewhere", "seed=0"], EvalOptions, USAGE).seed == 0
+
+
+# ----------------------------------------------------------------------------- hints
+
+
+def test_hints_with_a_path_can_be_pasted_into_a_shell():
+    import shlex
+
+    from gptexp.errors import TrainingInterrupted, resume_hint, shell_command
+
+    plain = TrainingInterrupted("SIGTERM", 7, "outputs/runs/a")
+    assert str(plain).endswith("resume with: make resume RUN=outputs/runs/a")
+    awkward = "/tmp/my runs/bob's run"
+    stopped = str(TrainingInterrupted("SIGTERM", 7, awkward))
+    command = stopped.partition("resume with: ")[2]
+    assert shlex.split(command) == ["python", "-m", "gptexp.resume", f"run={awkward}"]
+    extend = resume_hint(awkward, "training.max_steps=N")
+    assert shlex.split(extend)[-2:] == [f"run={awkward}", "training.max_steps=N"]
+    assert resume_hint("runs/a", "training.max_steps=N") == (
+        'make resume RUN=runs/a ARGS="training.max_steps=N"'
+    )
+    assert shlex.split(shell_command("python", "-m", "gptexp.eval", f"run={awkward}"))[-1] == (
+        f"run={awkward}"
+    )
