@@ -483,6 +483,8 @@ def _check_options(override: Any, group: str, options: list[str]) -> None:
             return
     else:
         values = [override.value()]
+    # ``group=[a,b]`` merges several options of one group (``logger=[wandb,tensorboard]``).
+    values = [item for value in values for item in (value if isinstance(value, list) else [value])]
     for value in values:
         if value is None or (isinstance(value, str) and value in options):
             continue
