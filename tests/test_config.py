@@ -167,7 +167,11 @@ UNKNOWN_KEYS = {
     "new top level": (["+foo=1"], "foo: no such config key", "known: checkpoint"),
     "group option": (["model=tinny"], "model=tinny: no such option", "model=tiny?"),
     "group sweep": (["model=nano,tinny"], "model=tinny: no such option", "model=tiny?"),
-    "group list": (["logger=[wandb,tensorbord]"], "logger=tensorbord: no such option", "logger=tensorboard?"),
+    "group list": (
+        ["logger=[wandb,tensorbord]"],
+        "logger=tensorbord: no such option",
+        "logger=tensorboard?",
+    ),
 }
 
 
