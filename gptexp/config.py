@@ -463,6 +463,7 @@ def parse_overrides(
                     options_known = False
                 search.append(Path(where if sep else entry))
     groups = config_groups(tuple(search))
+    typed: DictConfig | None = None
     for override in parsed:
         key = override.key_or_group
         if key.split(".")[0].split("/")[0] == "hydra" or override.package is not None:
@@ -472,7 +473,34 @@ def parse_overrides(
                 _check_options(override, key, groups[key])
         else:
             check_key(key)
+            if not override.is_delete():
+                typed = _check_type(override, typed)
     return parsed
+
+
+def _check_type(override: Any, typed: DictConfig | None) -> DictConfig | None:
+    """ConfigError when a value cannot have its key's type (``training.lr=abc``): Hydra would
+    refuse it while composing, as a failure (exit 1) with its own message. ``typed`` is the
+    schema as an OmegaConf node, made on first use and handed back for the next override."""
+    from omegaconf.errors import ValidationError
+
+    if override.is_sweep_override():
+        try:
+            values = list(override.sweep_iterator())
+        except Exception:  # range(), interval(), glob(): Hydra and the sweeper expand them
+            return typed
+    else:
+        values = [override.value()]
+    for value in values:
+        if isinstance(value, str) and "${" in value:
+            continue  # an interpolation: its type is known once the config is resolved
+        typed = typed if typed is not None else OmegaConf.structured(TrainConfig)
+        try:
+            OmegaConf.update(typed, override.key_or_group, value, merge=True)
+        except ValidationError as error:
+            reason = str(error).splitlines()[0]
+            raise ConfigError(f"{override.key_or_group}={value}: {reason}") from None
+    return typed
 
 
 def _check_options(override: Any, group: str, options: list[str]) -> None:
