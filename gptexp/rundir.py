@@ -212,7 +212,9 @@ def discard_unstarted(run: RunDirectory) -> None:
     """Remove what Hydra wrote for a run that failed validation before it started.
 
     Only Hydra's own files go, and a directory only when it is then empty, so a run (or
-    anything else) that was already there is never touched.
+    anything else) that was already there is never touched. The caller owns the directory: it
+    holds the run's lock (train), or made it (fork, a sweep's job); a launch that lost the
+    lock to another one would remove the winner's files.
     """
     if run.has_started() or run.checkpoints.exists() or not run.path.is_dir():
         return

@@ -8,6 +8,7 @@ return value is the final validation loss, which Hydra's sweepers (Optuna) minim
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 from pathlib import Path
@@ -49,7 +50,7 @@ class ValidateBeforeRun(Callback):
         to_train_config(task_config(config))
         run = RunDirectory(config.hydra.run.dir)
         # run.json, not Hydra's files: under torchrun every rank's Hydra writes .hydra/ there.
-        if run.has_started():
+        if run.has_started() or run.is_locked():
             raise RunError(
                 f"{run.path} already holds a run; continue it with "
                 f"make resume RUN={run.path} (or choose another hydra.run.dir)"
@@ -60,7 +61,10 @@ def _shared_run_dir(own: Path, dist_ctx: Distributed) -> Path:
     """Under torchrun every rank composes its own config; all use rank 0's directory."""
     shared = Path(dist_ctx.broadcast(str(own)))
     if shared != own:
-        discard_unstarted(RunDirectory(own))
+        # This rank's Hydra made ``own``; another launch may have chosen it too: under its
+        # lock, or not at all.
+        with contextlib.suppress(RunError), RunDirectory(own).lock():
+            discard_unstarted(RunDirectory(own))
     return shared
 
 
@@ -89,20 +93,30 @@ def train(cfg: DictConfig) -> float | None:
         return result
 
     def body() -> float | None:
-        # model.init_from: the source's shape goes into the config the run stores.
-        typed = resolve_init_from(to_train_config(cfg), overrides)
-        return run_training(
-            typed, run, resume=False, wandb_group=wandb_group, wandb_name=wandb_name
-        )
+        # Two launches into one new directory: the one that does not get the lock leaves with
+        # a RunError and touches nothing (the files there are the winner's). The one that
+        # holds it cleans up after bad input while it still holds it, so that no other launch
+        # can be between its files.
+        with run.lock() if dist_ctx.is_main else contextlib.nullcontext():
+            try:
+                # model.init_from: the source's shape goes into the config the run stores.
+                typed = resolve_init_from(to_train_config(cfg), overrides)
+                return run_training(
+                    typed,
+                    run,
+                    resume=False,
+                    wandb_group=wandb_group,
+                    wandb_name=wandb_name,
+                    locked=True,
+                )
+            finally:
+                if dist_ctx.is_main:
+                    if run.has_started():  # what the launch changed, for compare and sweeps
+                        run.update_status(overrides=overrides)
+                    discard_unstarted(run)  # bad input leaves no half-made run directory
 
-    try:
-        with command_logging(run.log_file if dist_ctx.is_main else None):
-            return run_command(body)
-    finally:
-        if dist_ctx.is_main:
-            if run.has_started():  # what the launch changed, for compare and sweeps
-                run.update_status(overrides=overrides)
-            discard_unstarted(run)  # bad input leaves no half-made run directory behind
+    with command_logging(run.log_file if dist_ctx.is_main else None):
+        return run_command(body)
 
 
 def main() -> None:
