@@ -63,7 +63,8 @@ def command_logging(log_file: Path | None, console_level: int = logging.INFO):
     """
     root = logging.getLogger()
     handlers: list[logging.Handler] = []
-    if log_file is not None:
+    if log_file is not None and not log_file.is_symlink():
+        # (a linked train.log is never written through: the run's lock refuses it, gptexp.rundir)
         file_handler = logging.FileHandler(log_file, mode="a", encoding="utf-8")
         file_handler.setFormatter(
             logging.Formatter("[%(asctime)s][%(name)s][%(levelname)s] %(message)s")
