@@ -10,6 +10,7 @@ the keys. Exit codes (gptexp.errors): 0 done, 1 failed, 2 bad input, 130 interru
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import os
@@ -30,7 +31,9 @@ from gptexp.errors import (
     USER_ERRORS,
     ConfigError,
     JobFailed,
+    RunFailed,
     TrainingInterrupted,
+    describe_os_error,
 )
 
 log = logging.getLogger("gptexp")
@@ -54,6 +57,30 @@ class ConsoleHandler(logging.StreamHandler):
         self.addFilter(lambda record: not getattr(record, FILE_ONLY, False))
 
 
+class RunLogHandler(logging.FileHandler):
+    """A run's ``train.log`` (appending). A line it cannot write (a full disk, a read-only
+    file) stops it with one warning on the console, instead of a traceback for every record:
+    train.log is a copy of what the console shows, and the console goes on."""
+
+    def handleError(self, record: logging.LogRecord) -> None:
+        error = sys.exc_info()[1]
+        if not isinstance(error, OSError):
+            super().handleError(record)
+            return
+        self.setLevel(logging.CRITICAL + 1)  # nothing more goes to the file
+        print(
+            f"warning: {self.baseFilename}: {error.strerror or error}; "
+            "train.log stops here, the console goes on",
+            file=sys.stderr,
+        )
+
+    def close(self) -> None:
+        # Closing flushes what is buffered, which fails again the same way: said once above,
+        # and the file is closed all the same.
+        with contextlib.suppress(OSError):
+            super().close()
+
+
 @contextmanager
 def command_logging(log_file: Path | None, console_level: int = logging.INFO):
     """Send gptexp's log records to stderr and, for a run, to its ``train.log`` (appending).
@@ -65,7 +92,7 @@ def command_logging(log_file: Path | None, console_level: int = logging.INFO):
     handlers: list[logging.Handler] = []
     if log_file is not None and not log_file.is_symlink():
         # (a linked train.log is never written through: the run's lock refuses it, gptexp.rundir)
-        file_handler = logging.FileHandler(log_file, mode="a", encoding="utf-8")
+        file_handler = RunLogHandler(log_file, mode="a", encoding="utf-8", delay=True)
         file_handler.setFormatter(
             logging.Formatter("[%(asctime)s][%(name)s][%(levelname)s] %(message)s")
         )
@@ -114,6 +141,12 @@ def run_command(body: Callable[[], T], *, raise_instead: bool = False) -> T:
         sys.exit(EXIT_INTERRUPTED)
     except (FloatingPointError, JobFailed) as error:
         report(logging.ERROR, f"failed: {error}")
+        if raise_instead:
+            raise
+        sys.exit(EXIT_FAILURE)
+    except (RunFailed, OSError) as error:  # a full disk, a read-only directory (gptexp.errors)
+        what = describe_os_error(error) if isinstance(error, OSError) else str(error)
+        report(logging.ERROR, f"error: {what}")
         if raise_instead:
             raise
         sys.exit(EXIT_FAILURE)

@@ -5,6 +5,11 @@ unusable checkpoint, a path that is not a run, a run that is busy. Commands prin
 (``error: ...``) and exit 2; nothing has been written by then. A clean stop on a signal exits
 130 after saving; any other failure exits 1. :func:`gptexp.cli.run_command` is the one place
 that turns these into exit codes.
+
+A file that cannot be written or read (a full disk, a read-only directory: an ``OSError``) is
+not bad input: retyping the command would not help, freeing space or fixing permissions would.
+It is one ``error: <path>: <reason>`` line and exit 1, whether or not a run had started; a run
+that had started records ``failed`` and the error in its run.json (:class:`RunFailed`).
 """
 
 from __future__ import annotations
@@ -31,11 +36,19 @@ class RunError(RuntimeError):
     """A path that is not a usable run directory, or a run that is busy."""
 
 
+def resume_command(run_path: str | None, world_size: int = 1) -> str:
+    """What a person types to continue a run (on as many processes as it ran on)."""
+    command = f"make resume RUN={run_path or '<run dir>'}"
+    return command + (f" NPROC={world_size}" if world_size > 1 else "")
+
+
 class TrainingInterrupted(Exception):
     """Training stopped on a signal after saving; the run is resumable."""
 
-    def __init__(self, signame: str, step: int, run_path: str | None = None) -> None:
-        where = f"make resume RUN={run_path}" if run_path else "make resume RUN=<run dir>"
+    def __init__(
+        self, signame: str, step: int, run_path: str | None = None, world_size: int = 1
+    ) -> None:
+        where = resume_command(run_path, world_size)
         super().__init__(f"stopped by {signame} at step {step}; resume with: {where}")
         self.signame = signame
         self.step = step
@@ -48,6 +61,19 @@ class TrainingDiverged(FloatingPointError):
 
 class JobFailed(RuntimeError):
     """A multirun job that failed; its run.json says why."""
+
+
+class RunFailed(RuntimeError):
+    """A run that had started stopped on a failure that is not its training's: a file it could
+    not write (a full disk, a read-only directory), a checkpoint that could not be saved. Its
+    run.json says ``failed`` with the error; what it wrote before (checkpoints included) is
+    intact, so it resumes exactly once the cause is fixed (exit 1)."""
+
+
+def describe_os_error(error: OSError) -> str:
+    """``<path>: <reason>`` of an OSError (the path it names, the system's words for errno)."""
+    reason = error.strerror or str(error) or type(error).__name__
+    return f"{error.filename}: {reason}" if error.filename else reason
 
 
 # What "bad input" means everywhere: these print one line and exit 2.

@@ -201,9 +201,7 @@ def test_cuda_without_cuda_is_a_clear_error(tmp_path):
     assert not run_dir.exists()
 
 
-def test_a_launch_that_loses_the_race_for_a_new_directory_removes_nothing(
-    tmp_path, monkeypatch
-):
+def test_a_launch_that_loses_the_race_for_a_new_directory_removes_nothing(tmp_path, monkeypatch):
     """Two launches into one new hydra.run.dir, interleaved deterministically: both pass
     validation, then the winner (this test) makes the directory, writes its files and takes
     the lock before the loser (``main`` in this process) reaches it."""
