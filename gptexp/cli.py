@@ -58,9 +58,28 @@ class ConsoleHandler(logging.StreamHandler):
 
 
 class RunLogHandler(logging.FileHandler):
-    """A run's ``train.log`` (appending). A line it cannot write (a full disk, a read-only
-    file) stops it with one warning on the console, instead of a traceback for every record:
-    train.log is a copy of what the console shows, and the console goes on."""
+    """A run's ``train.log`` (appending).
+
+    Its records are held back until the run starts writing its directory
+    (:func:`run_log_starts`): a command refused on bad input writes nothing, train.log
+    included (its lines were on the console). A line it cannot write (a full disk, a
+    read-only file) stops it with one warning on the console, instead of a traceback for every
+    record: train.log is a copy of what the console shows, and the console goes on."""
+
+    def __init__(self, path: Path) -> None:
+        super().__init__(path, mode="a", encoding="utf-8", delay=True)
+        self.held: list[logging.LogRecord] | None = []  # None once the run writes
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if self.held is not None:
+            self.held.append(record)
+        else:
+            super().emit(record)
+
+    def start(self) -> None:
+        held, self.held = self.held or [], None
+        for record in held:
+            super().emit(record)
 
     def handleError(self, record: logging.LogRecord) -> None:
         error = sys.exc_info()[1]
@@ -92,7 +111,7 @@ def command_logging(log_file: Path | None, console_level: int = logging.INFO):
     handlers: list[logging.Handler] = []
     if log_file is not None and not log_file.is_symlink():
         # (a linked train.log is never written through: the run's lock refuses it, gptexp.rundir)
-        file_handler = RunLogHandler(log_file, mode="a", encoding="utf-8", delay=True)
+        file_handler = RunLogHandler(log_file)
         file_handler.setFormatter(
             logging.Formatter("[%(asctime)s][%(name)s][%(levelname)s] %(message)s")
         )
@@ -115,6 +134,14 @@ def command_logging(log_file: Path | None, console_level: int = logging.INFO):
         root.setLevel(previous_level)
 
 
+def run_log_starts() -> None:
+    """The run now writes its directory: train.log gets the lines held back so far, and the
+    ones that follow (see RunLogHandler)."""
+    for handler in logging.getLogger().handlers:
+        if isinstance(handler, RunLogHandler):
+            handler.start()
+
+
 def report(level: int, message: str) -> None:
     """One line for the person at the terminal (and the run's log where there is one)."""
     if any(isinstance(h, ConsoleHandler) for h in logging.getLogger().handlers):
@@ -130,7 +157,10 @@ def run_command(body: Callable[[], T], *, raise_instead: bool = False) -> T:
     try:
         return body()
     except USER_ERRORS as error:
-        report(logging.ERROR, f"error: {error}")
+        # Bad input is the same on every rank under torchrun (the same config, the same run):
+        # rank 0 says it, every rank exits 2.
+        if int(os.environ.get("RANK", "0")) == 0:
+            report(logging.ERROR, f"error: {error}")
         if raise_instead:
             raise
         sys.exit(EXIT_USER_ERROR)

@@ -15,6 +15,7 @@ from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from gptexp.checkpoint import CheckpointEntry, CheckpointManager
+from gptexp.cli import run_log_starts
 from gptexp.config import TrainConfig, config_to_dict, to_train_config
 from gptexp.data import Corpus, Tokenizer, prepare_corpus, tokenizer_from_json
 from gptexp.errors import (
@@ -269,6 +270,7 @@ def run_training(
             if start is not None:
                 start.apply(trainer)
             # Validation passed: from here on the run directory is written to.
+            run_log_starts()
             mirror = None
             extra: dict[str, Any] = {"wandb_group": wandb_group, "wandb_name": wandb_name}
             if dist_ctx.is_main:
@@ -343,6 +345,8 @@ def record_end(run: RunDirectory, status: str, error: str | None, summary: dict)
 
 def _fit(trainer, run, dist_ctx, metrics, mirror) -> float | None:
     status, error = FAILED, None
+    if dist_ctx.is_main:  # a second Ctrl-C ends the process at once: it was interrupted
+        trainer.stop.on_abandon = lambda: record_end(run, INTERRUPTED, None, trainer.summary())
     try:
         result = trainer.fit()
         status = FINISHED
