@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import os
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +24,7 @@ from omegaconf import DictConfig, OmegaConf
 from gptexp.cli import command_logging, run_command
 from gptexp.config import CONF_DIR, register_configs, to_train_config
 from gptexp.errors import JobFailed, RunError
+from gptexp.fsio import TMP_SUFFIX
 from gptexp.hf import resolve_init_from
 from gptexp.process_tuning import freeze_imported_objects
 from gptexp.requeue import prefer_sigusr1
@@ -44,6 +46,32 @@ class ValidateBeforeRun(Callback):
 
     def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
         run_command(lambda: self.validate(config))
+        run_command(lambda: self.check_writable(config))
+
+    @staticmethod
+    def check_writable(config: DictConfig) -> None:
+        """Write a file of the composed config's size where Hydra is about to write its own, and
+        remove it: a full disk or a read-only directory is then one line (exit 1) here, not
+        Hydra's traceback. Folders this made stay only when the check passed."""
+        directory = Path(config.hydra.run.dir)
+        if config.hydra.output_subdir is not None:
+            directory = directory / str(config.hydra.output_subdir)
+        made = [p for p in (directory, *directory.parents) if not p.exists()][::-1]
+        probe = directory / f".write-check-{os.getpid()}{TMP_SUFFIX}"
+        try:
+            for folder in made:
+                folder.mkdir()
+            with open(probe, "x", encoding="utf-8") as f:
+                f.write(OmegaConf.to_yaml(task_config(config)))
+                f.flush()
+                os.fsync(f.fileno())
+        except BaseException:
+            probe.unlink(missing_ok=True)
+            for folder in reversed(made):  # only the folders made here, each if still empty
+                with contextlib.suppress(OSError):
+                    folder.rmdir()
+            raise
+        probe.unlink()
 
     @staticmethod
     def validate(config: DictConfig) -> None:

@@ -203,3 +203,22 @@ def test_eval_export_and_resume_of_a_read_only_run_say_so_in_one_line(
     assert_one_error_line(stderr, ".lock", "Read-only file system")
     monkeypatch.undo()
     assert files_of(run_copy) == before
+
+
+def test_a_run_directory_hydra_cannot_write_is_one_line(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """.hydra/ is Hydra's to write; the open it (and the check before it) use is refused."""
+    run_dir = tmp_path / "run"
+    open_ = open
+
+    def refuse_hydra_dir(path, *args, **kwargs):
+        if ".hydra" in Path(path).parts:
+            raise full(path)
+        return open_(path, *args, **kwargs)
+
+    monkeypatch.setattr("builtins.open", refuse_hydra_dir)
+    code, stderr = train(run_dir)
+    assert code == 1, stderr
+    assert_one_error_line(stderr, str(run_dir / ".hydra"), "No space left on device")
+    assert not run_dir.exists()  # the folders the check made went again
