@@ -144,3 +144,21 @@ def test_export_refuses_a_directory_that_is_not_an_export_of_the_run(
         assert code == 2, stderr
         assert stderr.count("error:") == 1 and "not an export of" in stderr, stderr
         assert files_of(out) == before
+
+
+def test_a_hf_re_export_of_the_same_run_replaces_it(run_copy: Path) -> None:
+    pytest.importorskip("transformers")
+    for ckpt, step in (("10", 10), ("20", 20)):
+        code, stderr = call_main(
+            gptexp.export.main,
+            f"run={run_copy}",
+            f"ckpt={ckpt}",
+            "format=hf",
+            f"out={run_copy / 'export' / 'hf'}",
+        )
+        assert code == 0, stderr
+        with safe_open(run_copy / "export" / "hf" / "model.safetensors", framework="pt") as f:
+            assert f.metadata()["gptexp.step"] == str(step)
+    assert sorted(p.name for p in (run_copy / "export").iterdir()) == ["hf"]
+    card = (run_copy / "export" / "hf" / "README.md").read_text()
+    assert f'from_pretrained("{run_copy / "export" / "hf"}")' in card  # not the temporary name
