@@ -157,9 +157,9 @@ def run_command(body: Callable[[], T], *, raise_instead: bool = False) -> T:
     try:
         return body()
     except USER_ERRORS as error:
-        # Bad input is the same on every rank under torchrun (the same config, the same run):
-        # rank 0 says it, every rank exits 2.
-        if int(os.environ.get("RANK", "0")) == 0:
+        # Bad input is the same on every rank of a machine under torchrun (the same config, the
+        # same files): its first rank says it (once on one machine), every rank exits 2.
+        if int(os.environ.get("LOCAL_RANK", "0")) == 0:
             report(logging.ERROR, f"error: {error}")
         if raise_instead:
             raise
