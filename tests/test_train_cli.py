@@ -11,6 +11,8 @@ import hashlib
 import json
 import math
 import re
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -31,6 +33,7 @@ from tests.conftest import (
     call_main,
     compose_config,
     read_metrics,
+    subprocess_env,
     train,
 )
 
@@ -232,3 +235,29 @@ def test_a_launch_that_loses_the_race_for_a_new_directory_removes_nothing(tmp_pa
         cfg = compose_config([*FAST, "training.max_steps=2", "checkpoint=none"])
         run_training(cfg, winner, resume=False, locked=True)
     assert json.loads(winner.run_json.read_text())["status"] == "finished"
+
+
+def test_two_launches_into_one_new_directory_one_trains_one_is_refused(tmp_path):
+    """The same, for real: two processes launched at once (whichever way they interleave)."""
+    run_dir = tmp_path / "run"
+    args = [*FAST, "training.max_steps=4", f"hydra.run.dir={run_dir}"]
+    launches = [
+        subprocess.Popen(
+            [sys.executable, "-m", "gptexp.train", *args],
+            cwd=tmp_path,
+            env=subprocess_env(),
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for _ in range(2)
+    ]
+    stderrs = [launch.communicate(timeout=180)[1] for launch in launches]
+    results = sorted((launch.returncode, err) for launch, err in zip(launches, stderrs))
+    (won, _), (lost, refusal) = results
+    assert (won, lost) == (0, 2), results
+    assert refusal.count("error:") == 1 and "Traceback" not in refusal, refusal
+    status = json.loads((run_dir / "run.json").read_text())
+    assert status["status"] == "finished" and status["step"] == 4
+    for name in (".hydra/config.yaml", "train.log", ".lock", "checkpoints/manifest.json"):
+        assert (run_dir / name).is_file(), name
