@@ -253,7 +253,9 @@ def test_two_launches_into_one_new_directory_one_trains_one_is_refused(tmp_path)
         for _ in range(2)
     ]
     stderrs = [launch.communicate(timeout=180)[1] for launch in launches]
-    results = sorted((launch.returncode, err) for launch, err in zip(launches, stderrs))
+    results = sorted(
+        (launch.returncode, err) for launch, err in zip(launches, stderrs, strict=True)
+    )
     (won, _), (lost, refusal) = results
     assert (won, lost) == (0, 2), results
     assert refusal.count("error:") == 1 and "Traceback" not in refusal, refusal
