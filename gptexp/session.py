@@ -365,9 +365,10 @@ def _fit(trainer, run, dist_ctx, metrics, mirror) -> float | None:
         if not _is_storage_failure(failure):
             raise
         where = resume_command(str(run.path), dist_ctx.world_size)
+        intact = "" if "intact" in error else ", its checkpoints are intact"  # (said once)
         raise RunFailed(
-            f"{error}; the run stopped at step {trainer.step}, its checkpoints are intact: "
-            f"fix that, then resume it with: {where}"
+            f"{error}; the run stopped at step {trainer.step}{intact}: fix that, then resume "
+            f"it with: {where}"
         ) from None
     finally:
         trainer.release()
