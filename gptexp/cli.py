@@ -10,6 +10,7 @@ the keys. Exit codes (gptexp.errors): 0 done, 1 failed, 2 bad input, 130 interru
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import os
@@ -30,7 +31,9 @@ from gptexp.errors import (
     USER_ERRORS,
     ConfigError,
     JobFailed,
+    RunFailed,
     TrainingInterrupted,
+    describe_os_error,
 )
 
 log = logging.getLogger("gptexp")
@@ -54,6 +57,49 @@ class ConsoleHandler(logging.StreamHandler):
         self.addFilter(lambda record: not getattr(record, FILE_ONLY, False))
 
 
+class RunLogHandler(logging.FileHandler):
+    """A run's ``train.log`` (appending).
+
+    Its records are held back until the run starts writing its directory
+    (:func:`run_log_starts`): a command refused on bad input writes nothing, train.log
+    included (its lines were on the console). A line it cannot write (a full disk, a
+    read-only file) stops it with one warning on the console, instead of a traceback for every
+    record: train.log is a copy of what the console shows, and the console goes on."""
+
+    def __init__(self, path: Path) -> None:
+        super().__init__(path, mode="a", encoding="utf-8", delay=True)
+        self.held: list[logging.LogRecord] | None = []  # None once the run writes
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if self.held is not None:
+            self.held.append(record)
+        else:
+            super().emit(record)
+
+    def start(self) -> None:
+        held, self.held = self.held or [], None
+        for record in held:
+            super().emit(record)
+
+    def handleError(self, record: logging.LogRecord) -> None:
+        error = sys.exc_info()[1]
+        if not isinstance(error, OSError):
+            super().handleError(record)
+            return
+        self.setLevel(logging.CRITICAL + 1)  # nothing more goes to the file
+        print(
+            f"warning: {self.baseFilename}: {error.strerror or error}; "
+            "train.log stops here, the console goes on",
+            file=sys.stderr,
+        )
+
+    def close(self) -> None:
+        # Closing flushes what is buffered, which fails again the same way: said once above,
+        # and the file is closed all the same.
+        with contextlib.suppress(OSError):
+            super().close()
+
+
 @contextmanager
 def command_logging(log_file: Path | None, console_level: int = logging.INFO):
     """Send gptexp's log records to stderr and, for a run, to its ``train.log`` (appending).
@@ -63,8 +109,9 @@ def command_logging(log_file: Path | None, console_level: int = logging.INFO):
     """
     root = logging.getLogger()
     handlers: list[logging.Handler] = []
-    if log_file is not None:
-        file_handler = logging.FileHandler(log_file, mode="a", encoding="utf-8")
+    if log_file is not None and not log_file.is_symlink():
+        # (a linked train.log is never written through: the run's lock refuses it, gptexp.rundir)
+        file_handler = RunLogHandler(log_file)
         file_handler.setFormatter(
             logging.Formatter("[%(asctime)s][%(name)s][%(levelname)s] %(message)s")
         )
@@ -87,6 +134,14 @@ def command_logging(log_file: Path | None, console_level: int = logging.INFO):
         root.setLevel(previous_level)
 
 
+def run_log_starts() -> None:
+    """The run now writes its directory: train.log gets the lines held back so far, and the
+    ones that follow (see RunLogHandler)."""
+    for handler in logging.getLogger().handlers:
+        if isinstance(handler, RunLogHandler):
+            handler.start()
+
+
 def report(level: int, message: str) -> None:
     """One line for the person at the terminal (and the run's log where there is one)."""
     if any(isinstance(h, ConsoleHandler) for h in logging.getLogger().handlers):
@@ -102,7 +157,10 @@ def run_command(body: Callable[[], T], *, raise_instead: bool = False) -> T:
     try:
         return body()
     except USER_ERRORS as error:
-        report(logging.ERROR, f"error: {error}")
+        # Bad input is the same on every rank of a machine under torchrun (the same config, the
+        # same files): its first rank says it (once on one machine), every rank exits 2.
+        if int(os.environ.get("LOCAL_RANK", "0")) == 0:
+            report(logging.ERROR, f"error: {error}")
         if raise_instead:
             raise
         sys.exit(EXIT_USER_ERROR)
@@ -113,6 +171,12 @@ def run_command(body: Callable[[], T], *, raise_instead: bool = False) -> T:
         sys.exit(EXIT_INTERRUPTED)
     except (FloatingPointError, JobFailed) as error:
         report(logging.ERROR, f"failed: {error}")
+        if raise_instead:
+            raise
+        sys.exit(EXIT_FAILURE)
+    except (RunFailed, OSError) as error:  # a full disk, a read-only directory (gptexp.errors)
+        what = describe_os_error(error) if isinstance(error, OSError) else str(error)
+        report(logging.ERROR, f"error: {what}")
         if raise_instead:
             raise
         sys.exit(EXIT_FAILURE)

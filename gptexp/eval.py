@@ -155,6 +155,7 @@ def evaluate_run(run: RunDirectory, options: EvalOptions, samples: int) -> EvalR
 
     Everything that can fail on bad input happens before the first write.
     """
+    run.refuse_links(run.eval_dir)  # results go into the run, never through a link
     loaded = load_run_checkpoint(run, options.ckpt)
     state, entry = loaded.state, loaded.entry
     rebuilt = rebuild_model(state)

@@ -9,12 +9,23 @@ its tokenizer. The default directory is ``<run>/export/<ckpt>/``.
 ``format=hf`` writes a directory that ``transformers`` loads as a GPT-2 model
 (``AutoModelForCausalLM`` / ``AutoTokenizer.from_pretrained``), by default
 ``<run>/export/<ckpt>-hf/``; see :mod:`gptexp.hf`.
+
+Placement (:func:`place_export`): an export is written whole into a temporary sibling of its
+directory and renamed into place, so a reader (or a kill at any instant) sees the whole old
+export or the whole new one, never one's config beside the other's weights. An existing
+directory is replaced only when it is an export of the same run (its ``config.json`` source, or
+for ``format=hf`` its weights' ``gptexp.run`` metadata, names the run); any other non-empty
+directory is refused, untouched.
 """
 
 from __future__ import annotations
 
 import json
+import os
+import shutil
 import sys
+import tempfile
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -24,21 +35,22 @@ import safetensors.torch
 from gptexp.cli import command_logging, parse_options, run_command
 from gptexp.config import ModelConfig
 from gptexp.data import Tokenizer, tokenizer_from_json
-from gptexp.errors import ConfigError
+from gptexp.errors import ConfigError, RunError
 from gptexp.evaluation import check_ckpt, load_run_checkpoint, logged_val_loss, rebuild_model
-from gptexp.fsio import atomic_write_bytes, atomic_write_json, atomic_write_text
+from gptexp.fsio import atomic_write_bytes, atomic_write_json, atomic_write_text, fsync_dir
 from gptexp.hf import (
     GENERATION,
     MODEL_CARD,
     TOKENIZER_CONFIG,
     ExportInfo,
     check_hf_export,
+    model_card,
     require_transformers,
     save_hf,
 )
 from gptexp.model import GPT
 from gptexp.process_tuning import freeze_imported_objects
-from gptexp.rundir import require_run
+from gptexp.rundir import RunDirectory, require_run
 
 USAGE = (
     "usage: python -m gptexp.export run=<run dir> [ckpt=last|best|<step>] [format=gptexp|hf] "
@@ -116,7 +128,7 @@ def export(options: ExportOptions) -> Path:
     rebuilt = rebuild_model(loaded.state)
     out = Path(options.out) if options.out else run.path / "export" / loaded.label
     source = {"run": str(run.path), "checkpoint": loaded.entry.file, "step": loaded.entry.step}
-    save_export(rebuilt.model, rebuilt.tokenizer, out, source)
+    place_export(run, out, lambda tmp: save_export(rebuilt.model, rebuilt.tokenizer, tmp, source))
     size = (out / WEIGHTS).stat().st_size
     print(
         f"exported {loaded.entry.file} (step {loaded.entry.step}) of {run.path}\n"
@@ -141,8 +153,17 @@ def export_hf(options: ExportOptions) -> Path:
         data_fingerprint=loaded.state.get("data_fingerprint"),
         val_loss=logged_val_loss(run, loaded.entry.step),
     )
-    save_hf(rebuilt.model, rebuilt.tokenizer, out, info)
-    difference = check_hf_export(out, rebuilt.model)
+    difference = 0.0
+
+    def write(tmp: Path) -> None:
+        nonlocal difference
+        save_hf(rebuilt.model, rebuilt.tokenizer, tmp, info)
+        # The card names where the export will be, not the temporary directory.
+        card = model_card(rebuilt.model, rebuilt.tokenizer, info, out)
+        atomic_write_bytes(tmp / MODEL_CARD, card.encode("utf-8"))
+        difference = check_hf_export(tmp, rebuilt.model)  # checked before it replaces anything
+
+    place_export(run, out, write)
     size = (out / WEIGHTS).stat().st_size
     print(
         f"exported {loaded.entry.file} (step {loaded.entry.step}) of {run.path}\n"
@@ -151,6 +172,62 @@ def export_hf(options: ExportOptions) -> Path:
         f"  loaded back with transformers: largest logit difference {difference:.2e}"
     )
     return out
+
+
+def exported_run(directory: Path) -> str | None:
+    """The run an existing export directory was exported from (native: ``config.json``'s
+    source; ``format=hf``: the weights' ``gptexp.run`` metadata), or None: not an export."""
+    try:
+        config = json.loads((directory / CONFIG).read_text(encoding="utf-8"))
+        if isinstance(config, dict) and config.get("format") == EXPORT_FORMAT:
+            source = config.get("source")
+            return str(source.get("run")) if isinstance(source, dict) else None
+        with safetensors.safe_open(directory / WEIGHTS, framework="pt") as weights:
+            return (weights.metadata() or {}).get("gptexp.run")
+    except (OSError, ValueError, RecursionError, safetensors.SafetensorError):
+        return None  # unreadable or damaged: not something to replace
+
+
+def place_export(run: RunDirectory, out: Path, write: Callable[[Path], None]) -> None:
+    """Have ``write`` fill a new temporary sibling of ``out``, then rename it to ``out``.
+
+    A RunError (exit 2, nothing written) when ``out`` is a link, not a directory, or a
+    non-empty directory that is not an export of ``run``. Replacing an export of this run: the
+    old one is renamed aside, the new one renamed in, then the old one removed, so a kill at
+    any instant leaves a whole export (the old one, at worst under its aside name
+    ``.<name>.old-*``), never a mix; a failed write leaves the old export as it was.
+    """
+    if out.is_symlink():
+        raise RunError(f"out={out} is a symbolic link; give the directory it points to")
+    if out.exists() and not out.is_dir():
+        raise RunError(f"out={out} exists and is not a directory; choose another out=")
+    replace = out.is_dir() and any(out.iterdir())
+    if replace and exported_run(out) != str(run.path):
+        raise RunError(
+            f"out={out} is not empty and not an export of {run.path}; choose a new or empty "
+            "directory (nothing was written)"
+        )
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.new-", dir=out.parent))
+    aside: Path | None = None
+    try:
+        tmp.chmod(0o755)  # mkdtemp makes it private; an export is an ordinary directory
+        write(tmp)
+        if replace:
+            aside = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+            os.replace(out, aside)  # onto the empty placeholder just made
+        os.replace(tmp, out)  # onto a missing or empty directory: one atomic rename
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)  # ours, made above
+        if aside is not None:
+            if not out.exists():
+                os.replace(aside, out)  # the old export back where it was
+            else:
+                aside.rmdir()  # the empty placeholder (never renamed onto)
+        raise
+    if aside is not None:
+        shutil.rmtree(aside)
+    fsync_dir(out.parent)
 
 
 def main() -> None:

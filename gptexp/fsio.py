@@ -34,8 +34,10 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
     """Write ``data`` to ``path`` so that a crash leaves either the old or the new file."""
     path = Path(path)
     tmp = path.with_name(path.name + TMP_SUFFIX)
+    tmp.unlink(missing_ok=True)  # a stale one (or a link someone put there): never written through
     try:
-        with open(tmp, "wb") as f:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644)
+        with open(fd, "wb") as f:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())

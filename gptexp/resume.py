@@ -10,6 +10,7 @@ model's shape, the data, the tokenizer) are refused with a diff.
 
 from __future__ import annotations
 
+import contextlib
 import sys
 
 from gptexp.cli import command_logging, run_command
@@ -56,7 +57,12 @@ def resume(argv: list[str]) -> float | None:
     status = run.read_status()
     wandb_group = status.get("wandb_group")
     wandb_name = status.get("wandb_name", ",".join(run.overrides()) or None)
-    with command_logging(run.log_file if Distributed.from_env().is_main else None):
+    is_main = Distributed.from_env().is_main
+    # The lock first: a busy or read-only run is refused before train.log is touched.
+    with (
+        run.lock() if is_main else contextlib.nullcontext(),
+        command_logging(run.log_file if is_main else None),
+    ):
         return run_command(
             lambda: run_training(
                 cfg,
@@ -65,6 +71,7 @@ def resume(argv: list[str]) -> float | None:
                 resume_note=note,
                 wandb_group=wandb_group,
                 wandb_name=wandb_name,
+                locked=True,
             )
         )
 

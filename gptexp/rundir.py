@@ -4,6 +4,11 @@ Everything needed to resume, evaluate or compare a run lives inside its director
 tool takes just a path. ``run.json`` records the status (running | finished | interrupted |
 failed) and the facts of the run; ``.lock`` is held (``flock``) by the process training it.
 No torch here: compare and sweep summaries read run directories without it.
+
+Links: gptexp writes nothing through a symbolic link in a run directory (a linked train.log
+or eval/ would put the run's output somewhere else): a file or folder it writes that is a link
+is refused with one line (:meth:`RunDirectory.refuse_links`), and walks over directories never
+follow a link to a folder (a link to a folder above would be walked forever).
 """
 
 from __future__ import annotations
@@ -54,6 +59,32 @@ class RunDirectory:
 
     def __repr__(self) -> str:
         return f"RunDirectory({str(self.path)!r})"
+
+    def written(self) -> tuple[Path, ...]:
+        """The files and folders that training writes in the run."""
+        return (
+            self.hydra_dir,
+            self.run_json,
+            self.metrics,
+            self.checkpoints,
+            self.tokenizer,
+            self.samples,
+            self.log_file,
+            self.lock_file,
+        )
+
+    def refuse_links(self, *paths: Path) -> None:
+        """A RunError when one of ``paths`` (default: :meth:`written`), or a folder between it
+        and the run, is a symbolic link: gptexp never writes through one."""
+        for path in paths or self.written():
+            current = self.path
+            for part in Path(path).relative_to(self.path).parts:
+                current = current / part
+                if current.is_symlink():
+                    raise RunError(
+                        f"{current} is a symbolic link; gptexp writes nothing through a link in "
+                        "a run directory: replace it with the file or folder itself"
+                    )
 
     def is_run(self) -> bool:
         """A run is a directory with run.json (written when training starts) or Hydra's
@@ -118,7 +149,8 @@ class RunDirectory:
         killed run never leaves a stale lock behind.
         """
         self.path.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.lock_file, os.O_RDWR | os.O_CREAT, 0o644)
+        self.refuse_links()  # every trainer takes the lock before it writes anything
+        fd = os.open(self.lock_file, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
         try:
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -166,7 +198,11 @@ def runs_under(directory: Path) -> list[RunDirectory]:
     directory = Path(directory)
     if not directory.is_dir():
         return []
-    found = [RunDirectory(child) for child in directory.iterdir() if child.is_dir()]
+    found = [
+        RunDirectory(child)
+        for child in directory.iterdir()
+        if child.is_dir() and not child.is_symlink()  # a linked run is not this folder's
+    ]
     return sorted((run for run in found if run.is_run()), key=lambda run: job_order(run.path.name))
 
 
@@ -212,7 +248,9 @@ def discard_unstarted(run: RunDirectory) -> None:
     """Remove what Hydra wrote for a run that failed validation before it started.
 
     Only Hydra's own files go, and a directory only when it is then empty, so a run (or
-    anything else) that was already there is never touched.
+    anything else) that was already there is never touched. The caller owns the directory: it
+    holds the run's lock (train), or made it (fork, a sweep's job); a launch that lost the
+    lock to another one would remove the winner's files.
     """
     if run.has_started() or run.checkpoints.exists() or not run.path.is_dir():
         return

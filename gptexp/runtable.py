@@ -189,7 +189,8 @@ def runs_below(directory: Path) -> list[RunDirectory]:
         if candidate.is_run():
             found.append(candidate)
             continue
-        pending += [child for child in folder.iterdir() if child.is_dir()]
+        # Never through a link: a link to a folder above would be walked forever.
+        pending += [c for c in folder.iterdir() if c.is_dir() and not c.is_symlink()]
     return sorted(found, key=lambda run: str(run.path))
 
 

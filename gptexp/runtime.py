@@ -9,6 +9,7 @@ import logging
 import os
 import random
 import signal
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -163,13 +164,16 @@ def restore_rng_state(state: dict[str, Any]) -> None:
 
 class StopRequest:
     """The first SIGINT/SIGTERM/SIGUSR1 asks the loop to stop after the current step; a second
-    SIGINT or SIGTERM stops at once with one line (atomic writes keep the disk consistent)."""
+    SIGINT or SIGTERM stops at once with one line (atomic writes keep the disk consistent),
+    after ``on_abandon`` (the session records the run as interrupted: it resumes from its last
+    checkpoint like any stopped run)."""
 
     SIGNALS = ("SIGINT", "SIGTERM", "SIGUSR1")
 
     def __init__(self) -> None:
         self.signame: str | None = None
         self._previous: dict[int, Any] = {}
+        self.on_abandon: Callable[[], None] | None = None
 
     def install(self) -> None:
         for name in self.SIGNALS:
@@ -185,6 +189,9 @@ class StopRequest:
         name = signal.Signals(signum).name
         if self.signame is not None and signum in (signal.SIGINT, signal.SIGTERM):
             # The second request: no traceback, no more saving; the last checkpoint stands.
+            if self.on_abandon is not None:
+                with contextlib.suppress(Exception):  # (a full disk: the run reads as crashed)
+                    self.on_abandon()
             os.write(2, f"{name} again: stopping now without saving\n".encode())
             os._exit(130)
         self.signame = name

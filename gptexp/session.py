@@ -16,11 +16,21 @@ from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from gptexp.checkpoint import CheckpointEntry, CheckpointManager
+from gptexp.cli import run_log_starts
 from gptexp.config import TrainConfig, config_to_dict, parse_overrides, to_train_config
 from gptexp.data import Corpus, Tokenizer, prepare_corpus, tokenizer_from_json
-from gptexp.errors import CheckpointError, ConfigError, TrainingInterrupted, shell_command
+from gptexp.errors import (
+    USER_ERRORS,
+    CheckpointError,
+    ConfigError,
+    RunFailed,
+    TrainingInterrupted,
+    describe_os_error,
+    resume_hint,
+    shell_command,
+)
 from gptexp.forking import ForkStart, wandb_lineage
-from gptexp.fsio import atomic_write_text
+from gptexp.fsio import atomic_write_json, atomic_write_text
 from gptexp.hf import import_source
 from gptexp.metrics import MetricsFile, config_diff
 from gptexp.rundir import (
@@ -299,6 +309,7 @@ def run_training(
             if start is not None:
                 start.apply(trainer)
             # Validation passed: from here on the run directory is written to.
+            run_log_starts()
             mirror = board = None
             extra: dict[str, Any] = {"wandb_group": wandb_group, "wandb_name": wandb_name}
             if dist_ctx.is_main:
@@ -335,8 +346,49 @@ def run_training(
         shutdown_distributed(dist_ctx)
 
 
+def failure_text(error: BaseException) -> str:
+    """One line for run.json's ``error`` and the console: what went wrong, without traceback.
+    DCP's CheckpointException (a BaseException holding each rank's exception and traceback)
+    is told by its first rank's exception."""
+    failures = getattr(error, "failures", None)  # torch.distributed.checkpoint's exception
+    if isinstance(failures, dict) and failures:
+        inner = next(iter(failures.values()))
+        if isinstance(inner, tuple) and inner and isinstance(inner[0], BaseException):
+            return failure_text(inner[0])
+    if isinstance(error, OSError):
+        return describe_os_error(error)
+    lines = str(error).strip().splitlines()
+    return lines[0] if lines else type(error).__name__
+
+
+def _is_storage_failure(error: BaseException) -> bool:
+    """A failure of the machine around the run, not of its training: a file that could not be
+    written (OSError), a checkpoint that could not be saved (CheckpointError, DCP's
+    CheckpointException). Other exceptions (a bug) keep their traceback."""
+    from torch.distributed.checkpoint import CheckpointException
+
+    return isinstance(error, (OSError, CheckpointException, *USER_ERRORS))
+
+
+def record_end(run: RunDirectory, status: str, error: str | None, summary: dict) -> None:
+    """run.json at the end: the status, the figures, and for a failed run its ``error`` (an
+    error of an earlier attempt goes once the run has ended otherwise). A run.json that cannot
+    be written (the disk is full) keeps ``running``: the run reads as crashed, resumable."""
+    fields = {k: v for k, v in summary.items() if v is not None}
+    try:
+        recorded = run.read_status()
+        recorded.pop("error", None)
+        if error is not None:
+            fields["error"] = error
+        atomic_write_json(run.run_json, recorded | {"status": status, "ended": now(), **fields})
+    except OSError:
+        pass  # the failure the caller reports is the one that matters; nothing is lost
+
+
 def _fit(trainer, run, dist_ctx, metrics, mirror, board=None) -> float | None:
-    status = FAILED
+    status, error = FAILED, None
+    if dist_ctx.is_main:  # a second Ctrl-C ends the process at once: it was interrupted
+        trainer.stop.on_abandon = lambda: record_end(run, INTERRUPTED, None, trainer.summary())
     try:
         result = trainer.fit()
         status = FINISHED
@@ -350,14 +402,23 @@ def _fit(trainer, run, dist_ctx, metrics, mirror, board=None) -> float | None:
     except (TrainingInterrupted, KeyboardInterrupt):
         status = INTERRUPTED
         raise
+    except BaseException as failure:
+        error = failure_text(failure)
+        if not _is_storage_failure(failure):
+            raise
+        where = resume_hint(run.path, world_size=dist_ctx.world_size)
+        intact = "" if "intact" in error else ", its checkpoints are intact"  # (said once)
+        raise RunFailed(
+            f"{error}; the run stopped at step {trainer.step}{intact}: fix that, then resume "
+            f"it with: {where}"
+        ) from None
     finally:
         trainer.release()
         if dist_ctx.is_main:
             summary = trainer.summary()
-            run.update_status(
-                status=status, ended=now(), **{k: v for k, v in summary.items() if v is not None}
-            )
-            metrics.close()
+            record_end(run, status, error, summary)
+            with contextlib.suppress(OSError):  # each line was flushed as it was written
+                metrics.close()
             if board is not None:
                 board.close()
             if mirror is not None:

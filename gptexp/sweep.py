@@ -33,6 +33,7 @@ from gptexp.errors import (
     ConfigError,
     JobFailed,
     RunError,
+    RunFailed,
     TrainingInterrupted,
 )
 from gptexp.fsio import atomic_write_bytes, atomic_write_text
@@ -246,7 +247,7 @@ def _train_job(plan, typed, own, wandb_group, wandb_name, dist_ctx) -> float:
                 wandb_name=wandb_name,
                 locked=True,
             )
-        except (*USER_ERRORS, FloatingPointError) as error:
+        except (*USER_ERRORS, FloatingPointError, RunFailed) as error:
             log.error("job failed: %s", error)
             if dist_ctx.is_main:
                 plan.run.update_status(status=FAILED, error=str(error), ended=now())

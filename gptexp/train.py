@@ -8,8 +8,10 @@ return value is the final validation loss, which Hydra's sweepers (Optuna) minim
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -23,6 +25,7 @@ from omegaconf import DictConfig, OmegaConf
 from gptexp.cli import command_logging, run_command
 from gptexp.config import CONF_DIR, parse_overrides, register_configs, to_train_config
 from gptexp.errors import JobFailed, RunError, resume_hint
+from gptexp.fsio import TMP_SUFFIX
 from gptexp.hf import resolve_init_from
 from gptexp.process_tuning import freeze_imported_objects
 from gptexp.requeue import prefer_sigusr1
@@ -44,13 +47,39 @@ class ValidateBeforeRun(Callback):
 
     def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
         run_command(lambda: self.validate(config))
+        run_command(lambda: self.check_writable(config))
+
+    @staticmethod
+    def check_writable(config: DictConfig) -> None:
+        """Write a file of the composed config's size where Hydra is about to write its own, and
+        remove it: a full disk or a read-only directory is then one line (exit 1) here, not
+        Hydra's traceback. Folders this made stay only when the check passed."""
+        directory = Path(config.hydra.run.dir)
+        if config.hydra.output_subdir is not None:
+            directory = directory / str(config.hydra.output_subdir)
+        made = [p for p in (directory, *directory.parents) if not p.exists()][::-1]
+        probe = directory / f".write-check-{os.getpid()}{TMP_SUFFIX}"
+        try:
+            for folder in made:
+                folder.mkdir()
+            with open(probe, "x", encoding="utf-8") as f:
+                f.write(OmegaConf.to_yaml(task_config(config)))
+                f.flush()
+                os.fsync(f.fileno())
+        except BaseException:
+            probe.unlink(missing_ok=True)
+            for folder in reversed(made):  # only the folders made here, each if still empty
+                with contextlib.suppress(OSError):
+                    folder.rmdir()
+            raise
+        probe.unlink()
 
     @staticmethod
     def validate(config: DictConfig) -> None:
         to_train_config(task_config(config))
         run = RunDirectory(config.hydra.run.dir)
         # run.json, not Hydra's files: under torchrun every rank's Hydra writes .hydra/ there.
-        if run.has_started():
+        if run.has_started() or run.is_locked():
             raise RunError(
                 f"{run.path} already holds a run; continue it with "
                 f"{resume_hint(run.path)} (or choose another hydra.run.dir)"
@@ -61,7 +90,10 @@ def _shared_run_dir(own: Path, dist_ctx: Distributed) -> Path:
     """Under torchrun every rank composes its own config; all use rank 0's directory."""
     shared = Path(dist_ctx.broadcast(str(own)))
     if shared != own:
-        discard_unstarted(RunDirectory(own))
+        # This rank's Hydra made ``own``; another launch may have chosen it too: under its
+        # lock, or not at all.
+        with contextlib.suppress(RunError), RunDirectory(own).lock():
+            discard_unstarted(RunDirectory(own))
     return shared
 
 
@@ -90,20 +122,30 @@ def train(cfg: DictConfig) -> float | None:
         return result
 
     def body() -> float | None:
-        # model.init_from: the source's shape goes into the config the run stores.
-        typed = resolve_init_from(to_train_config(cfg), overrides)
-        return run_training(
-            typed, run, resume=False, wandb_group=wandb_group, wandb_name=wandb_name
-        )
+        # Two launches into one new directory: the one that does not get the lock leaves with
+        # a RunError and touches nothing (the files there are the winner's). The one that
+        # holds it cleans up after bad input while it still holds it, so that no other launch
+        # can be between its files.
+        with run.lock() if dist_ctx.is_main else contextlib.nullcontext():
+            try:
+                # model.init_from: the source's shape goes into the config the run stores.
+                typed = resolve_init_from(to_train_config(cfg), overrides)
+                return run_training(
+                    typed,
+                    run,
+                    resume=False,
+                    wandb_group=wandb_group,
+                    wandb_name=wandb_name,
+                    locked=True,
+                )
+            finally:
+                if dist_ctx.is_main:
+                    if run.has_started():  # what the launch changed, for compare and sweeps
+                        run.update_status(overrides=overrides)
+                    discard_unstarted(run)  # bad input leaves no half-made run directory
 
-    try:
-        with command_logging(run.log_file if dist_ctx.is_main else None):
-            return run_command(body)
-    finally:
-        if dist_ctx.is_main:
-            if run.has_started():  # what the launch changed, for compare and sweeps
-                run.update_status(overrides=overrides)
-            discard_unstarted(run)  # bad input leaves no half-made run directory behind
+    with command_logging(run.log_file if dist_ctx.is_main else None):
+        return run_command(body)
 
 
 def check_command_line(argv: list[str]) -> None:

@@ -566,7 +566,9 @@ class Trainer:
                 self.checkpoints.save(state, self.step, None, ["signal"], asynchronous=False)
             if self.dist.is_main:
                 log.warning("saved checkpoint at step %d", self.step)
-        raise TrainingInterrupted(self.stop.signame or "signal", self.step, str(self.run.path))
+        raise TrainingInterrupted(
+            self.stop.signame or "signal", self.step, str(self.run.path), self.dist.world_size
+        )
 
     def _train_record(self, loss: float, grad_norm: float, final: bool) -> dict[str, Any]:
         """The step's record: training metrics on logging steps (and the last one)."""

@@ -6,10 +6,13 @@ FAST settings of conftest); the finer checks call the trainer in-process.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
 import re
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -30,6 +33,7 @@ from tests.conftest import (
     call_main,
     compose_config,
     read_metrics,
+    subprocess_env,
     train,
 )
 
@@ -198,3 +202,64 @@ def test_cuda_without_cuda_is_a_clear_error(tmp_path):
     assert "training.device='cuda'" in stderr and "no CUDA device" in stderr
     assert "Traceback" not in stderr
     assert not run_dir.exists()
+
+
+def test_a_launch_that_loses_the_race_for_a_new_directory_removes_nothing(tmp_path, monkeypatch):
+    """Two launches into one new hydra.run.dir, interleaved deterministically: both pass
+    validation, then the winner (this test) makes the directory, writes its files and takes
+    the lock before the loser (``main`` in this process) reaches it."""
+    run_dir = tmp_path / "run"
+    winner = RunDirectory(run_dir)
+    held = contextlib.ExitStack()
+    validate = train_entry.ValidateBeforeRun.validate
+
+    def winner_gets_there_first(config):
+        validate(config)
+        (run_dir / ".hydra").mkdir(parents=True)
+        (run_dir / ".hydra" / "config.yaml").write_text("winner: true\n")
+        winner.log_file.write_text("the winner's log\n")
+        held.enter_context(winner.lock())
+
+    monkeypatch.setattr(
+        train_entry.ValidateBeforeRun, "validate", staticmethod(winner_gets_there_first)
+    )
+    with held:
+        code, stderr = call_main(train_entry.main, *FAST, f"hydra.run.dir={run_dir}", cwd=tmp_path)
+        assert code == 2, stderr
+        assert stderr.count("error:") == 1 and "being trained by a live process" in stderr
+        assert winner.lock_file.is_file() and winner.is_locked()
+        assert winner.log_file.read_text().startswith("the winner's log\n")
+        assert winner.config_yaml.is_file()  # (Hydra's copy of the loser's config, not ours)
+        assert not winner.has_started()
+        # The winner goes on and finishes in the directory the loser left alone.
+        cfg = compose_config([*FAST, "training.max_steps=2", "checkpoint=none"])
+        run_training(cfg, winner, resume=False, locked=True)
+    assert json.loads(winner.run_json.read_text())["status"] == "finished"
+
+
+def test_two_launches_into_one_new_directory_one_trains_one_is_refused(tmp_path):
+    """The same, for real: two processes launched at once (whichever way they interleave)."""
+    run_dir = tmp_path / "run"
+    args = [*FAST, "training.max_steps=4", f"hydra.run.dir={run_dir}"]
+    launches = [
+        subprocess.Popen(
+            [sys.executable, "-m", "gptexp.train", *args],
+            cwd=tmp_path,
+            env=subprocess_env(),
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for _ in range(2)
+    ]
+    stderrs = [launch.communicate(timeout=180)[1] for launch in launches]
+    results = sorted(
+        (launch.returncode, err) for launch, err in zip(launches, stderrs, strict=True)
+    )
+    (won, _), (lost, refusal) = results
+    assert (won, lost) == (0, 2), results
+    assert refusal.count("error:") == 1 and "Traceback" not in refusal, refusal
+    status = json.loads((run_dir / "run.json").read_text())
+    assert status["status"] == "finished" and status["step"] == 4
+    for name in (".hydra/config.yaml", "train.log", ".lock", "checkpoints/manifest.json"):
+        assert (run_dir / name).is_file(), name
