@@ -201,6 +201,8 @@ def set_scene(tmp_path: Path, pristine: Pristine) -> Scene:
     if newest_file.is_file():  # a valid checkpoint outside the run, for a link to point at
         shutil.copy2(newest_file, victim / "step_0000020.pt")
     scene.products.mkdir()
+    # The pristine runs' corpus cache and CPU peak: a command need not measure them again.
+    shutil.copytree(pristine.run.parent / "cache", scene.tmp / "cache", dirs_exist_ok=True)
     return scene
 
 
@@ -398,7 +400,9 @@ def corpus_cache_garbage(scene: Scene) -> None:
 def link_loops(scene: Scene) -> None:
     (scene.run / "loop").symlink_to(".", target_is_directory=True)
     (scene.run / "up").symlink_to("..", target_is_directory=True)
-    (scene.area / "around").symlink_to(".", target_is_directory=True)
+    # Two links back to the sweep dir: a walk that follows them has 2**depth paths to see.
+    (scene.area / "again").symlink_to(".", target_is_directory=True)
+    (scene.area / "around").symlink_to("../area", target_is_directory=True)
 
 
 def rel(scene: Scene, name: str) -> Path:
