@@ -276,19 +276,25 @@ def lost_checkpoints(scene: Scene, before: dict[str, object]) -> list[str]:
     ``step_*.dcp``), not reached through a link, whose sha256 (of each file) is one that the
     run's own training wrote. After a command each valid checkpoint must either
 
-    - still be there with the same bytes, or
-    - be gone (removed, not overwritten: a name never gets other bytes) while the run holds a
-      newer verified checkpoint: one listed in the manifest with its true sha256, loading with
-      ``weights_only=True`` at the listed step, at a step beyond every valid checkpoint
-      that existed before the command. That is retention after a resume that saved newer
-      checkpoints; a restart from step 0 over intact files is not.
+    - still be in ``checkpoints/`` with the same bytes, under its name or another (a
+      checkpoint the manifest does not vouch for may be set aside, not used), or
+    - be gone while the run holds a newer verified checkpoint: one listed in the manifest
+      with its true sha256, loading with ``weights_only=True`` at the listed step, at a step
+      beyond every valid checkpoint that existed before the command. That is retention after
+      a resume that saved newer checkpoints. A valid file whose name now holds other bytes
+      (overwritten, as by a restart from step 0 over intact files) is lost whatever else
+      exists.
     """
+    folder = scene.run / "checkpoints"
     after = checkpoints_on_disk(scene.run)
+    anywhere = set()
+    if folder.is_dir() and not folder.is_symlink():
+        anywhere = {fingerprint(path) for path in folder.iterdir()}
     newest_before = max((int(STEP_NAME.fullmatch(n)[1]) for n in before), default=-1)
     progressed = any(step > newest_before for step in verified_steps(scene.run))
     lost = []
     for name, print_ in sorted(before.items()):
-        if after.get(name) == print_:
+        if print_ in anywhere:
             continue
         if name in after:
             lost.append(f"{name} overwritten")
