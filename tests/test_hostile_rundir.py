@@ -413,6 +413,27 @@ def corpus_cache_garbage(scene: Scene) -> None:
         (cache / "corpus" / name).write_bytes(RANDOM)
 
 
+def move_out(scene: Scene, name: str) -> None:
+    """``name`` (a file or folder of the run) moved beside the run, a link left in its place:
+    what a command reads through it is the run's own, what it writes lands outside."""
+    outside = scene.victim / Path(name).name.lstrip(".")
+    shutil.move(scene.run / name, outside)
+    (scene.run / name).symlink_to(outside, target_is_directory=outside.is_dir())
+
+
+def temporaries_link_out(scene: Scene) -> None:
+    """Links where gptexp's next writes put their temporary files."""
+    target = scene.victim / "notes.txt"
+    for name in (
+        "run.json.tmp",
+        "metrics.jsonl.tmp",
+        "checkpoints/manifest.json.tmp",
+        "checkpoints/step_0000022.pt.tmp",
+        "eval/last.json.tmp",
+    ):
+        (scene.run / name).symlink_to(target)
+
+
 def link_loops(scene: Scene) -> None:
     (scene.run / "loop").symlink_to(".", target_is_directory=True)
     (scene.run / "up").symlink_to("..", target_is_directory=True)
@@ -478,6 +499,13 @@ MUTATIONS = {
     "eval-dir-links-outside": lambda s: link_out(rel(s, "eval"), s.victim / "evaldir"),
     "export-dir-links-outside": lambda s: link_out(rel(s, "export"), s.victim / "exportdir"),
     "samples-links-outside": lambda s: link_out(rel(s, "samples.txt"), s.victim / "samples.txt"),
+    "runjson-links-outside": lambda s: move_out(s, "run.json"),
+    "metrics-links-outside": lambda s: move_out(s, "metrics.jsonl"),
+    "lock-links-outside": lambda s: link_out(rel(s, ".lock"), s.victim / "notes.txt"),
+    "hydra-dir-links-outside": lambda s: move_out(s, ".hydra"),
+    "checkpoints-dir-links-outside": lambda s: move_out(s, "checkpoints"),
+    "eval-result-links-outside": lambda s: link_out(rel(s, "eval/last.json"), s.victim / "abs"),
+    "temporaries-link-outside": temporaries_link_out,
     "directory-link-loops": link_loops,
     # DCP checkpoints (the dcp run)
     "dcp-intact": lambda s: None,
