@@ -12,7 +12,9 @@ A run directory may have been copied, hand-edited, shared or written by someone 
   only places outside the run a command may write are the corpus cache ``$GPTEXP_CACHE`` and
   the ``out=`` it was given);
 - run no code from the run directory (a pickle that would write a marker file never does);
-- lose no valid checkpoint, as defined in :func:`lost_checkpoints`.
+- lose no valid checkpoint, as defined in :func:`lost_checkpoints`;
+- and a resume past a damaged newest checkpoint carries on from an older valid one (the
+  README's promise), reaching its new ``max_steps`` with a verified checkpoint.
 
 One small run (single-file checkpoints at steps 10, 15, 20 and an evaluation) and one small
 DCP run are made once per module; each test copies one of them, applies one mutation and runs
@@ -47,7 +49,8 @@ PT_SETTINGS = [
     "checkpoint.keep_last=3",
 ]  # kept: step_0000010.pt, step_0000015.pt, step_0000020.pt (also the best)
 DCP_SETTINGS = ["training.max_steps=10", "checkpoint.every_steps=5", "checkpoint.format=dcp"]
-MORE_STEPS = "training.max_steps=22"  # resume and fork train a couple of steps more
+NEW_MAX_STEPS = 22  # resume and fork train a couple of steps more
+MORE_STEPS = f"training.max_steps={NEW_MAX_STEPS}"
 STEP_NAME = re.compile(r"step_(\d+)\.(pt|dcp)$")
 TRACEBACK = "Traceback (most recent call last)"
 
@@ -545,6 +548,16 @@ COMMANDS = [
     for name in ("eval", "export", "resume", "fork", "compare", "compare-tree", "diff", "repair")
 ]
 CONTROLS = {"intact", "dcp-intact"}
+# A damaged newest checkpoint is skipped and the newest valid one used (README, Checkpoints):
+# resume carries the run on to its new max_steps from an older checkpoint.
+DAMAGED_NEWEST = {
+    "ckpt-newest-truncated",
+    "ckpt-newest-bytes-flipped",
+    "ckpt-newest-code-pickle",
+    "dcp-manifest-files-empty",
+    "dcp-metadata-code-pickle",
+    "dcp-shard-truncated",
+}
 # Where only a real process will do: a walk through a link loop may never end.
 IN_A_PROCESS = {("directory-link-loops", "compare"), ("directory-link-loops", "compare-tree")}
 
@@ -602,4 +615,10 @@ def test_a_command_on_a_hostile_run(mutation, command, pristine_runs, tmp_path):
     if changed:
         problems.append(f"changed outside the run: {', '.join(changed[:6])}")
     problems += lost_checkpoints(scene, valid)
+    if (
+        command == "resume"
+        and mutation in DAMAGED_NEWEST
+        and NEW_MAX_STEPS not in verified_steps(scene.run)
+    ):
+        problems.append(f"exit {code}: the resume did not reach a verified step {NEW_MAX_STEPS}")
     assert not problems, f"{mutation} / {command}: {'; '.join(problems)}\n{output[-2500:]}"
