@@ -409,11 +409,12 @@ def dcp_files_empty(scene: Scene) -> None:
     flip_bytes(scene.newest() / "__0_0.distcp")  # nothing listed, so nothing would notice
 
 
-def corpus_cache_garbage(scene: Scene) -> None:
+def corpus_cache(scene: Scene, data: bytes) -> None:
+    """Every file of the corpus cache (the scene's copy of the pristine one) replaced."""
     cache = scene.tmp / "cache"
     for name in scene.pristine.cache_files:
-        (cache / "corpus" / name).parent.mkdir(parents=True, exist_ok=True)
-        (cache / "corpus" / name).write_bytes(RANDOM)
+        assert (cache / name).is_file(), name
+        (cache / name).write_bytes(data)
 
 
 def move_out(scene: Scene, name: str) -> None:
@@ -496,7 +497,8 @@ MUTATIONS = {
     # the tokenizer and the corpus cache
     "tokenizer-random-bytes": lambda s: rel(s, "tokenizer.json").write_bytes(RANDOM),
     "tokenizer-a-list": lambda s: rel(s, "tokenizer.json").write_text('["a", "b"]'),
-    "corpus-cache-garbage": corpus_cache_garbage,
+    "corpus-cache-garbage": lambda s: corpus_cache(s, RANDOM),
+    "corpus-cache-code-pickle": lambda s: corpus_cache(s, pickle.dumps(WritesMarker(s.marker))),
     # links out of the run
     "trainlog-links-outside": lambda s: link_out(rel(s, "train.log"), s.victim / "train.log"),
     "eval-dir-links-outside": lambda s: link_out(rel(s, "eval"), s.victim / "evaldir"),
@@ -537,7 +539,16 @@ def commands(scene: Scene) -> dict[str, tuple[str, list[str]]]:
     }
 
 
-HAS_REPAIR = importlib.util.find_spec("gptexp.repair") is not None
+def has_command(module: str) -> bool:
+    """Whether this checkout has ``module`` (an editable install of another checkout can
+    answer for a module this one lacks)."""
+    import gptexp
+
+    spec = importlib.util.find_spec(module)
+    return spec is not None and Path(spec.origin).parent == Path(gptexp.__file__).parent
+
+
+HAS_REPAIR = has_command("gptexp.repair")
 COMMANDS = [
     pytest.param(
         name,
