@@ -715,17 +715,20 @@ class CheckpointManager:
 
     def _make_room(self, path: Path) -> None:
         """Before a save renames its file (or directory) to ``path``: what is there already is
-        replaced only when it is this run's listed, intact checkpoint of the step; anything
-        else (unlisted: an interrupted save or not gptexp's; damaged) is set aside, never
-        overwritten."""
+        replaced only when it is this run's listed, intact checkpoint file of the step; anything
+        else (unlisted: an interrupted save or not gptexp's; damaged; a DCP directory, which a
+        rename cannot replace) is set aside, never overwritten."""
         if not os.path.lexists(path):
             return
         listed = next((e for e in self.entries() if e.file == path.name), None)
         if listed is not None:
             problem = self._check(listed)
-            if problem is None:
-                return
-            self._set_aside(path, "damaged", f"listed, but {problem}")
+            if problem is None and not path.is_dir():
+                return  # os.replace swaps the file atomically
+            if problem is None:  # a rename cannot replace a directory that holds files
+                self._set_aside(path, "replaced", "listed, and saved again at its step")
+            else:
+                self._set_aside(path, "damaged", f"listed, but {problem}")
         else:
             self._set_aside(path, "unlisted", "not in the manifest")
 
@@ -837,14 +840,13 @@ class CheckpointManager:
     def load(self, entry: CheckpointEntry) -> dict[str, Any]:
         """The checkpoint's state, verified against the manifest; a CheckpointError when it
         cannot be had (also when it disappears while it is read)."""
+        path = self.directory / entry.file
         try:
             return self._load_verified(entry)
         except FileNotFoundError:
-            raise CheckpointError(f"{self.directory / entry.file}: missing") from None
+            raise CheckpointError(f"{path}: missing") from None
         except OSError as error:
-            raise CheckpointError(
-                f"{self.directory / entry.file}: unreadable ({error.strerror})"
-            ) from None
+            raise CheckpointError(f"{path}: unreadable ({error.strerror})") from None
 
     def _load_verified(self, entry: CheckpointEntry) -> dict[str, Any]:
         """The checkpoint's state, verified against the manifest.

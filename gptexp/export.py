@@ -199,6 +199,9 @@ def place_export(run: RunDirectory, out: Path, write: Callable[[Path], None]) ->
     """
     if out.is_symlink():
         raise RunError(f"out={out} is a symbolic link; give the directory it points to")
+    within = Path(os.path.abspath(out))  # lexically: a link on the way must not be followed
+    if within.is_relative_to(run.path):
+        run.refuse_links(within)  # the default <run>/export/...: written through no link
     if out.exists() and not out.is_dir():
         raise RunError(f"out={out} exists and is not a directory; choose another out=")
     replace = out.is_dir() and any(out.iterdir())
