@@ -280,9 +280,9 @@ def optimizer_param_names(state: dict[str, Any]) -> list[str]:
 
 
 def state_values(state: dict[str, Any]) -> dict[str, Any]:
-    """The model and optimizer state of a checkpoint as flat ``name -> tensor or number``:
-    ``model.<param>``, ``optimizer.<param>.<exp_avg|exp_avg_sq|step>``,
-    ``optimizer.param_groups.<i>.<lr|betas|...>``."""
+    """The model and optimizer state of a checkpoint as flat ``name -> tensor``:
+    ``model.<param>``, ``optimizer.<param>.<exp_avg|exp_avg_sq|step>``. The optimizer's
+    hyperparameters are config, not state: see :func:`optimizer_hyperparameters`."""
     values = {f"model.{name}": tensor for name, tensor in state["model"].items()}
     optimizer = state.get("optimizer") or {}
     names = optimizer_param_names(state)
@@ -290,11 +290,20 @@ def state_values(state: dict[str, Any]) -> dict[str, Any]:
         param = names[index] if isinstance(index, int) and index < len(names) else str(index)
         for slot, value in slots.items():
             values[f"optimizer.{param}.{slot}"] = value
-    for i, group in enumerate(optimizer.get("param_groups") or []):
-        for key, value in group.items():
-            if key != "params":
-                values[f"optimizer.param_groups.{i}.{key}"] = value
     return values
+
+
+def optimizer_hyperparameters(state: dict[str, Any]) -> dict[str, Any]:
+    """``optimizer.param_groups.<i>.<lr|initial_lr|betas|...>``: what the config and the LR
+    schedule set, compared as config (a fork with another lr writes its start checkpoint
+    with its own lr beside bit-identical tensors)."""
+    optimizer = state.get("optimizer") or {}
+    return {
+        f"optimizer.param_groups.{i}.{key}": value
+        for i, group in enumerate(optimizer.get("param_groups") or [])
+        for key, value in group.items()
+        if key != "params"
+    }
 
 
 def value_difference(x: Any, y: Any) -> tuple[bool, float | None, str | None]:
@@ -344,15 +353,23 @@ def tensor_differences(values_a: dict[str, Any], values_b: dict[str, Any]) -> li
     return rows
 
 
+def value_of(state: dict[str, Any], row: dict[str, Any]) -> Any:
+    """A hyperparameter's value in ``state`` as JSON can hold it (betas are a tuple)."""
+    value = optimizer_hyperparameters(state).get(row["name"])
+    return list(value) if isinstance(value, tuple) else value
+
+
 def compare_checkpoints(a: RunDirectory, b: RunDirectory) -> dict[str, Any]:
     """Over the steps where both runs have a valid checkpoint (listed in the manifest, sha256
     verified, loaded with ``weights_only=True``): which are bit-identical in model and
-    optimizer state, the last identical one, the first that differs and what differs most."""
+    optimizer state (tensors), the last identical one, the first that differs and what
+    differs most; apart from that, the first step whose optimizer hyperparameters differ."""
     notes: list[str] = []
     listed_a = listed_checkpoints(a, "A", notes)
     listed_b = listed_checkpoints(b, "B", notes)
     manager_a, manager_b = checkpoint_manager(a), checkpoint_manager(b)
     equal_steps, different_steps, top = [], [], []
+    hyperparameters: dict[str, Any] | None = None
     common = sorted(listed_a.keys() & listed_b.keys())
     for step in common:
         try:
@@ -362,6 +379,22 @@ def compare_checkpoints(a: RunDirectory, b: RunDirectory) -> dict[str, Any]:
             notes.append(f"step {step} skipped: {error}")
             continue
         differences = tensor_differences(state_values(state_a), state_values(state_b))
+        if hyperparameters is None:
+            settings = tensor_differences(
+                optimizer_hyperparameters(state_a), optimizer_hyperparameters(state_b)
+            )
+            if settings:
+                hyperparameters = {
+                    "step": step,
+                    "differ": [
+                        {
+                            "name": row["name"],
+                            "a": value_of(state_a, row),
+                            "b": value_of(state_b, row),
+                        }
+                        for row in settings
+                    ],
+                }
         if differences:
             if not different_steps:
                 top = differences[:TOP_TENSORS]
@@ -376,6 +409,7 @@ def compare_checkpoints(a: RunDirectory, b: RunDirectory) -> dict[str, Any]:
         "last_equal_step": max(equal_steps) if equal_steps else None,
         "first_different_step": min(different_steps) if different_steps else None,
         "differing_tensors": top,
+        "hyperparameters": hyperparameters,
         "notes": notes,
     }
 
@@ -632,6 +666,16 @@ def replay_sentence(replayed: dict[str, Any], changed: list[dict[str, Any]]) -> 
     )
 
 
+def _hyperparameter_line(hyper: dict[str, Any]) -> str:
+    """'optimizer settings differ from step 20 (config, not state): lr 0.00036 vs 0.00016'"""
+    shown: dict[str, str] = {}
+    for row in hyper["differ"]:
+        key = row["name"].rpartition(".")[2]  # the same setting of each param group: once
+        shown.setdefault(key, f"{key} {row['a']!r} vs {row['b']!r}")
+    settings = "; ".join(shown.values())
+    return f"optimizer settings differ from step {hyper['step']} (config, not state): {settings}"
+
+
 def format_report(report: dict[str, Any]) -> str:
     """The human report: one section per question, then the verdict."""
     out: list[str] = []
@@ -685,6 +729,8 @@ def format_report(report: dict[str, Any]) -> str:
         if ck["first_different_step"] is not None:
             checkpoints[0] += f"; first differ at step {ck['first_different_step']}:"
             checkpoints += _tensor_lines(ck["differing_tensors"], "  ")
+    if ck.get("hyperparameters"):
+        checkpoints.append(_hyperparameter_line(ck["hyperparameters"]))
     checkpoints += ck["notes"]
     section("checkpoints", checkpoints)
 

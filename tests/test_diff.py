@@ -122,9 +122,25 @@ def runs(tmp_path_factory) -> dict[str, Path]:
     }
     (fork / "run.json").write_text(json.dumps(status))
     forked = launch("gptexp.resume", f"run={fork}", "training.lr=3e-4", cwd=ROOT)
+    real_fork = base / "real_fork"
+    made = launch(
+        "gptexp.fork",
+        f"run={parent}",
+        f"ckpt={FORK_STEP}",
+        "training.lr=3e-4",
+        f"out={real_fork}",
+        cwd=ROOT,
+    )
     assert "resuming from step_0000020.pt" in finish(forked)
+    finish(made)
     finish(resumed)
-    return {"parent": parent, "twin": twin, "fork": fork, "threads2": threads2}
+    return {
+        "parent": parent,
+        "twin": twin,
+        "fork": fork,
+        "threads2": threads2,
+        "real_fork": real_fork,
+    }
 
 
 def diff_json(capsys, *args: str) -> tuple[int, dict]:
@@ -210,6 +226,29 @@ def test_fork_with_another_lr_parts_after_update_21(runs, capsys):
     )
     assert "B descends from A, forked at step 20" in text
     assert (files_of(parent), files_of(fork)) == before, "diff wrote nothing"
+
+
+def test_a_forks_start_checkpoint_is_bit_identical_and_its_lr_is_config(runs, capsys):
+    # python -m gptexp.fork writes its start checkpoint with its own lr in the optimizer's
+    # param groups; the tensors are the parent's, bit for bit.
+    code, report = diff_json(capsys, runs["parent"], runs["real_fork"])
+    assert code == 1
+    checkpoints = report["checkpoints"]
+    assert (checkpoints["last_equal_step"], checkpoints["first_different_step"]) == (20, 30)
+    assert not any("param_groups" in row["name"] for row in checkpoints["differing_tensors"])
+    hyper = checkpoints["hyperparameters"]
+    assert hyper["step"] == FORK_STEP
+    initial = {row["name"]: (row["a"], row["b"]) for row in hyper["differ"]}
+    assert initial["optimizer.param_groups.0.initial_lr"] == (0.001, 0.0003)
+
+    code, stderr = call_main(gptexp.diff.main, str(runs["parent"]), str(runs["real_fork"]))
+    text = capsys.readouterr().out
+    assert code == 1, stderr
+    assert "bit-identical through step 20; first differ at step 30:" in text
+    assert (
+        "optimizer settings differ from step 20 (config, not state): initial_lr 0.001 vs 0.0003"
+        in text
+    )
 
 
 def test_replay_starts_at_the_fork_when_the_fork_holds_no_checkpoint_of_it(runs, tmp_path, capsys):
