@@ -16,7 +16,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from gptexp.checkpoint import CheckpointEntry, CheckpointManager
 from gptexp.config import TrainConfig, config_to_dict, to_train_config
-from gptexp.data import Corpus, Tokenizer, prepare_corpus, tokenizer_from_json
+from gptexp.data import Corpus, Tokenizer, prepare_corpus, read_tokenizer, tokenizer_from_json
 from gptexp.errors import ConfigError, TrainingInterrupted
 from gptexp.forking import ForkStart, wandb_lineage
 from gptexp.fsio import atomic_write_text
@@ -139,7 +139,7 @@ def run_corpus(
     if state is not None:
         tokenizer = tokenizer_from_json(state["tokenizer"])
     elif tokenizer is None and run.tokenizer.is_file():
-        tokenizer = tokenizer_from_json(run.tokenizer.read_text(encoding="utf-8"))
+        tokenizer = read_tokenizer(run.tokenizer)
     expected = state["data_fingerprint"] if state is not None else None
     return prepare_corpus(cfg.data, cfg.model.block_size, tokenizer, expected)
 
@@ -149,7 +149,12 @@ def rewind_metrics(run: RunDirectory, step: int | None, guard_events: int = 0) -
     ``guard_events``: how many spike-guard events the checkpoint knows (those stay)."""
     dropped = MetricsFile(run.metrics).rewind(-1 if step is None else step, guard_events)
     if dropped:
-        log.info("metrics.jsonl: dropped %d records logged after step %s", dropped, step)
+        why = (
+            "all of them: no checkpoint, training starts again from step 0"
+            if step is None
+            else f"logged after step {step}"
+        )
+        log.info("metrics.jsonl: dropped %d records (%s)", dropped, why)
 
 
 def record_start(
