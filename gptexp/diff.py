@@ -34,8 +34,9 @@ from gptexp.checkpoint import CheckpointManager, checkpoint_name
 from gptexp.cli import command_logging, parse_options, run_command
 from gptexp.config import CheckpointConfig
 from gptexp.errors import CheckpointError, ConfigError, RunError
+from gptexp.fsio import sha256_file
 from gptexp.metrics import config_diff, read_metrics
-from gptexp.rundir import RunDirectory, require_run, stored_config
+from gptexp.rundir import RunDirectory, require_run, runs_under, stored_config
 
 log = logging.getLogger(__name__)
 
@@ -120,31 +121,73 @@ def config_difference(a: RunInfo, b: RunInfo) -> tuple[list[dict[str, Any]], lis
 # ----------------------------------------------------------------------------- lineage
 
 
-def ancestry(run: RunDirectory) -> list[dict[str, Any]]:
+def ancestry(run: RunDirectory, search: list[RunDirectory] = ()) -> list[dict[str, Any]]:
     """The run, its parent, its parent's parent, ... as ``{run, step}``: ``step`` is the step
     of that run at which the one before it in the list was forked (None for the run itself).
 
-    A parent that is gone ends the list with ``missing: true``; a loop of links ends it too.
+    A parent that is not where the link says (moved or renamed) is looked for among
+    ``search``: the run whose manifest lists the checkpoint the fork started from, by the
+    sha256 the fork recorded (the file's own sha256 checked too); it is marked ``moved_from``.
+    A parent found nowhere ends the list with ``missing: true``; a loop of links ends it too.
     """
     chain: list[dict[str, Any]] = [{"run": str(run.path), "step": None}]
     seen = {run.path}
     current = run
     while True:
-        parent = current.read_status().get("parent")
-        if not isinstance(parent, dict) or not parent.get("run"):
+        try:
+            parent = current.read_status().get("parent")
+        except RunError as error:  # a damaged ancestor ends the lineage; the report says so
+            chain[-1]["damaged"] = str(error)
+            return chain
+        if not isinstance(parent, dict) or not isinstance(parent.get("run"), str):
             return chain  # a root
         parent_path = Path(parent["run"])
         if not parent_path.is_absolute():
             parent_path = current.path / parent_path
+        link = {"run": str(RunDirectory(parent_path).path), "step": parent.get("step")}
+        current_dir = current.path.parent
         current = RunDirectory(parent_path)
-        link = {"run": str(current.path), "step": parent.get("step")}
         if not current.is_run():
-            chain.append(link | {"missing": True})
-            return chain
+            # A renamed parent lies beside its fork most often: look there first.
+            beside = sorted(search, key=lambda c: c.path.parent != current_dir)
+            moved = holder_of(parent, [c for c in beside if c.path not in seen])
+            if moved is None:
+                chain.append(link | {"missing": True})
+                return chain
+            current = moved
+            link = {"run": str(moved.path), "step": parent.get("step"), "moved_from": link["run"]}
         if current.path in seen:
             return chain  # a loop of parent links: stop at the first repeat
         seen.add(current.path)
         chain.append(link)
+
+
+def holder_of(parent: dict[str, Any], candidates: list[RunDirectory]) -> RunDirectory | None:
+    """The run among ``candidates`` that holds the checkpoint a fork's ``parent`` link names
+    (same step, same sha256 in its manifest and in the file itself), or None."""
+    sha256, step = parent.get("sha256"), parent.get("step")
+    if not isinstance(sha256, str) or len(sha256) != 64 or not isinstance(step, int):
+        return None
+    for candidate in candidates:
+        try:
+            entries = checkpoint_manager(candidate).entries()
+        except CheckpointError:
+            continue
+        for entry in entries:
+            if entry.step == step and entry.sha256 == sha256:
+                path = candidate.checkpoints / entry.file
+                if path.is_file() and sha256_file(path) == sha256:
+                    return candidate
+    return None
+
+
+def search_places(a: RunDirectory, b: RunDirectory) -> list[RunDirectory]:
+    """Where a moved parent may be: the two runs given, then the runs beside each."""
+    places: dict[Path, RunDirectory] = {a.path: a, b.path: b}
+    for run in (a, b):
+        for sibling in runs_under(run.path.parent):
+            places.setdefault(sibling.path, sibling)
+    return list(places.values())
 
 
 def lineage(a: RunDirectory, b: RunDirectory) -> dict[str, Any]:
@@ -154,7 +197,8 @@ def lineage(a: RunDirectory, b: RunDirectory) -> dict[str, Any]:
     step of the side that left it (the smaller one when both did); None when one run is the
     other, or they share no ancestor.
     """
-    chain_a, chain_b = ancestry(a), ancestry(b)
+    places = search_places(a, b)
+    chain_a, chain_b = ancestry(a, places), ancestry(b, places)
     index_b = {link["run"]: j for j, link in enumerate(chain_b) if not link.get("missing")}
     result: dict[str, Any] = {
         "a_ancestry": chain_a,
@@ -510,6 +554,31 @@ def replay_start(
     return start, state_a, state_b, source
 
 
+def refuse_replay_before_fork(
+    label: str, info: RunInfo, chain: list[dict[str, Any]], start: int
+) -> None:
+    """A fork's config applies only from its fork step on (its history before it is its
+    parent's): a replay that would start earlier with the fork's config, e.g. from
+    initialisation as if it were a fresh run, would report a false divergence. RunError."""
+    if len(chain) < 2 or not isinstance(chain[1]["step"], int) or start >= chain[1]["step"]:
+        return
+    parent, fork_step = chain[1], chain[1]["step"]
+    if parent.get("missing"):
+        sha256 = (info.status.get("parent") or {}).get("sha256") or "?"
+        raise RunError(
+            f"cannot replay: {label} is a fork of {parent['run']} at step {fork_step}, which is "
+            f"not there, and no run given or beside them holds that checkpoint (sha256 "
+            f"{str(sha256)[:12]}...); pass the parent's directory (where it is now) as the "
+            f"other run, or diff without --replay"
+        )
+    raise RunError(
+        f"cannot replay: {label} is a fork of {parent['run']} at step {fork_step}, and the two "
+        f"runs share no state at or after that step to start from (no common checkpoint, no "
+        f"checkpoint of the fork step left); the replay would start at step {start}, before "
+        f"{label}'s config applied; diff without --replay"
+    )
+
+
 def replay(
     a: RunInfo, b: RunInfo, checkpoints: dict[str, Any], family: dict[str, Any]
 ) -> dict[str, Any]:
@@ -523,6 +592,8 @@ def replay(
     import torch
 
     start, state_a, state_b, source = replay_start(a, b, checkpoints, family)
+    for label, info, chain in (("A", a, family["a_ancestry"]), ("B", b, family["b_ancestry"])):
+        refuse_replay_before_fork(label, info, chain, start)
     end = min(a.last_step, b.last_step)
     result: dict[str, Any] = {
         "from_step": start,
@@ -625,8 +696,16 @@ def _lineage_text(family: dict[str, Any]) -> list[str]:
     ancestor = family["common_ancestor"]
     lines = []
     for label, chain in (("A", family["a_ancestry"]), ("B", family["b_ancestry"])):
+        for link in chain:
+            if link.get("moved_from"):
+                lines.append(
+                    f"{label}'s ancestor {link['moved_from']} is now {link['run']} (found by "
+                    "its checkpoint's sha256)"
+                )
         if chain[-1].get("missing"):
             lines.append(f"{label}'s ancestor {chain[-1]['run']} is missing")
+        if chain[-1].get("damaged"):
+            lines.append(f"{label}'s lineage ends at a damaged run: {chain[-1]['damaged']}")
     if ancestor is None:
         return ["no common ancestor", *lines]
     da, db, step = family["a_depth"], family["b_depth"], family["fork_step"]

@@ -251,6 +251,58 @@ def test_a_forks_start_checkpoint_is_bit_identical_and_its_lr_is_config(runs, ca
     )
 
 
+def moved_family(runs, tmp_path: Path) -> tuple[Path, Path]:
+    """Copies of the parent and its real fork, side by side, the fork's parent link naming
+    where the parent was before it was moved (a path that no longer exists)."""
+    parent, fork = tmp_path / "family" / "renamed-parent", tmp_path / "family" / "fork"
+    shutil.copytree(runs["parent"], parent)
+    shutil.copytree(runs["real_fork"], fork)
+    status = json.loads((fork / "run.json").read_text())
+    status["parent"]["run"] = str(tmp_path / "gone" / "parent")
+    (fork / "run.json").write_text(json.dumps(status))
+    return parent, fork
+
+
+def test_a_moved_parent_is_found_by_its_checkpoints_sha256(runs, tmp_path, capsys):
+    parent, fork = moved_family(runs, tmp_path)
+    code, report = diff_json(capsys, parent, fork, "--replay")
+    assert code == 1
+    family = report["lineage"]
+    assert family["common_ancestor"] == str(parent) and family["fork_step"] == FORK_STEP
+    assert family["b_ancestry"][1]["moved_from"] == str(tmp_path / "gone" / "parent")
+    assert report["replay"]["from_step"] == FORK_STEP
+    assert report["replay"]["first_different_update"] == 21
+    # Beside the fork, it is found too when the fork is diffed against another run.
+    code, report = diff_json(capsys, runs["twin"], fork)
+    assert report["lineage"]["b_ancestry"][1]["run"] == str(parent)
+
+
+def test_a_fork_whose_parent_is_nowhere_is_not_replayed_from_initialisation(runs, tmp_path, capsys):
+    parent, fork = moved_family(runs, tmp_path)
+    shutil.rmtree(parent)
+    other = tmp_path / "elsewhere" / "t2"  # beside no run that holds the fork's checkpoint
+    shutil.copytree(runs["threads2"], other)
+    code, stderr = call_main(gptexp.diff.main, str(other), str(fork), "--replay")
+    assert code == 2
+    assert capsys.readouterr().out == ""
+    (line,) = stderr.strip().splitlines()
+    assert line.startswith(f"error: cannot replay: B is a fork of {tmp_path / 'gone' / 'parent'}")
+    assert "pass the parent's directory" in line
+    # Without --replay the report is made, and says the ancestor is missing.
+    code, stderr = call_main(gptexp.diff.main, str(other), str(fork))
+    assert code == 1 and "B's ancestor" in capsys.readouterr().out
+
+
+def test_a_fork_is_not_replayed_with_its_config_before_its_fork_step(runs, tmp_path, capsys):
+    # The real fork against an unrelated run (another thread count): no state is shared, and
+    # replaying the fork from initialisation with its own lr would be a false divergence.
+    code, stderr = call_main(
+        gptexp.diff.main, str(runs["threads2"]), str(runs["real_fork"]), "--replay"
+    )
+    assert code == 2
+    assert "cannot replay: B is a fork of" in stderr and "share no state" in stderr
+
+
 def test_replay_starts_at_the_fork_when_the_fork_holds_no_checkpoint_of_it(runs, tmp_path, capsys):
     # A fork's own directory need not hold the checkpoint it started from: the replay then
     # starts from the parent's checkpoint at the fork step (the last common one is 10).
