@@ -24,8 +24,11 @@ import logging
 import math
 import re
 import shutil
+import signal
 import sys
 import tempfile
+import threading
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -61,6 +64,7 @@ TIME_WORDS = frozenset({"time", "seconds", "sec", "ms", "elapsed", "duration", "
 METRIC_PRIORITY = ("train/loss", "val/loss")
 
 TOP_TENSORS = 5  # differing tensors listed per comparison
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGHUP)  # besides SIGINT, which already interrupts
 
 
 # ----------------------------------------------------------------------------- the runs
@@ -579,6 +583,25 @@ def refuse_replay_before_fork(
     )
 
 
+@contextmanager
+def signals_interrupt():
+    """SIGTERM and SIGHUP stop the replay as Ctrl-C does (KeyboardInterrupt: exit 130), so
+    the temporary directory of its trainers is removed on the way out, not left behind."""
+
+    def interrupt(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt(signal.Signals(signum).name)
+
+    if threading.current_thread() is not threading.main_thread():
+        yield  # signal handlers can only be set from the main thread
+        return
+    previous = {signum: signal.signal(signum, interrupt) for signum in STOP_SIGNALS}
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+
+
 def replay(
     a: RunInfo, b: RunInfo, checkpoints: dict[str, Any], family: dict[str, Any]
 ) -> dict[str, Any]:
@@ -614,7 +637,7 @@ def replay(
         return result
     default_threads = torch.get_num_threads()
     deterministic = torch.are_deterministic_algorithms_enabled()
-    with tempfile.TemporaryDirectory(prefix="gptexp-diff-") as tmp:
+    with signals_interrupt(), tempfile.TemporaryDirectory(prefix="gptexp-diff-") as tmp:
         try:
             side_a = ReplaySide(a, state_a, Path(tmp) / "a", default_threads)
             side_b = ReplaySide(b, state_b, Path(tmp) / "b", default_threads)

@@ -303,6 +303,30 @@ def test_a_fork_is_not_replayed_with_its_config_before_its_fork_step(runs, tmp_p
     assert "cannot replay: B is a fork of" in stderr and "share no state" in stderr
 
 
+def test_a_replay_stopped_by_sigterm_leaves_no_temporary_directory(runs, tmp_path):
+    twin = tmp_path / "twin"
+    shutil.copytree(runs["twin"], twin)
+    keep_checkpoints(twin, set())  # 30 updates to replay, from both initialisations
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "gptexp.diff", str(runs["parent"]), str(twin), "--replay"],
+        cwd=ROOT,
+        env=subprocess_env(TMPDIR=str(scratch)),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    wait_until(
+        lambda: any(scratch.glob("gptexp-diff-*/b")), process=proc, what="the replay's trainers"
+    )
+    proc.send_signal(signal.SIGTERM)
+    _, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 130, stderr
+    assert "interrupted" in stderr and "Traceback" not in stderr
+    assert list(scratch.iterdir()) == []
+
+
 def test_replay_starts_at_the_fork_when_the_fork_holds_no_checkpoint_of_it(runs, tmp_path, capsys):
     # A fork's own directory need not hold the checkpoint it started from: the replay then
     # starts from the parent's checkpoint at the fork step (the last common one is 10).
