@@ -26,7 +26,7 @@ from gptexp.metrics import (
     read_metrics,
     values_of,
 )
-from gptexp.rundir import RunDirectory, runs_under
+from gptexp.rundir import CRASHED, INTERRUPTED, RunDirectory, read_json_object, runs_under
 from gptexp.tables import markdown_table, shorten
 
 # The columns after the ones that set runs apart; "run" and "status" come first.
@@ -88,6 +88,8 @@ def run_row(run: RunDirectory, base: Path | None = None) -> dict[str, Any]:
         "config": config,  # flat; for filters on any config key (not a column)
         "run_dir": str(run.path),
     }
+    if row["status"] in (INTERRUPTED, CRASHED):
+        row["resume_step"] = resume_step(run)
     if status.get("error"):
         row["error"] = status["error"]
     parent = fork_parent(status)
@@ -95,6 +97,31 @@ def run_row(run: RunDirectory, base: Path | None = None) -> dict[str, Any]:
         row[PARENT] = f"{display_name(Path(parent['run']), base)}@{parent['step']}"
         row["fork_step"] = parent["step"]
     return row
+
+
+def resume_step(run: RunDirectory) -> int | None:
+    """The step a resume of ``run`` would start from: its newest listed checkpoint whose file
+    is there (0: none, it starts again), read without torch and unverified (resume verifies);
+    None when the manifest cannot be read."""
+    manifest = run.checkpoints / "manifest.json"
+    if not manifest.is_file():
+        return 0
+    try:
+        entries = read_json_object(manifest).get("checkpoints")
+    except RunError:
+        return None
+    if not isinstance(entries, list):
+        return None
+    steps = [
+        entry["step"]
+        for entry in entries
+        if isinstance(entry, dict)
+        and isinstance(entry.get("step"), int)
+        and isinstance(entry.get("file"), str)
+        and Path(entry["file"]).name == entry["file"]
+        and (run.checkpoints / entry["file"]).is_file()
+    ]
+    return max(steps, default=0)
 
 
 def fork_parent(status: dict[str, Any]) -> dict[str, Any] | None:
@@ -192,6 +219,10 @@ def format_cell(row: dict[str, Any], column: str) -> str:
     value = row.get(column)
     if column == "status" and value == DAMAGED:
         return f"{DAMAGED}: {row['error']}"
+    if column == STEP and row.get("resume_step") not in (None, value):
+        # An unfinished run goes on from its checkpoint, not from its last logged step.
+        total = f"/{row['max_steps']}" if row.get("max_steps") else ""
+        return f"{row['resume_step']}{total} (logged {value})"
     if column == STEP and value is not None and row.get("max_steps"):
         return f"{value}/{row['max_steps']}"
     if value is None:

@@ -231,3 +231,22 @@ def test_a_long_value_is_shortened_in_the_table(sweep_dir, tmp_path):
     assert max(map(len, result.stdout.splitlines())) < 250
     assert "/input.txt" in result.stdout and "…" in result.stdout
     assert "x" * 400 in (tmp_path / "t.csv").read_text()  # the CSV keeps the whole value
+
+
+def test_an_unfinished_runs_step_is_where_it_would_resume(sweep_dir, tmp_path):
+    from gptexp.runtable import write_summary
+
+    copy = damaged_copy(sweep_dir, tmp_path)
+    # Run 2 "crashed" (run.json says running, no process holds it) after its checkpoint of
+    # step 10 was lost: a resume starts again from step 0, though it logged 10 steps.
+    manifest = json.loads((copy / "2" / "checkpoints" / "manifest.json").read_text())
+    for entry in manifest["checkpoints"]:
+        (copy / "2" / "checkpoints" / entry["file"]).unlink()
+    write_summary(copy)
+    rows = {
+        line.split(" | ")[0].strip("| "): line
+        for line in (copy / "summary.md").read_text().splitlines()
+        if line.startswith("| ")
+    }
+    assert "| 0/10 (logged 10) |" in rows["2"]
+    assert "| 10/10 |" in rows["0"]  # a finished run: its last step
