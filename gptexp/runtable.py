@@ -22,6 +22,7 @@ from gptexp.metrics import (
     TRAIN_LOSS,
     VAL_LOSS,
     flatten,
+    is_number,
     median_throughput,
     read_metrics,
     values_of,
@@ -45,14 +46,21 @@ def override_keys(overrides: list[str]) -> list[str]:
 def launch_overrides(run: RunDirectory, status: dict[str, Any]) -> list[str]:
     """What the launch changed (run.json keeps it; Hydra's overrides.yaml before that)."""
     overrides = status.get("overrides")
-    return overrides if isinstance(overrides, list) else run.overrides()
+    if overrides is None:
+        return run.overrides()
+    if not isinstance(overrides, list) or not all(isinstance(o, str) for o in overrides):
+        raise RunError(f"{run.run_json}: damaged (overrides is not a list of strings)")
+    return overrides
 
 
 def changed_keys(status: dict[str, Any], overrides: list[str]) -> list[str]:
-    """Every key the run's starts changed: the launch's overrides, then each resume's."""
+    """Every key the run's starts changed: the launch's overrides, then each resume's (a
+    resume entry of another shape changed nothing that can be shown)."""
     keys = override_keys(overrides)
-    for entry in status.get("resumes", []):
-        keys += [k for k in entry.get("changes", {}) if k not in keys]
+    resumes = status.get("resumes")
+    for entry in resumes if isinstance(resumes, list) else []:
+        changes = entry.get("changes") if isinstance(entry, dict) else None
+        keys += [k for k in changes if k not in keys] if isinstance(changes, dict) else []
     return keys
 
 
@@ -61,6 +69,8 @@ def run_row(run: RunDirectory, base: Path | None = None) -> dict[str, Any]:
     size, steps, losses, speed."""
     status = run.read_status()
     overrides = launch_overrides(run, status)
+    if not isinstance(status.get("config") or {}, dict):
+        raise RunError(f"{run.run_json}: damaged (its config is not a mapping)")
     config = flatten(status.get("config") or {})
     records = [r for r in read_metrics(run.metrics) if not r.get("event")]
     val, train = values_of(records, VAL_LOSS), values_of(records, TRAIN_LOSS)
@@ -227,11 +237,11 @@ def format_cell(row: dict[str, Any], column: str) -> str:
         return f"{value}/{row['max_steps']}"
     if value is None:
         return DEFAULT_CHOICE if column in row.get("settings", ()) else "-"
-    if column == "params":
+    if column == "params" and is_number(value):
         return f"{value / 1e6:.2f}M"
-    if column == MEDIAN_TOKENS_PER_S:
+    if column == MEDIAN_TOKENS_PER_S and is_number(value):
         return f"{value:,.0f}"
-    if column.endswith("_loss"):
+    if column.endswith("_loss") and is_number(value):
         return f"{value:.4f}"
     return str(value) if column in ("run", "status") else shorten(str(value), VALUE_WIDTH)
 

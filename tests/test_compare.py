@@ -250,3 +250,25 @@ def test_an_unfinished_runs_step_is_where_it_would_resume(sweep_dir, tmp_path):
     }
     assert "| 0/10 (logged 10) |" in rows["2"]
     assert "| 10/10 |" in rows["0"]  # a finished run: its last step
+
+
+@pytest.mark.parametrize(
+    "field, value, shown",
+    [
+        ("resumes", 5, "finished"),
+        ("resumes", [5, {"changes": 7}], "finished"),
+        ("parameters", "many", "finished"),
+        ("overrides", [1, {}], "damaged: run.json: damaged (overrides is not a list of strings)"),
+        ("config", [1], "damaged: run.json: damaged (its config is not a mapping)"),
+    ],
+)
+def test_a_run_json_field_of_another_shape_is_no_traceback(
+    sweep_dir, tmp_path, field, value, shown
+):
+    copy = damaged_copy(sweep_dir, tmp_path)
+    status = json.loads((copy / "0" / "run.json").read_text())
+    (copy / "0" / "run.json").write_text(json.dumps(status | {field: value}))
+    result = compare(str(copy), cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    line = next(line for line in result.stdout.splitlines() if line.startswith("0 "))
+    assert shown in line
