@@ -438,6 +438,11 @@ def test_bad_input_is_named_and_exits_2(runs, tmp_path, capsys):
     (damaged / "run.json").write_text("{")
     code, stderr = call_main(gptexp.diff.main, str(runs["parent"]), str(damaged))
     assert code == 2 and "run.json: damaged" in stderr
+    for content, why in (("[1, 2]", "a JSON list"), ("[" * 100_000 + "]" * 100_000, "too deep")):
+        (damaged / "run.json").write_text(content)
+        code, stderr = call_main(gptexp.diff.main, str(runs["parent"]), str(damaged))
+        assert code == 2 and "run.json: damaged" in stderr and why in stderr
+        assert "Traceback" not in stderr
     code, stderr = call_main(gptexp.diff.main, str(runs["parent"]))
     assert code == 2 and "usage:" in stderr
     assert capsys.readouterr().out == "", "nothing on stdout for bad input"
