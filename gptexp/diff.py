@@ -401,7 +401,7 @@ def tensor_differences(values_a: dict[str, Any], values_b: dict[str, Any]) -> li
     return rows
 
 
-def value_of(state: dict[str, Any], row: dict[str, Any]) -> Any:
+def hyperparameter_value(state: dict[str, Any], row: dict[str, Any]) -> Any:
     """A hyperparameter's value in ``state`` as JSON can hold it (betas are a tuple)."""
     value = optimizer_hyperparameters(state).get(row["name"])
     return list(value) if isinstance(value, tuple) else value
@@ -437,8 +437,8 @@ def compare_checkpoints(a: RunDirectory, b: RunDirectory) -> dict[str, Any]:
                     "differ": [
                         {
                             "name": row["name"],
-                            "a": value_of(state_a, row),
-                            "b": value_of(state_b, row),
+                            "a": hyperparameter_value(state_a, row),
+                            "b": hyperparameter_value(state_b, row),
                         }
                         for row in settings
                     ],
