@@ -272,3 +272,13 @@ def test_a_run_json_field_of_another_shape_is_no_traceback(
     assert result.returncode == 0, result.stderr
     line = next(line for line in result.stdout.splitlines() if line.startswith("0 "))
     assert shown in line
+
+
+def test_a_runs_label_is_capped_and_says_what_it_left_out():
+    from gptexp.runtable import LABEL_WIDTH, label
+
+    keys = [f"training.key{i}" for i in range(12)]
+    row = {"run": "0", "status": "finished", **{k: "/" + "y" * 300 for k in keys}}
+    text = label(row, keys)
+    assert len(text) <= LABEL_WIDTH + len(" (+12 more)")
+    assert text.endswith("more)") and "…" in text
