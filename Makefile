@@ -86,8 +86,8 @@ compare: $(INSTALLED)  ## Compare runs: make compare RUN="<sweep dir or run dirs
 	@test -n "$(RUN)" || { echo "usage: make compare RUN=<sweep dir or run dirs> [ARGS=...]"; exit 2; }
 	$(PYTHON) -m gptexp.compare $(RUN) $(ARGS)
 
-bench: $(INSTALLED)  ## Whole process and per step next to a plain script, with the breakdown, into outputs/bench/<date>_<time>.json [CORPUS=path]
-	$(PYTHON) -m gptexp.bench $(if $(CORPUS),--corpus $(CORPUS),)
+bench: $(INSTALLED)  ## Whole process and per step next to a plain script, with the breakdown, into outputs/bench/<date>_<time>.json [CORPUS=path] [ARGS=--quick]
+	$(PYTHON) -m gptexp.bench $(if $(CORPUS),--corpus $(CORPUS),) $(ARGS)
 
 gpu-check: $(INSTALLED)  ## On a CUDA machine (<5 min): gpt2 speed and MFU, checkpoint cost, exact resume, fp16, 2 GPUs
 	$(PYTHON) -m gptexp.gpucheck

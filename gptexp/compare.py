@@ -30,7 +30,6 @@ from gptexp.metrics import (
     STEP,
     TRAIN_LOSS,
     VAL_LOSS,
-    flatten,
     is_number,
     read_metrics,
 )
@@ -39,7 +38,7 @@ from gptexp.runtable import (
     cells,
     distinguishing_keys,
     family_tree,
-    label,
+    labels,
     run_rows,
     runs_below,
     table_columns,
@@ -99,12 +98,35 @@ def collect_runs(paths: list[str]) -> tuple[list[RunDirectory], Path | None]:
     return runs, RunDirectory(paths[0]).path if single_sweep else None
 
 
-def matches(row: dict[str, Any], run: RunDirectory, condition: str) -> bool:
+def filter_value(row: dict[str, Any], condition: str) -> tuple[str, Any, str]:
+    """(key, the row's value of it, the wanted value) of a ``KEY=VALUE`` filter."""
     key, sep, wanted = condition.partition("=")
     if not sep:
         raise ConfigError(f"filter={condition!r}: expected KEY=VALUE, e.g. status=finished")
     # A column, else any config key (e.g. training.warmup_steps).
-    actual = row[key] if key in row else flatten(run.read_status().get("config") or {}).get(key)
+    return key, row[key] if key in row else row["config"].get(key), wanted
+
+
+def check_filter(rows: list[dict[str, Any]], condition: str) -> None:
+    """A filter that no run matches on its own is a mistyped value (``status=finishd``), not
+    an empty answer: a ConfigError listing the values the runs have."""
+    if not rows or any(matches(row, condition) for row in rows):
+        return
+    key, _, wanted = filter_value(rows[0], condition)
+    present = sorted(
+        {str(value) for row in rows if (value := filter_value(row, condition)[1]) is not None}
+    )
+    if not present:
+        raise ConfigError(f"filter={condition}: no run has a value of {key!r}")
+    raise ConfigError(
+        f"filter={condition}: no run has {key}={wanted}; the runs have {key}="
+        + ", ".join(present[:20])
+        + (f" (+{len(present) - 20} more)" if len(present) > 20 else "")
+    )
+
+
+def matches(row: dict[str, Any], condition: str) -> bool:
+    key, actual, wanted = filter_value(row, condition)
     if actual is None:
         return False
     try:
@@ -147,7 +169,7 @@ def plot_losses(rows: list[dict[str, Any]], path: Path, title: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    keys = distinguishing_keys(rows)
+    names = labels(rows, distinguishing_keys(rows))
     fig, (train_ax, val_ax) = plt.subplots(1, 2, figsize=(13, 4.8), sharey=True)
     colors = plt.get_cmap("tab10" if len(rows) <= 10 else "tab20")
     for index, row in enumerate(rows):
@@ -160,7 +182,7 @@ def plot_losses(rows: list[dict[str, Any]], path: Path, title: str) -> None:
             points = [(r[STEP], r[metric]) for r in records if is_number(r.get(metric))]
             if points:
                 steps, values = zip(*points, strict=True)
-                ax.plot(steps, values, color=color, label=label(row, keys), **style)
+                ax.plot(steps, values, color=color, label=names[index], **style)
     for ax, name in ((train_ax, "training loss"), (val_ax, "validation loss")):
         ax.set_title(name)
         ax.set_xlabel("step")
@@ -219,11 +241,9 @@ def compare(options: CompareOptions) -> str:
         return family(options.paths)
     runs, base = collect_runs(options.paths)
     rows = run_rows(runs, base)
-    kept = [
-        row
-        for row, run in zip(rows, runs, strict=True)
-        if all(matches(row, run, condition) for condition in options.filter)
-    ]
+    for condition in options.filter:
+        check_filter(rows, condition)
+    kept = [row for row in rows if all(matches(row, condition) for condition in options.filter)]
     if options.group:
         return compare_groups(options, kept, runs, base)
     if options.sort:

@@ -173,16 +173,51 @@ class BPETokenizer:
 Tokenizer = CharTokenizer | BPETokenizer
 
 
-def tokenizer_from_json(blob: str) -> Tokenizer:
-    """Rebuild a tokenizer saved by ``to_json`` (in a run directory or a checkpoint)."""
-    data = json.loads(blob)
-    if data["kind"] == "char":
-        return CharTokenizer(list(data["chars"]))
-    if data["kind"] == "bpe":
+def tokenizer_from_json(blob: str, source: str = "the tokenizer") -> Tokenizer:
+    """Rebuild a tokenizer saved by ``to_json`` (in a run directory or a checkpoint); a
+    DataError naming ``source`` when the blob is not one (it may be someone else's file)."""
+
+    def damaged(why: str) -> DataError:
+        return DataError(f"{source}: damaged tokenizer ({why})")
+
+    try:
+        data = json.loads(blob)
+    except (ValueError, RecursionError) as error:
+        raise damaged(str(error)[:200] or "nested too deep") from None
+    kind = data.get("kind") if isinstance(data, dict) else None
+    if kind == "char":
+        chars = data.get("chars")
+        if not (isinstance(chars, list) and all(isinstance(c, str) and len(c) == 1 for c in chars)):
+            raise damaged("chars is not a list of single characters")
+        if len(set(chars)) != len(chars):
+            raise damaged("a character is listed twice")
+        return CharTokenizer(chars)
+    if kind == "bpe" and isinstance(data.get("tokenizer"), str):
         from tokenizers import Tokenizer as HFTokenizer
 
-        return BPETokenizer(HFTokenizer.from_str(data["tokenizer"]))
-    raise ValueError(f"unknown tokenizer kind {data['kind']!r}")
+        try:
+            return BPETokenizer(HFTokenizer.from_str(data["tokenizer"]))
+        except Exception as error:  # the Rust parser raises its own exception type
+            raise damaged(str(error).splitlines()[0][:200]) from None
+    raise damaged(f"no known kind (char or bpe) with its fields: kind={kind!r}")
+
+
+def _cached_vocab_size(blob: str) -> int:
+    """The vocabulary size of a cached tokenizer; a damaged one is a ValueError, which makes
+    the cache entry a miss (it is rebuilt), not an error."""
+    try:
+        return tokenizer_from_json(blob, "the cached corpus").vocab_size
+    except DataError as error:
+        raise ValueError(str(error)) from None
+
+
+def read_tokenizer(path: Path) -> Tokenizer:
+    """A run's ``tokenizer.json``; a DataError naming the file when it is not one."""
+    try:
+        blob = path.read_bytes().decode("utf-8")
+    except (OSError, UnicodeDecodeError) as error:
+        raise DataError(f"{path}: damaged tokenizer ({error})") from None
+    return tokenizer_from_json(blob, str(path))
 
 
 def train_tokenizer(kind: str, text: str, vocab_size: int) -> Tokenizer:
@@ -343,7 +378,7 @@ def _prepare(
         )
     given = tokenizer.to_json() if tokenizer is not None else None
     path = cache_path(cache_dir(), fingerprint, cfg, given)
-    cached = load_cached(path, fingerprint, lambda blob: tokenizer_from_json(blob).vocab_size)
+    cached = load_cached(path, fingerprint, _cached_vocab_size)
     if cached is not None:
         corpus = Corpus(
             tokenizer=tokenizer_from_json(cached.tokenizer_json),

@@ -24,8 +24,11 @@ import logging
 import math
 import re
 import shutil
+import signal
 import sys
 import tempfile
+import threading
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -34,8 +37,9 @@ from gptexp.checkpoint import CheckpointManager, checkpoint_name
 from gptexp.cli import command_logging, parse_options, run_command
 from gptexp.config import CheckpointConfig
 from gptexp.errors import CheckpointError, ConfigError, RunError
+from gptexp.fsio import sha256_file
 from gptexp.metrics import config_diff, read_metrics
-from gptexp.rundir import RunDirectory, require_run, stored_config
+from gptexp.rundir import RunDirectory, require_run, runs_under, stored_config
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +64,7 @@ TIME_WORDS = frozenset({"time", "seconds", "sec", "ms", "elapsed", "duration", "
 METRIC_PRIORITY = ("train/loss", "val/loss")
 
 TOP_TENSORS = 5  # differing tensors listed per comparison
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGHUP)  # besides SIGINT, which already interrupts
 
 
 # ----------------------------------------------------------------------------- the runs
@@ -120,31 +125,73 @@ def config_difference(a: RunInfo, b: RunInfo) -> tuple[list[dict[str, Any]], lis
 # ----------------------------------------------------------------------------- lineage
 
 
-def ancestry(run: RunDirectory) -> list[dict[str, Any]]:
+def ancestry(run: RunDirectory, search: list[RunDirectory] = ()) -> list[dict[str, Any]]:
     """The run, its parent, its parent's parent, ... as ``{run, step}``: ``step`` is the step
     of that run at which the one before it in the list was forked (None for the run itself).
 
-    A parent that is gone ends the list with ``missing: true``; a loop of links ends it too.
+    A parent that is not where the link says (moved or renamed) is looked for among
+    ``search``: the run whose manifest lists the checkpoint the fork started from, by the
+    sha256 the fork recorded (the file's own sha256 checked too); it is marked ``moved_from``.
+    A parent found nowhere ends the list with ``missing: true``; a loop of links ends it too.
     """
     chain: list[dict[str, Any]] = [{"run": str(run.path), "step": None}]
     seen = {run.path}
     current = run
     while True:
-        parent = current.read_status().get("parent")
-        if not isinstance(parent, dict) or not parent.get("run"):
+        try:
+            parent = current.read_status().get("parent")
+        except RunError as error:  # a damaged ancestor ends the lineage; the report says so
+            chain[-1]["damaged"] = str(error)
+            return chain
+        if not isinstance(parent, dict) or not isinstance(parent.get("run"), str):
             return chain  # a root
         parent_path = Path(parent["run"])
         if not parent_path.is_absolute():
             parent_path = current.path / parent_path
+        link = {"run": str(RunDirectory(parent_path).path), "step": parent.get("step")}
+        current_dir = current.path.parent
         current = RunDirectory(parent_path)
-        link = {"run": str(current.path), "step": parent.get("step")}
         if not current.is_run():
-            chain.append(link | {"missing": True})
-            return chain
+            # A renamed parent lies beside its fork most often: look there first.
+            beside = sorted(search, key=lambda c: c.path.parent != current_dir)
+            moved = holder_of(parent, [c for c in beside if c.path not in seen])
+            if moved is None:
+                chain.append(link | {"missing": True})
+                return chain
+            current = moved
+            link = {"run": str(moved.path), "step": parent.get("step"), "moved_from": link["run"]}
         if current.path in seen:
             return chain  # a loop of parent links: stop at the first repeat
         seen.add(current.path)
         chain.append(link)
+
+
+def holder_of(parent: dict[str, Any], candidates: list[RunDirectory]) -> RunDirectory | None:
+    """The run among ``candidates`` that holds the checkpoint a fork's ``parent`` link names
+    (same step, same sha256 in its manifest and in the file itself), or None."""
+    sha256, step = parent.get("sha256"), parent.get("step")
+    if not isinstance(sha256, str) or len(sha256) != 64 or not isinstance(step, int):
+        return None
+    for candidate in candidates:
+        try:
+            entries = checkpoint_manager(candidate).entries()
+        except CheckpointError:
+            continue
+        for entry in entries:
+            if entry.step == step and entry.sha256 == sha256:
+                path = candidate.checkpoints / entry.file
+                if path.is_file() and sha256_file(path) == sha256:
+                    return candidate
+    return None
+
+
+def search_places(a: RunDirectory, b: RunDirectory) -> list[RunDirectory]:
+    """Where a moved parent may be: the two runs given, then the runs beside each."""
+    places: dict[Path, RunDirectory] = {a.path: a, b.path: b}
+    for run in (a, b):
+        for sibling in runs_under(run.path.parent):
+            places.setdefault(sibling.path, sibling)
+    return list(places.values())
 
 
 def lineage(a: RunDirectory, b: RunDirectory) -> dict[str, Any]:
@@ -154,7 +201,8 @@ def lineage(a: RunDirectory, b: RunDirectory) -> dict[str, Any]:
     step of the side that left it (the smaller one when both did); None when one run is the
     other, or they share no ancestor.
     """
-    chain_a, chain_b = ancestry(a), ancestry(b)
+    places = search_places(a, b)
+    chain_a, chain_b = ancestry(a, places), ancestry(b, places)
     index_b = {link["run"]: j for j, link in enumerate(chain_b) if not link.get("missing")}
     result: dict[str, Any] = {
         "a_ancestry": chain_a,
@@ -280,9 +328,9 @@ def optimizer_param_names(state: dict[str, Any]) -> list[str]:
 
 
 def state_values(state: dict[str, Any]) -> dict[str, Any]:
-    """The model and optimizer state of a checkpoint as flat ``name -> tensor or number``:
-    ``model.<param>``, ``optimizer.<param>.<exp_avg|exp_avg_sq|step>``,
-    ``optimizer.param_groups.<i>.<lr|betas|...>``."""
+    """The model and optimizer state of a checkpoint as flat ``name -> tensor``:
+    ``model.<param>``, ``optimizer.<param>.<exp_avg|exp_avg_sq|step>``. The optimizer's
+    hyperparameters are config, not state: see :func:`optimizer_hyperparameters`."""
     values = {f"model.{name}": tensor for name, tensor in state["model"].items()}
     optimizer = state.get("optimizer") or {}
     names = optimizer_param_names(state)
@@ -290,11 +338,20 @@ def state_values(state: dict[str, Any]) -> dict[str, Any]:
         param = names[index] if isinstance(index, int) and index < len(names) else str(index)
         for slot, value in slots.items():
             values[f"optimizer.{param}.{slot}"] = value
-    for i, group in enumerate(optimizer.get("param_groups") or []):
-        for key, value in group.items():
-            if key != "params":
-                values[f"optimizer.param_groups.{i}.{key}"] = value
     return values
+
+
+def optimizer_hyperparameters(state: dict[str, Any]) -> dict[str, Any]:
+    """``optimizer.param_groups.<i>.<lr|initial_lr|betas|...>``: what the config and the LR
+    schedule set, compared as config (a fork with another lr writes its start checkpoint
+    with its own lr beside bit-identical tensors)."""
+    optimizer = state.get("optimizer") or {}
+    return {
+        f"optimizer.param_groups.{i}.{key}": value
+        for i, group in enumerate(optimizer.get("param_groups") or [])
+        for key, value in group.items()
+        if key != "params"
+    }
 
 
 def value_difference(x: Any, y: Any) -> tuple[bool, float | None, str | None]:
@@ -344,15 +401,23 @@ def tensor_differences(values_a: dict[str, Any], values_b: dict[str, Any]) -> li
     return rows
 
 
+def hyperparameter_value(state: dict[str, Any], row: dict[str, Any]) -> Any:
+    """A hyperparameter's value in ``state`` as JSON can hold it (betas are a tuple)."""
+    value = optimizer_hyperparameters(state).get(row["name"])
+    return list(value) if isinstance(value, tuple) else value
+
+
 def compare_checkpoints(a: RunDirectory, b: RunDirectory) -> dict[str, Any]:
     """Over the steps where both runs have a valid checkpoint (listed in the manifest, sha256
     verified, loaded with ``weights_only=True``): which are bit-identical in model and
-    optimizer state, the last identical one, the first that differs and what differs most."""
+    optimizer state (tensors), the last identical one, the first that differs and what
+    differs most; apart from that, the first step whose optimizer hyperparameters differ."""
     notes: list[str] = []
     listed_a = listed_checkpoints(a, "A", notes)
     listed_b = listed_checkpoints(b, "B", notes)
     manager_a, manager_b = checkpoint_manager(a), checkpoint_manager(b)
     equal_steps, different_steps, top = [], [], []
+    hyperparameters: dict[str, Any] | None = None
     common = sorted(listed_a.keys() & listed_b.keys())
     for step in common:
         try:
@@ -362,6 +427,22 @@ def compare_checkpoints(a: RunDirectory, b: RunDirectory) -> dict[str, Any]:
             notes.append(f"step {step} skipped: {error}")
             continue
         differences = tensor_differences(state_values(state_a), state_values(state_b))
+        if hyperparameters is None:
+            settings = tensor_differences(
+                optimizer_hyperparameters(state_a), optimizer_hyperparameters(state_b)
+            )
+            if settings:
+                hyperparameters = {
+                    "step": step,
+                    "differ": [
+                        {
+                            "name": row["name"],
+                            "a": hyperparameter_value(state_a, row),
+                            "b": hyperparameter_value(state_b, row),
+                        }
+                        for row in settings
+                    ],
+                }
         if differences:
             if not different_steps:
                 top = differences[:TOP_TENSORS]
@@ -376,6 +457,7 @@ def compare_checkpoints(a: RunDirectory, b: RunDirectory) -> dict[str, Any]:
         "last_equal_step": max(equal_steps) if equal_steps else None,
         "first_different_step": min(different_steps) if different_steps else None,
         "differing_tensors": top,
+        "hyperparameters": hyperparameters,
         "notes": notes,
     }
 
@@ -476,6 +558,50 @@ def replay_start(
     return start, state_a, state_b, source
 
 
+def refuse_replay_before_fork(
+    label: str, info: RunInfo, chain: list[dict[str, Any]], start: int
+) -> None:
+    """A fork's config applies only from its fork step on (its history before it is its
+    parent's): a replay that would start earlier with the fork's config, e.g. from
+    initialisation as if it were a fresh run, would report a false divergence. RunError."""
+    if len(chain) < 2 or not isinstance(chain[1]["step"], int) or start >= chain[1]["step"]:
+        return
+    parent, fork_step = chain[1], chain[1]["step"]
+    if parent.get("missing"):
+        sha256 = (info.status.get("parent") or {}).get("sha256") or "?"
+        raise RunError(
+            f"cannot replay: {label} is a fork of {parent['run']} at step {fork_step}, which is "
+            f"not there, and no run given or beside them holds that checkpoint (sha256 "
+            f"{str(sha256)[:12]}...); pass the parent's directory (where it is now) as the "
+            f"other run, or diff without --replay"
+        )
+    raise RunError(
+        f"cannot replay: {label} is a fork of {parent['run']} at step {fork_step}, and the two "
+        f"runs share no state at or after that step to start from (no common checkpoint, no "
+        f"checkpoint of the fork step left); the replay would start at step {start}, before "
+        f"{label}'s config applied; diff without --replay"
+    )
+
+
+@contextmanager
+def signals_interrupt():
+    """SIGTERM and SIGHUP stop the replay as Ctrl-C does (KeyboardInterrupt: exit 130), so
+    the temporary directory of its trainers is removed on the way out, not left behind."""
+
+    def interrupt(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt(signal.Signals(signum).name)
+
+    if threading.current_thread() is not threading.main_thread():
+        yield  # signal handlers can only be set from the main thread
+        return
+    previous = {signum: signal.signal(signum, interrupt) for signum in STOP_SIGNALS}
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+
+
 def replay(
     a: RunInfo, b: RunInfo, checkpoints: dict[str, Any], family: dict[str, Any]
 ) -> dict[str, Any]:
@@ -489,6 +615,8 @@ def replay(
     import torch
 
     start, state_a, state_b, source = replay_start(a, b, checkpoints, family)
+    for label, info, chain in (("A", a, family["a_ancestry"]), ("B", b, family["b_ancestry"])):
+        refuse_replay_before_fork(label, info, chain, start)
     end = min(a.last_step, b.last_step)
     result: dict[str, Any] = {
         "from_step": start,
@@ -509,7 +637,7 @@ def replay(
         return result
     default_threads = torch.get_num_threads()
     deterministic = torch.are_deterministic_algorithms_enabled()
-    with tempfile.TemporaryDirectory(prefix="gptexp-diff-") as tmp:
+    with signals_interrupt(), tempfile.TemporaryDirectory(prefix="gptexp-diff-") as tmp:
         try:
             side_a = ReplaySide(a, state_a, Path(tmp) / "a", default_threads)
             side_b = ReplaySide(b, state_b, Path(tmp) / "b", default_threads)
@@ -591,8 +719,16 @@ def _lineage_text(family: dict[str, Any]) -> list[str]:
     ancestor = family["common_ancestor"]
     lines = []
     for label, chain in (("A", family["a_ancestry"]), ("B", family["b_ancestry"])):
+        for link in chain:
+            if link.get("moved_from"):
+                lines.append(
+                    f"{label}'s ancestor {link['moved_from']} is now {link['run']} (found by "
+                    "its checkpoint's sha256)"
+                )
         if chain[-1].get("missing"):
             lines.append(f"{label}'s ancestor {chain[-1]['run']} is missing")
+        if chain[-1].get("damaged"):
+            lines.append(f"{label}'s lineage ends at a damaged run: {chain[-1]['damaged']}")
     if ancestor is None:
         return ["no common ancestor", *lines]
     da, db, step = family["a_depth"], family["b_depth"], family["fork_step"]
@@ -630,6 +766,16 @@ def replay_sentence(replayed: dict[str, Any], changed: list[dict[str, Any]]) -> 
         f"{head}; the configs agree in every key that can change the numbers, so the cause "
         "is outside the config (hardware, library versions, nondeterministic kernels)"
     )
+
+
+def _hyperparameter_line(hyper: dict[str, Any]) -> str:
+    """'optimizer settings differ from step 20 (config, not state): lr 0.00036 vs 0.00016'"""
+    shown: dict[str, str] = {}
+    for row in hyper["differ"]:
+        key = row["name"].rpartition(".")[2]  # the same setting of each param group: once
+        shown.setdefault(key, f"{key} {row['a']!r} vs {row['b']!r}")
+    settings = "; ".join(shown.values())
+    return f"optimizer settings differ from step {hyper['step']} (config, not state): {settings}"
 
 
 def format_report(report: dict[str, Any]) -> str:
@@ -685,6 +831,8 @@ def format_report(report: dict[str, Any]) -> str:
         if ck["first_different_step"] is not None:
             checkpoints[0] += f"; first differ at step {ck['first_different_step']}:"
             checkpoints += _tensor_lines(ck["differing_tensors"], "  ")
+    if ck.get("hyperparameters"):
+        checkpoints.append(_hyperparameter_line(ck["hyperparameters"]))
     checkpoints += ck["notes"]
     section("checkpoints", checkpoints)
 

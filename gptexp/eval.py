@@ -37,7 +37,7 @@ from gptexp.evaluation import (
 from gptexp.fsio import atomic_write_json, atomic_write_text
 from gptexp.process_tuning import freeze_imported_objects
 from gptexp.rundir import RunDirectory, find_runs, now
-from gptexp.runtable import distinguishing_keys, label, run_rows
+from gptexp.runtable import distinguishing_keys, labels, run_rows
 from gptexp.runtime import resolve_device
 from gptexp.tables import text_table
 
@@ -63,7 +63,7 @@ class EvalOptions:
     split: str = "val"
     batches: int | None = None  # default: the run's training.eval_batches
     batch_size: int | None = None  # default: the run's training.batch_size
-    seed: int | None = None  # evaluation batches and sampling; default: the run's training.seed
+    seed: int | None = None  # sampling only; default: the run's training.seed
     samples: int | None = None  # default: 1 for a run, 0 for each run of a sweep
     max_new_tokens: int = 200
     temperature: float = 0.8  # 0: greedy
@@ -181,14 +181,16 @@ def evaluate_run(run: RunDirectory, options: EvalOptions, samples: int) -> EvalR
 
     batches = options.batches or training.eval_batches
     batch_size = options.batch_size or training.batch_size
-    seed = training.seed if options.seed is None else options.seed
+    # The evaluation batches are always drawn as the trainer draws them (its training.seed),
+    # so a loss stays comparable with the logged one; seed= changes the samples only.
+    sampling_seed = training.seed if options.seed is None else options.seed
     tokens = corpus.val if options.split == "val" else corpus.train
     loss = evaluate_loss(
         rebuilt.model,
         tokens,
         block_size=rebuilt.model_cfg.block_size,
         batch_size=batch_size,
-        seed=seed,
+        seed=training.seed,
         split=options.split,
         batches=batches,
         device=device,
@@ -197,11 +199,10 @@ def evaluate_run(run: RunDirectory, options: EvalOptions, samples: int) -> EvalR
     unit = rebuilt.tokenizer.unit
     bits_per_token = loss / math.log(2)
     bits_per_unit = bits_per_token / corpus.units_per_token(options.split)
-    as_trained = (options.split, batches, batch_size, seed) == (
+    as_trained = (options.split, batches, batch_size) == (
         "val",
         training.eval_batches,
         training.batch_size,
-        training.seed,
     )
     record: dict[str, Any] = {
         "run": str(run.path),
@@ -214,7 +215,7 @@ def evaluate_run(run: RunDirectory, options: EvalOptions, samples: int) -> EvalR
         "batches": batches,
         "batch_size": batch_size,
         "block_size": rebuilt.model_cfg.block_size,
-        "seed": seed,
+        "seed": training.seed,  # of the evaluation batches: the run's own
         "device": str(device),
         "precision": precision,
         "loss": loss,
@@ -228,7 +229,7 @@ def evaluate_run(run: RunDirectory, options: EvalOptions, samples: int) -> EvalR
         "evaluated_at": now(),
     }
     texts = generate_samples(
-        rebuilt.model, rebuilt.tokenizer, prompt_ids, options, samples, seed, device
+        rebuilt.model, rebuilt.tokenizer, prompt_ids, options, samples, sampling_seed, device
     )
     if texts:
         record["sampling"] = {
@@ -237,14 +238,14 @@ def evaluate_run(run: RunDirectory, options: EvalOptions, samples: int) -> EvalR
             "temperature": options.temperature,
             "top_k": options.top_k or None,
             "prompt": options.prompt,
-            "seed": seed,
+            "seed": sampling_seed,
         }
 
     suffix = "" if options.split == "val" else f"_{options.split}"
     run.eval_dir.mkdir(exist_ok=True)
     atomic_write_json(run.eval_dir / f"{loaded.label}{suffix}.json", record)
     if texts:
-        header = f"step {entry.step}, seed {seed}, temperature {options.temperature}"
+        header = f"step {entry.step}, seed {sampling_seed}, temperature {options.temperature}"
         body = "".join(f"=== sample {i + 1} ({header})\n{text}\n\n" for i, text in enumerate(texts))
         atomic_write_text(run.eval_dir / f"samples_{loaded.label}.txt", body)
     return EvalResult(run.path, loaded.label, record, texts)
@@ -285,8 +286,7 @@ def evaluate_sweep(path: Path, runs: list[RunDirectory], options: EvalOptions) -
     samples = options.samples or 0
     table: list[list[str]] = []
     results = []
-    for run, row in zip(runs, rows, strict=True):
-        name = label(row, keys) if keys else row["run"]
+    for run, row, name in zip(runs, rows, labels(rows, keys), strict=True):
         try:
             result = evaluate_run(run, options, samples)
         except USER_ERRORS as error:

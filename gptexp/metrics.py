@@ -9,6 +9,7 @@ mirrors them, run.json and compare show them. No torch here.
 from __future__ import annotations
 
 import json
+import logging
 import math
 import statistics
 from collections.abc import Iterable
@@ -16,6 +17,8 @@ from pathlib import Path
 from typing import Any
 
 from gptexp.fsio import atomic_write_text
+
+log = logging.getLogger(__name__)
 
 # Per-step records
 STEP = "step"
@@ -60,18 +63,44 @@ def median_throughput(values: Iterable[float]) -> float | None:
 
 
 def read_metrics(path: Path) -> list[dict[str, Any]]:
-    """The records of a metrics file; a torn last line (a crash mid-write) is skipped."""
+    """The records of a metrics file: JSON objects with an integer ``step``.
+
+    A torn last line (a crash mid-write) is skipped silently; any other line that is not such
+    a record (bad UTF-8, not JSON, nested too deep, a number too long for Python's int, no
+    step) is skipped with one warning that says how many.
+    """
     if not path.is_file():
         return []
-    records = []
-    for line in path.read_text(encoding="utf-8").splitlines():
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
+    records, damaged = [], 0
+    text = path.read_bytes().decode("utf-8", errors="replace")  # a bad byte spoils its line only
+    lines = text.split("\n")
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
             continue
-        if isinstance(record, dict) and isinstance(record.get(STEP), int):
+        record = _record(line)
+        if record is not None:
             records.append(record)
+        elif number < len(lines):  # a line the writer finished (the torn one has no newline)
+            damaged += 1
+    if damaged:
+        log.warning(
+            "%s: skipped %d damaged line%s (not a JSON record with an integer step)",
+            path,
+            damaged,
+            "" if damaged == 1 else "s",
+        )
     return records
+
+
+def _record(line: str) -> dict[str, Any] | None:
+    try:
+        record = json.loads(line)
+    except (ValueError, RecursionError):  # ValueError: JSON, and an int of too many digits
+        return None
+    if not isinstance(record, dict):
+        return None
+    step = record.get(STEP)
+    return record if isinstance(step, int) and not isinstance(step, bool) else None
 
 
 def values_of(records: list[dict[str, Any]], key: str) -> list[float]:

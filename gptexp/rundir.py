@@ -121,12 +121,11 @@ class RunDirectory:
         return False
 
     def read_status(self) -> dict[str, Any]:
+        """run.json as a dict ({} before training started); a RunError naming the file when
+        it is anything else (see :func:`read_json_object`)."""
         if not self.run_json.is_file():
             return {}
-        try:
-            return json.loads(self.run_json.read_text())
-        except json.JSONDecodeError as error:
-            raise RunError(f"{self.run_json}: damaged ({error})") from None
+        return read_json_object(self.run_json)
 
     def update_status(self, **fields: Any) -> dict[str, Any]:
         status = self.read_status() | fields
@@ -134,12 +133,14 @@ class RunDirectory:
         return status
 
     def overrides(self) -> list[str]:
-        """What the user changed at launch (Hydra's overrides.yaml), or []."""
+        """What the user changed at launch (Hydra's overrides.yaml: a list of strings), or [];
+        a RunError naming the file when it holds anything else."""
         if not self.overrides_yaml.is_file():
             return []
-        from omegaconf import OmegaConf
-
-        return [str(item) for item in OmegaConf.load(self.overrides_yaml)]
+        items = read_yaml(self.overrides_yaml)
+        if not isinstance(items, list) or not all(isinstance(item, str) for item in items):
+            raise RunError(f"{self.overrides_yaml}: damaged (not a list of overrides)")
+        return items
 
     @contextmanager
     def lock(self):
@@ -226,22 +227,70 @@ def find_runs(path: str | Path) -> list[RunDirectory]:
 
 def stored_config(run: RunDirectory) -> dict[str, Any]:
     """The run's effective config: the one its last start recorded in run.json, else the
-    composed config of its launch (``.hydra/config.yaml``)."""
+    composed config of its launch (``.hydra/config.yaml``); a RunError naming the file when
+    neither is a mapping."""
     status = run.read_status()
     if isinstance(status.get("config"), dict):
         return status["config"]
+    if "config" in status:
+        raise RunError(f"{run.run_json}: damaged (its config is not a mapping)")
     if not run.config_yaml.is_file():
         raise RunError(
             f"{run.path}: no stored config (run.json has none, .hydra/config.yaml is missing)"
         )
+    from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+
+    composed = read_yaml(run.config_yaml)
+    if not isinstance(composed, dict):
+        raise RunError(f"{run.config_yaml}: damaged (not a mapping)")
+    try:  # Hydra writes ${...} interpolations unresolved
+        return OmegaConf.to_container(OmegaConf.create(composed), resolve=True)  # type: ignore[return-value]
+    except (OmegaConfBaseException, ValueError, RecursionError) as error:
+        raise RunError(f"{run.config_yaml}: damaged ({_first_line(error)})") from None
+
+
+# ----------------------------------------------------------------------------- readers
+# Every file of a run directory may have been written by someone else (copied, hand-edited,
+# truncated): each reader checks the shape it needs and says what is wrong in one RunError
+# line naming the file, never a traceback from the parser.
+
+READ_ERRORS = (OSError, UnicodeDecodeError, ValueError, RecursionError)  # ValueError: JSON, and
+# Python's limit on the digits of an int
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip().splitlines()
+    return (text[0] if text else type(error).__name__)[:200]
+
+
+def read_json_object(path: Path) -> dict[str, Any]:
+    """The JSON object in ``path``; a RunError naming the file when it is not valid UTF-8,
+    not JSON, nested too deep, holds an over-long number, or is not an object."""
+    try:
+        value = json.loads(Path(path).read_bytes().decode("utf-8"))
+    except READ_ERRORS as error:
+        reason = "nested too deep" if isinstance(error, RecursionError) else _first_line(error)
+        raise RunError(f"{path}: damaged ({reason})") from None
+    if not isinstance(value, dict):
+        raise RunError(f"{path}: damaged (a JSON {type(value).__name__}, not an object)")
+    return value
+
+
+def read_yaml(path: Path) -> Any:
+    """The YAML document in ``path`` as plain lists and dicts, read as OmegaConf reads Hydra's
+    files (``1e-3`` is a float), interpolations left as written; a RunError naming the file
+    when it cannot be read."""
     import yaml
     from omegaconf import OmegaConf
     from omegaconf.errors import OmegaConfBaseException
 
     try:
-        return OmegaConf.to_container(OmegaConf.load(run.config_yaml), resolve=True)  # type: ignore[return-value]
-    except (OmegaConfBaseException, yaml.YAMLError) as error:
-        raise RunError(f"{run.config_yaml}: damaged ({str(error).splitlines()[0]})") from None
+        loaded = OmegaConf.create(Path(path).read_bytes().decode("utf-8"))
+        return OmegaConf.to_container(loaded, resolve=False)
+    except (*READ_ERRORS, yaml.YAMLError, OmegaConfBaseException) as error:
+        reason = "nested too deep" if isinstance(error, RecursionError) else _first_line(error)
+        raise RunError(f"{path}: damaged ({reason})") from None
 
 
 def discard_unstarted(run: RunDirectory) -> None:

@@ -18,7 +18,7 @@ from omegaconf.errors import OmegaConfBaseException
 from gptexp.checkpoint import CheckpointEntry, CheckpointManager
 from gptexp.cli import run_log_starts
 from gptexp.config import TrainConfig, config_to_dict, parse_overrides, to_train_config
-from gptexp.data import Corpus, Tokenizer, prepare_corpus, tokenizer_from_json
+from gptexp.data import Corpus, Tokenizer, prepare_corpus, read_tokenizer, tokenizer_from_json
 from gptexp.errors import (
     USER_ERRORS,
     CheckpointError,
@@ -182,7 +182,7 @@ def run_corpus(
     if state is not None:
         tokenizer = tokenizer_from_json(state["tokenizer"])
     elif tokenizer is None and run.tokenizer.is_file():
-        tokenizer = tokenizer_from_json(run.tokenizer.read_text(encoding="utf-8"))
+        tokenizer = read_tokenizer(run.tokenizer)
     expected = state["data_fingerprint"] if state is not None else None
     return prepare_corpus(cfg.data, cfg.model.block_size, tokenizer, expected)
 
@@ -193,7 +193,12 @@ def rewind_metrics(run: RunDirectory, step: int | None, guard_events: int = 0) -
     events the checkpoint knows (those stay)."""
     dropped = MetricsFile(run.metrics).rewind(-1 if step is None else step, guard_events)
     if dropped:
-        log.info("metrics.jsonl: dropped %d records logged after step %s", dropped, step)
+        why = (
+            "all of them: no checkpoint, training starts again from step 0"
+            if step is None
+            else f"logged after step {step}"
+        )
+        log.info("metrics.jsonl: dropped %d records (%s)", dropped, why)
     rewind_run(run.path, -1 if step is None else step)  # TensorBoard's view of the same
 
 

@@ -83,9 +83,7 @@ def plan_job(own: RunDirectory, config: dict[str, Any], overrides: list[str]) ->
     value lists changed since the first launch), in a new directory next to it.
     """
     wanted = as_stored(config)
-    matches = [
-        run for run in runs_under(own.path.parent) if run.read_status().get("config") == wanted
-    ]
+    matches = [run for run in runs_under(own.path.parent) if _recorded_config(run) == wanted]
     if matches:
         matches.sort(key=lambda run: (run != own, run.read_status().get("status") != FINISHED))
         chosen = matches[0]
@@ -103,6 +101,15 @@ def plan_job(own: RunDirectory, config: dict[str, Any], overrides: list[str]) ->
     _hand_back(own, overrides)
     log.info("%s holds a run of another config; this job starts in %s", own.path, fresh.path)
     return JobPlan(fresh, START)
+
+
+def _recorded_config(run: RunDirectory) -> Any:
+    """The config a run of the sweep recorded; None for a damaged run.json (that run is no
+    job's: the summary lists it as damaged)."""
+    try:
+        return run.read_status().get("config")
+    except RunError:
+        return None
 
 
 def _unstarted_claim_of(own: RunDirectory, overrides: list[str]) -> bool:

@@ -32,3 +32,12 @@ def csv_table(header: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
     writer.writerow(header)
     writer.writerows(rows)
     return out.getvalue()
+
+
+def shorten(text: str, width: int) -> str:
+    """``text`` in at most ``width`` characters: its start and its end (where paths and
+    values differ most), joined by an ellipsis."""
+    if len(text) <= width:
+        return text
+    head = (width - 1) // 2
+    return text[:head] + "…" + text[len(text) - (width - 1 - head) :]

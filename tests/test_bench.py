@@ -21,12 +21,12 @@ FIGURES = {
     "whole_process": [
         "gptexp_wall_s",
         "plain_wall_s",
-        "gptexp_over_plain",
+        "gptexp_over_plain_each",
         "gptexp_phases_s",
         "plain_phases_s",
         "gptexp_import_profile_s",
     ],
-    "per_step": ["gptexp_step_s", "plain_step_s", "gptexp_over_plain", "gptexp_logged_step_s"],
+    "per_step": ["gptexp_step_s", "plain_step_s", "gptexp_over_plain_each", "gptexp_logged_step_s"],
     "startup": [
         "import_torch_s",
         "fresh_first_step_s",
@@ -101,10 +101,39 @@ def test_quick_bench_writes_every_figure_and_prints_the_table(tmp_path):
     assert all(set(t) == {"target", "value", "limit", "holds"} for t in results["targets"])
     assert all(t["holds"] is None for t in results["targets"])
 
+    # Two pairs: no ratio of the pairs (a median of two is a mean), each pair's instead.
+    for section in ("whole_process", "per_step"):
+        assert results[section]["gptexp_over_plain"] is None
+        assert len(results[section]["gptexp_over_plain_each"]) == 2
+    assert result.stdout.count("n/a (2 pairs: ") == 2
     assert "whole process" in result.stdout and "phase (s, medians)" in result.stdout
     assert not re.search(r"^(PASS|FAIL)", result.stdout, flags=re.MULTILINE)
     assert "checkpoint stall, tiny" in result.stdout
     assert str(path) in result.stdout
+
+
+def test_no_ratio_of_pairs_below_the_minimum_and_a_median_above():
+    from gptexp.bench.report import pairs_ratio, ratio_cell
+
+    assert pairs_ratio([1.0, 50.0]) is None  # not 25.5: one outlier would be the headline
+    assert ratio_cell(None, [1.0, 50.0]) == "n/a (2 pairs: 1.00, 50.00)"
+    assert pairs_ratio([1.0, 1.1, 50.0]) == 1.1
+    assert ratio_cell(1.1, [1.0, 1.1, 50.0]) == "1.100"
+
+
+def test_make_bench_passes_args_through():
+    from tests.conftest import ROOT
+
+    dry = subprocess.run(
+        ["make", "-n", "bench", "ARGS=--quick --threads 1"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert dry.returncode == 0, dry.stderr
+    (line,) = [line for line in dry.stdout.splitlines() if "-m gptexp.bench" in line]
+    assert line.endswith("--quick --threads 1")
 
 
 def test_plain_script_runs_alone_and_imports_nothing_of_gptexp(tmp_path):

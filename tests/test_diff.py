@@ -122,9 +122,25 @@ def runs(tmp_path_factory) -> dict[str, Path]:
     }
     (fork / "run.json").write_text(json.dumps(status))
     forked = launch("gptexp.resume", f"run={fork}", "training.lr=3e-4", cwd=ROOT)
+    real_fork = base / "real_fork"
+    made = launch(
+        "gptexp.fork",
+        f"run={parent}",
+        f"ckpt={FORK_STEP}",
+        "training.lr=3e-4",
+        f"out={real_fork}",
+        cwd=ROOT,
+    )
     assert "resuming from step_0000020.pt" in finish(forked)
+    finish(made)
     finish(resumed)
-    return {"parent": parent, "twin": twin, "fork": fork, "threads2": threads2}
+    return {
+        "parent": parent,
+        "twin": twin,
+        "fork": fork,
+        "threads2": threads2,
+        "real_fork": real_fork,
+    }
 
 
 def diff_json(capsys, *args: str) -> tuple[int, dict]:
@@ -210,6 +226,105 @@ def test_fork_with_another_lr_parts_after_update_21(runs, capsys):
     )
     assert "B descends from A, forked at step 20" in text
     assert (files_of(parent), files_of(fork)) == before, "diff wrote nothing"
+
+
+def test_a_forks_start_checkpoint_is_bit_identical_and_its_lr_is_config(runs, capsys):
+    # python -m gptexp.fork writes its start checkpoint with its own lr in the optimizer's
+    # param groups; the tensors are the parent's, bit for bit.
+    code, report = diff_json(capsys, runs["parent"], runs["real_fork"])
+    assert code == 1
+    checkpoints = report["checkpoints"]
+    assert (checkpoints["last_equal_step"], checkpoints["first_different_step"]) == (20, 30)
+    assert not any("param_groups" in row["name"] for row in checkpoints["differing_tensors"])
+    hyper = checkpoints["hyperparameters"]
+    assert hyper["step"] == FORK_STEP
+    initial = {row["name"]: (row["a"], row["b"]) for row in hyper["differ"]}
+    assert initial["optimizer.param_groups.0.initial_lr"] == (0.001, 0.0003)
+
+    code, stderr = call_main(gptexp.diff.main, str(runs["parent"]), str(runs["real_fork"]))
+    text = capsys.readouterr().out
+    assert code == 1, stderr
+    assert "bit-identical through step 20; first differ at step 30:" in text
+    assert (
+        "optimizer settings differ from step 20 (config, not state): initial_lr 0.001 vs 0.0003"
+        in text
+    )
+
+
+def moved_family(runs, tmp_path: Path) -> tuple[Path, Path]:
+    """Copies of the parent and its real fork, side by side, the fork's parent link naming
+    where the parent was before it was moved (a path that no longer exists)."""
+    parent, fork = tmp_path / "family" / "renamed-parent", tmp_path / "family" / "fork"
+    shutil.copytree(runs["parent"], parent)
+    shutil.copytree(runs["real_fork"], fork)
+    status = json.loads((fork / "run.json").read_text())
+    status["parent"]["run"] = str(tmp_path / "gone" / "parent")
+    (fork / "run.json").write_text(json.dumps(status))
+    return parent, fork
+
+
+def test_a_moved_parent_is_found_by_its_checkpoints_sha256(runs, tmp_path, capsys):
+    parent, fork = moved_family(runs, tmp_path)
+    code, report = diff_json(capsys, parent, fork, "--replay")
+    assert code == 1
+    family = report["lineage"]
+    assert family["common_ancestor"] == str(parent) and family["fork_step"] == FORK_STEP
+    assert family["b_ancestry"][1]["moved_from"] == str(tmp_path / "gone" / "parent")
+    assert report["replay"]["from_step"] == FORK_STEP
+    assert report["replay"]["first_different_update"] == 21
+    # Beside the fork, it is found too when the fork is diffed against another run.
+    code, report = diff_json(capsys, runs["twin"], fork)
+    assert report["lineage"]["b_ancestry"][1]["run"] == str(parent)
+
+
+def test_a_fork_whose_parent_is_nowhere_is_not_replayed_from_initialisation(runs, tmp_path, capsys):
+    parent, fork = moved_family(runs, tmp_path)
+    shutil.rmtree(parent)
+    other = tmp_path / "elsewhere" / "t2"  # beside no run that holds the fork's checkpoint
+    shutil.copytree(runs["threads2"], other)
+    code, stderr = call_main(gptexp.diff.main, str(other), str(fork), "--replay")
+    assert code == 2
+    assert capsys.readouterr().out == ""
+    (line,) = stderr.strip().splitlines()
+    assert line.startswith(f"error: cannot replay: B is a fork of {tmp_path / 'gone' / 'parent'}")
+    assert "pass the parent's directory" in line
+    # Without --replay the report is made, and says the ancestor is missing.
+    code, stderr = call_main(gptexp.diff.main, str(other), str(fork))
+    assert code == 1 and "B's ancestor" in capsys.readouterr().out
+
+
+def test_a_fork_is_not_replayed_with_its_config_before_its_fork_step(runs, tmp_path, capsys):
+    # The real fork against an unrelated run (another thread count): no state is shared, and
+    # replaying the fork from initialisation with its own lr would be a false divergence.
+    code, stderr = call_main(
+        gptexp.diff.main, str(runs["threads2"]), str(runs["real_fork"]), "--replay"
+    )
+    assert code == 2
+    assert "cannot replay: B is a fork of" in stderr and "share no state" in stderr
+
+
+def test_a_replay_stopped_by_sigterm_leaves_no_temporary_directory(runs, tmp_path):
+    twin = tmp_path / "twin"
+    shutil.copytree(runs["twin"], twin)
+    keep_checkpoints(twin, set())  # 30 updates to replay, from both initialisations
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "gptexp.diff", str(runs["parent"]), str(twin), "--replay"],
+        cwd=ROOT,
+        env=subprocess_env(TMPDIR=str(scratch)),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    wait_until(
+        lambda: any(scratch.glob("gptexp-diff-*/b")), process=proc, what="the replay's trainers"
+    )
+    proc.send_signal(signal.SIGTERM)
+    _, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 130, stderr
+    assert "interrupted" in stderr and "Traceback" not in stderr
+    assert list(scratch.iterdir()) == []
 
 
 def test_replay_starts_at_the_fork_when_the_fork_holds_no_checkpoint_of_it(runs, tmp_path, capsys):
@@ -323,6 +438,11 @@ def test_bad_input_is_named_and_exits_2(runs, tmp_path, capsys):
     (damaged / "run.json").write_text("{")
     code, stderr = call_main(gptexp.diff.main, str(runs["parent"]), str(damaged))
     assert code == 2 and "run.json: damaged" in stderr
+    for content, why in (("[1, 2]", "a JSON list"), ("[" * 100_000 + "]" * 100_000, "too deep")):
+        (damaged / "run.json").write_text(content)
+        code, stderr = call_main(gptexp.diff.main, str(runs["parent"]), str(damaged))
+        assert code == 2 and "run.json: damaged" in stderr and why in stderr
+        assert "Traceback" not in stderr
     code, stderr = call_main(gptexp.diff.main, str(runs["parent"]))
     assert code == 2 and "usage:" in stderr
     assert capsys.readouterr().out == "", "nothing on stdout for bad input"

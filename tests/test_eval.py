@@ -87,10 +87,13 @@ def test_eval_loss_equals_logged_val_loss_and_is_deterministic(run_copy: Path) -
     assert result(run_copy, "last")["loss"] == last["loss"]
     assert (run_copy / "eval" / "samples_last.txt").read_text() == samples
 
+    # seed= changes the samples only: the loss is still scored on the trainer's batches.
     code, stderr = call_main(gptexp.eval.main, f"run={run_copy}", *sampling, "seed=7")
     assert code == 0, stderr
     assert (run_copy / "eval" / "samples_last.txt").read_text() != samples
-    assert result(run_copy, "last")["logged_val_loss"] is None  # other batches: no comparison
+    seeded = result(run_copy, "last")
+    assert seeded["loss"] == last["loss"] == seeded["logged_val_loss"]
+    assert seeded["sampling"]["seed"] == 7 and seeded["seed"] == last["seed"]
 
 
 # ----------------------------------------------------------------------------- sweeps
@@ -118,6 +121,40 @@ def test_sweep_prints_one_table_and_lists_the_run_without_checkpoint(sweep_dir, 
     assert "checkpoint=none" in rows["1"] and "no checkpoint" in rows["1"]
     assert "training=debug" not in stdout  # overrides every run shares are left out
     assert not (sweep_dir / "1" / "eval").exists()
+
+
+def test_a_damaged_run_json_in_a_sweep_is_listed_and_the_others_evaluated(
+    sweep_dir, tmp_path, capsys
+) -> None:
+    copy = tmp_path / "sweep"
+    shutil.copytree(sweep_dir, copy, ignore=shutil.ignore_patterns("eval"))
+    (copy / "1" / "run.json").write_text("[" * 100_000 + "]" * 100_000)
+    code, stderr = call_main(gptexp.eval.main, f"run={copy}", cwd=tmp_path)
+    assert code == 0, stderr
+    stdout = capsys.readouterr().out
+    rows = {line.split()[0]: line for line in stdout.splitlines() if line[:1].isdigit()}
+    assert "step_0000020.pt" in rows["0"]
+    assert "run.json: damaged (nested too deep)" in rows["1"]
+
+
+@pytest.mark.parametrize(
+    "content, why",
+    [
+        (b"[1, 2, 3]", "a JSON list, not an object"),
+        (b"\xff\xfe\x00garbage", "damaged ("),
+        (b'{"step": ' + b"7" * 5000 + b"}", "damaged ("),
+    ],
+    ids=["list", "bytes", "long-int"],
+)
+def test_a_damaged_run_json_is_one_line(run_copy: Path, content: bytes, why: str) -> None:
+    (run_copy / "run.json").write_bytes(content)
+    before = files_of(run_copy)
+    done = evaluate(run_copy)
+    assert done.returncode == 2, done.stderr
+    errors = [line for line in done.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "run.json: damaged" in errors[0] and why in errors[0]
+    assert "Traceback" not in done.stderr
+    assert files_of(run_copy) == before
 
 
 def test_run_without_checkpoint_is_an_error(sweep_dir: Path) -> None:

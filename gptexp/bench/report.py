@@ -20,6 +20,23 @@ class Measurements:
     eval_entry_s: list[tuple[float, float]] = field(default_factory=list)
 
 
+# A ratio of the pairs is their median; with fewer pairs than this a median is a mean of
+# two (one outlier makes it anything), so no ratio is given, only each pair's.
+MIN_PAIRS_FOR_RATIO = 3
+
+
+def pairs_ratio(ratios: list[float]) -> float | None:
+    """The median of the pairs' ratios, or None with fewer than MIN_PAIRS_FOR_RATIO pairs."""
+    return median(ratios) if len(ratios) >= MIN_PAIRS_FOR_RATIO else None
+
+
+def ratio_cell(ratio: float | None, each: list[float]) -> str:
+    """A pairs' ratio for the table: the median, or each pair's where they are too few."""
+    if ratio is not None:
+        return f"{ratio:.3f}"
+    return f"n/a ({len(each)} pairs: " + ", ".join(f"{r:.2f}" for r in each) + ")"
+
+
 def _phase_medians(runs: list[WholeRun]) -> dict[str, float]:
     return {name: median([r.phases[name] for r in runs]) for name in runs[0].phases}
 
@@ -46,7 +63,7 @@ def summarise(plan: BenchPlan, m: Measurements, extra: dict[str, Any]) -> dict[s
         "whole_process": {
             "gptexp_wall_s": median([r.wall_s for r in g]),
             "plain_wall_s": median([r.wall_s for r in p]),
-            "gptexp_over_plain": median(wall_ratio),
+            "gptexp_over_plain": pairs_ratio(wall_ratio),
             "gptexp_over_plain_each": wall_ratio,
             "gptexp_wall_s_each": [r.wall_s for r in g],
             "plain_wall_s_each": [r.wall_s for r in p],
@@ -61,7 +78,7 @@ def summarise(plan: BenchPlan, m: Measurements, extra: dict[str, Any]) -> dict[s
         "per_step": {
             "gptexp_step_s": g_step,
             "plain_step_s": p_step,
-            "gptexp_over_plain": median(step_ratio),
+            "gptexp_over_plain": pairs_ratio(step_ratio),
             "gptexp_over_plain_each": step_ratio,
             # train_step alone, from metrics.jsonl: the rest of a step is the loop's own cost.
             "gptexp_logged_step_s": median([median(r.logged_step_s) for r in g]),
@@ -205,13 +222,13 @@ def table(results: dict[str, Any]) -> str:
             f"whole process, {model}, {settings['steps']} steps",
             f"{w['gptexp_wall_s']:.2f} s",
             f"{w['plain_wall_s']:.2f} s plain script",
-            f"{w['gptexp_over_plain']:.3f}",
+            ratio_cell(w["gptexp_over_plain"], w["gptexp_over_plain_each"]),
         ),
         (
             "per step",
             f"{s['gptexp_step_s'] * 1000:.1f} ms",
             f"{s['plain_step_s'] * 1000:.1f} ms plain script",
-            f"{s['gptexp_over_plain']:.3f}",
+            ratio_cell(s["gptexp_over_plain"], s["gptexp_over_plain_each"]),
         ),
         (
             "command to first step",
