@@ -35,6 +35,7 @@ from gptexp.metrics import (
 )
 from gptexp.rundir import RunDirectory, find_runs
 from gptexp.runtable import (
+    DAMAGED,
     cells,
     distinguishing_keys,
     family_tree,
@@ -272,6 +273,8 @@ def compare_groups(
     if options.sort:
         raise ConfigError("sort= does not apply with group=: groups are listed best mean first")
     keys = seedgroups.group_keys(options.group)
+    damaged = [row for row in rows if row["status"] == DAMAGED]  # no config to group by
+    rows = [row for row in rows if row["status"] != DAMAGED]
     groups = seedgroups.seed_groups(rows, keys, options.metric)
     if options.csv:
         header, raw = seedgroups.raw_table(groups, keys, options.metric)
@@ -288,7 +291,8 @@ def compare_groups(
         return "no runs match"
     header, cells_ = seedgroups.text_cells(groups, keys, options.metric, options.alpha)
     legend = seedgroups.legend_lines(groups, options.metric, options.alpha)
-    return "\n".join([text_table(header, cells_), *legend])
+    left_out = [f"left out, damaged: {row['run']} ({row['error']})" for row in damaged]
+    return "\n".join([text_table(header, cells_), *legend, *left_out])
 
 
 def main() -> None:

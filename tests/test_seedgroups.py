@@ -171,6 +171,15 @@ def test_unfinished_runs_are_named(seed_sweep, tmp_path):
     assert sorted(line.split()[1] for line in kept.splitlines()[2:4]) == ["2", "3"]  # n
 
 
+def test_a_damaged_run_is_left_out_of_the_groups_and_named(seed_sweep, tmp_path):
+    copy = tmp_path / "sweep"
+    shutil.copytree(seed_sweep, copy)
+    (copy / "0" / "run.json").write_text("[1, 2]")
+    table = compare(CompareOptions(paths=[str(copy)], group=["training.lr"]))
+    assert table.splitlines()[-1].startswith("left out, damaged: 0 (run.json: ")
+    assert sorted(line.split()[1] for line in table.splitlines()[2:4]) == ["2", "3"]  # n
+
+
 def test_without_scipy_group_is_a_clear_error(seed_sweep, tmp_path):
     """An environment without the extra: a ``scipy`` that cannot be imported first on the
     path (the fault is the test's)."""
