@@ -238,7 +238,9 @@ def record_start(
     if "argv" not in previous:
         fields["argv"] = argv
     if resume_note is not None:
-        resumes = previous.get("resumes", [])
+        resumes = previous.get("resumes")
+        if not isinstance(resumes, list):  # absent, or hand-edited into something else
+            resumes = [] if resumes is None else [{"replaced": resumes}]
         resumes.append({"at": now(), "from_step": trainer.step, "argv": argv, **resume_note})
         fields["resumes"] = resumes
     run.update_status(**fields)

@@ -104,3 +104,23 @@ def test_a_damaged_tokenizer_json_is_a_data_error_naming_it(
 def test_a_good_tokenizer_json_still_loads() -> None:
     tokenizer = tokenizer_from_json(json.dumps({"kind": "char", "chars": ["a", "b", "\n"]}))
     assert tokenizer.decode(tokenizer.encode("ab\n")) == "ab\n"
+
+
+def test_a_hand_edited_resumes_field_does_not_stop_a_resume(finished_run: Path, tmp_path: Path):
+    """run.json's ``resumes`` edited into a number: the resume goes on and keeps it, listed."""
+    import shutil
+
+    import gptexp.resume
+    from tests.conftest import call_main
+
+    run = tmp_path / "run"
+    shutil.copytree(finished_run, run)
+    status = json.loads((run / "run.json").read_text())
+    (run / "run.json").write_text(json.dumps(status | {"resumes": 5}))
+    max_steps = status["config"]["training"]["max_steps"]
+    code, stderr = call_main(
+        gptexp.resume.main, f"run={run}", f"training.max_steps={max_steps + 2}"
+    )
+    assert code == 0, stderr
+    resumes = json.loads((run / "run.json").read_text())["resumes"]
+    assert resumes[0] == {"replaced": 5} and resumes[1]["from_step"] == max_steps
