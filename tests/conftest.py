@@ -94,14 +94,21 @@ def train(
 
 
 def wait_until(
-    condition, *, timeout: float = 120, process: subprocess.Popen | None = None, what: str = ""
+    condition,
+    *,
+    timeout: float = 120,
+    process: subprocess.Popen | None = None,
+    what: str = "",
+    output: Path | None = None,
 ) -> None:
     """Poll ``condition()`` until it holds; fail when ``process`` ends first or after
-    ``timeout`` seconds (a guard against a hang, not a speed requirement)."""
+    ``timeout`` seconds (a guard against a hang, not a speed requirement). ``output``: the file
+    ``process`` writes to, whose tail a failure shows."""
     deadline = time.monotonic() + timeout
     while not condition():
         if process is not None and process.poll() is not None:
-            raise AssertionError(f"process ended (rc {process.returncode}) before {what}")
+            tail = output.read_text(errors="replace")[-3000:] if output else ""
+            raise AssertionError(f"process ended (rc {process.returncode}) before {what}\n{tail}")
         if time.monotonic() > deadline:
             raise AssertionError(f"not reached in {timeout}s: {what}")
         time.sleep(0.05)

@@ -341,7 +341,7 @@ def bad_cli_results(tmp_path_factory) -> dict[str, CliResult]:
 @pytest.mark.parametrize("case", CLI_CASES.keys())
 def test_cli_refuses_bad_input_without_a_run_directory(case, bad_cli_results):
     result, key = bad_cli_results[case], CLI_CASES[case][1]
-    assert result.returncode != 0
+    assert result.returncode == 2, result.stderr  # a user error (errors.USER_ERRORS)
     assert key in result.stderr
     assert "Traceback" not in result.stderr
     assert not result.run_dir.exists()
@@ -360,7 +360,7 @@ def test_cli_refuses_to_relaunch_into_a_finished_run(finished_run, tmp_path):
         "gptexp.train", *FAST, "training.lr=0.5", f"hydra.run.dir={run_dir}", cwd=tmp_path
     )
 
-    assert result.returncode != 0
+    assert result.returncode == 2, result.stderr  # a user error (errors.USER_ERRORS)
     assert "already holds a run" in result.stderr and str(run_dir) in result.stderr
     assert "make resume" in result.stderr
     assert {name: (run_dir / name).read_bytes() for name in kept} == before

@@ -9,7 +9,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -19,7 +18,15 @@ import yaml
 import gptexp.eval
 from gptexp.data import python_docs_text
 from gptexp.fsio import sha256_file, xxh3_128_file
-from tests.conftest import FAST, call_main, files_of, read_metrics, run_module, subprocess_env
+from tests.conftest import (
+    FAST,
+    call_main,
+    files_of,
+    read_metrics,
+    run_module,
+    subprocess_env,
+    wait_until,
+)
 
 
 def evaluate(run_dir: Path, *args: str) -> subprocess.CompletedProcess:
@@ -180,11 +187,12 @@ def test_interrupted_run_is_evaluated(tmp_path: Path, capsys) -> None:
             command, cwd=tmp_path, env=subprocess_env(), stdout=out, stderr=subprocess.STDOUT
         )
         manifest = run_dir / "checkpoints" / "manifest.json"
-        deadline = time.monotonic() + 120  # a guard against a hang, not a speed requirement
-        while not (manifest.exists() and json.loads(manifest.read_text())["checkpoints"]):
-            assert training.poll() is None, (tmp_path / "train.out").read_text()
-            assert time.monotonic() < deadline, "no checkpoint was written"
-            time.sleep(0.05)
+        wait_until(
+            lambda: manifest.exists() and json.loads(manifest.read_text())["checkpoints"],
+            process=training,
+            what="a checkpoint",
+            output=tmp_path / "train.out",
+        )
         training.send_signal(signal.SIGTERM)
         assert training.wait(timeout=120) == 130
     status = json.loads((run_dir / "run.json").read_text())

@@ -157,7 +157,9 @@ def test_resuming_a_finished_run_touches_nothing(two_runs, tmp_path):
     assert f"already finished at step 10; extend it with make resume RUN={a}" in done.stderr
     assert files_of(a) == before
     status = json.loads((a / "run.json").read_text())
-    assert "gptexp.train" in " ".join(status["argv"]) or "hydra.run.dir" in " ".join(status["argv"])
+    launched = [*FAST, "training.lr=1e-3", "training.max_steps=6", f"hydra.run.dir={a}"]
+    assert status["argv"][1:] == launched  # the command that made the run, not a resume's
+    assert Path(status["argv"][0]).parts[-2:] == ("gptexp", "train.py")
     (resume,) = status["resumes"]  # the one real resume, with its own command line
     assert "training.max_steps=10" in resume["argv"]
 

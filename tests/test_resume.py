@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import random
+import re
 import shutil
 import signal
 import subprocess
@@ -31,6 +32,7 @@ from tests.conftest import (
     run_module,
     subprocess_env,
     train,
+    wait_until,
 )
 
 pytestmark = pytest.mark.slow
@@ -48,6 +50,9 @@ EXACT = [
 
 
 CRASHING_SAVE = str(ROOT / "tests" / "crashing_save.py")
+# The SIGKILL test's instant: None draws a fresh one each run; a failure names its seed, and
+# setting it here repeats that instant (as a fraction of this machine's step time).
+KILL_SEED: int | None = None
 
 
 def start(
@@ -100,14 +105,12 @@ def resume(
 
 
 def wait_for_step(run_dir: Path, step: int, proc: subprocess.Popen, timeout: float = 60) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if any(r["step"] >= step for r in read_metrics(run_dir)):
-            return
-        if proc.poll() is not None:
-            raise AssertionError(f"run ended (rc {proc.returncode}) before step {step}")
-        time.sleep(0.02)
-    raise AssertionError(f"step {step} not reached in {timeout}s")
+    wait_until(
+        lambda: any(r["step"] >= step for r in read_metrics(run_dir)),
+        timeout=timeout,
+        process=proc,
+        what=f"step {step}",
+    )
 
 
 def losses(run_dir: Path) -> list[tuple]:
@@ -196,7 +199,9 @@ def test_sigkill_at_any_instant_even_mid_save_resumes_bit_identical(tmp_path, st
     assert (checkpoints / "step_0000030.pt").exists()
     assert not (checkpoints / "step_0000020.pt.tmp").exists(), "stale temporaries are cleaned"
 
-    # 3. resumed from step 20 (30 is unlisted), killed at a random instant
+    # 3. resumed from step 20 (30 is unlisted), killed at a random instant around step 40's
+    #    save (it follows step 40's line in metrics.jsonl): up to two step times after that
+    #    line, a step timed on this machine over steps 35-40
     proc = subprocess.Popen(
         [sys.executable, "-m", "gptexp.resume", f"run={run_dir}"],
         cwd=ROOT,
@@ -206,16 +211,28 @@ def test_sigkill_at_any_instant_even_mid_save_resumes_bit_identical(tmp_path, st
         text=True,
     )
     wait_for_step(run_dir, 35, proc)
-    time.sleep(random.Random(7).uniform(0.0, 0.3))
+    at_35 = time.monotonic()
+    wait_for_step(run_dir, 40, proc)
+    step_time = (time.monotonic() - at_35) / 5
+    seed = random.randrange(2**32) if KILL_SEED is None else KILL_SEED
+    delay = random.Random(seed).uniform(0.0, 2 * step_time)
+    time.sleep(delay)
     proc.kill()
     _, stderr = proc.communicate(timeout=60)
+    instant = f"killed {delay:.3f} s after step 40 (a step: {step_time:.3f} s; KILL_SEED = {seed})"
+    assert proc.returncode == -signal.SIGKILL, f"ended before the kill: {instant}\n{stderr}"
     assert "step_0000030.pt: not in the manifest" in stderr
     assert "resuming from step_0000020.pt" in stderr
 
     # 4. resumed to the end
     result = resume(run_dir)
-    assert result.returncode == 0, result.stderr
-    assert_same_end_state(run_dir, straight_run)
+    assert result.returncode == 0, f"{instant}\n{result.stderr}"
+    resumed_from = re.search(r"resuming from step_00000([34]0)\.pt", result.stderr)
+    assert resumed_from, f"{instant}: not resumed from step 30 or 40\n{result.stderr}"
+    try:
+        assert_same_end_state(run_dir, straight_run)
+    except AssertionError as error:
+        raise AssertionError(f"{instant}: {error}") from error
 
 
 def test_live_run_cannot_be_resumed_twice_and_second_ctrl_c_damages_nothing(tmp_path):
