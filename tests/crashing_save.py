@@ -4,8 +4,9 @@
 
 PHASE ``write``: after the first 4 KiB of step STEP's temporary file are on disk (a DCP
 checkpoint: after every rank's shards are written, before rank 0 completes the directory).
-PHASE ``rename``: after step STEP's file (or DCP directory) is renamed into place, before the
-manifest lists it.
+PHASE ``rename``: at the rename, once the manifest lists step STEP's complete temporary file
+(or DCP directory) and before it takes its name: the manifest lists a checkpoint that is
+missing (a save lists before it renames, so that no crash leaves an unlisted checkpoint).
 The fault is injected here, on the test side, by patching the checkpoint writer in this
 process before the command starts; the product has no hook for it. Works under torchrun
 (every rank patches itself; the rank that writes checkpoints dies).
@@ -36,6 +37,17 @@ class DyingWriter(checkpoint.HashingWriter):
         return written
 
 
+def die_once_listed(manager: checkpoint.CheckpointManager) -> None:
+    """The manager's next manifest write (the one that lists the new checkpoint) is its last."""
+    write_manifest = manager._write_manifest
+
+    def write_then_die(entries):
+        write_manifest(entries)
+        die()
+
+    manager._write_manifest = write_then_die
+
+
 def install(step: int, phase: str) -> None:
     original = checkpoint.CheckpointManager._write
 
@@ -45,7 +57,7 @@ def install(step: int, phase: str) -> None:
         if phase == "write":
             checkpoint.HashingWriter = DyingWriter
         else:
-            self._write_manifest = lambda entries: die()
+            die_once_listed(self)
         return original(self, state, at_step, metric, reasons)
 
     checkpoint.CheckpointManager._write = write
@@ -57,7 +69,7 @@ def install(step: int, phase: str) -> None:
             if phase == "write":
                 checkpoint.sharded_checkpoint.write_meta = lambda directory, rest: die()
             else:
-                self._write_manifest = lambda entries: die()
+                die_once_listed(self)
         return finish_dcp(self, future, tmp, meta, at_step, metric, reasons)
 
     checkpoint.CheckpointManager._finish_dcp = finish

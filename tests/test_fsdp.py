@@ -148,10 +148,12 @@ def test_dcp_on_one_process_resumes_bit_identical_to_the_single_file_format(tmp_
         timeout=180,
     )
     assert result.returncode != 0
-    assert (crashed / "checkpoints" / "step_0000008.dcp").is_dir()  # in place, never listed
+    # listed, never renamed into place
+    assert (crashed / "checkpoints" / "step_0000008.dcp.tmp").is_dir()
+    assert not (crashed / "checkpoints" / "step_0000008.dcp").exists()
     result = run_module("gptexp.resume", f"run={crashed}", cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "step_0000008.dcp: not in the manifest" in result.stderr
+    assert "step_0000008.dcp: missing; falling back" in result.stderr
     assert "resuming from step_0000004.dcp" in result.stderr
     a, b = final_state(crashed), final_state(straight)  # a DCP directory, a single file
     for key, tensor in b["model"].items():
