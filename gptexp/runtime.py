@@ -166,6 +166,12 @@ class StopRequest:
     SIGINT or SIGTERM stops at once with one line (atomic writes keep the disk consistent)."""
 
     SIGNALS = ("SIGINT", "SIGTERM", "SIGUSR1")
+    PRUNER = "the pruner"  # not a signal: a search stops a weak trial the same way
+
+    def request(self, reason: str) -> None:
+        """Stop after this step, as a signal would, for ``reason`` (e.g. PRUNER)."""
+        if self.signame is None:
+            self.signame = reason
 
     def __init__(self) -> None:
         self.signame: str | None = None
