@@ -71,9 +71,7 @@ def make_pruner(name: str, startup_trials: int, warmup_steps: int):
         return optuna.pruners.HyperbandPruner(min_resource=max(1, warmup_steps))
     if name == "none":
         return optuna.pruners.NopPruner()
-    raise ConfigError(
-        f"hydra.sweeper.pruner={name!r}: must be one of {', '.join(PRUNERS)}"
-    )
+    raise ConfigError(f"hydra.sweeper.pruner={name!r}: must be one of {', '.join(PRUNERS)}")
 
 
 class TrialReporter:

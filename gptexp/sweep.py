@@ -3,8 +3,8 @@
 A sweep directory holds one run directory per job (``<sweep>/<job num>/``). Launching the same
 sweep into the same directory again continues it: a job whose config equals the stored config
 (run.json ``config``) of a run already there skips that run when it finished (or a search
-pruned it) and resumes it when it did not. Matching goes by config, not by job number, because job numbers shift when
-the sweep's value lists change.
+pruned it) and resumes it when it did not. Matching goes by config, not by job number, because
+job numbers shift when the sweep's value lists change.
 
 After each job and at the end of the sweep, :class:`SweepSummary` writes ``<sweep>/sweep.json``
 and ``<sweep>/summary.md``: one row per run with its overrides, status and losses.
