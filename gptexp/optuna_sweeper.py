@@ -344,19 +344,28 @@ class OptunaSearch(Sweeper):
             for trial, ret in zip(group, returns, strict=True):
                 outcome = ret._return_value  # the value, or the job's exception
                 if isinstance(outcome, TrainingPruned):
-                    study.tell(trial.number, state=TrialState.PRUNED)
+                    self._tell(study, trial.number, state=TrialState.PRUNED)
                     report(logging.INFO, f"trial {trial.number}: {outcome}")
                 elif isinstance(outcome, BaseException) or not _finite(outcome):
-                    study.tell(trial.number, state=TrialState.FAIL)
+                    self._tell(study, trial.number, state=TrialState.FAIL)
                     report(logging.WARNING, f"trial {trial.number} failed: {outcome}")
                     failures.append(trial.number)
                 else:
-                    study.tell(trial.number, float(outcome))
+                    self._tell(study, trial.number, float(outcome))
         if failures and len(failures) / len(batch) > self.max_failure_rate:
             raise JobFailed(
                 f"trials {', '.join(map(str, failures))} failed, more than "
                 f"hydra.sweeper.max_failure_rate={self.max_failure_rate} of their batch"
             )
+
+    def _tell(self, study, number: int, *args: Any, **kwargs: Any) -> None:
+        try:
+            study.tell(number, *args, **kwargs)
+        except RuntimeError as error:
+            # GridSampler asks the study to stop once its grid is covered, which only
+            # study.optimize can do; the result is stored by then, and n_trials ends the search.
+            if self.grid is None or "Study.stop" not in str(error):
+                raise
 
     def _report(self, study) -> None:
         """optimization_results.yaml (as hydra-optuna-sweeper wrote it) and one line each:
