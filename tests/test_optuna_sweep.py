@@ -16,14 +16,17 @@ import pytest
 from omegaconf import OmegaConf
 
 from tests.conftest import FAST, read_metrics, run_module, subprocess_env, sweep, wait_until
+from tests.test_wandb import offline_run
 
-# Four trials of 30 steps, evaluated every 10; the seed makes the proposals repeatable.
+# Four trials of 30 steps, evaluated every 10, judged from the second trial on; the seed makes
+# the proposals repeatable.
 SEARCH = [
     "experiment=optuna_lr",
     "training.max_steps=30",
     "training.eval_every=10",
     "hydra.sweeper.n_trials=4",
     "hydra.sweeper.pruner_startup_trials=1",
+    "hydra.sweeper.pruner_warmup_steps=0",  # the preset waits for its longest warm-up (100)
     "hydra.sweeper.sampler.seed=1",
 ]
 
@@ -51,7 +54,7 @@ def evaluations(run_dir: Path) -> dict[int, float]:
 
 def test_a_pruned_search_stops_weak_trials_at_a_checkpoint(tmp_path):
     sweep_dir = tmp_path / "sweep"
-    result = sweep(sweep_dir, *SEARCH, cwd=tmp_path)
+    result = sweep(sweep_dir, *SEARCH, "logger=wandb", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     trials = study(sweep_dir).trials
     assert len(trials) == 4
@@ -63,6 +66,8 @@ def test_a_pruned_search_stops_weak_trials_at_a_checkpoint(tmp_path):
         run_dir = sweep_dir / str(trial.number)
         assert trial.intermediate_values == evaluations(run_dir)
         assert float(rows[str(trial.number)]["training.lr"]) == trial.params["training.lr"]
+        status = json.loads((run_dir / "run.json").read_text())["status"]
+        assert offline_run(run_dir)["summary"]["status"] == status  # W&B says pruned too
     for trial in pruned:
         run_dir = sweep_dir / str(trial.number)
         status = json.loads((run_dir / "run.json").read_text())
