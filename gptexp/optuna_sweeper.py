@@ -49,6 +49,7 @@ from gptexp.optuna_trial import (
     rdb_storage,
     storage_url,
 )
+from gptexp.rundir import RunDirectory
 
 log = logging.getLogger(__name__)
 
@@ -275,6 +276,7 @@ class OptunaSearch(Sweeper):
             load_if_exists=True,
         )
         report(logging.INFO, f"Optuna study {self.name!r} in {self.url}")
+        self.left: set[int] = set()  # running trials another live process trains
         while True:
             batch = self._next_batch(study, n_trials)
             if not batch:
@@ -295,13 +297,20 @@ class OptunaSearch(Sweeper):
 
     def _next_batch(self, study, n_trials: int) -> list:
         """Up to n_jobs trials: first those a killed launch left running (they resume), then
-        new ones, while the study holds fewer than ``n_trials``."""
+        new ones, while the study holds fewer than ``n_trials``. A running trial whose run a
+        live process trains (the same search launched twice) is left to that process."""
         from optuna.trial import TrialState
 
         trials = study.get_trials(deepcopy=False)
-        batch = [t for t in trials if t.state == TrialState.RUNNING][: self.n_jobs]
+        running = [t for t in trials if t.state == TrialState.RUNNING]
+        batch = [t for t in running if t.number not in self.left][: self.n_jobs]
         for trial in batch:
-            report(logging.INFO, f"trial {trial.number} was running: continuing it")
+            if RunDirectory(self.sweep_dir / str(trial.number)).is_locked():
+                report(logging.INFO, f"trial {trial.number}: another process trains it")
+                self.left.add(trial.number)
+            else:
+                report(logging.INFO, f"trial {trial.number} was running: continuing it")
+        batch = [t for t in batch if t.number not in self.left]
         count = len(trials)
         while len(batch) < self.n_jobs and count < n_trials:
             study.sampler = self._sampler(count)

@@ -15,6 +15,7 @@ import optuna
 import pytest
 from omegaconf import OmegaConf
 
+from gptexp.rundir import RunDirectory
 from tests.conftest import FAST, read_metrics, run_module, subprocess_env, sweep, wait_until
 from tests.test_wandb import offline_run
 
@@ -146,3 +147,22 @@ def test_a_search_killed_at_a_checkpoint_continues_where_it_stopped(tmp_path):
     done = sweep(sweep_dir, *search, cwd=tmp_path)
     assert done.returncode == 0, done.stderr
     assert "Launching" not in done.stderr and len(study(sweep_dir).trials) == 4
+
+
+def test_a_running_trial_that_a_live_process_trains_is_left_to_it(tmp_path):
+    # The same search launched twice: the other launch's trial 0 is running, its run locked.
+    sweep_dir = tmp_path / "sweep"
+    (sweep_dir / "0").mkdir(parents=True)
+    other = optuna.create_study(study_name="optuna_lr", storage=f"sqlite:///{sweep_dir}/optuna.db")
+    other.ask(
+        {
+            "training.lr": optuna.distributions.FloatDistribution(1e-4, 3e-2, log=True),
+            "training.warmup_steps": optuna.distributions.CategoricalDistribution([0, 25, 50, 100]),
+        }
+    )
+    with RunDirectory(sweep_dir / "0").lock():
+        result = sweep(sweep_dir, *SEARCH, "hydra.sweeper.n_trials=2", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "trial 0: another process trains it" in result.stderr
+    assert [t.state.name for t in study(sweep_dir).trials] == ["RUNNING", "COMPLETE"]
+    assert not (sweep_dir / "0" / "run.json").exists()  # not trained here
