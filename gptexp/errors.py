@@ -70,6 +70,18 @@ def resume_hint(run_path: object | None, *args: str, world_size: int = 1) -> str
     return shell_command(*launcher, "gptexp.resume", f"run={path}", *args)
 
 
+class TrainingPruned(Exception):
+    """A search's pruner stopped a weak trial at an evaluation, after saving its checkpoint.
+    Not a failure: the run ends ``pruned`` and can be continued like an interrupted one."""
+
+    def __init__(self, step: int, run_path: str) -> None:
+        super().__init__(step, run_path)  # both in args: a launcher pickles it back
+        self.step, self.run_path = step, run_path
+
+    def __str__(self) -> str:
+        return f"pruned at step {self.step}; continue it with: {resume_hint(self.run_path)}"
+
+
 class TrainingDiverged(FloatingPointError):
     """Training produced NaN or infinite values, or more loss spikes than the guard's bounds
     allow (``training.guard``). The run fails (exit 1); its last valid checkpoint is intact."""

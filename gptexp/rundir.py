@@ -34,6 +34,7 @@ log = logging.getLogger(__name__)
 
 # What run.json records ...
 RUNNING, FINISHED, INTERRUPTED, FAILED = "running", "finished", "interrupted", "failed"
+PRUNED = "pruned"  # a search's pruner stopped the trial at an evaluation (resumable)
 # ... and what a reader concludes beyond it (see RunDirectory.status).
 CRASHED = "crashed"  # run.json says running, but no process holds the run's lock
 PENDING = "pending"  # the directory exists, training never started

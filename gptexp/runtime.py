@@ -169,6 +169,7 @@ class StopRequest:
     checkpoint like any stopped run)."""
 
     SIGNALS = ("SIGINT", "SIGTERM", "SIGUSR1")
+    PRUNER = "the pruner"  # not a signal: a search stops a weak trial the same way
 
     def __init__(self) -> None:
         self.signame: str | None = None
@@ -196,6 +197,11 @@ class StopRequest:
             os._exit(130)
         self.signame = name
         log.warning("%s received: stopping after this step and saving a checkpoint", name)
+
+    def request(self, reason: str) -> None:
+        """Stop after this step, as a signal would, for ``reason`` (e.g. PRUNER)."""
+        if self.signame is None:
+            self.signame = reason
 
     def mark_stopped_elsewhere(self) -> None:
         """Another rank asked to stop: behave as if this process had been asked too."""

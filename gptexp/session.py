@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+from collections.abc import Callable
 from typing import Any
 
 from hydra.core.override_parser.types import OverrideType
@@ -25,6 +26,7 @@ from gptexp.errors import (
     ConfigError,
     RunFailed,
     TrainingInterrupted,
+    TrainingPruned,
     describe_os_error,
     resume_hint,
     shell_command,
@@ -37,6 +39,7 @@ from gptexp.rundir import (
     FAILED,
     FINISHED,
     INTERRUPTED,
+    PRUNED,
     RUNNING,
     PendingGitCommit,
     RunDirectory,
@@ -46,12 +49,13 @@ from gptexp.rundir import (
 )
 from gptexp.runtime import (
     Distributed,
+    StopRequest,
     apply_process_settings,
     init_distributed,
     shutdown_distributed,
 )
 from gptexp.tensorboard_sink import TensorBoardSink, require_tensorboard, rewind_run
-from gptexp.trainer import Trainer
+from gptexp.trainer import MetricsSink, Trainer
 from gptexp.wandb_mirror import WandbMirror
 
 log = logging.getLogger(__name__)
@@ -274,10 +278,13 @@ def run_training(
     wandb_name: str | None = None,
     locked: bool = False,
     start: ForkStart | None = None,
+    report_to: Callable[[StopRequest], MetricsSink] | None = None,
 ) -> float | None:
     """Train (or resume) the run in ``run``: lock, status, checkpoints, logs. ``locked``: the
     caller already holds the run's lock (a sweep job claims its run before it records it).
     ``start``: a new run that starts from another run's checkpoint (a fork), not from step 0.
+    ``report_to``: given the trainer's stop request, a sink that also receives the records (a
+    search trial's reporter, gptexp.optuna_trial, which may ask the run to stop as pruned).
 
     Raises a user error (gptexp.errors.USER_ERRORS) before any write when the input is bad,
     TrainingInterrupted after a clean stop on a signal.
@@ -347,6 +354,8 @@ def run_training(
             if dist_ctx.is_main and cfg.logger.tensorboard:
                 board = TensorBoardSink(run.path)
                 trainer.sinks.append(board)
+            if dist_ctx.is_main and report_to is not None:
+                trainer.sinks.append(report_to(trainer.stop))
             log.info("run directory: %s", run.path)
             return _fit(trainer, run, dist_ctx, metrics, mirror, board)
     finally:
@@ -406,7 +415,14 @@ def _fit(trainer, run, dist_ctx, metrics, mirror, board=None) -> float | None:
             shell_command("python", "-m", "gptexp.eval", f"run={run.path}"),
         )
         return result
-    except (TrainingInterrupted, KeyboardInterrupt):
+    except TrainingInterrupted as stop:
+        if stop.signame != StopRequest.PRUNER:
+            status = INTERRUPTED
+            raise
+        status = PRUNED
+        log.info("pruned at step %d: a weak trial of the search", trainer.step)
+        raise TrainingPruned(trainer.step, str(run.path)) from None
+    except KeyboardInterrupt:
         status = INTERRUPTED
         raise
     except BaseException as failure:
@@ -429,5 +445,6 @@ def _fit(trainer, run, dist_ctx, metrics, mirror, board=None) -> float | None:
             if board is not None:
                 board.close()
             if mirror is not None:
-                mirror.summary(summary)
-                mirror.finish(exit_code=0 if status == FINISHED else 1)
+                mirror.summary(summary | {"status": status})
+                # W&B's own states know no "pruned": a clean end, the summary says which.
+                mirror.finish(exit_code=0 if status in (FINISHED, PRUNED) else 1)

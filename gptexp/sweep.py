@@ -2,9 +2,9 @@
 
 A sweep directory holds one run directory per job (``<sweep>/<job num>/``). Launching the same
 sweep into the same directory again continues it: a job whose config equals the stored config
-(run.json ``config``) of a run already there skips that run when it finished and resumes it
-when it did not. Matching goes by config, not by job number, because job numbers shift when
-the sweep's value lists change.
+(run.json ``config``) of a run already there skips that run when it finished (or a search
+pruned it) and resumes it when it did not. Matching goes by config, not by job number, because
+job numbers shift when the sweep's value lists change.
 
 After each job and at the end of the sweep, :class:`SweepSummary` writes ``<sweep>/sweep.json``
 and ``<sweep>/summary.md``: one row per run with its overrides, status and losses.
@@ -35,6 +35,7 @@ from gptexp.errors import (
     RunError,
     RunFailed,
     TrainingInterrupted,
+    TrainingPruned,
 )
 from gptexp.fsio import atomic_write_bytes, atomic_write_text
 from gptexp.hf import resolve_init_from
@@ -43,6 +44,7 @@ from gptexp.requeue import requeue_if_preempted
 from gptexp.rundir import (
     FAILED,
     FINISHED,
+    PRUNED,
     RUNNING,
     RunDirectory,
     discard_unstarted,
@@ -85,11 +87,12 @@ def plan_job(own: RunDirectory, config: dict[str, Any], overrides: list[str]) ->
     wanted = as_stored(config)
     matches = [run for run in runs_under(own.path.parent) if _recorded_config(run) == wanted]
     if matches:
-        matches.sort(key=lambda run: (run != own, run.read_status().get("status") != FINISHED))
+        done = (FINISHED, PRUNED)  # a pruned trial's result stands (make resume continues it)
+        matches.sort(key=lambda run: (run != own, run.read_status().get("status") not in done))
         chosen = matches[0]
         if chosen != own:
             _hand_back(own, overrides)
-        finished = chosen.read_status().get("status") == FINISHED
+        finished = chosen.read_status().get("status") in done
         return JobPlan(chosen, SKIP if finished else RESUME)
     if not own.has_started() or _unstarted_claim_of(own, overrides):
         return JobPlan(own, START)
@@ -186,12 +189,15 @@ def sweep_job(
     wandb_group: str | None,
     wandb_name: str | None,
     dist_ctx: Distributed,
+    report_to: Any = None,
 ) -> float:
     """One job of a multirun: start, resume or skip its run; never stop the other jobs.
 
     A job that fails (bad config, bad data, NaN loss) is recorded as failed in its run.json
     and returns NaN; the sweep goes on. A stop on a signal ends the whole sweep (exit 130):
-    launching the same command into the same sweep directory continues it.
+    launching the same command into the same sweep directory continues it. ``report_to``:
+    a search trial's reporter (see session.run_training); a trial its pruner stops, or one
+    whose run was pruned already, raises TrainingPruned to the sweeper.
     """
     try:
         typed = resolve_init_from(to_train_config(cfg), overrides)  # model.init_from's shape
@@ -208,13 +214,17 @@ def sweep_job(
                 plan = claim_run(plan, claim, typed, overrides, wandb_group, wandb_name)
         plan = dist_ctx.broadcast(plan)  # every rank trains in rank 0's choice
         if plan.action == SKIP:
+            stored = plan.run.read_status()
+            if stored.get("status") == PRUNED:
+                print(f"{plan.run.path}: pruned already (same config); skipped", file=sys.stderr)
+                raise TrainingPruned(stored.get("step", 0), str(plan.run.path))
             print(f"{plan.run.path}: finished already (same config); skipped", file=sys.stderr)
-            final = plan.run.read_status().get(FINAL_VAL_LOSS)
+            final = stored.get(FINAL_VAL_LOSS)
             return math.nan if final is None else final
         if plan.action == BUSY:
             print(f"{plan.run.path}: running in another process; left to it", file=sys.stderr)
             return math.nan
-        return _train_job(plan, typed, own, wandb_group, wandb_name, dist_ctx)
+        return _train_job(plan, typed, own, wandb_group, wandb_name, dist_ctx, report_to)
 
 
 def claim_run(
@@ -240,7 +250,7 @@ def claim_run(
     return plan
 
 
-def _train_job(plan, typed, own, wandb_group, wandb_name, dist_ctx) -> float:
+def _train_job(plan, typed, own, wandb_group, wandb_name, dist_ctx, report_to) -> float:
     with command_logging(plan.run.log_file if dist_ctx.is_main else None):
         if plan.action == RESUME:
             log.info("%s: unfinished run of the same config; resuming it", plan.run.path)
@@ -253,6 +263,7 @@ def _train_job(plan, typed, own, wandb_group, wandb_name, dist_ctx) -> float:
                 wandb_group=wandb_group,
                 wandb_name=wandb_name,
                 locked=True,
+                report_to=report_to,
             )
         except (*USER_ERRORS, FloatingPointError, RunFailed) as error:
             log.error("job failed: %s", error)
@@ -293,7 +304,8 @@ class SweepSummary(Callback):
         columns = table_columns(rows)
         print(text_table(columns, cells(rows, columns)), file=sys.stderr)
         running = [row["run"] for row in rows if row["status"] == RUNNING]
-        failed = [row["run"] for row in rows if row["status"] not in (FINISHED, RUNNING)]
+        ended = (FINISHED, PRUNED, RUNNING)  # pruned: a search's result, not a failure
+        failed = [row["run"] for row in rows if row["status"] not in ended]
         print(f"sweep summary: {sweep_dir / 'summary.md'}", file=sys.stderr)
         if running:
             print(

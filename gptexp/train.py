@@ -27,6 +27,7 @@ from gptexp.config import CONF_DIR, parse_overrides, register_configs, to_train_
 from gptexp.errors import JobFailed, RunError, resume_hint
 from gptexp.fsio import TMP_SUFFIX
 from gptexp.hf import resolve_init_from
+from gptexp.optuna_trial import trial_reporter
 from gptexp.process_tuning import freeze_imported_objects
 from gptexp.requeue import prefer_sigusr1
 from gptexp.rundir import RunDirectory, discard_unstarted
@@ -111,11 +112,12 @@ def train(cfg: DictConfig) -> float | None:
     if multirun:
         share_cores_between_jobs(hydra_cfg, int(cfg.training.num_threads))
         # Hydra's basic sweeper stops after a batch with a failed job and skips the summary,
-        # so there a failed job returns NaN; other sweepers (Optuna) need the exception to
-        # record a failed trial (a returned NaN crashes hydra-optuna-sweeper 1.3).
+        # so there a failed job returns NaN; other sweepers (Optuna) record the exception as
+        # a failed trial, with the job's message.
         raise_failures = hydra_cfg.sweeper._target_ != BASIC_SWEEPER
+        report_to = trial_reporter(hydra_cfg)  # a trial of gptexp's Optuna sweeper, or None
         result = run_command(
-            lambda: sweep_job(cfg, run, overrides, wandb_group, wandb_name, dist_ctx)
+            lambda: sweep_job(cfg, run, overrides, wandb_group, wandb_name, dist_ctx, report_to)
         )
         if raise_failures and not math.isfinite(result):
             raise JobFailed(f"{run.path}: failed (see its run.json and train.log)")

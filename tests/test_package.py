@@ -11,6 +11,7 @@ import zipfile
 from pathlib import Path
 
 import pytest
+from omegaconf import OmegaConf
 
 from gptexp.config import TrainConfig, config_to_dict
 from gptexp.metrics import flatten
@@ -105,6 +106,10 @@ def test_the_wheel_ships_the_config_tree(wheel):
     assert "gptexp/conf/train.yaml" in names
     assert {"gptexp/conf/model/tiny.yaml", "gptexp/conf/hydra/launcher/slurm.yaml"} <= set(names)
     assert not any(name.startswith("tests/") for name in names)
+    # Hydra's plugin namespace: gptexp's Optuna sweeper, and no __init__.py that would hide
+    # every other plugin (the launchers) behind gptexp's.
+    assert "hydra_plugins/gptexp_optuna_sweeper/optuna_sweeper.py" in names
+    assert "hydra_plugins/__init__.py" not in names
 
 
 @pytest.mark.slow
@@ -164,3 +169,17 @@ def test_an_installed_wheel_works_from_anywhere_with_a_user_config_group(wheel, 
     )
     table = gptexp("-m", "gptexp.compare", "sweep").stdout
     assert "training.lr" in table and table.count("finished") == 2
+    # experiment=optuna_lr finds gptexp's Optuna sweeper in the installed hydra_plugins.
+    gptexp(
+        "-m",
+        "gptexp.train",
+        "-m",
+        "experiment=optuna_lr",
+        *fast,
+        "training.max_steps=4",
+        "training.eval_every=2",
+        "hydra.sweeper.n_trials=2",
+        "hydra.sweep.dir=search",
+    )
+    assert (work / "search" / "optuna.db").is_file()
+    assert OmegaConf.load(work / "search" / "optimization_results.yaml").best_value > 0
