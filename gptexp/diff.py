@@ -33,13 +33,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from gptexp.checkpoint import CheckpointManager, checkpoint_name
-from gptexp.cli import command_logging, parse_options, run_command
-from gptexp.config import CheckpointConfig
-from gptexp.errors import CheckpointError, ConfigError, RunError
-from gptexp.fsio import sha256_file
-from gptexp.metrics import config_diff, read_metrics
-from gptexp.rundir import RunDirectory, require_run, runs_under, stored_config
+from gptexp.checkpoint.manager import CheckpointManager, checkpoint_name
+from gptexp.core.cli import command_logging, parse_options, run_command
+from gptexp.core.config import CheckpointConfig
+from gptexp.core.errors import CheckpointError, ConfigError, RunError
+from gptexp.core.fsio import sha256_file
+from gptexp.observe.metrics import config_diff, read_metrics
+from gptexp.observe.rundir import RunDirectory, require_run, runs_under, stored_config
 
 log = logging.getLogger(__name__)
 
@@ -311,8 +311,8 @@ def optimizer_param_names(state: dict[str, Any]) -> list[str]:
     parameters to AdamW; [] when the checkpoint's model config no longer builds."""
     import torch
 
-    from gptexp.config import ConfigError, ModelConfig
-    from gptexp.model import GPT
+    from gptexp.core.config import ConfigError, ModelConfig
+    from gptexp.model.gpt import GPT
 
     config = state.get("config")
     if not isinstance(config, dict) or not isinstance(config.get("model"), dict):
@@ -480,10 +480,10 @@ class ReplaySide:
         workdir: Path,
         default_threads: int,
     ) -> None:
-        from gptexp.config import to_train_config
-        from gptexp.runtime import Distributed, capture_rng_state
-        from gptexp.session import run_corpus
-        from gptexp.trainer import Trainer
+        from gptexp.core.config import to_train_config
+        from gptexp.run.session import run_corpus
+        from gptexp.training.runtime import Distributed, capture_rng_state
+        from gptexp.training.trainer import Trainer
 
         cfg = to_train_config(info.config)
         self.threads = cfg.training.num_threads or default_threads
@@ -505,7 +505,7 @@ class ReplaySide:
             torch.use_deterministic_algorithms(self.deterministic)
 
     def update(self) -> None:
-        from gptexp.runtime import capture_rng_state, restore_rng_state
+        from gptexp.training.runtime import capture_rng_state, restore_rng_state
 
         self._pin()
         restore_rng_state(self.rng)

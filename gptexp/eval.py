@@ -2,9 +2,10 @@
 directory alone.
 
 The model is rebuilt from the checkpoint's own config and tokenizer (never from today's
-``conf/``), loaded with ``weights_only=True`` and scored by :func:`gptexp.trainer.evaluate_loss`
-on the run's own evaluation batches, so a checkpoint's eval loss equals the ``val/loss`` the
-trainer logged at its step. Results go to ``<run>/eval/<ckpt>.json``, samples to
+``conf/``), loaded with ``weights_only=True`` and scored by
+:func:`gptexp.training.scoring.evaluate_loss` on the run's own evaluation batches, so a
+checkpoint's eval loss equals the ``val/loss`` the trainer logged at its step. Results go to
+``<run>/eval/<ckpt>.json``, samples to
 ``<run>/eval/samples_<ckpt>.txt``; nothing else in the run is written. A directory whose
 subdirectories are runs (a sweep) is evaluated run by run into one table.
 """
@@ -21,11 +22,16 @@ from typing import Any, ClassVar
 
 import torch
 
-from gptexp.cli import command_logging, parse_options, run_command
-from gptexp.config import DEVICES, check_seed
-from gptexp.data import Tokenizer
-from gptexp.errors import USER_ERRORS, ConfigError, RunError
-from gptexp.evaluation import (
+from gptexp.core.cli import command_logging, parse_options, run_command
+from gptexp.core.config import DEVICES, check_seed
+from gptexp.core.errors import USER_ERRORS, ConfigError, RunError
+from gptexp.core.fsio import atomic_write_json, atomic_write_text
+from gptexp.data.corpus import Tokenizer
+from gptexp.observe.rundir import RunDirectory, find_runs, now
+from gptexp.observe.runtable import distinguishing_keys, labels, run_rows
+from gptexp.observe.tables import text_table
+from gptexp.training.runtime import resolve_device
+from gptexp.training.scoring import (
     check_ckpt,
     evaluate_loss,
     generate_text,
@@ -34,12 +40,7 @@ from gptexp.evaluation import (
     rebuild_model,
     reload_corpus,
 )
-from gptexp.fsio import atomic_write_json, atomic_write_text
-from gptexp.process_tuning import freeze_imported_objects
-from gptexp.rundir import RunDirectory, find_runs, now
-from gptexp.runtable import distinguishing_keys, labels, run_rows
-from gptexp.runtime import resolve_device
-from gptexp.tables import text_table
+from gptexp.training.speed import freeze_imported_objects
 
 log = logging.getLogger(__name__)
 

@@ -22,13 +22,10 @@ import time
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
-from gptexp.cli import command_logging, parse_options, run_command
-from gptexp.config import TrainConfig, parse_overrides
-from gptexp.errors import USER_ERRORS, ConfigError, JobFailed, RunError, TrainingInterrupted
-from gptexp.evaluation import check_ckpt, load_run_checkpoint
-from gptexp.forking import ForkStart, data_changed, fork_corpus, parse_reset
-from gptexp.process_tuning import freeze_imported_objects
-from gptexp.rundir import (
+from gptexp.core.cli import command_logging, parse_options, run_command
+from gptexp.core.config import TrainConfig, parse_overrides
+from gptexp.core.errors import USER_ERRORS, ConfigError, JobFailed, RunError, TrainingInterrupted
+from gptexp.observe.rundir import (
     FAILED,
     FINISHED,
     RunDirectory,
@@ -36,9 +33,12 @@ from gptexp.rundir import (
     now,
     require_run,
 )
-from gptexp.runtable import cells, table_columns, write_summary
-from gptexp.session import overridden_config, run_training
-from gptexp.tables import text_table
+from gptexp.observe.runtable import cells, table_columns, write_summary
+from gptexp.observe.tables import text_table
+from gptexp.run.forking import ForkStart, data_changed, fork_corpus, parse_reset
+from gptexp.run.session import overridden_config, run_training
+from gptexp.training.scoring import check_ckpt, load_run_checkpoint
+from gptexp.training.speed import freeze_imported_objects
 
 log = logging.getLogger(__name__)
 

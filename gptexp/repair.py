@@ -31,7 +31,7 @@ from typing import Any
 
 import torch
 
-from gptexp.checkpoint import (
+from gptexp.checkpoint.manager import (
     FORK_START,
     MANIFEST,
     CheckpointEntry,
@@ -41,11 +41,11 @@ from gptexp.checkpoint import (
     parse_entry,
     step_of,
 )
-from gptexp.cli import command_logging, parse_options, run_command
-from gptexp.errors import CheckpointError
-from gptexp.evaluation import run_checkpoints
-from gptexp.fsio import atomic_write_bytes, sha256_of_open_file, xxh3_128_of_open_file
-from gptexp.rundir import RunDirectory, require_run
+from gptexp.core.cli import command_logging, parse_options, run_command
+from gptexp.core.errors import CheckpointError
+from gptexp.core.fsio import atomic_write_bytes, sha256_of_open_file, xxh3_128_of_open_file
+from gptexp.observe.rundir import RunDirectory, require_run
+from gptexp.training.scoring import run_checkpoints
 
 log = logging.getLogger(__name__)
 

@@ -13,13 +13,13 @@ from __future__ import annotations
 import contextlib
 import sys
 
-from gptexp.cli import command_logging, run_command
-from gptexp.errors import ConfigError, resume_hint
-from gptexp.metrics import FINAL_VAL_LOSS
-from gptexp.process_tuning import freeze_imported_objects
-from gptexp.rundir import require_run
-from gptexp.runtime import Distributed
-from gptexp.session import already_finished, resume_config, run_training
+from gptexp.core.cli import command_logging, run_command
+from gptexp.core.errors import ConfigError, resume_hint
+from gptexp.observe.metrics import FINAL_VAL_LOSS
+from gptexp.observe.rundir import require_run
+from gptexp.run.session import already_finished, resume_config, run_training
+from gptexp.training.runtime import Distributed
+from gptexp.training.speed import freeze_imported_objects
 
 USAGE = "usage: python -m gptexp.resume run=<run dir> [key=value ...]"
 

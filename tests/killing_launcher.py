@@ -15,8 +15,8 @@ import runpy
 import signal
 import sys
 
-import gptexp.session as session
-import gptexp.sweep as sweep
+import gptexp.run.session as session
+import gptexp.run.sweep as sweep
 
 
 def die() -> None:

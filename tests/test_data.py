@@ -9,9 +9,8 @@ import urllib.request
 import pytest
 import torch
 
-from gptexp import data
-from gptexp.config import ConfigError
-from gptexp.data import (
+from gptexp.core.config import ConfigError
+from gptexp.data.corpus import (
     BPETokenizer,
     CharTokenizer,
     DataError,
@@ -19,6 +18,7 @@ from gptexp.data import (
     sample_batch,
     tokenizer_from_json,
 )
+from gptexp.data.corpus import corpus as data
 from tests.conftest import compose_config
 
 MIXED = "Hello, world! Grüße aus Köln — naïve café, 日本語のテキスト, emoji 🙂\n\ttabs and spaces  "
@@ -81,8 +81,8 @@ def test_prepared_char_corpus_keeps_its_ids_and_split(text_file):
 
 MEMORY_PROBE = """
 import resource, sys
-from gptexp.config import DataConfig
-from gptexp.data import _tokenize
+from gptexp.core.config import DataConfig
+from gptexp.data.corpus import _tokenize
 n = 20_000_000
 text = ("héllo wörld, the quick brown fox 日本 " * (n // 36 + 1))[:n]
 before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss

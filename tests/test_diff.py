@@ -19,10 +19,10 @@ from pathlib import Path
 import pytest
 
 import gptexp.diff
-from gptexp.checkpoint import MANIFEST, CheckpointManager
-from gptexp.config import CheckpointConfig
+from gptexp.checkpoint.manager import MANIFEST, CheckpointManager
+from gptexp.core.config import CheckpointConfig
 from gptexp.diff import lineage
-from gptexp.rundir import RunDirectory
+from gptexp.observe.rundir import RunDirectory
 from tests.conftest import (
     FAST,
     ROOT,

@@ -340,7 +340,7 @@ def list_as_valid(scene: Scene, name: str) -> None:
         if entry["file"] != name:
             continue
         if path.is_dir():
-            from gptexp.sharded_checkpoint import listing_digest
+            from gptexp.checkpoint.dcp import listing_digest
 
             entry["files"] = {
                 m.name: hashlib.sha256(m.read_bytes()).hexdigest() for m in path.iterdir()

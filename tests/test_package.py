@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 from omegaconf import OmegaConf
 
-from gptexp.config import TrainConfig, config_to_dict
-from gptexp.metrics import flatten
+from gptexp.core.config import TrainConfig, config_to_dict
+from gptexp.observe.metrics import flatten
 from tests.conftest import ROOT, compose_config, subprocess_env
 
 
@@ -30,7 +30,8 @@ def test_a_config_built_in_code_equals_the_composed_default():
 
 def test_readers_do_not_import_torch():
     code = (
-        "import sys, gptexp.compare, gptexp.runtable, gptexp.rundir, gptexp.metrics;"
+        "import sys, gptexp.compare, gptexp.observe.runtable, gptexp.observe.rundir,"
+        " gptexp.observe.metrics;"
         "assert 'torch' not in sys.modules, 'torch was imported'"
     )
     done = subprocess.run([sys.executable, "-c", code], env=subprocess_env(), capture_output=True)

@@ -1,0 +1,456 @@
+"""The life of a run around its trainer: lock, resume point, corpus, run.json, the metric
+sinks (metrics.jsonl, the W&B and TensorBoard mirrors), and what the run records when it ends.
+
+``train`` and ``resume`` (and each job of a sweep) come here. Everything that can fail on bad
+input fails before the first write into the run directory.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Callable
+from typing import Any
+
+from hydra.core.override_parser.types import OverrideType
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from gptexp.checkpoint.manager import CheckpointEntry, CheckpointManager
+from gptexp.core.cli import run_log_starts
+from gptexp.core.config import TrainConfig, config_to_dict, parse_overrides, to_train_config
+from gptexp.core.errors import (
+    USER_ERRORS,
+    CheckpointError,
+    ConfigError,
+    RunFailed,
+    TrainingInterrupted,
+    TrainingPruned,
+    describe_os_error,
+    resume_hint,
+    shell_command,
+)
+from gptexp.core.fsio import atomic_write_json, atomic_write_text
+from gptexp.data.corpus import (
+    Corpus,
+    Tokenizer,
+    prepare_corpus,
+    read_tokenizer,
+    tokenizer_from_json,
+)
+from gptexp.model.hf import import_source
+from gptexp.observe.metrics import MetricsFile, config_diff
+from gptexp.observe.rundir import (
+    FAILED,
+    FINISHED,
+    INTERRUPTED,
+    PRUNED,
+    RUNNING,
+    PendingGitCommit,
+    RunDirectory,
+    environment,
+    now,
+    stored_config,
+)
+from gptexp.run.forking import ForkStart, wandb_lineage
+from gptexp.run.tensorboard_sink import TensorBoardSink, require_tensorboard, rewind_run
+from gptexp.run.wandb_mirror import WandbMirror
+from gptexp.training.runtime import (
+    Distributed,
+    StopRequest,
+    apply_process_settings,
+    init_distributed,
+    shutdown_distributed,
+)
+from gptexp.training.trainer import MetricsSink, Trainer
+
+log = logging.getLogger(__name__)
+
+# Keys baked into the checkpoints: the weights' shapes, the vocabulary, the data. data.path may
+# change (a moved corpus): the text is checked by its fingerprint instead.
+FROZEN_GROUPS = ("model", "data")
+MOVABLE_KEYS = ("data.path",)
+# A fork may train on another text, encoded with its parent's tokenizer; the model and the
+# tokenizer are the checkpoint's.
+FORK_FROZEN_KEYS = ("data.tokenizer", "data.vocab_size")
+
+
+# ----------------------------------------------------------------------------- resume config
+
+
+def parse_resume_overrides(overrides: list[str]) -> list[tuple[str, Any]]:
+    """``key.path=value`` overrides as (key, value), parsed exactly as ``train`` parses them
+    (Hydra's override grammar: ``off`` and ``yes`` stay strings, ``null`` is None, ``010``
+    is a string that an int key reads as 10), their keys checked against the schema. Only
+    one value per key applies to a stored run; a group choice would recompose it."""
+    pairs = []
+    for item, override in zip(overrides, parse_overrides(overrides), strict=True):
+        key = override.key_or_group
+        if override.is_sweep_override():
+            raise ConfigError(
+                f"{item!r}: one value per key (a sweep of forks is python -m gptexp.fork -m)"
+            )
+        if override.type != OverrideType.CHANGE or override.package or "." not in key:
+            raise ConfigError(
+                f"{item!r}: a resumed or forked run takes key=value overrides of its stored "
+                "config (e.g. training.max_steps=6000); group choices such as model=small "
+                "would start a different run"
+            )
+        pairs.append((key, override.value()))
+    return pairs
+
+
+def overridden_config(
+    run: RunDirectory, overrides: list[str], *, fork: bool = False
+) -> tuple[TrainConfig, dict]:
+    """The run's stored config with ``overrides`` applied, and the changes they make.
+
+    What may change is the one rule shared by resume and fork: never the model (its weights
+    are the checkpoint's); for a resume not the data either (except where the file now is);
+    for a fork the data may change but not the tokenizer (the fork keeps its parent's).
+    Refused changes are listed as a diff.
+    """
+    old = to_train_config(stored_config(run))
+    merged = OmegaConf.structured(old)
+    for key, value in parse_resume_overrides(overrides):
+        try:  # the update Hydra applies to train's overrides
+            OmegaConf.update(merged, key, value, merge=True)
+        except OmegaConfBaseException as error:
+            raise ConfigError(f"{key}: {str(error).splitlines()[0]}") from None
+    new = to_train_config(merged)
+    changes = config_diff(config_to_dict(old), config_to_dict(new))
+    frozen_groups = ("model",) if fork else FROZEN_GROUPS
+    allowed = () if fork else MOVABLE_KEYS
+    frozen = {
+        k: v
+        for k, v in changes.items()
+        if (k.split(".")[0] in frozen_groups and k not in allowed)
+        or (fork and k in FORK_FROZEN_KEYS)
+    }
+    if frozen:
+        lines = "\n".join(f"  {k}: {a!r} -> {b!r}" for k, (a, b) in frozen.items())
+        what = (
+            "a fork (it keeps its parent's model and tokenizer; start a new run instead)"
+            if fork
+            else "the run's checkpoints (start a new run instead)"
+        )
+        raise ConfigError(f"these changes cannot apply to {what}:\n{lines}")
+    return new, changes
+
+
+def resume_config(run: RunDirectory, overrides: list[str]) -> tuple[TrainConfig, dict]:
+    """The typed config to resume with, and the changes the overrides make. A run cannot be
+    cut short of the step it reached: that would rewrite its history as a shorter run."""
+    cfg, changes = overridden_config(run, overrides)
+    step = reached_step(run, cfg)
+    if step is not None and cfg.training.max_steps < step:
+        raise ConfigError(
+            f"training.max_steps={cfg.training.max_steps}: the run is at step {step}; "
+            f"give training.max_steps > {step} to train it further"
+        )
+    return cfg, changes
+
+
+def reached_step(run: RunDirectory, cfg: TrainConfig) -> int | None:
+    """The furthest step the run recorded: run.json's (written when it stopped) or, for a run
+    killed before it could say, its newest listed checkpoint's; None when it has neither."""
+    recorded = run.read_status().get("step")
+    steps = [recorded] if isinstance(recorded, int) and not isinstance(recorded, bool) else []
+    with contextlib.suppress(CheckpointError):  # a damaged manifest is the resume's to report
+        steps += [
+            entry.step
+            for entry in CheckpointManager(run.checkpoints, cfg.checkpoint).entries()
+            if isinstance(entry.step, int)
+        ]
+    return max(steps, default=None)
+
+
+# ----------------------------------------------------------------------------- the pieces
+
+
+def latest_checkpoint(
+    run: RunDirectory, cfg: TrainConfig
+) -> tuple[CheckpointEntry, dict[str, Any]] | None:
+    """(entry, state) of the newest valid checkpoint, or None (training restarts at 0)."""
+    found = CheckpointManager(run.checkpoints, cfg.checkpoint).load_latest_valid()
+    if found is None:
+        log.warning("%s has no valid checkpoint: training restarts from step 0", run.path)
+    else:
+        log.info("resuming from %s (step %d)", found[0].file, found[0].step)
+    return found
+
+
+def run_corpus(
+    cfg: TrainConfig,
+    run: RunDirectory,
+    state: dict[str, Any] | None,
+    tokenizer: Tokenizer | None = None,
+) -> Corpus:
+    """The run's corpus. A resumed run reuses its own tokenizer (never a retrained one), and
+    its text must be the one it trained on, wherever the file is now; an imported model brings
+    its ``tokenizer``."""
+    if state is not None:
+        tokenizer = tokenizer_from_json(state["tokenizer"])
+    elif tokenizer is None and run.tokenizer.is_file():
+        tokenizer = read_tokenizer(run.tokenizer)
+    expected = state["data_fingerprint"] if state is not None else None
+    return prepare_corpus(cfg.data, cfg.model.block_size, tokenizer, expected)
+
+
+def rewind_metrics(run: RunDirectory, step: int | None, guard_events: int = 0) -> None:
+    """Drop the records logged after the checkpoint (metrics.jsonl and the TensorBoard event
+    files): they will be logged again, identically. ``guard_events``: how many spike-guard
+    events the checkpoint knows (those stay)."""
+    dropped = MetricsFile(run.metrics).rewind(-1 if step is None else step, guard_events)
+    if dropped:
+        why = (
+            "all of them: no checkpoint, training starts again from step 0"
+            if step is None
+            else f"logged after step {step}"
+        )
+        log.info("metrics.jsonl: dropped %d records (%s)", dropped, why)
+    rewind_run(run.path, -1 if step is None else step)  # TensorBoard's view of the same
+
+
+def record_start(
+    run: RunDirectory,
+    cfg: TrainConfig,
+    trainer: Trainer,
+    dist_ctx: Distributed,
+    resume_note: dict[str, Any] | None,
+    extra: dict[str, Any],
+    git: PendingGitCommit | None = None,
+) -> None:
+    """run.json at the start: status, the effective config, provenance, and the caller's
+    ``extra`` fields (W&B group and name; a fork's lineage). A resume adds an entry (with its
+    own command line) to ``resumes``; the first start's fields stay. ``git``: the commit asked
+    for when the run started."""
+    previous = run.read_status()
+    env = environment(git)
+    argv = env.pop("argv")
+    fields: dict[str, Any] = {
+        "status": RUNNING,
+        "experiment": cfg.experiment,
+        "seed": cfg.training.seed,
+        "world_size": dist_ctx.world_size,
+        "data_fingerprint": trainer.corpus.fingerprint,
+        "wandb_id": trainer.wandb_id,
+        **extra,
+        "max_steps": cfg.training.max_steps,
+        "parameters": trainer.model.num_parameters(),
+        "vocab_size": trainer.corpus.tokenizer.vocab_size,
+        "config": config_to_dict(cfg),
+        "ended": None,
+        **env,
+    }
+    if not previous.get("started"):
+        fields["started"] = now()
+    if "argv" not in previous:
+        fields["argv"] = argv
+    if resume_note is not None:
+        resumes = previous.get("resumes")
+        if not isinstance(resumes, list):  # absent, or hand-edited into something else
+            resumes = [] if resumes is None else [{"replaced": resumes}]
+        resumes.append({"at": now(), "from_step": trainer.step, "argv": argv, **resume_note})
+        fields["resumes"] = resumes
+    run.update_status(**fields)
+    atomic_write_text(run.tokenizer, trainer.corpus.tokenizer.to_json())
+    if cfg.checkpoint.enabled:
+        run.checkpoints.mkdir(parents=True, exist_ok=True)
+        trainer.checkpoints.remove_stale_temporaries()
+
+
+def already_finished(run: RunDirectory, cfg: TrainConfig) -> bool:
+    """A finished run that the overrides do not extend: resuming it would change nothing."""
+    status = run.read_status()
+    step = status.get("step")
+    return (
+        status.get("status") == FINISHED
+        and isinstance(step, int)
+        and step >= cfg.training.max_steps
+    )
+
+
+# ----------------------------------------------------------------------------- one run
+
+
+def run_training(
+    cfg: TrainConfig,
+    run: RunDirectory,
+    *,
+    resume: bool,
+    resume_note: dict[str, Any] | None = None,
+    wandb_group: str | None = None,
+    wandb_name: str | None = None,
+    locked: bool = False,
+    start: ForkStart | None = None,
+    report_to: Callable[[StopRequest], MetricsSink] | None = None,
+) -> float | None:
+    """Train (or resume) the run in ``run``: lock, status, checkpoints, logs. ``locked``: the
+    caller already holds the run's lock (a sweep job claims its run before it records it).
+    ``start``: a new run that starts from another run's checkpoint (a fork), not from step 0.
+    ``report_to``: given the trainer's stop request, a sink that also receives the records (a
+    search trial's reporter, gptexp.run.optuna_trial, which may ask the run to stop as pruned).
+
+    Raises a user error (gptexp.core.errors.USER_ERRORS) before any write when the input is bad,
+    TrainingInterrupted after a clean stop on a signal.
+    """
+    dist_ctx = Distributed.from_env()
+    init_distributed(dist_ctx, cfg.training.device)
+    # In the background: run.json collects it, the first step does not wait for git.
+    git = PendingGitCommit() if dist_ctx.is_main else None
+    lock = run.lock() if dist_ctx.is_main and not locked else contextlib.nullcontext()
+    try:
+        with lock:
+            apply_process_settings(cfg.training)
+            if cfg.logger.tensorboard and dist_ctx.is_main:
+                require_tensorboard()
+            found = latest_checkpoint(run, cfg) if resume else None
+            state = found[1] if found else None
+            imported = None
+            if start is not None:  # the fork command has checked the parent's state and text
+                state, corpus = start.trainer_state(), start.corpus
+            else:
+                # A run started from a Hugging Face model (not resumed from its own checkpoint)
+                # takes that model's tokenizer and weights; the entry point set its shape.
+                if cfg.model.init_from and state is None:
+                    imported = import_source(cfg.model)
+                corpus = run_corpus(cfg, run, state, imported.tokenizer if imported else None)
+            metrics = MetricsFile(run.metrics) if dist_ctx.is_main else None
+            trainer = Trainer(
+                cfg,
+                run,
+                dist_ctx,
+                corpus,
+                state,
+                sinks=[metrics] if metrics else [],
+                init_weights=imported.state_dict if imported else None,
+            )
+            if start is not None:
+                start.apply(trainer)
+            # Validation passed: from here on the run directory is written to.
+            run_log_starts()
+            mirror = board = None
+            extra: dict[str, Any] = {"wandb_group": wandb_group, "wandb_name": wandb_name}
+            if dist_ctx.is_main:
+                if resume:
+                    rewind_metrics(run, found[0].step if found else None, len(trainer.guard.events))
+                if imported is not None:  # the source and the sha256 of its weights
+                    extra["init_from"] = imported.record
+                if start is not None:
+                    start.write_inherited(run)
+                    extra |= start.lineage()
+                record_start(
+                    run, cfg, trainer, dist_ctx, resume_note if resume else None, extra, git
+                )
+            if start is not None:
+                start.save_checkpoint(trainer)  # every rank: the checkpoint gathers RNG states
+            if dist_ctx.is_main and cfg.logger.wandb:
+                mirror = WandbMirror(
+                    cfg.logger,
+                    run.path,
+                    trainer.wandb_id,
+                    config_to_dict(cfg) | wandb_lineage(run.read_status()),
+                    name=wandb_name or run.path.name,
+                    group=wandb_group,
+                    fork_from=start.wandb_fork_from() if start is not None else None,
+                )
+                trainer.sinks.append(mirror)
+                run.update_status(wandb_mode=mirror.mode)
+            if dist_ctx.is_main and cfg.logger.tensorboard:
+                board = TensorBoardSink(run.path)
+                trainer.sinks.append(board)
+            if dist_ctx.is_main and report_to is not None:
+                trainer.sinks.append(report_to(trainer.stop))
+            log.info("run directory: %s", run.path)
+            return _fit(trainer, run, dist_ctx, metrics, mirror, board)
+    finally:
+        shutdown_distributed(dist_ctx)
+
+
+def failure_text(error: BaseException) -> str:
+    """One line for run.json's ``error`` and the console: what went wrong, without traceback.
+    DCP's CheckpointException (a BaseException holding each rank's exception and traceback)
+    is told by its first rank's exception."""
+    failures = getattr(error, "failures", None)  # torch.distributed.checkpoint's exception
+    if isinstance(failures, dict) and failures:
+        inner = next(iter(failures.values()))
+        if isinstance(inner, tuple) and inner and isinstance(inner[0], BaseException):
+            return failure_text(inner[0])
+    if isinstance(error, OSError):
+        return describe_os_error(error)
+    lines = str(error).strip().splitlines()
+    return lines[0] if lines else type(error).__name__
+
+
+def _is_storage_failure(error: BaseException) -> bool:
+    """A failure of the machine around the run, not of its training: a file that could not be
+    written (OSError), a checkpoint that could not be saved (CheckpointError, DCP's
+    CheckpointException). Other exceptions (a bug) keep their traceback."""
+    from torch.distributed.checkpoint import CheckpointException
+
+    return isinstance(error, (OSError, CheckpointException, *USER_ERRORS))
+
+
+def record_end(run: RunDirectory, status: str, error: str | None, summary: dict) -> None:
+    """run.json at the end: the status, the figures, and for a failed run its ``error`` (an
+    error of an earlier attempt goes once the run has ended otherwise). A run.json that cannot
+    be written (the disk is full) keeps ``running``: the run reads as crashed, resumable."""
+    fields = {k: v for k, v in summary.items() if v is not None}
+    try:
+        recorded = run.read_status()
+        recorded.pop("error", None)
+        if error is not None:
+            fields["error"] = error
+        atomic_write_json(run.run_json, recorded | {"status": status, "ended": now(), **fields})
+    except OSError:
+        pass  # the failure the caller reports is the one that matters; nothing is lost
+
+
+def _fit(trainer, run, dist_ctx, metrics, mirror, board=None) -> float | None:
+    status, error = FAILED, None
+    if dist_ctx.is_main:  # a second Ctrl-C ends the process at once: it was interrupted
+        trainer.stop.on_abandon = lambda: record_end(run, INTERRUPTED, None, trainer.summary())
+    try:
+        result = trainer.fit()
+        status = FINISHED
+        log.info(
+            "finished at step %d: val/loss %s; evaluate with: %s",
+            trainer.step,
+            "n/a" if result is None else f"{result:.4f}",
+            shell_command("python", "-m", "gptexp.eval", f"run={run.path}"),
+        )
+        return result
+    except TrainingInterrupted as stop:
+        if stop.signame != StopRequest.PRUNER:
+            status = INTERRUPTED
+            raise
+        status = PRUNED
+        log.info("pruned at step %d: a weak trial of the search", trainer.step)
+        raise TrainingPruned(trainer.step, str(run.path)) from None
+    except KeyboardInterrupt:
+        status = INTERRUPTED
+        raise
+    except BaseException as failure:
+        error = failure_text(failure)
+        if not _is_storage_failure(failure):
+            raise
+        where = resume_hint(run.path, world_size=dist_ctx.world_size)
+        intact = "" if "intact" in error else ", its checkpoints are intact"  # (said once)
+        raise RunFailed(
+            f"{error}; the run stopped at step {trainer.step}{intact}: fix that, then resume "
+            f"it with: {where}"
+        ) from None
+    finally:
+        trainer.release()
+        if dist_ctx.is_main:
+            summary = trainer.summary()
+            record_end(run, status, error, summary)
+            with contextlib.suppress(OSError):  # each line was flushed as it was written
+                metrics.close()
+            if board is not None:
+                board.close()
+            if mirror is not None:
+                mirror.summary(summary | {"status": status})
+                # W&B's own states know no "pruned": a clean end, the summary says which.
+                mirror.finish(exit_code=0 if status in (FINISHED, PRUNED) else 1)

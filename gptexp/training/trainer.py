@@ -1,0 +1,681 @@
+"""The training loop: a step is one optimizer update, and ``fit`` reads as the sequence of what
+happens around it (train, log, evaluate, sample, keep the best, save, report).
+
+``step`` counts completed updates: the checkpoint of step s holds the state after s updates,
+and resuming from it continues with update s + 1 on exactly the batches and random numbers the
+uninterrupted run would have used. The life of the run around the loop (lock, run.json, which
+checkpoint to resume, W&B) is :mod:`gptexp.run.session`'s.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import time
+import uuid
+from collections.abc import Sequence
+from typing import Any, Protocol
+
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
+
+from gptexp.checkpoint.manager import FORMAT_VERSION, CheckpointEntry, CheckpointManager
+from gptexp.core.config import TrainConfig, config_to_dict
+from gptexp.core.errors import TrainingDiverged, TrainingInterrupted
+from gptexp.data.corpus import DATA_ORDER_VERSION, Corpus, cache_dir, resume_grad_accum, train_batch
+from gptexp.model.gpt import GPT
+from gptexp.observe.metrics import (
+    EVENT,
+    FINAL_TRAIN_LOSS,
+    FINAL_VAL_LOSS,
+    GRAD_NORM,
+    LR,
+    MEDIAN_TOKENS_PER_S,
+    MFU,
+    SPIKE_EVENT,
+    STEP,
+    STEP_SECONDS,
+    TOKENS,
+    TOKENS_PER_S,
+    TRAIN_LOSS,
+    VAL_LOSS,
+    best_metric_name,
+    median_throughput,
+)
+from gptexp.observe.rundir import RunDirectory
+from gptexp.training.compile_policy import should_compile
+from gptexp.training.guard import APPLY, NONFINITE, ROLLBACK, SKIP, SpikeGuard, stop_message
+from gptexp.training.mfu import Peak, flops_per_token, mfu, peak_for, precision_advice
+from gptexp.training.optim import apply_configured_hyperparameters, build_optimizer, build_scheduler
+from gptexp.training.parallel import (
+    is_named_layout,
+    load_named_state,
+    named_state,
+    refuse_positional_state,
+    shard_model,
+    uses_named_state,
+)
+from gptexp.training.progress import Progress, plural
+from gptexp.training.runtime import (
+    Distributed,
+    StopRequest,
+    autocast_context,
+    capture_rng_state,
+    check_precision,
+    resolve_device,
+    restore_rng_state,
+    seed_everything,
+)
+from gptexp.training.scoring import evaluate_loss, generate_text
+from gptexp.training.speed import keep_freed_memory
+
+log = logging.getLogger(__name__)
+
+
+class MetricsSink(Protocol):
+    def log(self, record: dict[str, Any]) -> None: ...
+
+
+class ThroughputWindow:
+    """Tokens and seconds of the updates since the last log line (evaluation excluded;
+    checkpoint stalls included, since training waits for them)."""
+
+    def __init__(self) -> None:
+        self.seconds, self.tokens, self.updates = 0.0, 0, 0
+
+    @contextlib.contextmanager
+    def timing(self, tokens: int = 0, updates: int = 0):
+        started = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds += time.perf_counter() - started
+            self.tokens += tokens
+            self.updates += updates
+
+    def take(self) -> tuple[float, float]:
+        """(tokens/s, seconds per update) of the window, which starts again."""
+        rate = self.tokens / max(self.seconds, 1e-9)
+        per_update = self.seconds / max(self.updates, 1)
+        self.seconds, self.tokens, self.updates = 0.0, 0, 0
+        return rate, per_update
+
+
+class Trainer:
+    """Model, optimizer and schedule of one run, and the loop that trains them to max_steps."""
+
+    def __init__(
+        self,
+        cfg: TrainConfig,
+        run: RunDirectory,
+        dist_ctx: Distributed,
+        corpus: Corpus,
+        resume_state: dict[str, Any] | None = None,
+        sinks: Sequence[MetricsSink] = (),
+        init_weights: dict[str, torch.Tensor] | None = None,
+    ) -> None:
+        self.cfg = cfg
+        self.run = run
+        self.dist = dist_ctx
+        self.corpus = corpus
+        self.sinks = list(sinks)
+        t = cfg.training
+        self.device = resolve_device(t.device, dist_ctx.local_rank)
+        if self.device.type == "cpu":
+            keep_freed_memory()  # no fresh page faults for each step's activations
+        check_precision(self.device, t.precision)
+        advice = precision_advice(self.device, t.precision)
+        if advice is not None and dist_ctx.is_main:
+            log.warning(advice)
+
+        seed_everything(t.seed + dist_ctx.rank)
+        self.model = GPT(cfg.model, corpus.tokenizer.vocab_size)
+        if init_weights is not None:  # a model imported from elsewhere (model.init_from)
+            self.model.load_state_dict(init_weights)
+        self.model.to(self.device)
+        # FSDP: shard before the optimizer is built, so that it holds the shards.
+        self.sharded = t.parallel == "fsdp" and dist_ctx.enabled
+        if self.sharded:
+            shard_model(self.model)
+        self.optimizer = build_optimizer(self.model, t, self.device)
+        self.scheduler = build_scheduler(self.optimizer, t)
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=t.precision == "fp16")
+        self.checkpoints = CheckpointManager(run.checkpoints, cfg.checkpoint)
+        self.step = 0
+        self.tokens_seen = 0
+        self.best_metric: float | None = None
+        self.wandb_id = uuid.uuid4().hex[:12]
+        self.data_order = DATA_ORDER_VERSION  # a resumed run keeps its own (load_state)
+        # A checkpoint of step 0 (an imported model's baseline) was evaluated when it was made.
+        self.from_checkpoint = resume_state is not None
+        self.guard = SpikeGuard(t.guard)
+        self.data_step = 0  # index of the next batch (the guard may skip some)
+        if resume_state is not None:
+            self.load_state(resume_state)
+
+        self.forward_model: torch.nn.Module = self.model
+        if should_compile(t, self.step):  # training.compile=auto|true|false
+            self.forward_model = torch.compile(self.model)
+        if dist_ctx.enabled and not self.sharded:
+            self.forward_model = DistributedDataParallel(
+                self.forward_model,
+                device_ids=[dist_ctx.local_rank] if self.device.type == "cuda" else None,
+            )
+        self.autocast = autocast_context(self.device, t.precision)
+        self.stop = StopRequest()
+        self.last_val_loss: float | None = None
+        self.last_train_loss: float | None = None
+        self.tokens_per_s: list[float] = []
+        self.window = ThroughputWindow()
+        self._save_buffers_ready = False
+        self.peak: Peak | None = None  # of the device, for throughput/mfu (rank 0, in fit)
+        self.flops_per_token = flops_per_token(
+            self.model.num_parameters(), cfg.model.n_layer, cfg.model.n_embd, cfg.model.block_size
+        )
+
+    @property
+    def tokens_per_step(self) -> int:
+        t = self.cfg.training
+        return t.batch_size * self.cfg.model.block_size * t.grad_accum * self.dist.world_size
+
+    # ------------------------------------------------------------------------- state
+
+    def state_dict(self, metric: float | None) -> dict[str, Any]:
+        """The checkpoint of this step (every rank takes part: RNG states are gathered)."""
+        rng = capture_rng_state()
+        if self.dist.enabled:
+            rng_per_rank: list[Any] = [None] * self.dist.world_size
+            dist.all_gather_object(rng_per_rank, rng)
+        else:
+            rng_per_rank = [rng]
+        model_state, optimizer_state = self._model_optimizer_state()
+        return {
+            "format_version": FORMAT_VERSION,
+            "model": model_state,
+            "optimizer": optimizer_state,
+            "scheduler": self.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict() if self.scaler.is_enabled() else None,
+            "step": self.step,
+            "tokens_seen": self.tokens_seen,
+            "best_metric": self.best_metric,
+            "metric": metric,
+            "monitor": self.cfg.checkpoint.monitor,
+            "rng": rng_per_rank,
+            "config": config_to_dict(self.cfg),
+            "tokenizer": self.corpus.tokenizer.to_json(),
+            "data_fingerprint": self.corpus.fingerprint,
+            "vocab_size": self.corpus.tokenizer.vocab_size,
+            "wandb_id": self.wandb_id,
+            "world_size": self.dist.world_size,
+            "data_order": self.data_order,
+            "data_step": self.data_step,
+            "guard": self.guard.state_dict(),
+        }
+
+    def _model_optimizer_state(self) -> tuple[dict[str, Any], dict[str, Any]]:
+        """FSDP or DCP: the named layout (gptexp.training.parallel), whole tensors for the file
+        format, each rank's shards for DCP; otherwise the plain state dicts."""
+        if uses_named_state(self.cfg):
+            return named_state(
+                self.model, self.optimizer, full=self.cfg.checkpoint.format == "file"
+            )
+        return self.model.state_dict(), self.optimizer.state_dict()
+
+    def _load_model_optimizer(self, state: dict[str, Any]) -> None:
+        if is_named_layout(state["optimizer"]):
+            load_named_state(self.model, self.optimizer, state["model"], state["optimizer"])
+            return
+        refuse_positional_state(self.sharded)
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+
+    def load_state(self, state: dict[str, Any]) -> None:
+        # The loaded optimizer and schedule hold the hyperparameters of the run that saved
+        # them; a resume or fork that overrides training.lr, beta1, weight_decay... must train
+        # update step + 1 with the new ones (an unchanged config gives the same values).
+        configured = [
+            {k: v for k, v in group.items() if k != "params"}
+            for group in self.optimizer.param_groups
+        ]
+        self._load_model_optimizer(state)
+        self.scheduler.load_state_dict(state["scheduler"])
+        apply_configured_hyperparameters(
+            self.optimizer, self.scheduler, configured, self.cfg.training
+        )
+        if state.get("scaler") and self.scaler.is_enabled():
+            self.scaler.load_state_dict(state["scaler"])
+        self.step = int(state["step"])
+        self.tokens_seen = int(state["tokens_seen"])
+        self.best_metric = state["best_metric"]
+        self.wandb_id = state["wandb_id"]
+        # Checkpoints from before data order 2 have no "data_order": they keep order 1.
+        self.data_order = int(state.get("data_order", 1))
+        saved_world = int(state["world_size"])
+        if self.data_order >= 2:
+            self._keep_global_batch(state["config"]["training"], saved_world)
+        if saved_world != self.dist.world_size:
+            log.warning(
+                "checkpoint was written by %s, resuming with %d: %s",
+                plural(saved_world, "process", "processes"),
+                self.dist.world_size,
+                "the data stay the same, the losses match an uninterrupted run up to float "
+                "reduction order (with dropout, also not its random numbers, which cannot follow "
+                "a change of world size)"
+                if self.data_order >= 2
+                else "training continues correctly but, in this run's old data order, is no "
+                "longer bit-identical to an uninterrupted run",
+            )
+        restore_rng_state(state["rng"][self.dist.rank % saved_world])
+        # The spike guard's state (checkpoints written before the guard have none: no skips).
+        self.data_step = int(state.get("data_step", self.step))
+        if "guard" in state:
+            self.guard.load_state_dict(state["guard"])
+
+    def _keep_global_batch(self, saved: dict[str, Any], saved_world: int) -> None:
+        """Set grad_accum so that a step has the checkpoint's global batch on this world size
+        (ConfigError when it cannot); the stored config of this start records the value."""
+        t = self.cfg.training
+        global_batch = int(saved["batch_size"]) * int(saved["grad_accum"]) * saved_world
+        grad_accum = resume_grad_accum(global_batch, t.batch_size, self.dist.world_size)
+        if grad_accum != t.grad_accum:
+            log.info(
+                "training.grad_accum %d -> %d: keeps the run's global batch of %d sequences "
+                "(batch_size %d x grad_accum %d x %d processes)",
+                t.grad_accum,
+                grad_accum,
+                global_batch,
+                t.batch_size,
+                grad_accum,
+                self.dist.world_size,
+            )
+            t.grad_accum = grad_accum
+
+    # ------------------------------------------------------------------------- one update
+
+    def train_step(self) -> tuple[float, float]:
+        """One optimizer update over ``grad_accum`` micro-batches; returns (loss, grad norm).
+
+        The update trains on the batch of index ``data_step`` (the next one the guard has not
+        put on its skip list); when the guard rejects it, no update happens (``step`` stays,
+        or goes back to a checkpoint's) and the batch is used up all the same."""
+        t = self.cfg.training
+        total = 0.0
+        self.data_step = self.guard.next_batch(self.data_step)
+        for micro in range(t.grad_accum):
+            x, y = train_batch(
+                self.data_order,
+                self.corpus.train,
+                self.cfg.model.block_size,
+                t.batch_size,
+                seed=t.seed,
+                step=self.data_step,
+                rank=self.dist.rank,
+                micro=micro,
+                grad_accum=t.grad_accum,
+                world_size=self.dist.world_size,
+            )
+            x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+            last = micro == t.grad_accum - 1
+            with self._gradient_sync(last):
+                with self.autocast:
+                    _, loss = self.forward_model(x, y)
+                self.scaler.scale(loss / t.grad_accum).backward()
+            total += loss.item()
+        self.scaler.unscale_(self.optimizer)
+        grad_norm = (
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), t.grad_clip).item()
+            if t.grad_clip > 0
+            else torch.nn.utils.get_total_norm(
+                [p.grad for p in self.model.parameters() if p.grad is not None]
+            ).item()
+        )
+        loss = total / t.grad_accum
+        if not self._guard_admits(loss, grad_norm):
+            return loss, grad_norm
+        self.data_step += 1
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+        self.tokens_seen += self.tokens_per_step
+        return loss, grad_norm
+
+    # ------------------------------------------------------------------------- the spike guard
+
+    def _guard_admits(self, loss: float, grad_norm: float) -> bool:
+        """Whether the update with these gradients may reach the optimizer. When not, the
+        gradients are dropped and the guard's action is carried out: skip the batch, roll back
+        to the newest valid checkpoint, or stop the run (TrainingDiverged)."""
+        # Every rank decides alike: the gradient norm is already the all-reduced one. With
+        # fp16, an overflowing gradient is the GradScaler's to handle: it skips the step and
+        # lowers its scale, as it always has.
+        loss = self._mean_across_ranks(loss)
+        norm = 0.0 if self.scaler.is_enabled() and math.isfinite(loss) else grad_norm
+        action, cause = self.guard.judge(loss, norm)
+        if action == APPLY:
+            return True
+        target = self._rollback_target() if action == ROLLBACK else None
+        if action == ROLLBACK and target is None:
+            action = self.guard.without_checkpoint()  # nothing to roll back to: skip
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.scaler.is_enabled():
+            # Close the scaler's iteration (unscale_ was called) without changing its scale.
+            self.scaler.update(new_scale=self.scaler.get_scale())
+        event = {
+            "step": self.step + 1,
+            "batch": self.data_step,
+            "loss": loss,
+            "average": self.guard.average,
+            "grad_norm": grad_norm,
+            "cause": cause,
+            "action": action,
+        }
+        if action == SKIP:
+            self.guard.skip_batches(self.data_step, self.data_step)
+            self.data_step += 1
+            self._guard_event(self.guard.record(event))
+        elif action == ROLLBACK:
+            self._roll_back(event, *target)
+        else:
+            event = self.guard.record(event)
+            self._guard_event(event)
+            raise TrainingDiverged(stop_message(self.guard, event, self._last_checkpoint_step()))
+        return False
+
+    def _rollback_target(self) -> tuple[CheckpointEntry, dict[str, Any]] | None:
+        """(entry, state) of the newest valid checkpoint, or None (none written yet)."""
+        self.checkpoints.wait()
+        if self.dist.enabled:
+            dist.barrier()  # rank 0's last save is durable before any rank reads the manifest
+        return self.checkpoints.load_latest_valid()
+
+    def _roll_back(
+        self, event: dict[str, Any], entry: CheckpointEntry, state: dict[str, Any]
+    ) -> None:
+        """Load the checkpoint's state (the guard's own state carries on) and put the batches
+        from there to the spike, and ``skip_after`` more, on the skip list."""
+        spike_batch = self.data_step
+        guard_state = self.guard.state_dict()
+        self.load_state(state)
+        self.guard.load_state_dict(guard_state)
+        self.guard.skip_batches(self.data_step, spike_batch + self.cfg.training.guard.skip_after)
+        event = self.guard.record(event | {"to_step": self.step})
+        log.warning(
+            "spike at step %d: rolled back to checkpoint %s; batches %d..%d are skipped",
+            event["step"],
+            entry.file,
+            self.data_step,
+            spike_batch + self.cfg.training.guard.skip_after,
+        )
+        if self.dist.is_main:
+            # The steps after the checkpoint will be logged again: metrics.jsonl and TensorBoard
+            # drop them (they can rewind); W&B keeps its first values.
+            for sink in self.sinks:
+                if callable(getattr(sink, "rewind", None)):
+                    sink.rewind(self.step, len(self.guard.events))
+        self._guard_event(event)
+
+    def _guard_event(self, event: dict[str, Any]) -> None:
+        """An event as a metrics.jsonl record (W&B raises an alert for it) and in run.json."""
+        if event["action"] == SKIP:
+            log.warning(
+                "%s at step %d (train/loss %s, average %s): update skipped, batch %d dropped",
+                "non-finite update" if event["cause"] == NONFINITE else "loss spike",
+                event["step"],
+                event["loss"],
+                event["average"],
+                event["batch"],
+            )
+        self._log({STEP: event["step"], EVENT: SPIKE_EVENT, **event})
+        if self.dist.is_main:
+            self.run.update_status(guard=self.guard.report())
+
+    def _last_checkpoint_step(self) -> int | None:
+        self.checkpoints.wait()
+        entries = self.checkpoints.entries()
+        return entries[-1].step if entries else None
+
+    def _gradient_sync(self, last: bool):
+        """DDP all-reduces (FSDP reduce-scatters) gradients only on the last micro-batch."""
+        if self.sharded:
+            self.model.set_requires_gradient_sync(last)
+            return contextlib.nullcontext()
+        if last or not self.dist.enabled:
+            return contextlib.nullcontext()
+        return self.forward_model.no_sync()
+
+    def evaluate(self, split: str = "val") -> float:
+        """Mean loss over the fixed evaluation batches of ``split``."""
+        t = self.cfg.training
+        return evaluate_loss(
+            self.model,
+            self.corpus.val if split == "val" else self.corpus.train,
+            block_size=self.cfg.model.block_size,
+            batch_size=t.batch_size,
+            seed=t.seed,
+            split=split,
+            batches=t.eval_batches,
+            device=self.device,
+            precision=t.precision,
+        )
+
+    def write_sample(self) -> None:
+        """Append a short generated text to samples.txt (its own RNG: training's is untouched).
+        It starts from token 0, as ``python -m gptexp.eval`` does for an empty prompt.
+        A sharded model generates on every rank (each forward gathers the shards); rank 0
+        writes."""
+        t = self.cfg.training
+        (ids,) = generate_text(
+            self.model,
+            [0],
+            1,
+            t.sample_tokens,
+            temperature=0.8,
+            top_k=50,
+            seed=t.seed,
+            device=self.device,
+            precision=t.precision,
+        )
+        if not self.dist.is_main:
+            return
+        with open(self.run.samples, "a", encoding="utf-8") as f:
+            f.write(f"=== step {self.step}\n{self.corpus.tokenizer.decode(ids)}\n\n")
+
+    # ------------------------------------------------------------------------- the loop
+
+    def fit(self) -> float | None:
+        """Train to ``max_steps``; returns the last validation loss (what sweepers minimise)."""
+        t = self.cfg.training
+        self._announce()
+        if self.dist.is_main:  # MFU: the model's FLOPs per token against this device's peak
+            self.peak = peak_for(self.device, t.precision, cache_dir())
+            if self.peak.flops is None:
+                log.info("throughput/mfu not logged: %s", self.peak.source)
+        if self.step == 0 and not self.from_checkpoint and (t.eval_every or t.max_steps == 0):
+            self.last_val_loss = self.evaluate()
+            self._log({STEP: 0, VAL_LOSS: self.last_val_loss})
+            log.info("step 0: val/loss %.4f", self.last_val_loss)
+            if t.max_steps == 0:
+                return self._finish_at_step_zero()
+        if self.step >= t.max_steps:
+            log.info("step %d already reaches training.max_steps=%d", self.step, t.max_steps)
+        progress = Progress(self.dist.is_main, t.progress, self.step, t.max_steps)
+        if self.cfg.checkpoint.on_signal:
+            self.stop.install()
+        try:
+            while self.step < t.max_steps:
+                self._stop_if_requested()
+                before = self.step
+                with self.window.timing(self.tokens_per_step, updates=1):
+                    loss, grad_norm = self.train_step()
+                if self.step <= before:
+                    continue  # the guard dropped the update or rolled back (see train_step)
+                self._prepare_save_buffers()
+                final = self.step == t.max_steps
+                record = self._train_record(loss, grad_norm, final)
+                metric = self._evaluate_if_due(record, loss, final)
+                self._log(record)
+                self._sample_if_due(final)
+                self._track_best(metric)
+                with self.window.timing():
+                    self._save_if_due(metric, final)
+                self._report(progress, record)
+            self.checkpoints.wait()
+        finally:
+            progress.close()
+            self.stop.uninstall()
+        return self.last_val_loss
+
+    def _finish_at_step_zero(self) -> float | None:
+        """training.max_steps=0 (only with model.init_from): the imported model's baseline,
+        evaluated, sampled and checkpointed as step 0 (what fine-tuning is compared with)."""
+        metric = self.last_val_loss if self.cfg.checkpoint.monitor == VAL_LOSS else None
+        self._track_best(metric)
+        self._sample_if_due(final=True)
+        self._save_if_due(metric, final=True)
+        self.checkpoints.wait()
+        return self.last_val_loss
+
+    def _announce(self) -> None:
+        log.info(
+            "model: %.2fM parameters (non-embedding), vocab %d, device %s, %s, %s",
+            self.model.num_parameters() / 1e6,
+            self.corpus.tokenizer.vocab_size,
+            self.device,
+            self.cfg.training.precision,
+            plural(torch.get_num_threads(), "thread"),
+        )
+
+    def _stop_if_requested(self) -> None:
+        """Every rank stops at the same step: one rank's signal is everyone's."""
+        requested = self.stop.signame is not None
+        if self.dist.enabled:
+            flag = torch.tensor([int(requested)], device=self.device)
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+            if flag.item():
+                self.stop.mark_stopped_elsewhere()
+            requested = bool(flag.item())
+        if not requested:
+            return
+        if self.cfg.checkpoint.enabled:
+            state = self.state_dict(None)
+            if self.dist.is_main or self.checkpoints.collective:
+                self.checkpoints.save(state, self.step, None, ["signal"], asynchronous=False)
+            if self.dist.is_main:
+                log.warning("saved checkpoint at step %d", self.step)
+        raise TrainingInterrupted(
+            self.stop.signame or "signal", self.step, str(self.run.path), self.dist.world_size
+        )
+
+    def _train_record(self, loss: float, grad_norm: float, final: bool) -> dict[str, Any]:
+        """The step's record: training metrics on logging steps (and the last one)."""
+        record: dict[str, Any] = {STEP: self.step}
+        if self.step % self.cfg.training.log_every and not final:
+            return record
+        tokens_per_s, step_seconds = self.window.take()
+        self.tokens_per_s.append(tokens_per_s)
+        self.last_train_loss = self._mean_across_ranks(loss)
+        if self.peak is not None and self.peak.flops is not None:
+            record[MFU] = mfu(
+                tokens_per_s, self.flops_per_token, self.peak.flops, self.dist.world_size
+            )
+        return record | {
+            TRAIN_LOSS: self.last_train_loss,
+            LR: self.scheduler.get_last_lr()[0],
+            GRAD_NORM: grad_norm,
+            TOKENS: self.tokens_seen,
+            TOKENS_PER_S: tokens_per_s,
+            STEP_SECONDS: step_seconds,
+        }
+
+    def _evaluate_if_due(self, record: dict[str, Any], loss: float, final: bool) -> float | None:
+        """Evaluate at eval_every and at the last step; returns the monitored metric then."""
+        every = self.cfg.training.eval_every
+        if not (final or (every and self.step % every == 0)):
+            return None
+        self.last_val_loss = record[VAL_LOSS] = self.evaluate()
+        return self.last_val_loss if self.cfg.checkpoint.monitor == VAL_LOSS else loss
+
+    def _sample_if_due(self, final: bool) -> None:
+        every = self.cfg.training.sample_every
+        if (self.dist.is_main or self.sharded) and (final or (every and self.step % every == 0)):
+            self.write_sample()
+
+    def _track_best(self, metric: float | None) -> None:
+        if metric is None or not math.isfinite(metric):
+            return
+        if self.best_metric is None or self.checkpoints.is_better(metric, self.best_metric):
+            self.best_metric = metric
+
+    def _prepare_save_buffers(self) -> None:
+        """Once the optimizer has its state (after a run's first update), allocate what an
+        asynchronous save copies into: the first save then stalls for a copy only."""
+        if self._save_buffers_ready or not self.dist.is_main or not self.optimizer.state:
+            return
+        if uses_named_state(self.cfg):  # FSDP or DCP: not the plain state dicts below
+            return
+        self._save_buffers_ready = True
+        if self.cfg.checkpoint.enabled and self.cfg.checkpoint.async_save:
+            self.checkpoints.prepare(
+                {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict()}
+            )
+
+    def _save_if_due(self, metric: float | None, final: bool) -> None:
+        # Periodic, milestone and final saves depend on the step alone, so every rank decides
+        # them itself; "best" ranks against the manifest, which rank 0 alone reads, so at an
+        # evaluation rank 0's decision is broadcast (every rank joins the RNG gather).
+        reasons = self.checkpoints.wants(self.step, metric if self.dist.is_main else None, final)
+        if metric is not None:
+            reasons = self.dist.broadcast(reasons)
+        if not reasons:
+            return
+        state = self.state_dict(metric)
+        if self.dist.is_main or self.checkpoints.collective:  # DCP: every rank writes shards
+            self.checkpoints.save(state, self.step, metric, reasons)
+
+    def _report(self, progress: Progress, record: dict[str, Any]) -> None:
+        """The progress line shows what metrics.jsonl holds: under torchrun the loss is the
+        mean across ranks (``_train_record``), never this rank's own."""
+        if TRAIN_LOSS not in record and VAL_LOSS not in record:
+            return
+        postfix = {"loss": f"{record[TRAIN_LOSS]:.4f}"} if TRAIN_LOSS in record else {}
+        if self.last_val_loss is not None:
+            postfix["val"] = f"{self.last_val_loss:.4f}"
+        if self.tokens_per_s:
+            postfix["tok/s"] = f"{self.tokens_per_s[-1]:,.0f}"
+        progress.update(self.step, postfix)
+
+    def _log(self, record: dict[str, Any]) -> None:
+        if len(record) > 1 and self.dist.is_main:
+            for sink in self.sinks:
+                sink.log(record)
+
+    def _mean_across_ranks(self, value: float) -> float:
+        if not self.dist.enabled:
+            return value
+        tensor = torch.tensor([value], dtype=torch.float64, device=self.device)
+        dist.all_reduce(tensor)
+        return tensor.item() / self.dist.world_size
+
+    # ------------------------------------------------------------------------- the end
+
+    def summary(self) -> dict[str, Any]:
+        """The run's figures for run.json and the W&B summary (one spelling each)."""
+        return {
+            "step": self.step,
+            "tokens_seen": self.tokens_seen,
+            "parameters": self.model.num_parameters(),
+            best_metric_name(self.cfg.checkpoint.monitor): self.best_metric,
+            FINAL_VAL_LOSS: self.last_val_loss,
+            FINAL_TRAIN_LOSS: self.last_train_loss,
+            MEDIAN_TOKENS_PER_S: median_throughput(self.tokens_per_s),
+            "guard": self.guard.report(),
+        }
+
+    def release(self) -> None:
+        # Drop the DDP wrapper before the process group is destroyed: a reducer that outlives
+        # it can abort the process at exit ("terminate called without an active exception").
+        self.forward_model = self.model
