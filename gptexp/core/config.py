@@ -346,7 +346,7 @@ class TrainConfig:
 
 
 # The Hydra config tree ships inside the package, so an installed gptexp finds it anywhere.
-CONF_DIR = Path(__file__).resolve().parent / "conf"
+CONF_DIR = Path(__file__).resolve().parents[1] / "conf"  # gptexp/conf
 
 
 def compose_config(overrides: list[str] | None = None) -> TrainConfig:

@@ -317,7 +317,7 @@ def discard_unstarted(run: RunDirectory) -> None:
 
 def git_commit() -> str | None:
     """The commit of the gptexp source tree (with ``-dirty`` for local changes), if any."""
-    source = Path(__file__).resolve().parent
+    source = Path(__file__).resolve().parents[1]  # the gptexp package
     try:
         commit = subprocess.run(
             ["git", "rev-parse", "HEAD"], cwd=source, capture_output=True, text=True, timeout=5

@@ -12,7 +12,7 @@ from typing import Any
 
 from gptexp.core.config import ModelConfig
 
-PROJECT_ROOT = Path(__file__).resolve().parent.parent.parent
+PROJECT_ROOT = Path(__file__).resolve().parents[3]  # gptexp/tools/bench/plan.py -> the checkout
 GPT2_VOCAB = 50257
 
 
