@@ -1,4 +1,4 @@
-"""``python -m gptexp.gpucheck`` (``make gpu-check``): the GPU check, in gptexp/tools/gpucheck.py."""
+"""``python -m gptexp.gpucheck`` (``make gpu-check``): the GPU check of gptexp/tools/gpucheck.py."""
 
 from gptexp.tools.gpucheck import main
 

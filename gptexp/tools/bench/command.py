@@ -78,9 +78,9 @@ class PartClock:
 def measure(plan, corpus: Path, workdir: Path, say: Callable[[str], None]) -> dict[str, Any]:
     import torch
 
-    from gptexp.bench import measure as mz
     from gptexp.core.config import DataConfig
     from gptexp.data.corpus import prepare_corpus
+    from gptexp.tools.bench import measure as mz
     from gptexp.tools.bench.report import Measurements, summarise
 
     torch.set_num_threads(plan.threads)
