@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from gptexp.core.config import ConfigError
+from gptexp.data import corpus as data
 from gptexp.data.corpus import (
     BPETokenizer,
     CharTokenizer,
@@ -18,7 +19,6 @@ from gptexp.data.corpus import (
     sample_batch,
     tokenizer_from_json,
 )
-from gptexp.data.corpus import corpus as data
 from tests.conftest import compose_config
 
 MIXED = "Hello, world! Grüße aus Köln — naïve café, 日本語のテキスト, emoji 🙂\n\ttabs and spaces  "

@@ -18,8 +18,8 @@ import torch
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.metadata import Metadata
 
+from gptexp.checkpoint import dcp as sharded_checkpoint
 from gptexp.checkpoint.manager import CheckpointManager
-from gptexp.checkpoint.manager import dcp as sharded_checkpoint
 from gptexp.core.config import CheckpointConfig
 from gptexp.core.errors import CheckpointError, ConfigError
 from gptexp.core.fsio import sha256_file

@@ -268,7 +268,7 @@ def snapshot(obj: Any, buffers: dict[tuple, torch.Tensor] | None = None) -> Any:
 def _sharded():
     """gptexp.checkpoint.dcp, imported on first use: it pulls in torch.distributed's
     tensor and checkpoint stacks (most of a second), which runs without DCP never need."""
-    from gptexp.checkpoint.manager import dcp as sharded_checkpoint
+    from gptexp.checkpoint import dcp as sharded_checkpoint
 
     return sharded_checkpoint
 
