@@ -26,7 +26,7 @@ from gptexp.core.cli import command_logging, parse_options, run_command
 from gptexp.core.config import DEVICES, check_seed
 from gptexp.core.errors import USER_ERRORS, ConfigError, RunError
 from gptexp.core.fsio import atomic_write_json, atomic_write_text
-from gptexp.data.corpus import Tokenizer
+from gptexp.data.tokenizers import Tokenizer
 from gptexp.observe.rundir import RunDirectory, find_runs, now
 from gptexp.observe.runtable import distinguishing_keys, labels, run_rows
 from gptexp.observe.tables import text_table

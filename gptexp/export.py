@@ -36,7 +36,7 @@ from gptexp.core.cli import command_logging, parse_options, run_command
 from gptexp.core.config import ModelConfig
 from gptexp.core.errors import ConfigError, RunError
 from gptexp.core.fsio import atomic_write_bytes, atomic_write_json, atomic_write_text, fsync_dir
-from gptexp.data.corpus import Tokenizer, tokenizer_from_json
+from gptexp.data.tokenizers import Tokenizer, tokenizer_from_json
 from gptexp.model.gpt import GPT
 from gptexp.model.hf import (
     GENERATION,

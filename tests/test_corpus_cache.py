@@ -9,7 +9,8 @@ import torch
 from gptexp.core.config import DataConfig
 from gptexp.data import corpus as data_module
 from gptexp.data.cache import load_cached
-from gptexp.data.corpus import CharTokenizer, prepare_corpus, tokenizer_from_json
+from gptexp.data.corpus import prepare_corpus
+from gptexp.data.tokenizers import CharTokenizer, tokenizer_from_json
 
 TEXT = "".join(f"line {i}: the quick brown fox jumps over the lazy dog\n" for i in range(200))
 

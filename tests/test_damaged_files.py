@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from gptexp.core.errors import DataError, RunError
-from gptexp.data.corpus import read_tokenizer, tokenizer_from_json
+from gptexp.data.tokenizers import read_tokenizer, tokenizer_from_json
 from gptexp.observe.metrics import read_metrics
 from gptexp.observe.rundir import RunDirectory, stored_config
 

@@ -9,9 +9,9 @@ import pytest
 import torch
 
 from gptexp.core.config import ConfigError
-from gptexp.data.corpus import (
+from gptexp.core.errors import DataError
+from gptexp.data.batches import (
     DATA_ORDER_VERSION,
-    DataError,
     global_batch_slice,
     resume_grad_accum,
     sample_batch,

@@ -17,7 +17,7 @@ import yaml
 
 import gptexp.eval
 from gptexp.core.fsio import sha256_file, xxh3_128_file
-from gptexp.data.corpus import python_docs_text
+from gptexp.data.sources import python_docs_text
 from tests.conftest import (
     FAST,
     call_main,

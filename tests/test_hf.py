@@ -21,7 +21,9 @@ import gptexp.train
 from gptexp.core.config import ModelConfig
 from gptexp.core.errors import ConfigError
 from gptexp.core.fsio import sha256_file
-from gptexp.data.corpus import CharTokenizer, python_docs_text, sample_batch
+from gptexp.data.batches import sample_batch
+from gptexp.data.sources import python_docs_text
+from gptexp.data.tokenizers import CharTokenizer
 from gptexp.model.gpt import GPT
 from gptexp.model.hf import ExportInfo, import_source, open_source, resolve_init_from, save_hf
 from gptexp.observe.rundir import RunDirectory

@@ -80,7 +80,7 @@ def test_keep_freed_memory_stops_the_page_faults_of_each_step():
 
 
 def test_git_commit_is_collected_from_the_background(monkeypatch):
-    from gptexp.observe import rundir as run_module
+    from gptexp.run import provenance as run_module
 
     calls = []
     monkeypatch.setattr(run_module, "git_commit", lambda: calls.append(1) or "abc123-dirty")

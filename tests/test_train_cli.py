@@ -23,7 +23,7 @@ from omegaconf import OmegaConf, open_dict
 
 from gptexp import train as train_entry
 from gptexp.core.config import register_configs, to_train_config
-from gptexp.data.corpus import tokenizer_from_json
+from gptexp.data.tokenizers import tokenizer_from_json
 from gptexp.observe.rundir import RunDirectory
 from gptexp.run.session import run_training
 from tests.conftest import (

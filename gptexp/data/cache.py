@@ -25,6 +25,13 @@ from gptexp.core.config import DataConfig
 
 log = logging.getLogger(__name__)
 
+
+def cache_dir() -> Path:
+    """gptexp's cache directory (``$GPTEXP_CACHE``, else ``~/.cache/gptexp``): corpora, the
+    downloaded Shakespeare, the measured CPU peak."""
+    return Path(os.environ.get("GPTEXP_CACHE", Path.home() / ".cache" / "gptexp"))
+
+
 CACHE_FORMAT = 2  # 2: the train split's unit count too
 
 

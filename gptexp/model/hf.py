@@ -35,7 +35,7 @@ import torch
 from gptexp.core.config import ModelConfig, TrainConfig
 from gptexp.core.errors import ConfigError
 from gptexp.core.fsio import atomic_write_bytes, atomic_write_json
-from gptexp.data.corpus import BPETokenizer, CharTokenizer, Tokenizer
+from gptexp.data.tokenizers import BPETokenizer, CharTokenizer, Tokenizer
 from gptexp.model.gpt import GPT, LAYER_NORM_EPS
 
 EXTRA = 'pip install "gptexp[hf]"'

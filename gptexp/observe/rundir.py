@@ -3,7 +3,8 @@
 Everything needed to resume, evaluate or compare a run lives inside its directory, so every
 tool takes just a path. ``run.json`` records the status (running | finished | interrupted |
 failed) and the facts of the run; ``.lock`` is held (``flock``) by the process training it.
-No torch here: compare and sweep summaries read run directories without it.
+No torch here: compare and sweep summaries read run directories without it (what a run records
+about the machine and the source tree is gptexp.run.provenance's).
 
 Links: gptexp writes nothing through a symbolic link in a run directory (a linked train.log
 or eval/ would put the run's output somewhere else): a file or folder it writes that is a link
@@ -17,11 +18,7 @@ import fcntl
 import json
 import logging
 import os
-import platform
-import socket
-import subprocess
 import sys
-import threading
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -313,68 +310,6 @@ def discard_unstarted(run: RunDirectory) -> None:
             directory.rmdir()
         except OSError:
             return
-
-
-def git_commit() -> str | None:
-    """The commit of the gptexp source tree (with ``-dirty`` for local changes), if any."""
-    source = Path(__file__).resolve().parents[1]  # the gptexp package
-    try:
-        commit = subprocess.run(
-            ["git", "rev-parse", "HEAD"], cwd=source, capture_output=True, text=True, timeout=5
-        )
-        if commit.returncode != 0:
-            return None
-        dirty = subprocess.run(
-            ["git", "status", "--porcelain", "--untracked-files=no"],
-            cwd=source,
-            capture_output=True,
-            text=True,
-            timeout=5,
-        )
-        return commit.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
-    except (OSError, subprocess.TimeoutExpired):
-        return None
-
-
-class PendingGitCommit:
-    """The source tree's commit (:func:`git_commit`), asked for in a background thread when a
-    run starts, so that training does not wait for git's subprocesses; one per run."""
-
-    def __init__(self) -> None:
-        self._answer: dict[str, str | None] = {}
-        self._thread = threading.Thread(target=self._ask, name="gptexp-git-commit", daemon=True)
-        self._thread.start()
-
-    def _ask(self) -> None:
-        self._answer["commit"] = git_commit()
-
-    def result(self) -> str | None:
-        self._thread.join(timeout=15)  # git_commit's own subprocess timeouts are 2 x 5 s
-        return self._answer.get("commit")
-
-
-def environment(git: PendingGitCommit | None = None) -> dict[str, Any]:
-    """Host, process and library facts recorded in run.json; the git commit from ``git`` (a
-    run's own question, asked when it started) or, without it, asked now."""
-    import hydra
-    import numpy
-    import omegaconf
-    import torch
-
-    return {
-        "host": socket.gethostname(),
-        "pid": os.getpid(),
-        "platform": platform.platform(),
-        "python": sys.version.split()[0],
-        "versions": {
-            "torch": torch.__version__,
-            "hydra": hydra.__version__,
-            "omegaconf": omegaconf.__version__,
-            "numpy": numpy.__version__,
-        },
-        "git_commit": git.result() if git is not None else git_commit(),
-        "argv": sys.argv,
-    }
 
 
 def now() -> str:

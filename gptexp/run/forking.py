@@ -31,7 +31,8 @@ from gptexp.checkpoint.manager import FORK_START, CheckpointEntry
 from gptexp.core.config import TrainConfig
 from gptexp.core.errors import ConfigError, DataError
 from gptexp.core.fsio import atomic_write_text
-from gptexp.data.corpus import Corpus, prepare_corpus, tokenizer_from_json
+from gptexp.data.corpus import Corpus, prepare_corpus
+from gptexp.data.tokenizers import tokenizer_from_json
 from gptexp.observe.metrics import INHERITED, STEP, read_metrics
 from gptexp.observe.rundir import RunDirectory
 from gptexp.observe.runtable import launch_overrides

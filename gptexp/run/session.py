@@ -31,13 +31,8 @@ from gptexp.core.errors import (
     shell_command,
 )
 from gptexp.core.fsio import atomic_write_json, atomic_write_text
-from gptexp.data.corpus import (
-    Corpus,
-    Tokenizer,
-    prepare_corpus,
-    read_tokenizer,
-    tokenizer_from_json,
-)
+from gptexp.data.corpus import Corpus, prepare_corpus
+from gptexp.data.tokenizers import Tokenizer, read_tokenizer, tokenizer_from_json
 from gptexp.model.hf import import_source
 from gptexp.observe.metrics import MetricsFile, config_diff
 from gptexp.observe.rundir import (
@@ -46,13 +41,12 @@ from gptexp.observe.rundir import (
     INTERRUPTED,
     PRUNED,
     RUNNING,
-    PendingGitCommit,
     RunDirectory,
-    environment,
     now,
     stored_config,
 )
 from gptexp.run.forking import ForkStart, wandb_lineage
+from gptexp.run.provenance import PendingGitCommit, environment
 from gptexp.run.tensorboard_sink import TensorBoardSink, require_tensorboard, rewind_run
 from gptexp.run.wandb_mirror import WandbMirror
 from gptexp.training.runtime import (

@@ -8,8 +8,8 @@ state, which is plain data (numbers, lists, dicts) in every checkpoint: a resume
 same decisions as one that was never interrupted. No torch here.
 
 Batches are named by their *index*: the batch of index i is a pure function of (seed, i)
-(:func:`gptexp.data.corpus.sample_batch`). Without skips the update of step s+1 trains on batch s; a
-skipped batch index is never used again, so later updates take the following indices.
+(:func:`gptexp.data.batches.sample_batch`). Without skips the update of step s+1 trains on
+batch s; a skipped batch index is never used again, so later updates take the following indices.
 """
 
 from __future__ import annotations

@@ -23,7 +23,9 @@ from gptexp.core.config import (
     config_to_dict,
 )
 from gptexp.core.errors import CheckpointError, ConfigError
-from gptexp.data.corpus import Corpus, Tokenizer, prepare_corpus, sample_batch, tokenizer_from_json
+from gptexp.data.batches import sample_batch
+from gptexp.data.corpus import Corpus, prepare_corpus
+from gptexp.data.tokenizers import Tokenizer, tokenizer_from_json
 from gptexp.model.gpt import GPT
 from gptexp.observe.metrics import VAL_LOSS, flatten, read_metrics
 from gptexp.observe.rundir import RunDirectory, stored_config

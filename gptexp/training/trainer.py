@@ -24,7 +24,9 @@ from torch.nn.parallel import DistributedDataParallel
 from gptexp.checkpoint.manager import FORMAT_VERSION, CheckpointEntry, CheckpointManager
 from gptexp.core.config import TrainConfig, config_to_dict
 from gptexp.core.errors import TrainingDiverged, TrainingInterrupted
-from gptexp.data.corpus import DATA_ORDER_VERSION, Corpus, cache_dir, resume_grad_accum, train_batch
+from gptexp.data.batches import DATA_ORDER_VERSION, resume_grad_accum, train_batch
+from gptexp.data.cache import cache_dir
+from gptexp.data.corpus import Corpus
 from gptexp.model.gpt import GPT
 from gptexp.observe.metrics import (
     EVENT,

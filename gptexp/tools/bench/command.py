@@ -171,7 +171,7 @@ def measure(plan, corpus: Path, workdir: Path, say: Callable[[str], None]) -> di
 
 
 def run_bench(args: argparse.Namespace, say: Callable[[str], None] = print) -> Path:
-    from gptexp.data.corpus import python_docs_text
+    from gptexp.data.sources import python_docs_text
     from gptexp.tools.bench.measure import BenchError
     from gptexp.tools.bench.plan import BenchPlan, cpu_flags, machine_info
     from gptexp.tools.bench.report import table, targets
