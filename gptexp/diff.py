@@ -33,7 +33,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from gptexp.checkpoint.manager import CheckpointManager, checkpoint_name
+from gptexp.checkpoint.format import checkpoint_name
+from gptexp.checkpoint.manager import CheckpointManager
 from gptexp.core.cli import command_logging, parse_options, run_command
 from gptexp.core.config import CheckpointConfig
 from gptexp.core.errors import CheckpointError, ConfigError, RunError

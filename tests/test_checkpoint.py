@@ -18,14 +18,8 @@ import torch
 
 import gptexp.checkpoint.manager
 import gptexp.fork
-from gptexp.checkpoint.manager import (
-    FORK_START,
-    MANIFEST,
-    CheckpointManager,
-    checkpoint_name,
-    load_checkpoint_file,
-    snapshot,
-)
+from gptexp.checkpoint.format import checkpoint_name, load_checkpoint_file, snapshot
+from gptexp.checkpoint.manager import FORK_START, MANIFEST, CheckpointManager
 from gptexp.core.config import CheckpointConfig
 from gptexp.core.errors import CheckpointError
 from gptexp.core.fsio import sha256_file, xxh3_128_file

@@ -14,7 +14,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from gptexp.checkpoint.manager import CheckpointManager, nonfinite_tensors
+from gptexp.checkpoint.format import nonfinite_tensors
+from gptexp.checkpoint.manager import CheckpointManager
 from gptexp.core.config import (
     CheckpointConfig,
     GuardConfig,

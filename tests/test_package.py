@@ -162,8 +162,8 @@ def test_the_module_map_is_the_tree():
         for path in (ROOT / "gptexp").rglob("*.py")
         if path.name != "__init__.py"
     }
-    assert not listed - real, f"{page.name}'s map lists modules that do not exist"
-    assert not real - listed, f"{page.name}'s map leaves out modules"
+    assert not listed - real, f"{page.name}'s map lists {sorted(listed - real)}: not modules"
+    assert not real - listed, f"{page.name}'s map leaves out {sorted(real - listed)}"
     assert [f for f in floors if f in LAYERS] == LAYERS[1:], "the map draws the floors in order"
 
 

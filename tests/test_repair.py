@@ -18,7 +18,8 @@ import gptexp.export
 import gptexp.fork
 import gptexp.repair
 import gptexp.resume
-from gptexp.checkpoint.manager import MANIFEST, CheckpointManager, checkpoint_name
+from gptexp.checkpoint.format import checkpoint_name
+from gptexp.checkpoint.manager import MANIFEST, CheckpointManager
 from gptexp.core.config import CheckpointConfig
 from gptexp.observe.rundir import RunDirectory
 from tests.conftest import call_main, files_of

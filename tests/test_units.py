@@ -11,7 +11,8 @@ from dataclasses import dataclass, field
 
 import pytest
 
-from gptexp.checkpoint.manager import CheckpointEntry, CheckpointManager
+from gptexp.checkpoint.format import CheckpointEntry
+from gptexp.checkpoint.manager import CheckpointManager
 from gptexp.compare import sort_rows
 from gptexp.core.cli import parse_options
 from gptexp.core.config import CheckpointConfig, TrainingConfig

@@ -27,7 +27,8 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
-from gptexp.checkpoint.manager import FORK_START, CheckpointEntry
+from gptexp.checkpoint.format import CheckpointEntry
+from gptexp.checkpoint.manager import FORK_START
 from gptexp.core.config import TrainConfig
 from gptexp.core.errors import ConfigError, DataError
 from gptexp.core.fsio import atomic_write_text

@@ -16,7 +16,8 @@ from hydra.core.override_parser.types import OverrideType
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from gptexp.checkpoint.manager import CheckpointEntry, CheckpointManager
+from gptexp.checkpoint.format import CheckpointEntry
+from gptexp.checkpoint.manager import CheckpointManager
 from gptexp.core.cli import run_log_starts
 from gptexp.core.config import TrainConfig, config_to_dict, parse_overrides, to_train_config
 from gptexp.core.errors import (

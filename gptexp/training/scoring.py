@@ -13,7 +13,8 @@ from typing import Any
 
 import torch
 
-from gptexp.checkpoint.manager import CheckpointEntry, CheckpointManager
+from gptexp.checkpoint.format import CheckpointEntry
+from gptexp.checkpoint.manager import CheckpointManager
 from gptexp.core.config import (
     CheckpointConfig,
     DataConfig,

@@ -21,7 +21,8 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
-from gptexp.checkpoint.manager import FORMAT_VERSION, CheckpointEntry, CheckpointManager
+from gptexp.checkpoint.format import FORMAT_VERSION, CheckpointEntry
+from gptexp.checkpoint.manager import CheckpointManager
 from gptexp.core.config import TrainConfig, config_to_dict
 from gptexp.core.errors import TrainingDiverged, TrainingInterrupted
 from gptexp.data.batches import DATA_ORDER_VERSION, resume_grad_accum, train_batch

@@ -20,7 +20,8 @@ from typing import Any
 
 import torch
 
-from gptexp.checkpoint.manager import CheckpointManager, snapshot
+from gptexp.checkpoint.format import snapshot
+from gptexp.checkpoint.manager import CheckpointManager
 from gptexp.core.config import CheckpointConfig
 from gptexp.model.gpt import GPT
 from gptexp.tools.bench.plan import GPT2_VOCAB, PROJECT_ROOT, BenchPlan
