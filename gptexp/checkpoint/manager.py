@@ -69,9 +69,6 @@ FORK_START = "fork"
 RACE_TRIES = 20
 
 
-# ----------------------------------------------------------------------------- the directory
-
-
 class CheckpointManager:
     """Owns ``<run>/checkpoints``: save policy, crash-safe writes, retention and loading."""
 
