@@ -58,6 +58,10 @@ def load_average() -> list[float] | None:
     return [round(x, 2) for x in os.getloadavg()] if hasattr(os, "getloadavg") else None
 
 
+# The short run with a final checkpoint: resumed for the start-up figures, then evaluated.
+SHORT_RUN = "with-checkpoint"
+
+
 class PartClock:
     """Seconds per part of the bench (the bench's own length is one of its goals)."""
 
@@ -75,17 +79,13 @@ class PartClock:
             self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - started
 
 
-def measure(plan, corpus: Path, workdir: Path, say: Callable[[str], None]) -> dict[str, Any]:
+def _measure_commands(plan, corpus: Path, workdir: Path, clock: PartClock, m) -> dict[str, Any]:
+    """The subprocess parts: whole-process pairs (with the matmul peaks in alternation), one
+    run per setting, resume start-ups; returns the import profile."""
     import torch
 
-    from gptexp.core.config import DataConfig
-    from gptexp.data.corpus import prepare_corpus
     from gptexp.tools.bench import measure as mz
-    from gptexp.tools.bench.report import Measurements, summarise
 
-    torch.set_num_threads(plan.threads)
-    m = Measurements()
-    clock = PartClock(say)
     settings: dict[str, tuple[str, bool]] = {}
     if plan.bf16:
         settings["bf16"] = ("bf16", False)
@@ -108,7 +108,7 @@ def measure(plan, corpus: Path, workdir: Path, say: Callable[[str], None]) -> di
                 mz.gptexp_run(plan, corpus, workdir / name, workdir, precision, compile)
             ]
     message = "start-up: resume (a short run with a final checkpoint, extended); imports"
-    short = workdir / "with-checkpoint"
+    short = workdir / SHORT_RUN
     with clock.part("resume and imports", message):
         mz.gptexp_run(plan, corpus, short, workdir, steps=plan.short_steps, checkpoint=True)
         for _ in range(plan.resume_repeats):
@@ -116,6 +116,23 @@ def measure(plan, corpus: Path, workdir: Path, say: Callable[[str], None]) -> di
             m.resume_first_step_s.append(mz.resume_first_step(plan, short, steps, workdir))
         torch.set_num_threads(plan.threads)
         extra: dict[str, Any] = {"import_profile": mz.import_profile(workdir)}
+    return extra
+
+
+def measure(plan, corpus: Path, workdir: Path, say: Callable[[str], None]) -> dict[str, Any]:
+    """Every part of the bench in order, then the results (settings and figures)."""
+    import torch
+
+    from gptexp.core.config import DataConfig
+    from gptexp.data.corpus import prepare_corpus
+    from gptexp.tools.bench import measure as mz
+    from gptexp.tools.bench.report import Measurements, summarise
+
+    torch.set_num_threads(plan.threads)
+    m = Measurements()
+    clock = PartClock(say)
+    extra = _measure_commands(plan, corpus, workdir, clock, m)
+    short = workdir / SHORT_RUN
 
     with clock.part("eval", "eval: python -m gptexp.eval, two batch counts in alternation"):
         low, high = plan.eval_entry

@@ -42,6 +42,23 @@ def _phase_medians(runs: list[WholeRun]) -> dict[str, float]:
 
 
 def summarise(plan: BenchPlan, m: Measurements, extra: dict[str, Any]) -> dict[str, Any]:
+    """The results' figures (medians over the repeats, ratios of pairs) by part."""
+    g, p = m.gptexp, m.plain
+    return {
+        **_process_figures(m, extra),
+        **_speed_figures(plan, m, extra),
+        "checkpoint": {"tiny": extra["tiny"], "gpt2_124m": extra["gpt2"]},
+        "guard": extra["guard"],
+        "eval": _eval_figures(plan, m, extra),
+        "memory": {
+            "gptexp_peak_rss_bytes": int(median([r.max_rss_bytes for r in g])),
+            "plain_peak_rss_bytes": int(median([r.max_rss_bytes for r in p])),
+        },
+    }
+
+
+def _process_figures(m: Measurements, extra: dict[str, Any]) -> dict[str, Any]:
+    """Whole process, per step, start-up and the final sample, against the plain script."""
     g, p = m.gptexp, m.plain
     wall_ratio = [a.wall_s / b.wall_s for a, b in zip(g, p, strict=True)]
     step_ratio = [median(a.step_s) / median(b.step_s) for a, b in zip(g, p, strict=True)]
@@ -49,16 +66,6 @@ def summarise(plan: BenchPlan, m: Measurements, extra: dict[str, Any]) -> dict[s
     import_torch = median(m.import_torch_s)
     fresh = median([r.first_step_s for r in g])
     sample_share = [r.phases["final sample"] / r.wall_s for r in g]
-    flops = extra["flops_per_token"]
-    peaks = {name: median(v) for name, v in m.matmul_flops_per_s.items()}
-    g_tokens = plan.tokens_per_step / g_step
-    settings = {"fp32": g_tokens} | {
-        name: plan.tokens_per_step / median([median(r.step_s) for r in runs])
-        for name, runs in m.settings.items()
-    }
-    best = max(settings, key=settings.__getitem__)
-    low, high = plan.eval_entry
-    eval_extra = median([b - a for a, b in m.eval_entry_s])
     return {
         "whole_process": {
             "gptexp_wall_s": median([r.wall_s for r in g]),
@@ -97,6 +104,22 @@ def summarise(plan: BenchPlan, m: Measurements, extra: dict[str, Any]) -> dict[s
             "share_of_wall": median(sample_share),
             **extra["sample_in_process"],
         },
+    }
+
+
+def _speed_figures(plan: BenchPlan, m: Measurements, extra: dict[str, Any]) -> dict[str, Any]:
+    """Tokens/s per setting and the share of a matmul's FLOP/s."""
+    g, p = m.gptexp, m.plain
+    g_step, p_step = median([median(r.step_s) for r in g]), median([median(r.step_s) for r in p])
+    flops = extra["flops_per_token"]
+    peaks = {name: median(v) for name, v in m.matmul_flops_per_s.items()}
+    g_tokens = plan.tokens_per_step / g_step
+    settings = {"fp32": g_tokens} | {
+        name: plan.tokens_per_step / median([median(r.step_s) for r in runs])
+        for name, runs in m.settings.items()
+    }
+    best = max(settings, key=settings.__getitem__)
+    return {
         "throughput": {
             "tokens_per_s_by_setting": settings,
             "best_setting": best,
@@ -109,24 +132,24 @@ def summarise(plan: BenchPlan, m: Measurements, extra: dict[str, Any]) -> dict[s
             "fp32_share_of_peak": g_tokens * flops / peaks["fp32"],
             "plain_share_of_peak": plan.tokens_per_step / p_step * flops / peaks["fp32"],
         },
-        "checkpoint": {"tiny": extra["tiny"], "gpt2_124m": extra["gpt2"]},
-        "guard": extra["guard"],
-        "eval": {
-            "entry_wall_s": {
-                str(low): median([a for a, _ in m.eval_entry_s]),
-                str(high): median([b for _, b in m.eval_entry_s]),
-            },
-            # The difference of two batch counts is the evaluation alone (None under noise).
-            "entry_marginal_tokens_per_s": (high - low) * plan.tokens_per_step / eval_extra
-            if eval_extra > 0
-            else None,
-            "evaluate_loss_tokens_per_s": extra["eval_engine"],
-            "batches": [low, high],
+    }
+
+
+def _eval_figures(plan: BenchPlan, m: Measurements, extra: dict[str, Any]) -> dict[str, Any]:
+    """The eval entry point's wall times at two batch counts and its marginal tokens/s."""
+    low, high = plan.eval_entry
+    eval_extra = median([b - a for a, b in m.eval_entry_s])
+    return {
+        "entry_wall_s": {
+            str(low): median([a for a, _ in m.eval_entry_s]),
+            str(high): median([b for _, b in m.eval_entry_s]),
         },
-        "memory": {
-            "gptexp_peak_rss_bytes": int(median([r.max_rss_bytes for r in g])),
-            "plain_peak_rss_bytes": int(median([r.max_rss_bytes for r in p])),
-        },
+        # The difference of two batch counts is the evaluation alone (None under noise).
+        "entry_marginal_tokens_per_s": (high - low) * plan.tokens_per_step / eval_extra
+        if eval_extra > 0
+        else None,
+        "evaluate_loss_tokens_per_s": extra["eval_engine"],
+        "batches": [low, high],
     }
 
 
@@ -207,17 +230,35 @@ def breakdown_table(w: dict[str, Any]) -> list[str]:
 
 
 def table(results: dict[str, Any]) -> str:
-    w, s, st, sa, th, e, c, ev = (
-        results[k]
-        for k in (
-            "whole_process", "per_step", "startup", "sample", "throughput", "efficiency",
-            "checkpoint", "eval",
-        )
-    )  # fmt: skip
+    """The printed report: the figures against their yardsticks, the phase breakdown, the
+    compile break-even, what was skipped, and the targets' verdicts."""
+    rows = [
+        ("figure (medians)", "gptexp", "yardstick", "ratio"),
+        *_process_rows(results),
+        *_speed_rows(results),
+        *_checkpoint_rows(results["checkpoint"]),
+        _eval_row(results["eval"]),
+    ]
+    machine = results["machine"]
+    lines = [
+        f"{machine['cpu']}, {machine['threads']} threads, flags: "
+        f"{' '.join(machine['flags']) or 'n/a'} (native bf16: {machine['native_bf16']}); "
+        f"load average {results['load_average']['before']}",
+        "",
+        *_columns(rows),
+        "",
+        *breakdown_table(results["whole_process"]),
+        "",
+    ]
+    return "\n".join(lines + _footer_lines(results))
+
+
+def _process_rows(results: dict[str, Any]) -> list[tuple[str, ...]]:
+    """Whole process, per step, start-up and the final sample, against the plain script."""
+    w, s, st, sa = (results[k] for k in ("whole_process", "per_step", "startup", "sample"))
     settings = results["settings"]
     model = settings["model"]
-    rows: list[tuple[str, ...]] = [
-        ("figure (medians)", "gptexp", "yardstick", "ratio"),
+    return [
         (
             f"whole process, {model}, {settings['steps']} steps",
             f"{w['gptexp_wall_s']:.2f} s",
@@ -255,6 +296,13 @@ def table(results: dict[str, Any]) -> str:
             f"{st['resume_over_fresh']:.2f}",
         ),
     ]
+
+
+def _speed_rows(results: dict[str, Any]) -> list[tuple[str, ...]]:
+    """Tokens/s per setting, FLOP/s against a matmul, and the spike guard's step."""
+    s, th, e = results["per_step"], results["throughput"], results["efficiency"]
+    settings = results["settings"]
+    rows: list[tuple[str, ...]] = []
     plain_tokens = settings["tokens_per_step"] / s["plain_step_s"]
     for name, value in th["tokens_per_s_by_setting"].items():
         rows.append(
@@ -282,6 +330,12 @@ def table(results: dict[str, Any]) -> str:
             f"{guard['skip_over_off']:.3f}",
         )
     )
+    return rows
+
+
+def _checkpoint_rows(c: dict[str, Any]) -> list[tuple[str, ...]]:
+    """Save stalls and load times against plain torch.save / torch.load, per model size."""
+    rows: list[tuple[str, ...]] = []
     for label, cost in (("tiny", c["tiny"]), ("124M", c["gpt2_124m"])):
         if cost is None:
             continue
@@ -305,26 +359,24 @@ def table(results: dict[str, Any]) -> str:
                 f"{cost['load_s'] / cost['plain_torch_load_s']:.2f}",
             ),
         ]
+    return rows
+
+
+def _eval_row(ev: dict[str, Any]) -> tuple[str, ...]:
+    """Eval tokens/s of the entry point (its marginal rate) against evaluate_loss itself."""
     marginal = ev["entry_marginal_tokens_per_s"]
-    rows.append(
-        (
-            "eval tokens/s, entry point, marginal",
-            f"{marginal:,.0f}" if marginal else "n/a (noise)",
-            f"{ev['evaluate_loss_tokens_per_s']:,.0f} evaluate_loss",
-            f"{marginal / ev['evaluate_loss_tokens_per_s']:.3f}" if marginal else "",
-        )
+    return (
+        "eval tokens/s, entry point, marginal",
+        f"{marginal:,.0f}" if marginal else "n/a (noise)",
+        f"{ev['evaluate_loss_tokens_per_s']:,.0f} evaluate_loss",
+        f"{marginal / ev['evaluate_loss_tokens_per_s']:.3f}" if marginal else "",
     )
-    machine = results["machine"]
-    lines = [
-        f"{machine['cpu']}, {machine['threads']} threads, flags: "
-        f"{' '.join(machine['flags']) or 'n/a'} (native bf16: {machine['native_bf16']}); "
-        f"load average {results['load_average']['before']}",
-        "",
-        *_columns(rows),
-        "",
-        *breakdown_table(w),
-        "",
-    ]
+
+
+def _footer_lines(results: dict[str, Any]) -> list[str]:
+    """The compile break-even, what was skipped, the bench's parts and the verdicts."""
+    lines: list[str] = []
+    th = results["throughput"]
     be = th["compile_break_even"]
     if be:
         lines.append(
@@ -343,4 +395,4 @@ def table(results: dict[str, Any]) -> str:
         lines.append(f"{verdict}  {target['target']}: {value} ({target['limit']})")
     if results["mode"] == "quick":
         lines.append("(--quick: toy sizes, no verdicts)")
-    return "\n".join(lines)
+    return lines
