@@ -82,9 +82,7 @@ def test_every_link_resolves(page):
 
 def test_every_doc_is_linked_from_the_readme():
     readme = "\n".join(prose((ROOT / "README.md").read_text(encoding="utf-8")))
-    linked = {
-        (ROOT / t.partition("#")[0]).resolve() for t in LINK.findall(readme) if ":" not in t
-    }
+    linked = {(ROOT / t.partition("#")[0]).resolve() for t in LINK.findall(readme) if ":" not in t}
     docs = set(PAGES[1:])
     assert docs, "docs/ holds the topics"
     assert sorted(p.name for p in docs - linked) == []
