@@ -195,7 +195,7 @@ def test_hydra_keys_and_presets_still_compose():
 
 
 def test_own_groups_on_the_search_path_are_options(tmp_path):
-    """The README's own groups (``--config-dir``, ``hydra.searchpath``) are options too."""
+    """docs/training.md's own groups (``--config-dir``, ``hydra.searchpath``) are options too."""
     from gptexp.train import check_command_line
 
     (tmp_path / "my_conf" / "model").mkdir(parents=True)

@@ -14,7 +14,7 @@ A run directory may have been copied, hand-edited, shared or written by someone 
 - run no code from the run directory (a pickle that would write a marker file never does);
 - lose no valid checkpoint, as defined in :func:`lost_checkpoints`;
 - and a resume past a damaged newest checkpoint carries on from an older valid one (the
-  README's promise), reaching its new ``max_steps`` with a verified checkpoint.
+  promise of docs/checkpoints.md), reaching its new ``max_steps`` with a verified checkpoint.
 
 One small run (single-file checkpoints at steps 10, 15, 20 and an evaluation) and one small
 DCP run are made once per module; each test copies one of them, applies one mutation and runs
@@ -559,7 +559,7 @@ COMMANDS = [
     for name in ("eval", "export", "resume", "fork", "compare", "compare-tree", "diff", "repair")
 ]
 CONTROLS = {"intact", "dcp-intact"}
-# A damaged newest checkpoint is skipped and the newest valid one used (README, Checkpoints):
+# A damaged newest checkpoint is skipped and the newest valid one used (docs/checkpoints.md):
 # resume carries the run on to its new max_steps from an older checkpoint.
 DAMAGED_NEWEST = {
     "ckpt-newest-truncated",
