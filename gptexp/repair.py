@@ -32,13 +32,14 @@ from typing import Any
 import torch
 
 from gptexp.checkpoint.format import (
+    MANIFEST,
     CheckpointEntry,
     checkpoint_name,
     load_checkpoint_file,
     parse_entry,
     step_of,
 )
-from gptexp.checkpoint.manager import FORK_START, MANIFEST, CheckpointManager
+from gptexp.checkpoint.manager import FORK_START, CheckpointManager
 from gptexp.core.cli import command_logging, parse_options, run_command
 from gptexp.core.errors import CheckpointError
 from gptexp.core.fsio import atomic_write_bytes, sha256_of_open_file, xxh3_128_of_open_file

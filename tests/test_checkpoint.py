@@ -17,9 +17,10 @@ import pytest
 import torch
 
 import gptexp.checkpoint.manager
+import gptexp.checkpoint.reader
 import gptexp.fork
-from gptexp.checkpoint.format import checkpoint_name, load_checkpoint_file, snapshot
-from gptexp.checkpoint.manager import FORK_START, MANIFEST, CheckpointManager
+from gptexp.checkpoint.format import MANIFEST, checkpoint_name, load_checkpoint_file, snapshot
+from gptexp.checkpoint.manager import FORK_START, CheckpointManager
 from gptexp.core.config import CheckpointConfig
 from gptexp.core.errors import CheckpointError
 from gptexp.core.fsio import sha256_file, xxh3_128_file
@@ -516,9 +517,9 @@ def test_a_reader_racing_retention_takes_the_newest_valid_checkpoint(tmp_path, m
         monkeypatch.setattr(reader, "entries", lambda: (entries(), race())[0])
     else:
         name = "xxh3_128_of_open_file" if moment == "after the checksum" else "load_checkpoint_file"
-        real = getattr(gptexp.checkpoint.manager, name)
+        real = getattr(gptexp.checkpoint.reader, name)
         monkeypatch.setattr(
-            gptexp.checkpoint.manager, name, lambda *a, **k: (real(*a, **k), race())[0]
+            gptexp.checkpoint.reader, name, lambda *a, **k: (real(*a, **k), race())[0]
         )
     messages: list[str] = []
     entry, state = reader.load_latest_valid(warn=messages.append)
@@ -532,9 +533,9 @@ def test_an_explicit_step_that_retention_took_meanwhile_is_a_clear_error(tmp_pat
     save(writer, 10)
     reader = CheckpointManager(tmp_path, policy())
     race = save_when_read(writer, 20)
-    real = gptexp.checkpoint.manager.xxh3_128_of_open_file
+    real = gptexp.checkpoint.reader.xxh3_128_of_open_file
     monkeypatch.setattr(
-        gptexp.checkpoint.manager, "xxh3_128_of_open_file", lambda f: (real(f), race())[0]
+        gptexp.checkpoint.reader, "xxh3_128_of_open_file", lambda f: (real(f), race())[0]
     )
     with pytest.raises(CheckpointError, match=r"no checkpoint at step 10 \(have: 20\)"):
         reader.load_requested(10)

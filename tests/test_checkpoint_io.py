@@ -8,8 +8,9 @@ import json
 import pytest
 import torch
 
-from gptexp.checkpoint import manager as checkpoint
-from gptexp.checkpoint.manager import MANIFEST, CheckpointManager
+from gptexp.checkpoint import reader as checkpoint
+from gptexp.checkpoint.format import MANIFEST
+from gptexp.checkpoint.manager import CheckpointManager
 from gptexp.core.config import CheckpointConfig
 from gptexp.core.errors import CheckpointError
 from gptexp.core.fsio import sha256_file, xxh3_128_file

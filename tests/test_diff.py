@@ -20,7 +20,8 @@ import pytest
 
 import gptexp.diff
 from gptexp.checkpoint.comparison import holds_checkpoint
-from gptexp.checkpoint.manager import MANIFEST, CheckpointManager
+from gptexp.checkpoint.format import MANIFEST
+from gptexp.checkpoint.manager import CheckpointManager
 from gptexp.core.config import CheckpointConfig
 from gptexp.observe.lineage import lineage
 from gptexp.observe.rundir import RunDirectory

@@ -34,6 +34,7 @@ from gptexp.core.errors import CheckpointError
 log = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
+MANIFEST = "manifest.json"  # checkpoints/manifest.json: the valid checkpoints and their sha256
 # A checkpoint's name inside checkpoints/: its step (zero-padded to 7 digits) and its format.
 CHECKPOINT_NAME = re.compile(r"step_([0-9]{7,})\.(pt|dcp)")
 
