@@ -22,6 +22,15 @@ from typing import Any, ClassVar
 
 import torch
 
+from gptexp.checkpoint.stored import (
+    LoadedCheckpoint,
+    RebuiltRun,
+    check_ckpt,
+    load_run_checkpoint,
+    logged_val_loss,
+    rebuild_model,
+    reload_corpus,
+)
 from gptexp.core.cli import command_logging, parse_options, run_command
 from gptexp.core.config import DEVICES, check_seed
 from gptexp.core.errors import USER_ERRORS, ConfigError, RunError
@@ -32,17 +41,7 @@ from gptexp.observe.rundir import RunDirectory, find_runs, now
 from gptexp.observe.runtable import distinguishing_keys, labels, run_rows
 from gptexp.observe.tables import text_table
 from gptexp.training.runtime import resolve_device
-from gptexp.training.scoring import (
-    LoadedCheckpoint,
-    RebuiltRun,
-    check_ckpt,
-    evaluate_loss,
-    generate_text,
-    load_run_checkpoint,
-    logged_val_loss,
-    rebuild_model,
-    reload_corpus,
-)
+from gptexp.training.scoring import evaluate_loss, generate_text
 from gptexp.training.speed import freeze_imported_objects
 
 log = logging.getLogger(__name__)

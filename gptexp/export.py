@@ -32,6 +32,7 @@ from typing import Any
 
 import safetensors.torch
 
+from gptexp.checkpoint.stored import check_ckpt, load_run_checkpoint, logged_val_loss, rebuild_model
 from gptexp.core.cli import command_logging, parse_options, run_command
 from gptexp.core.config import ModelConfig
 from gptexp.core.errors import ConfigError, RunError
@@ -49,7 +50,6 @@ from gptexp.model.hf import (
     save_hf,
 )
 from gptexp.observe.rundir import RunDirectory, require_run
-from gptexp.training.scoring import check_ckpt, load_run_checkpoint, logged_val_loss, rebuild_model
 from gptexp.training.speed import freeze_imported_objects
 
 USAGE = (

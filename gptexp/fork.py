@@ -22,6 +22,7 @@ import time
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
+from gptexp.checkpoint.stored import check_ckpt, load_run_checkpoint
 from gptexp.core.cli import command_logging, parse_options, run_command
 from gptexp.core.config import TrainConfig, parse_overrides
 from gptexp.core.errors import USER_ERRORS, ConfigError, JobFailed, RunError, TrainingInterrupted
@@ -37,7 +38,6 @@ from gptexp.observe.runtable import cells, table_columns, write_summary
 from gptexp.observe.tables import text_table
 from gptexp.run.forking import ForkStart, data_changed, fork_corpus, parse_reset
 from gptexp.run.session import overridden_config, run_training
-from gptexp.training.scoring import check_ckpt, load_run_checkpoint
 from gptexp.training.speed import freeze_imported_objects
 
 log = logging.getLogger(__name__)

@@ -40,11 +40,11 @@ from gptexp.checkpoint.format import (
     step_of,
 )
 from gptexp.checkpoint.manager import FORK_START, CheckpointManager
+from gptexp.checkpoint.stored import run_checkpoints
 from gptexp.core.cli import command_logging, parse_options, run_command
 from gptexp.core.errors import CheckpointError
 from gptexp.core.fsio import atomic_write_bytes, sha256_of_open_file, xxh3_128_of_open_file
 from gptexp.observe.rundir import RunDirectory, require_run
-from gptexp.training.scoring import run_checkpoints
 
 log = logging.getLogger(__name__)
 

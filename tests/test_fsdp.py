@@ -20,13 +20,13 @@ from torch.distributed.checkpoint.metadata import Metadata
 
 from gptexp.checkpoint import dcp as sharded_checkpoint
 from gptexp.checkpoint.manager import CheckpointManager
+from gptexp.checkpoint.stored import load_run_checkpoint
 from gptexp.core.config import CheckpointConfig
 from gptexp.core.errors import CheckpointError, ConfigError
 from gptexp.core.fsio import sha256_file
 from gptexp.eval import main as eval_main
 from gptexp.export import main as export_main
 from gptexp.observe.rundir import RunDirectory
-from gptexp.training.scoring import load_run_checkpoint
 from tests.conftest import (
     FAST,
     ROOT,

@@ -18,6 +18,7 @@ from safetensors import safe_open
 import gptexp.eval
 import gptexp.export
 import gptexp.train
+from gptexp.checkpoint.stored import load_run_checkpoint, rebuild_model, reload_corpus
 from gptexp.core.config import ModelConfig
 from gptexp.core.errors import ConfigError
 from gptexp.core.fsio import sha256_file
@@ -27,7 +28,6 @@ from gptexp.data.tokenizers import CharTokenizer
 from gptexp.model.gpt import GPT
 from gptexp.model.hf import ExportInfo, import_source, open_source, resolve_init_from, save_hf
 from gptexp.observe.rundir import RunDirectory
-from gptexp.training.scoring import load_run_checkpoint, rebuild_model, reload_corpus
 from tests.conftest import (
     FAST,
     call_main,
