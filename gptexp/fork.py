@@ -150,7 +150,7 @@ def wandb_names(start: ForkStart) -> tuple[str, str]:
 
 def train_fork(cfg: TrainConfig, start: ForkStart, run: RunDirectory) -> float | None:
     group, name = wandb_names(start)
-    return run_training(cfg, run, resume=False, wandb_group=group, wandb_name=name, start=start)
+    return run_training(cfg, run, start, wandb_group=group, wandb_name=name)
 
 
 # ----------------------------------------------------------------------------- one fork

@@ -20,6 +20,7 @@ from gptexp.process_tuning import freeze_imported_objects
 from gptexp.rundir import require_run
 from gptexp.runtime import Distributed
 from gptexp.session import already_finished, resume_config, run_training
+from gptexp.starts import Resume
 
 USAGE = "usage: python -m gptexp.resume run=<run dir> [key=value ...]"
 
@@ -67,8 +68,7 @@ def resume(argv: list[str]) -> float | None:
             lambda: run_training(
                 cfg,
                 run,
-                resume=True,
-                resume_note=note,
+                Resume(note),
                 wandb_group=wandb_group,
                 wandb_name=wandb_name,
                 locked=True,
