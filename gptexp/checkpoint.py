@@ -28,6 +28,7 @@ of checkpoint files without a manifest is refused, pointing to ``python -m gptex
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -59,10 +60,35 @@ from gptexp.fsio import (
     sha256_of_open_file,
     xxh3_128_of_open_file,
 )
+from gptexp.rundir import RunDirectory, stored_config
 
 log = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
+# A checkpoint's keys, in the order a file holds them: the tensors' states, the training state
+# (gptexp.state.STATE_KEYS) and the record of what wrote it.
+CHECKPOINT_KEYS = (
+    "format_version",
+    "model",
+    "optimizer",
+    "scheduler",
+    "scaler",
+    "step",
+    "tokens_seen",
+    "best_metric",
+    "metric",
+    "monitor",
+    "rng",
+    "config",
+    "tokenizer",
+    "data_fingerprint",
+    "vocab_size",
+    "wandb_id",
+    "world_size",
+    "data_order",
+    "data_step",
+    "guard",
+)
 MANIFEST = "manifest.json"
 # The reason listed for a fork's first checkpoint (its parent's state at the fork step): the
 # anchor of the fork's lineage, which retention always keeps (as it keeps the best ones).
@@ -957,3 +983,18 @@ class CheckpointManager:
             f"{self.directory}: the live run replaced or deleted each checkpoint chosen before "
             f"it could be read ({RACE_TRIES} tries); try again, or when the run has stopped"
         )
+
+
+def run_checkpoints(run: RunDirectory, policy: CheckpointConfig | None = None) -> CheckpointManager:
+    """The one way to a run's checkpoint manager.
+
+    ``policy``: the ``checkpoint.*`` config a start of the run trains under (its overrides
+    included): it decides what a save writes and keeps. Without it, a reader's manager: the
+    run's own stored policy, whose ``mode`` decides which checkpoint is ``best`` (eval,
+    export, fork, diff, repair); listing and loading verify against the manifest alone."""
+    if policy is None:
+        stored = stored_config(run).get("checkpoint")
+        known = {f.name for f in dataclasses.fields(CheckpointConfig)}
+        values = {k: v for k, v in stored.items() if k in known} if isinstance(stored, dict) else {}
+        policy = CheckpointConfig(**values)
+    return CheckpointManager(run.checkpoints, policy)

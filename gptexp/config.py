@@ -346,6 +346,10 @@ class TrainConfig:
 
 
 # The Hydra config tree ships inside the package, so an installed gptexp finds it anywhere.
+# The config's top-level keys: for a command that takes overrides of a stored config,
+# ``model=small`` names the config, not one of the command's own keys (gptexp.cli.OVERRIDES).
+CONFIG_KEYS = frozenset(f.name for f in dataclasses.fields(TrainConfig))
+
 CONF_DIR = Path(__file__).resolve().parent / "conf"
 
 

@@ -33,9 +33,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from gptexp.checkpoint import CheckpointManager, checkpoint_name
+from gptexp.checkpoint import checkpoint_name, run_checkpoints
 from gptexp.cli import command_logging, parse_options, run_command
-from gptexp.config import CheckpointConfig
 from gptexp.errors import CheckpointError, ConfigError, RunError
 from gptexp.fsio import sha256_file
 from gptexp.metrics import config_diff, read_metrics
@@ -174,7 +173,7 @@ def holder_of(parent: dict[str, Any], candidates: list[RunDirectory]) -> RunDire
         return None
     for candidate in candidates:
         try:
-            entries = checkpoint_manager(candidate).entries()
+            entries = run_checkpoints(candidate).entries()
         except CheckpointError:
             continue
         for entry in entries:
@@ -292,15 +291,10 @@ def first_metric_divergence(
 # ----------------------------------------------------------------------------- checkpoints
 
 
-def checkpoint_manager(run: RunDirectory) -> CheckpointManager:
-    # Reading needs no policy: entries() and load() verify against the manifest alone.
-    return CheckpointManager(run.checkpoints, CheckpointConfig())
-
-
 def listed_checkpoints(run: RunDirectory, label: str, notes: list[str]) -> dict[int, Any]:
     """The manifest's entries by step; a damaged manifest counts as none, with a note."""
     try:
-        return {entry.step: entry for entry in checkpoint_manager(run).entries()}
+        return {entry.step: entry for entry in run_checkpoints(run).entries()}
     except CheckpointError as error:
         notes.append(f"{label}: {error}")
         return {}
@@ -415,7 +409,7 @@ def compare_checkpoints(a: RunDirectory, b: RunDirectory) -> dict[str, Any]:
     notes: list[str] = []
     listed_a = listed_checkpoints(a, "A", notes)
     listed_b = listed_checkpoints(b, "B", notes)
-    manager_a, manager_b = checkpoint_manager(a), checkpoint_manager(b)
+    manager_a, manager_b = run_checkpoints(a), run_checkpoints(b)
     equal_steps, different_steps, top = [], [], []
     hyperparameters: dict[str, Any] | None = None
     common = sorted(listed_a.keys() & listed_b.keys())
@@ -482,7 +476,7 @@ class ReplaySide:
     ) -> None:
         from gptexp.config import to_train_config
         from gptexp.runtime import Distributed, capture_rng_state
-        from gptexp.session import run_corpus
+        from gptexp.starts import run_corpus
         from gptexp.trainer import Trainer
 
         cfg = to_train_config(info.config)
@@ -536,8 +530,8 @@ def replay_start(
     state_a = state_b = None
     if equal:
         start = max(equal)
-        state_a = checkpoint_manager(a.run).load(checkpoint_manager(a.run).find(start))
-        state_b = checkpoint_manager(b.run).load(checkpoint_manager(b.run).find(start))
+        state_a = run_checkpoints(a.run).load(run_checkpoints(a.run).find(start))
+        state_b = run_checkpoints(b.run).load(run_checkpoints(b.run).find(start))
         source = f"the common checkpoint {checkpoint_name(start)}"
     fork = family["fork_step"]
     depths = (family["a_depth"] or 0, family["b_depth"] or 0)
@@ -550,7 +544,7 @@ def replay_start(
     if fork is not None and fork > start and direct:
         ancestor = RunDirectory(family["common_ancestor"])
         try:
-            manager = checkpoint_manager(ancestor)
+            manager = run_checkpoints(ancestor)
             state_a = state_b = manager.load(manager.find(fork))
             start, source = fork, f"{ancestor.path / 'checkpoints' / checkpoint_name(fork)}"
         except CheckpointError as error:

@@ -13,9 +13,8 @@ from typing import Any
 
 import torch
 
-from gptexp.checkpoint import CheckpointEntry, CheckpointManager
+from gptexp.checkpoint import CheckpointEntry, run_checkpoints
 from gptexp.config import (
-    CheckpointConfig,
     DataConfig,
     ModelConfig,
     TrainConfig,
@@ -26,7 +25,7 @@ from gptexp.data import Corpus, Tokenizer, prepare_corpus, sample_batch, tokeniz
 from gptexp.errors import CheckpointError, ConfigError
 from gptexp.metrics import VAL_LOSS, flatten, read_metrics
 from gptexp.model import GPT
-from gptexp.rundir import RunDirectory, stored_config
+from gptexp.rundir import RunDirectory
 from gptexp.runtime import autocast_context
 
 log = logging.getLogger(__name__)
@@ -104,16 +103,6 @@ class LoadedCheckpoint:
     state: dict[str, Any]
     label: str
     skipped: list[str] = field(default_factory=list)  # damaged checkpoints passed over
-
-
-def run_checkpoints(run: RunDirectory) -> CheckpointManager:
-    """The run's checkpoint directory under the run's own checkpoint policy (its ``mode``
-    decides which checkpoint is best)."""
-    config = stored_config(run).get("checkpoint", {})
-    known = {f.name for f in dataclasses.fields(CheckpointConfig)}
-    return CheckpointManager(
-        run.checkpoints, CheckpointConfig(**{k: v for k, v in config.items() if k in known})
-    )
 
 
 def load_run_checkpoint(run: RunDirectory, ckpt: str) -> LoadedCheckpoint:

@@ -39,11 +39,11 @@ from gptexp.checkpoint import (
     checkpoint_name,
     load_checkpoint_file,
     parse_entry,
+    run_checkpoints,
     step_of,
 )
 from gptexp.cli import command_logging, parse_options, run_command
 from gptexp.errors import CheckpointError
-from gptexp.evaluation import run_checkpoints
 from gptexp.fsio import atomic_write_bytes, sha256_of_open_file, xxh3_128_of_open_file
 from gptexp.rundir import RunDirectory, require_run
 

@@ -54,6 +54,7 @@ from gptexp.rundir import (
 from gptexp.runtable import cells, table_columns, write_summary
 from gptexp.runtime import Distributed
 from gptexp.session import run_training
+from gptexp.starts import Resume, new_run
 from gptexp.tables import text_table
 
 log = logging.getLogger(__name__)
@@ -255,11 +256,13 @@ def _train_job(plan, typed, own, wandb_group, wandb_name, dist_ctx, report_to) -
         if plan.action == RESUME:
             log.info("%s: unfinished run of the same config; resuming it", plan.run.path)
         try:
+            start = (
+                Resume({"sweep_job": own.path.name}) if plan.action == RESUME else new_run(typed)
+            )
             result = run_training(
                 typed,
                 plan.run,
-                resume=plan.action == RESUME,
-                resume_note={"sweep_job": own.path.name},
+                start,
                 wandb_group=wandb_group,
                 wandb_name=wandb_name,
                 locked=True,

@@ -33,6 +33,7 @@ from gptexp.requeue import prefer_sigusr1
 from gptexp.rundir import RunDirectory, discard_unstarted
 from gptexp.runtime import Distributed, init_distributed
 from gptexp.session import run_training
+from gptexp.starts import new_run
 from gptexp.sweep import BASIC_SWEEPER, share_cores_between_jobs, sweep_job
 
 log = logging.getLogger(__name__)
@@ -135,7 +136,7 @@ def train(cfg: DictConfig) -> float | None:
                 return run_training(
                     typed,
                     run,
-                    resume=False,
+                    new_run(typed),
                     wandb_group=wandb_group,
                     wandb_name=wandb_name,
                     locked=True,

@@ -44,7 +44,7 @@ def make_trainer(cfg, run_dir: Path, dist_ctx=None, state=None, sinks=()):
     """A Trainer in this process for ``cfg``, its corpus prepared as the session does."""
     from gptexp.rundir import RunDirectory
     from gptexp.runtime import Distributed
-    from gptexp.session import run_corpus
+    from gptexp.starts import run_corpus
     from gptexp.trainer import Trainer
 
     run = RunDirectory(run_dir)

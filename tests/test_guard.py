@@ -27,7 +27,7 @@ from gptexp.guard import APPLY, ROLLBACK, SKIP, STOP, SpikeGuard, stop_message
 from gptexp.metrics import MetricsFile
 from gptexp.rundir import RunDirectory
 from gptexp.runtime import Distributed
-from gptexp.session import run_corpus
+from gptexp.starts import run_corpus
 from gptexp.trainer import Trainer
 from gptexp.wandb_mirror import WandbMirror
 from tests.conftest import FAST, ROOT, read_metrics, run_module, subprocess_env
@@ -196,8 +196,8 @@ def test_a_run_from_before_the_guard_resumes_with_its_batches_in_order(finished_
     cfg = to_train_config(state["config"])
     corpus = run_corpus(cfg, RunDirectory(finished_run), state)
     trainer = Trainer(cfg, RunDirectory(tmp_path), Distributed(), corpus, resume_state=state)
-    assert trainer.data_step == trainer.step == 20  # the next update trains on batch 20
-    assert trainer.guard.state_dict() == SpikeGuard(GuardConfig()).state_dict()
+    assert trainer.state.data_step == trainer.state.step == 20  # the next update trains on batch 20
+    assert trainer.state.guard.state_dict() == SpikeGuard(GuardConfig()).state_dict()
 
 
 @pytest.mark.parametrize("asynchronous", [False, True])

@@ -7,7 +7,7 @@ import logging
 from pathlib import Path
 
 from gptexp.rundir import RunDirectory
-from gptexp.session import rewind_metrics
+from gptexp.starts import rewind_metrics
 
 
 def write_records(path: Path, steps: list[int]) -> None:

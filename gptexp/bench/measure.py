@@ -438,7 +438,7 @@ def tiny_checkpoint_cost(plan: BenchPlan, corpus: Path, workdir: Path) -> dict[s
     from gptexp.config import DataConfig, LoggerConfig, TrainConfig, TrainingConfig
     from gptexp.rundir import RunDirectory
     from gptexp.runtime import Distributed
-    from gptexp.session import run_corpus
+    from gptexp.starts import run_corpus
     from gptexp.trainer import Trainer
 
     training = TrainingConfig(
@@ -473,7 +473,7 @@ def guard_overhead(plan: BenchPlan, corpus: Path, workdir: Path, steps: int) -> 
     from gptexp.config import DataConfig, GuardConfig, LoggerConfig, TrainConfig, TrainingConfig
     from gptexp.rundir import RunDirectory
     from gptexp.runtime import Distributed
-    from gptexp.session import run_corpus
+    from gptexp.starts import run_corpus
     from gptexp.trainer import Trainer
 
     trainers = {}
