@@ -35,7 +35,7 @@ from gptexp.evaluation import (
     reload_corpus,
 )
 from gptexp.fsio import atomic_write_json, atomic_write_text
-from gptexp.process_tuning import freeze_imported_objects
+from gptexp.process_tuning import freeze_imported_objects, reproducible_blas
 from gptexp.rundir import RunDirectory, find_runs, now
 from gptexp.runtable import distinguishing_keys, label, run_rows
 from gptexp.runtime import resolve_device
@@ -330,6 +330,7 @@ def evaluate(options: EvalOptions) -> list[EvalResult]:
 
 
 def main() -> None:
+    reproducible_blas()  # gptexp.process_tuning: before the first matmul, which reads it
     freeze_imported_objects()
     with command_logging(None):
         run_command(lambda: evaluate(parse_options(sys.argv[1:], EvalOptions, USAGE)))

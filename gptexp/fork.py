@@ -27,7 +27,7 @@ from gptexp.config import TrainConfig
 from gptexp.errors import USER_ERRORS, ConfigError, JobFailed, RunError, TrainingInterrupted
 from gptexp.evaluation import check_ckpt, load_run_checkpoint
 from gptexp.forking import ForkStart, data_changed, fork_corpus, parse_reset
-from gptexp.process_tuning import freeze_imported_objects
+from gptexp.process_tuning import freeze_imported_objects, reproducible_blas
 from gptexp.rundir import (
     FAILED,
     FINISHED,
@@ -238,6 +238,7 @@ def fork(argv: list[str]) -> float | None:
 
 
 def main() -> None:
+    reproducible_blas()  # gptexp.process_tuning: before the first matmul, which reads it
     freeze_imported_objects()
     with command_logging(None):  # a fork's own log (train.log) takes over once its directory exists
         run_command(lambda: fork(sys.argv[1:]))

@@ -15,7 +15,7 @@ import sys
 from gptexp.cli import command_logging, run_command
 from gptexp.errors import ConfigError
 from gptexp.metrics import FINAL_VAL_LOSS
-from gptexp.process_tuning import freeze_imported_objects
+from gptexp.process_tuning import freeze_imported_objects, reproducible_blas
 from gptexp.rundir import require_run
 from gptexp.runtime import Distributed
 from gptexp.session import already_finished, resume_config, run_training
@@ -70,6 +70,7 @@ def resume(argv: list[str]) -> float | None:
 
 
 def main() -> None:
+    reproducible_blas()  # gptexp.process_tuning: before the first matmul, which reads it
     freeze_imported_objects()
     run_command(lambda: resume(sys.argv[1:]))
 

@@ -23,7 +23,7 @@ from gptexp.cli import command_logging, run_command
 from gptexp.config import CONF_DIR, register_configs, to_train_config
 from gptexp.errors import JobFailed, RunError
 from gptexp.hf import resolve_init_from
-from gptexp.process_tuning import freeze_imported_objects
+from gptexp.process_tuning import freeze_imported_objects, reproducible_blas
 from gptexp.requeue import prefer_sigusr1
 from gptexp.rundir import RunDirectory, discard_unstarted
 from gptexp.runtime import Distributed, init_distributed
@@ -106,6 +106,7 @@ def train(cfg: DictConfig) -> float | None:
 
 
 def main() -> None:
+    reproducible_blas()  # gptexp.process_tuning: before the first matmul, which reads it
     freeze_imported_objects()  # gptexp.process_tuning: no collection walks torch's modules
     prefer_sigusr1()  # SLURM's pre-timeout signal for submitit jobs (gptexp.requeue)
     register_configs()
