@@ -38,6 +38,7 @@ from gptexp.cli import command_logging, parse_options, run_command
 from gptexp.errors import CheckpointError, ConfigError, RunError
 from gptexp.fsio import sha256_file
 from gptexp.metrics import config_diff, read_metrics
+from gptexp.process_tuning import prepare_command_process
 from gptexp.rundir import RunDirectory, require_run, runs_under, stored_config
 
 log = logging.getLogger(__name__)
@@ -874,6 +875,7 @@ def diff(options: DiffOptions) -> int:
 
 
 def main() -> None:
+    prepare_command_process()  # gptexp.process_tuning: --replay trains, reproducibly
     with command_logging(None, console_level=logging.WARNING):
         code = run_command(lambda: diff(parse_options(sys.argv[1:], DiffOptions, USAGE)))
     sys.exit(code)

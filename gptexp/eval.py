@@ -35,7 +35,7 @@ from gptexp.evaluation import (
     reload_corpus,
 )
 from gptexp.fsio import atomic_write_json, atomic_write_text
-from gptexp.process_tuning import freeze_imported_objects
+from gptexp.process_tuning import prepare_command_process
 from gptexp.rundir import RunDirectory, find_runs, now
 from gptexp.runtable import distinguishing_keys, labels, run_rows
 from gptexp.runtime import resolve_device
@@ -333,7 +333,7 @@ def evaluate(options: EvalOptions) -> list[EvalResult]:
 
 
 def main() -> None:
-    freeze_imported_objects()
+    prepare_command_process()  # gptexp.process_tuning: reproducible matmuls, a quiet collector
     with command_logging(None):
         run_command(lambda: evaluate(parse_options(sys.argv[1:], EvalOptions, USAGE)))
 

@@ -49,7 +49,7 @@ from gptexp.hf import (
     save_hf,
 )
 from gptexp.model import GPT
-from gptexp.process_tuning import freeze_imported_objects
+from gptexp.process_tuning import prepare_command_process
 from gptexp.rundir import RunDirectory, require_run
 
 USAGE = (
@@ -234,7 +234,7 @@ def place_export(run: RunDirectory, out: Path, write: Callable[[Path], None]) ->
 
 
 def main() -> None:
-    freeze_imported_objects()
+    prepare_command_process()  # gptexp.process_tuning: reproducible matmuls, a quiet collector
     with command_logging(None):
         run_command(lambda: export(parse_options(sys.argv[1:], ExportOptions, USAGE)))
 

@@ -28,7 +28,7 @@ from gptexp.config import CONFIG_KEYS, TrainConfig, parse_overrides
 from gptexp.errors import USER_ERRORS, ConfigError, JobFailed, RunError, TrainingInterrupted
 from gptexp.evaluation import check_ckpt, load_run_checkpoint
 from gptexp.forking import ForkStart, data_changed, fork_corpus, parse_reset
-from gptexp.process_tuning import freeze_imported_objects
+from gptexp.process_tuning import prepare_command_process
 from gptexp.rundir import (
     FAILED,
     FINISHED,
@@ -238,7 +238,7 @@ def fork(argv: list[str]) -> float | None:
 
 
 def main() -> None:
-    freeze_imported_objects()
+    prepare_command_process()  # gptexp.process_tuning: reproducible matmuls, a quiet collector
     with command_logging(None):  # a fork's own log (train.log) takes over once its directory exists
         run_command(lambda: fork(sys.argv[1:]))
 

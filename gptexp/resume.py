@@ -19,7 +19,7 @@ from gptexp.cli import command_logging, parse_options, run_command
 from gptexp.config import CONFIG_KEYS
 from gptexp.errors import resume_hint
 from gptexp.metrics import FINAL_VAL_LOSS
-from gptexp.process_tuning import freeze_imported_objects
+from gptexp.process_tuning import prepare_command_process
 from gptexp.rundir import require_run
 from gptexp.runtime import Distributed
 from gptexp.session import already_finished, resume_config, run_training
@@ -81,7 +81,7 @@ def resume(argv: list[str]) -> float | None:
 
 
 def main() -> None:
-    freeze_imported_objects()
+    prepare_command_process()  # gptexp.process_tuning: reproducible matmuls, a quiet collector
     run_command(lambda: resume(sys.argv[1:]))
 
 

@@ -28,7 +28,7 @@ from gptexp.errors import JobFailed, RunError, resume_hint
 from gptexp.fsio import TMP_SUFFIX
 from gptexp.hf import resolve_init_from
 from gptexp.optuna_trial import trial_reporter
-from gptexp.process_tuning import freeze_imported_objects
+from gptexp.process_tuning import prepare_command_process
 from gptexp.requeue import prefer_sigusr1
 from gptexp.rundir import RunDirectory, discard_unstarted
 from gptexp.runtime import Distributed, init_distributed
@@ -165,7 +165,7 @@ def check_command_line(argv: list[str]) -> None:
 
 
 def main() -> None:
-    freeze_imported_objects()  # gptexp.process_tuning: no collection walks torch's modules
+    prepare_command_process()  # gptexp.process_tuning: reproducible matmuls, a quiet collector
     prefer_sigusr1()  # SLURM's pre-timeout signal for submitit jobs (gptexp.requeue)
     run_command(lambda: check_command_line(sys.argv[1:]))
     register_configs()
