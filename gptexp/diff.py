@@ -31,6 +31,7 @@ from gptexp.core.errors import ConfigError
 from gptexp.observe.divergence import RunInfo, config_difference, first_metric_divergence, load_run
 from gptexp.observe.lineage import lineage
 from gptexp.run.replay import replay
+from gptexp.training.speed import prepare_command_process
 
 log = logging.getLogger(__name__)
 
@@ -256,6 +257,7 @@ def diff(options: DiffOptions) -> int:
 
 
 def main() -> None:
+    prepare_command_process()  # gptexp.training.speed: --replay trains, reproducibly
     with command_logging(None, console_level=logging.WARNING):
         code = run_command(lambda: diff(parse_options(sys.argv[1:], DiffOptions, USAGE)))
     sys.exit(code)

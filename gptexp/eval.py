@@ -42,7 +42,7 @@ from gptexp.observe.runtable import distinguishing_keys, labels, run_rows
 from gptexp.observe.tables import text_table
 from gptexp.training.runtime import resolve_device
 from gptexp.training.scoring import evaluate_loss, generate_text
-from gptexp.training.speed import freeze_imported_objects
+from gptexp.training.speed import prepare_command_process
 
 log = logging.getLogger(__name__)
 
@@ -388,7 +388,7 @@ def evaluate(options: EvalOptions) -> list[EvalResult]:
 
 
 def main() -> None:
-    freeze_imported_objects()
+    prepare_command_process()  # gptexp.training.speed: reproducible matmuls, a quiet collector
     with command_logging(None):
         run_command(lambda: evaluate(parse_options(sys.argv[1:], EvalOptions, USAGE)))
 

@@ -50,7 +50,7 @@ from gptexp.model.hf import (
     save_hf,
 )
 from gptexp.observe.rundir import RunDirectory, require_run
-from gptexp.training.speed import freeze_imported_objects
+from gptexp.training.speed import prepare_command_process
 
 USAGE = (
     "usage: python -m gptexp.export run=<run dir> [ckpt=last|best|<step>] [format=gptexp|hf] "
@@ -234,7 +234,7 @@ def place_export(run: RunDirectory, out: Path, write: Callable[[Path], None]) ->
 
 
 def main() -> None:
-    freeze_imported_objects()
+    prepare_command_process()  # gptexp.training.speed: reproducible matmuls, a quiet collector
     with command_logging(None):
         run_command(lambda: export(parse_options(sys.argv[1:], ExportOptions, USAGE)))
 

@@ -19,12 +19,13 @@ import itertools
 import logging
 import sys
 import time
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import ClassVar
 
 from gptexp.checkpoint.stored import check_ckpt, load_run_checkpoint
 from gptexp.core.cli import command_logging, parse_options, run_command
-from gptexp.core.config import TrainConfig, parse_overrides
+from gptexp.core.config import CONFIG_KEYS, TrainConfig, parse_overrides
 from gptexp.core.errors import USER_ERRORS, ConfigError, JobFailed, RunError, TrainingInterrupted
 from gptexp.observe.rundir import (
     FAILED,
@@ -38,7 +39,7 @@ from gptexp.observe.runtable import cells, table_columns, write_summary
 from gptexp.observe.tables import text_table
 from gptexp.run.forking import ForkStart, data_changed, fork_corpus, parse_reset
 from gptexp.run.session import overridden_config, run_training
-from gptexp.training.speed import freeze_imported_objects
+from gptexp.training.speed import prepare_command_process
 
 log = logging.getLogger(__name__)
 
@@ -49,13 +50,15 @@ USAGE = (
     "(e.g. training.lr=3e-4); -m: one fork per comma-separated value"
 )
 RUNS_DIR, SWEEPS_DIR = Path("outputs/runs"), Path("outputs/sweeps")
-# Group names of the run config: ``model=small`` is a config override (refused with a clear
-# message: a fork keeps its parent's model), not an unknown option of this command.
-CONFIG_GROUPS = {f.name for f in fields(TrainConfig)}
 
 
 @dataclass
 class ForkOptions:
+    # ``model=small`` is a config override (refused with a clear message: a fork keeps its
+    # parent's model), not an unknown option of this command (gptexp.core.cli.OVERRIDES).
+    CONFIG_KEYS: ClassVar[frozenset[str]] = CONFIG_KEYS
+    ALIASES: ClassVar[dict[str, str]] = {"m": "multirun"}
+
     run: str = field(metadata={"help": "the parent run directory"})
     ckpt: str = field(default="last", metadata={"help": "last, best or a step number"})
     out: str | None = field(
@@ -66,23 +69,17 @@ class ForkOptions:
         default="",
         metadata={"help": "restart any of optimizer,scheduler,rng,step (comma-separated)"},
     )
+    multirun: bool = field(
+        default=False, metadata={"help": "one fork per comma-separated value (also --multirun)"}
+    )
+    overrides: list[str] = field(
+        default_factory=list,
+        metadata={"help": "any key of the parent's training, checkpoint, logger or data config"},
+    )
 
     def __post_init__(self) -> None:
         check_ckpt(self.ckpt)
         parse_reset(self.reset)
-
-
-def split_args(argv: list[str]) -> tuple[bool, list[str], list[str]]:
-    """(multirun, this command's options, the config overrides ``key.path=value``)."""
-    multirun = any(arg in ("-m", "--multirun") for arg in argv)
-    options, overrides = [], []
-    for arg in argv:
-        if arg in ("-m", "--multirun"):
-            continue
-        key = arg.partition("=")[0]
-        is_config = "." in key or key.lstrip("+~") in CONFIG_GROUPS
-        (overrides if is_config and not arg.startswith("-") else options).append(arg)
-    return multirun, options, overrides
 
 
 def prepare(options: ForkOptions, overrides: list[str]) -> tuple[TrainConfig, ForkStart]:
@@ -150,7 +147,7 @@ def wandb_names(start: ForkStart) -> tuple[str, str]:
 
 def train_fork(cfg: TrainConfig, start: ForkStart, run: RunDirectory) -> float | None:
     group, name = wandb_names(start)
-    return run_training(cfg, run, resume=False, wandb_group=group, wandb_name=name, start=start)
+    return run_training(cfg, run, start, wandb_group=group, wandb_name=name)
 
 
 # ----------------------------------------------------------------------------- one fork
@@ -233,16 +230,15 @@ def fork_sweep(options: ForkOptions, overrides: list[str]) -> None:
 
 
 def fork(argv: list[str]) -> float | None:
-    multirun, option_args, overrides = split_args(argv)
-    options = parse_options(option_args, ForkOptions, USAGE)
-    if multirun:
-        fork_sweep(options, overrides)
+    options = parse_options(argv, ForkOptions, USAGE)
+    if options.multirun:
+        fork_sweep(options, options.overrides)
         return None
-    return fork_one(options, overrides)
+    return fork_one(options, options.overrides)
 
 
 def main() -> None:
-    freeze_imported_objects()
+    prepare_command_process()  # gptexp.training.speed: reproducible matmuls, a quiet collector
     with command_logging(None):  # a fork's own log (train.log) takes over once its directory exists
         run_command(lambda: fork(sys.argv[1:]))
 

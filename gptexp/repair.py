@@ -39,8 +39,7 @@ from gptexp.checkpoint.format import (
     parse_entry,
     step_of,
 )
-from gptexp.checkpoint.manager import FORK_START, CheckpointManager
-from gptexp.checkpoint.stored import run_checkpoints
+from gptexp.checkpoint.manager import FORK_START, CheckpointManager, run_checkpoints
 from gptexp.core.cli import command_logging, parse_options, run_command
 from gptexp.core.errors import CheckpointError
 from gptexp.core.fsio import atomic_write_bytes, sha256_of_open_file, xxh3_128_of_open_file

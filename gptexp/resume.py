@@ -12,35 +12,40 @@ from __future__ import annotations
 
 import contextlib
 import sys
+from dataclasses import dataclass, field
+from typing import ClassVar
 
-from gptexp.core.cli import command_logging, run_command
-from gptexp.core.errors import ConfigError, resume_hint
+from gptexp.core.cli import command_logging, parse_options, run_command
+from gptexp.core.config import CONFIG_KEYS
+from gptexp.core.errors import resume_hint
 from gptexp.observe.metrics import FINAL_VAL_LOSS
 from gptexp.observe.rundir import require_run
 from gptexp.run.session import already_finished, resume_config, run_training
+from gptexp.run.starts import Resume
 from gptexp.training.runtime import Distributed
-from gptexp.training.speed import freeze_imported_objects
+from gptexp.training.speed import prepare_command_process
 
 USAGE = "usage: python -m gptexp.resume run=<run dir> [key=value ...]"
 
 
-def split_args(argv: list[str]) -> tuple[str, list[str]]:
-    """``run=<dir>`` and the config overrides (``key.path=value``) that follow it."""
-    if any(arg in ("-h", "--help") for arg in argv):
-        print(
-            f"{USAGE}\n\nkeys: run (required), then any key of the run's stored config, "
-            "e.g. training.max_steps=6000 training.lr=3e-4 data.path=<moved corpus>"
-        )
-        sys.exit(0)
-    runs = [a for a in argv if a.startswith("run=")]
-    if len(runs) != 1:
-        raise ConfigError(f"run=<dir> is required (once)\n{USAGE}")
-    return runs[0].removeprefix("run="), [a for a in argv if not a.startswith("run=")]
+@dataclass
+class ResumeOptions:
+    CONFIG_KEYS: ClassVar[frozenset[str]] = CONFIG_KEYS  # model=small: an override (refused)
+
+    run: str = field(metadata={"help": "the run directory"})
+    overrides: list[str] = field(
+        default_factory=list,
+        metadata={
+            "help": "any key of the run's stored config, e.g. training.max_steps=6000 "
+            "training.lr=3e-4 data.path=<moved corpus>"
+        },
+    )
 
 
 def resume(argv: list[str]) -> float | None:
-    path, overrides = split_args(argv)
-    run = require_run(path)
+    options = parse_options(argv, ResumeOptions, USAGE)
+    overrides = options.overrides
+    run = require_run(options.run)
     cfg, changes = resume_config(run, overrides)
     if already_finished(run, cfg):
         # Nothing to do, so nothing is touched (not even train.log).
@@ -67,8 +72,7 @@ def resume(argv: list[str]) -> float | None:
             lambda: run_training(
                 cfg,
                 run,
-                resume=True,
-                resume_note=note,
+                Resume(note),
                 wandb_group=wandb_group,
                 wandb_name=wandb_name,
                 locked=True,
@@ -77,7 +81,7 @@ def resume(argv: list[str]) -> float | None:
 
 
 def main() -> None:
-    freeze_imported_objects()
+    prepare_command_process()  # gptexp.training.speed: reproducible matmuls, a quiet collector
     run_command(lambda: resume(sys.argv[1:]))
 
 

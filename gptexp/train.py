@@ -31,9 +31,10 @@ from gptexp.observe.rundir import RunDirectory, discard_unstarted
 from gptexp.run.optuna_trial import trial_reporter
 from gptexp.run.requeue import prefer_sigusr1
 from gptexp.run.session import run_training
+from gptexp.run.starts import new_run
 from gptexp.run.sweep import BASIC_SWEEPER, share_cores_between_jobs, sweep_job
 from gptexp.training.runtime import Distributed, init_distributed
-from gptexp.training.speed import freeze_imported_objects
+from gptexp.training.speed import prepare_command_process
 
 log = logging.getLogger(__name__)
 
@@ -135,7 +136,7 @@ def train(cfg: DictConfig) -> float | None:
                 return run_training(
                     typed,
                     run,
-                    resume=False,
+                    new_run(typed),
                     wandb_group=wandb_group,
                     wandb_name=wandb_name,
                     locked=True,
@@ -164,7 +165,7 @@ def check_command_line(argv: list[str]) -> None:
 
 
 def main() -> None:
-    freeze_imported_objects()  # gptexp.training.speed: no collection walks torch's modules
+    prepare_command_process()  # gptexp.training.speed: reproducible matmuls, a quiet collector
     prefer_sigusr1()  # SLURM's pre-timeout signal for submitit jobs (gptexp.run.requeue)
     run_command(lambda: check_command_line(sys.argv[1:]))
     register_configs()

@@ -43,7 +43,7 @@ def _offline_and_isolated(tmp_path, monkeypatch):
 def make_trainer(cfg, run_dir: Path, dist_ctx=None, state=None, sinks=()):
     """A Trainer in this process for ``cfg``, its corpus prepared as the session does."""
     from gptexp.observe.rundir import RunDirectory
-    from gptexp.run.session import run_corpus
+    from gptexp.run.starts import run_corpus
     from gptexp.training.runtime import Distributed
     from gptexp.training.trainer import Trainer
 

@@ -30,7 +30,7 @@ report = trainer.Trainer._report
 
 def report_then_interrupt(self, *args, **kwargs):
     report(self, *args, **kwargs)
-    if self.step == FIRST_AT_STEP:
+    if self.state.step == FIRST_AT_STEP:
         press_ctrl_c()
 
 

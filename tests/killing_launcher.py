@@ -15,7 +15,7 @@ import runpy
 import signal
 import sys
 
-import gptexp.run.session as session
+import gptexp.run.starts as starts
 import gptexp.run.sweep as sweep
 
 
@@ -35,14 +35,14 @@ if __name__ == "__main__":
 
         sweep.claim_run = claim_run
     elif where == "before-training":
-        corpus = session.run_corpus
+        corpus = starts.run_corpus
 
         def run_corpus(cfg, run, *args, **kwargs):
             if run.path.name == job:
                 die()
             return corpus(cfg, run, *args, **kwargs)
 
-        session.run_corpus = run_corpus
+        starts.run_corpus = run_corpus
     else:
         sys.exit(f"unknown point {where!r}")
     sys.argv = [module, *args]

@@ -552,3 +552,34 @@ def test_a_dcp_save_never_removes_a_directory_the_manifest_does_not_list(tmp_pat
     assert listed_steps(manager) == [10, 20]
     assert manager.load(manager.find(20))["step"] == 20
     assert (tmp_path / "step_0000020.dcp.unlisted" / "notes.txt").read_text() == "mine"
+
+
+# ----------------------------------------------------------------------------- one manager
+
+
+def test_a_runs_checkpoint_manager_has_one_source_and_the_policy_its_use_needs(tmp_path):
+    """A reader's manager (eval, export, fork, diff, repair) ranks ``best`` by the run's own
+    stored policy; a training start passes the policy it trains under."""
+    from gptexp.checkpoint.manager import run_checkpoints
+    from gptexp.observe.rundir import RunDirectory
+
+    run = RunDirectory(tmp_path)
+    (tmp_path / "run.json").write_text(json.dumps({"config": {"checkpoint": {"mode": "max"}}}))
+    reader = run_checkpoints(run)
+    assert reader.directory == run.checkpoints and reader.policy.mode == "max"
+    writer = run_checkpoints(run, CheckpointConfig(keep_last=7))
+    assert writer.policy.keep_last == 7 and writer.directory == run.checkpoints
+    (tmp_path / "run.json").write_text(json.dumps({"config": {"checkpoint": "not a dict"}}))
+    assert run_checkpoints(run).policy == CheckpointConfig()
+
+
+def test_no_module_builds_a_runs_checkpoint_manager_itself():
+    """Only gptexp.checkpoint.manager.run_checkpoints does (bench and gpucheck time their own
+    scratch directories)."""
+    root = Path(gptexp.checkpoint.manager.__file__).parents[1]  # the gptexp package
+    builders = {
+        str(path.relative_to(root))
+        for path in root.rglob("*.py")
+        if "CheckpointManager(" in path.read_text(encoding="utf-8")
+    }
+    assert builders == {"checkpoint/manager.py", "tools/gpucheck.py", "tools/bench/measure.py"}

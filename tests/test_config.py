@@ -18,7 +18,8 @@ import pytest
 from omegaconf import OmegaConf
 
 import gptexp.train
-from gptexp.core.config import ConfigError, TrainConfig, config_to_dict, to_train_config
+from gptexp.core.config import TrainConfig, config_to_dict, to_train_config
+from gptexp.core.errors import ConfigError
 from gptexp.data.corpus import prepare_corpus
 from tests.conftest import (
     CONF_DIR,

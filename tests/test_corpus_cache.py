@@ -87,7 +87,7 @@ def test_a_damaged_entry_is_ignored_and_rewritten(tmp_path, corpus_file, damage)
 
 
 def test_the_block_size_check_holds_for_a_cached_corpus(tmp_path, corpus_file):
-    from gptexp.core.config import ConfigError
+    from gptexp.core.errors import ConfigError
 
     prepare_corpus(corpus_file, block_size=16)
     with pytest.raises(ConfigError, match="model.block_size=100000"):

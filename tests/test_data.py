@@ -9,8 +9,7 @@ import urllib.request
 import pytest
 import torch
 
-from gptexp.core.config import ConfigError
-from gptexp.core.errors import DataError
+from gptexp.core.errors import ConfigError, DataError
 from gptexp.data import sources, tokenizers
 from gptexp.data.batches import sample_batch
 from gptexp.data.cache import cache_dir

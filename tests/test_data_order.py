@@ -8,8 +8,7 @@ import logging
 import pytest
 import torch
 
-from gptexp.core.config import ConfigError
-from gptexp.core.errors import DataError
+from gptexp.core.errors import ConfigError, DataError
 from gptexp.data.batches import (
     DATA_ORDER_VERSION,
     global_batch_slice,
@@ -162,7 +161,7 @@ def test_resuming_on_fewer_processes_raises_grad_accum(tmp_path, caplog):
     state["world_size"] = 4  # written by 4 ranks x accum 1
     with caplog.at_level(logging.INFO, logger="gptexp.training.trainer"):
         trainer = resumed(tmp_path, state, 1, "training.grad_accum=1")
-    assert trainer.cfg.training.grad_accum == 4 and trainer.data_order == 2
+    assert trainer.cfg.training.grad_accum == 4 and trainer.state.data_order == 2
     assert "training.grad_accum 1 -> 4" in caplog.text
 
 
@@ -177,6 +176,6 @@ def test_a_checkpoint_from_before_data_order_2_keeps_the_old_order(tmp_path, cap
     del state["data_order"]  # as every checkpoint written before the change
     state["world_size"] = 2
     trainer = resumed(tmp_path, state, 1, "training.grad_accum=1")
-    assert trainer.data_order == 1 and trainer.cfg.training.grad_accum == 1
+    assert trainer.state.data_order == 1 and trainer.cfg.training.grad_accum == 1
     assert trainer.state_dict(None)["data_order"] == 1  # and its next checkpoint says so
     assert "no longer bit-identical" in caplog.text

@@ -264,14 +264,17 @@ def test_fork_checks_overrides_as_train_does(stored_parent, tmp_path, args, mess
 
 def test_fork_reads_yaml_words_as_train_does(stored_parent):
     """``off`` is a guard action, not YAML's false (the fork refused it)."""
-    from gptexp.fork import ForkOptions, split_args
+    from gptexp.core.cli import parse_options
+    from gptexp.fork import USAGE, ForkOptions
     from gptexp.observe.rundir import RunDirectory
     from gptexp.run.session import overridden_config
 
-    _, options, overrides = split_args(
-        [f"run={stored_parent}", "training.guard.action=off", "logger.name=no"]
+    options = parse_options(
+        [f"run={stored_parent}", "training.guard.action=off", "logger.name=no"], ForkOptions, USAGE
     )
-    assert options == [f"run={stored_parent}"] and ForkOptions(run=str(stored_parent))
+    assert options.run == str(stored_parent) and not options.multirun
+    overrides = options.overrides
+    assert overrides == ["training.guard.action=off", "logger.name=no"]
     cfg, _ = overridden_config(RunDirectory(stored_parent), overrides, fork=True)
     assert (cfg.training.guard.action, cfg.logger.name) == ("off", "no")
 

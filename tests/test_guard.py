@@ -26,7 +26,7 @@ from gptexp.core.config import (
 from gptexp.core.errors import ConfigError, TrainingDiverged
 from gptexp.observe.metrics import MetricsFile
 from gptexp.observe.rundir import RunDirectory
-from gptexp.run.session import run_corpus
+from gptexp.run.starts import run_corpus
 from gptexp.run.wandb_mirror import WandbMirror
 from gptexp.training.guard import APPLY, ROLLBACK, SKIP, STOP, SpikeGuard, stop_message
 from gptexp.training.runtime import Distributed
@@ -197,8 +197,8 @@ def test_a_run_from_before_the_guard_resumes_with_its_batches_in_order(finished_
     cfg = to_train_config(state["config"])
     corpus = run_corpus(cfg, RunDirectory(finished_run), state)
     trainer = Trainer(cfg, RunDirectory(tmp_path), Distributed(), corpus, resume_state=state)
-    assert trainer.data_step == trainer.step == 20  # the next update trains on batch 20
-    assert trainer.guard.state_dict() == SpikeGuard(GuardConfig()).state_dict()
+    assert trainer.state.data_step == trainer.state.step == 20  # the next update trains on batch 20
+    assert trainer.state.guard.state_dict() == SpikeGuard(GuardConfig()).state_dict()
 
 
 @pytest.mark.parametrize("asynchronous", [False, True])

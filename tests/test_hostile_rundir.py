@@ -396,6 +396,15 @@ def code_pickle_checkpoint(scene: Scene) -> None:
     list_as_valid(scene, newest.name)
 
 
+def state_wrong_types(scene: Scene) -> None:
+    """The newest checkpoint's training state (gptexp.training.state.TrainState) with values of the
+    wrong types, listed as valid: its tensors load, its counters must not."""
+    newest = scene.newest()
+    state = torch.load(newest, weights_only=True)
+    torch.save(state | {"step": "twenty", "guard": {"events": "x"}}, newest)
+    list_as_valid(scene, newest.name)
+
+
 def code_pickle_dcp_metadata(scene: Scene) -> None:
     newest = scene.newest()
     (newest / ".metadata").write_bytes(pickle.dumps(WritesMarker(scene.marker)))
@@ -475,6 +484,7 @@ MUTATIONS = {
     "ckpt-newest-bytes-flipped": lambda s: flip_bytes(s.newest()),
     "ckpt-newest-code-pickle": code_pickle_checkpoint,
     "ckpt-newest-links-outside": lambda s: link_out(s.newest(), s.victim / "step_0000020.pt"),
+    "ckpt-newest-state-wrong-types": state_wrong_types,
     # run.json
     "runjson-missing": lambda s: rel(s, "run.json").unlink(),
     "runjson-a-list": lambda s: rel(s, "run.json").write_text("[1, 2]"),

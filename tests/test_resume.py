@@ -323,7 +323,7 @@ def test_a_truncated_newest_checkpoint_costs_no_valid_one(tmp_path, monkeypatch)
     stop_if_requested = gptexp.training.trainer.Trainer._stop_if_requested
 
     def sigterm_at_step_13(self) -> None:  # as if SIGTERM arrived during step 13
-        if self.step == 13:
+        if self.state.step == 13:
             self.stop.signame = "SIGTERM"
         stop_if_requested(self)
 

@@ -8,7 +8,8 @@ import platform
 
 import pytest
 
-from gptexp.core.config import ConfigError, TrainingConfig, to_train_config
+from gptexp.core.config import TrainingConfig, to_train_config
+from gptexp.core.errors import ConfigError
 from gptexp.training.compile_policy import COMPILE_BREAK_EVEN_STEPS, should_compile
 from tests.conftest import compose_config
 

@@ -133,10 +133,10 @@ def test_a_rollback_rewinds_the_event_files(tmp_path):
 
 
 def test_a_resume_without_tensorboard_still_rewinds_its_files(tmp_path):
-    """The resume's rewind (session.rewind_metrics) covers the event files, whatever this
+    """The resume's rewind (starts.rewind_metrics) covers the event files, whatever this
     start's logger: a later start with TensorBoard on again must not show steps twice."""
     from gptexp.observe.rundir import RunDirectory
-    from gptexp.run.session import rewind_metrics
+    from gptexp.run.starts import rewind_metrics
 
     sink = TensorBoardSink(tmp_path)
     for step in range(1, 6):

@@ -26,6 +26,7 @@ from gptexp.core.config import register_configs, to_train_config
 from gptexp.data.tokenizers import tokenizer_from_json
 from gptexp.observe.rundir import RunDirectory
 from gptexp.run.session import run_training
+from gptexp.run.starts import new_run
 from tests.conftest import (
     CONF_DIR,
     FAST,
@@ -154,7 +155,7 @@ def test_plain_log_lines_when_output_is_not_a_terminal(tmp_path):
 def test_run_training_returns_the_final_validation_loss(tmp_path):
     cfg = compose_config([*FAST, "training.max_steps=4", "training.eval_every=2"])
     run = RunDirectory(tmp_path / "run")
-    result = run_training(cfg, run, resume=False)
+    result = run_training(cfg, run, new_run(cfg))
     records = read_metrics(run.path)
     assert isinstance(result, float)
     assert result == records[-1]["val/loss"]
@@ -189,7 +190,7 @@ def test_hydra_task_returns_the_validation_loss_for_sweepers(tmp_path):
 def test_bf16_precision_trains_on_cpu(tmp_path):
     cfg = compose_config([*FAST, "training.precision=bf16", "training.max_steps=3"])
     run = RunDirectory(tmp_path / "run")
-    result = run_training(cfg, run, resume=False)
+    result = run_training(cfg, run, new_run(cfg))
     assert math.isfinite(result)
     records = read_metrics(run.path)
     assert all(math.isfinite(r["train/loss"]) for r in records if "train/loss" in r)
@@ -238,7 +239,7 @@ def test_a_launch_that_loses_the_race_for_a_new_directory_removes_nothing(tmp_pa
         assert not winner.has_started()
         # The winner goes on and finishes in the directory the loser left alone.
         cfg = compose_config([*FAST, "training.max_steps=2", "checkpoint=none"])
-        run_training(cfg, winner, resume=False, locked=True)
+        run_training(cfg, winner, new_run(cfg), locked=True)
     assert json.loads(winner.run_json.read_text())["status"] == "finished"
 
 

@@ -8,6 +8,7 @@ import json
 import math
 import os
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 import pytest
 
@@ -206,6 +207,40 @@ def test_help_lists_every_key(capsys):
     assert stop.value.code == 0
     out = capsys.readouterr().out
     assert out.startswith("usage: x") and all(k in out for k in ("run", "count", "rate", "tags"))
+
+
+@dataclass
+class ContinueOptions:
+    """A command that continues a stored config (as resume and fork do)."""
+
+    CONFIG_KEYS: ClassVar[frozenset[str]] = frozenset({"model", "training"})
+    ALIASES: ClassVar[dict[str, str]] = {"m": "multirun"}
+
+    run: str
+    multirun: bool = False
+    overrides: list[str] = field(default_factory=list)
+
+
+def test_config_overrides_are_collected_as_written():
+    argv = ["-m", "training.lr=1,2", "run=r", "+training.x=1", "~model.a", "model=small"]
+    got = parse_options([*argv, "data.path=${oc.env:HOME}/a"], ContinueOptions, "usage")
+    assert (got.run, got.multirun) == ("r", True)
+    assert got.overrides == [
+        "training.lr=1,2",
+        "+training.x=1",
+        "~model.a",
+        "model=small",
+        "data.path=${oc.env:HOME}/a",
+    ]
+    assert parse_options(["run=r", "--multirun"], ContinueOptions, "usage").multirun
+    with pytest.raises(
+        ConfigError, match=r"unknown key 'max_steps' \(known keys: m, multirun, run\)"
+    ):
+        parse_options(["run=r", "max_steps=3"], ContinueOptions, "usage")
+    with pytest.raises(ConfigError, match="unknown key 'overrides'"):
+        parse_options(["run=r", "overrides=x"], ContinueOptions, "usage")
+    with pytest.raises(ConfigError, match="unknown key 'training.lr'"):
+        parse_options(["training.lr=3"], Options, "usage")  # a command without overrides
 
 
 # ----------------------------------------------------------------------------- progress

@@ -7,8 +7,7 @@ import logging
 import math
 from typing import Any
 
-from gptexp.checkpoint.manager import CheckpointManager
-from gptexp.core.config import CheckpointConfig
+from gptexp.checkpoint.manager import run_checkpoints
 from gptexp.core.errors import CheckpointError
 from gptexp.core.fsio import sha256_file
 from gptexp.observe.rundir import RunDirectory
@@ -19,16 +18,11 @@ log = logging.getLogger(__name__)
 TOP_TENSORS = 5  # differing tensors listed per comparison
 
 
-def checkpoint_manager(run: RunDirectory) -> CheckpointManager:
-    # Reading needs no policy: entries() and load() verify against the manifest alone.
-    return CheckpointManager(run.checkpoints, CheckpointConfig())
-
-
 def holds_checkpoint(run: RunDirectory, step: int, sha256: str) -> bool:
     """Whether ``run``'s manifest lists a checkpoint of ``step`` with ``sha256`` whose file
     hashes to it too (where a moved parent is found: gptexp.observe.lineage)."""
     try:
-        entries = checkpoint_manager(run).entries()
+        entries = run_checkpoints(run).entries()
     except CheckpointError:
         return False
     return any(
@@ -43,7 +37,7 @@ def holds_checkpoint(run: RunDirectory, step: int, sha256: str) -> bool:
 def listed_checkpoints(run: RunDirectory, label: str, notes: list[str]) -> dict[int, Any]:
     """The manifest's entries by step; a damaged manifest counts as none, with a note."""
     try:
-        return {entry.step: entry for entry in checkpoint_manager(run).entries()}
+        return {entry.step: entry for entry in run_checkpoints(run).entries()}
     except CheckpointError as error:
         notes.append(f"{label}: {error}")
         return {}
@@ -54,7 +48,8 @@ def optimizer_param_names(state: dict[str, Any]) -> list[str]:
     parameters to AdamW; [] when the checkpoint's model config no longer builds."""
     import torch
 
-    from gptexp.core.config import ConfigError, ModelConfig
+    from gptexp.core.config import ModelConfig
+    from gptexp.core.errors import ConfigError
     from gptexp.model.gpt import GPT
 
     config = state.get("config")
@@ -158,7 +153,7 @@ def compare_checkpoints(a: RunDirectory, b: RunDirectory) -> dict[str, Any]:
     notes: list[str] = []
     listed_a = listed_checkpoints(a, "A", notes)
     listed_b = listed_checkpoints(b, "B", notes)
-    manager_a, manager_b = checkpoint_manager(a), checkpoint_manager(b)
+    manager_a, manager_b = run_checkpoints(a), run_checkpoints(b)
     equal_steps, different_steps, top = [], [], []
     hyperparameters: dict[str, Any] | None = None
     common = sorted(listed_a.keys() & listed_b.keys())

@@ -34,6 +34,30 @@ from gptexp.core.errors import CheckpointError
 log = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
+# A checkpoint's keys, in the order a file holds them: the tensors' states, the training state
+# (gptexp.training.state.STATE_KEYS) and the record of what wrote it.
+CHECKPOINT_KEYS = (
+    "format_version",
+    "model",
+    "optimizer",
+    "scheduler",
+    "scaler",
+    "step",
+    "tokens_seen",
+    "best_metric",
+    "metric",
+    "monitor",
+    "rng",
+    "config",
+    "tokenizer",
+    "data_fingerprint",
+    "vocab_size",
+    "wandb_id",
+    "world_size",
+    "data_order",
+    "data_step",
+    "guard",
+)
 MANIFEST = "manifest.json"  # checkpoints/manifest.json: the valid checkpoints and their sha256
 # A checkpoint's name inside checkpoints/: its step (zero-padded to 7 digits) and its format.
 CHECKPOINT_NAME = re.compile(r"step_([0-9]{7,})\.(pt|dcp)")

@@ -18,6 +18,7 @@ of checkpoint files without a manifest is refused, pointing to ``python -m gptex
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import threading
@@ -50,6 +51,7 @@ from gptexp.core.fsio import (
     atomic_write_json,
     fsync_dir,
 )
+from gptexp.observe.rundir import RunDirectory, stored_config
 
 log = logging.getLogger(__name__)
 
@@ -409,3 +411,18 @@ class CheckpointManager(CheckpointReader):
                 for dropped in entries:
                     if dropped.file not in kept_files:
                         remove_file(self.directory / dropped.file)
+
+
+def run_checkpoints(run: RunDirectory, policy: CheckpointConfig | None = None) -> CheckpointManager:
+    """The one way to a run's checkpoint manager.
+
+    ``policy``: the ``checkpoint.*`` config a start of the run trains under (its overrides
+    included): it decides what a save writes and keeps. Without it, a reader's manager: the
+    run's own stored policy, whose ``mode`` decides which checkpoint is ``best`` (eval,
+    export, fork, diff, repair); listing and loading verify against the manifest alone."""
+    if policy is None:
+        stored = stored_config(run).get("checkpoint")
+        known = {f.name for f in dataclasses.fields(CheckpointConfig)}
+        values = {k: v for k, v in stored.items() if k in known} if isinstance(stored, dict) else {}
+        policy = CheckpointConfig(**values)
+    return CheckpointManager(run.checkpoints, policy)

@@ -10,9 +10,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from gptexp.checkpoint.format import CheckpointEntry
-from gptexp.checkpoint.manager import CheckpointManager
+from gptexp.checkpoint.manager import run_checkpoints
 from gptexp.core.config import (
-    CheckpointConfig,
     DataConfig,
     ModelConfig,
     TrainConfig,
@@ -24,7 +23,7 @@ from gptexp.data.corpus import Corpus, prepare_corpus
 from gptexp.data.tokenizers import Tokenizer, tokenizer_from_json
 from gptexp.model.gpt import GPT
 from gptexp.observe.metrics import VAL_LOSS, flatten, read_metrics
-from gptexp.observe.rundir import RunDirectory, stored_config
+from gptexp.observe.rundir import RunDirectory
 
 log = logging.getLogger(__name__)
 
@@ -45,16 +44,6 @@ class LoadedCheckpoint:
     state: dict[str, Any]
     label: str
     skipped: list[str] = field(default_factory=list)  # damaged checkpoints passed over
-
-
-def run_checkpoints(run: RunDirectory) -> CheckpointManager:
-    """The run's checkpoint directory under the run's own checkpoint policy (its ``mode``
-    decides which checkpoint is best)."""
-    config = stored_config(run).get("checkpoint", {})
-    known = {f.name for f in dataclasses.fields(CheckpointConfig)}
-    return CheckpointManager(
-        run.checkpoints, CheckpointConfig(**{k: v for k, v in config.items() if k in known})
-    )
 
 
 def load_run_checkpoint(run: RunDirectory, ckpt: str) -> LoadedCheckpoint:

@@ -4,8 +4,9 @@ exit.
 Arguments are ``key=value`` (``--key=value`` is the same, a bare ``--flag`` is ``flag=true``),
 checked against the command's options dataclass through OmegaConf: an unknown key, a value of
 the wrong type or an impossible value is the same kind of ``error: ...`` in every command.
-Commands that take several run directories take them as positional paths. ``--help`` lists
-the keys. Exit codes (gptexp.core.errors): 0 done, 1 failed, 2 bad input, 130 interrupted.
+Commands that take several run directories take them as positional paths; the commands that
+continue a stored config (resume, fork) also take its ``key.path=value`` overrides. ``--help``
+lists the keys. Exit codes (gptexp.core.errors): 0 done, 1 failed, 2 bad input, 130 interrupted.
 """
 
 from __future__ import annotations
@@ -42,6 +43,11 @@ T = TypeVar("T")
 Options = TypeVar("Options")
 
 POSITIONAL = "paths"  # the options field that collects positional arguments, where there is one
+# The options field that collects config overrides, where there is one: an argument whose key
+# has a dot, or is one of the schema's CONFIG_KEYS (the config's top-level keys: model=small
+# is an override, refused by the command with its reason), with Hydra's +/~ prefixes. They
+# are passed on as written; the command checks them against the config.
+OVERRIDES = "overrides"
 
 # A log record with this attribute set (``extra={FILE_ONLY: True}``) goes to train.log only.
 FILE_ONLY = "file_only"
@@ -194,6 +200,9 @@ def describe_options(schema: type, usage: str) -> str:
     for f in dataclasses.fields(schema):
         if f.name == POSITIONAL:
             continue
+        if f.name == OVERRIDES:
+            lines.append(f"  {'<key>=<value>':<16} {'':<12} {f.metadata.get('help', '')}")
+            continue
         default = "required" if f.default is dataclasses.MISSING else f"default {f.default!r}"
         if f.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
             default = "repeatable"
@@ -212,16 +221,22 @@ def parse_options(argv: list[str], schema: type[Options], usage: str) -> Options
     hints = typing.get_type_hints(schema)
     aliases: dict[str, str] = getattr(schema, "ALIASES", {})
     values: dict[str, Any] = {}
+    overrides = [arg for arg in argv if OVERRIDES in fields and _is_override(arg, schema)]
     for arg in argv:
+        if arg in overrides:
+            continue
         key, value = _split(arg)
+        if arg[:1] == "-" and arg[1:] in aliases:  # a short flag: -m
+            key, value = arg[1:], "true"
         if key is None:
             if POSITIONAL not in fields:
                 raise ConfigError(f"unexpected argument {arg!r} (arguments are key=value)\n{usage}")
             values.setdefault(POSITIONAL, []).append(arg)
             continue
         name = aliases.get(key, key)
-        if name not in fields or name == POSITIONAL:
-            known = ", ".join(sorted({**{n: n for n in fields if n != POSITIONAL}, **aliases}))
+        if name not in fields or name in (POSITIONAL, OVERRIDES):
+            own = {n: n for n in fields if n not in (POSITIONAL, OVERRIDES)}
+            known = ", ".join(sorted({**own, **aliases}))
             raise ConfigError(f"unknown key {key!r} (known keys: {known})")
         if typing.get_origin(hints[name]) is list:
             values.setdefault(name, []).append(value)
@@ -231,7 +246,7 @@ def parse_options(argv: list[str], schema: type[Options], usage: str) -> Options
             values[name] = value
     try:
         merged = OmegaConf.merge(OmegaConf.structured(schema), values)
-        return OmegaConf.to_object(merged)  # type: ignore[return-value]
+        options = OmegaConf.to_object(merged)
     except MissingMandatoryValue as error:
         key = getattr(error, "full_key", "") or "an argument"
         raise ConfigError(f"{key}=... is required\n{usage}") from None
@@ -243,6 +258,17 @@ def parse_options(argv: list[str], schema: type[Options], usage: str) -> Options
             kinds = [k for k in typing.get_args(hints[key]) or (hints[key],) if k is not type(None)]
             message = f"must be {kinds[0].__name__}"
         raise ConfigError(f"{cli_key}={values.get(key)!r}: {message}") from None
+    if OVERRIDES in fields:  # (as written: OmegaConf would read ${...} in them)
+        setattr(options, OVERRIDES, overrides)
+    return options  # type: ignore[return-value]
+
+
+def _is_override(arg: str, schema: type) -> bool:
+    """Whether ``arg`` is a config override (see OVERRIDES), not one of the command's keys."""
+    key = arg.partition("=")[0]
+    if arg.startswith("-"):
+        return False
+    return "." in key or key.lstrip("+~") in getattr(schema, "CONFIG_KEYS", ())
 
 
 def _split(arg: str) -> tuple[str | None, str]:

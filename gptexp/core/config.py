@@ -345,6 +345,10 @@ class TrainConfig:
             )
 
 
+# The config's top-level keys: for a command that takes overrides of a stored config,
+# ``model=small`` names the config, not one of the command's own keys (gptexp.core.cli.OVERRIDES).
+CONFIG_KEYS = frozenset(f.name for f in dataclasses.fields(TrainConfig))
+
 # The Hydra config tree ships inside the package, so an installed gptexp finds it anywhere.
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf"  # gptexp/conf
 

@@ -23,13 +23,12 @@ from __future__ import annotations
 
 import json
 import logging
-import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from gptexp.checkpoint.format import CheckpointEntry
 from gptexp.checkpoint.manager import FORK_START
-from gptexp.core.config import TrainConfig
+from gptexp.core.config import GuardConfig, TrainConfig
 from gptexp.core.errors import ConfigError, DataError
 from gptexp.core.fsio import atomic_write_text
 from gptexp.data.corpus import Corpus, prepare_corpus
@@ -37,9 +36,8 @@ from gptexp.data.tokenizers import tokenizer_from_json
 from gptexp.observe.metrics import INHERITED, STEP, read_metrics
 from gptexp.observe.rundir import RunDirectory
 from gptexp.observe.runtable import launch_overrides
-from gptexp.training.guard import SpikeGuard
-from gptexp.training.optim import apply_configured_hyperparameters, build_optimizer, build_scheduler
-from gptexp.training.runtime import seed_everything
+from gptexp.run.starts import Beginning, Start
+from gptexp.training.state import TrainState, new_wandb_id
 from gptexp.training.trainer import Trainer
 
 log = logging.getLogger(__name__)
@@ -82,8 +80,9 @@ def fork_corpus(cfg: TrainConfig, state: dict[str, Any], new_data: bool) -> Corp
 
 
 @dataclass
-class ForkStart:
-    """Everything a fork starts from: its parent's checkpoint, what changes, what restarts."""
+class ForkStart(Start):
+    """Everything a fork starts from: its parent's checkpoint, what changes, what restarts
+    (a kind of start: gptexp.run.starts)."""
 
     parent: RunDirectory
     entry: CheckpointEntry
@@ -104,6 +103,10 @@ class ForkStart:
 
     # ------------------------------------------------------------------------- the trainer
 
+    def begin(self, cfg: TrainConfig, run: RunDirectory) -> Beginning:
+        """The fork command has checked the parent's state and text already (fork.prepare)."""
+        return Beginning(self.corpus, checkpoint=self.trainer_state())
+
     def trainer_state(self) -> dict[str, Any]:
         """The checkpoint as the fork's trainer loads it. The trainer keeps the global batch
         of the checkpoint's config (right for a resume on another world size); a fork that
@@ -114,33 +117,10 @@ class ForkStart:
         config = self.state["config"]
         return {**self.state, "config": {**config, "training": config["training"] | changed}}
 
-    def apply(self, trainer: Trainer) -> None:
+    def adopt(self, trainer: Trainer) -> None:
         """Turn a trainer loaded with the parent's state (and, by Trainer.load_state, with the
         config's hyperparameters) into the fork's: the resets, a W&B run of its own."""
-        t = trainer.cfg.training
-        # The loaded param groups hold the config's hyperparameters (Trainer.load_state).
-        configured = [
-            {k: v for k, v in group.items() if k != "params"}
-            for group in trainer.optimizer.param_groups
-        ]
-        if "optimizer" in self.reset:
-            trainer.optimizer = build_optimizer(trainer.model, t, trainer.device)
-        if {"optimizer", "scheduler", "step"} & set(self.reset):
-            trainer.scheduler = build_scheduler(trainer.optimizer, t)
-            if not {"scheduler", "step"} & set(self.reset):  # a fresh AdamW, the same place
-                trainer.scheduler.load_state_dict(self.state["scheduler"])
-                apply_configured_hyperparameters(
-                    trainer.optimizer, trainer.scheduler, configured, t
-                )
-        if "step" in self.reset:
-            trainer.step, trainer.tokens_seen, trainer.data_step = 0, 0, 0
-            trainer.from_checkpoint = False  # its own step 0 is evaluated, as a new run's is
-            trainer.guard = SpikeGuard(t.guard)  # its skip list counted the parent's batches
-        if "rng" in self.reset:
-            seed_everything(t.seed + trainer.dist.rank)
-        if not self.keeps_best_metric():
-            trainer.best_metric = None
-        trainer.wandb_id = uuid.uuid4().hex[:12]
+        trainer.restart(self.reset, self.fork_state(trainer.state, trainer.cfg.training.guard))
         log.info(
             "fork of %s at step %d (%s)%s",
             self.parent.path,
@@ -149,12 +129,25 @@ class ForkStart:
             f"; reset: {', '.join(self.reset)}" if self.reset else "",
         )
 
+    def fork_state(self, loaded: TrainState, guard: GuardConfig) -> TrainState:
+        """The fork's TrainState from its parent's: after ``reset=step`` a new run's (its own
+        step 0 is evaluated, the guard's skip list no longer counts its parent's batches) in
+        its parent's data order; the best metric where the fork can compare with it; a W&B
+        run of its own."""
+        state = TrainState.fresh(guard) if "step" in self.reset else loaded
+        return replace(
+            state,
+            data_order=loaded.data_order,
+            best_metric=loaded.best_metric if self.keeps_best_metric() else None,
+            wandb_id=new_wandb_id(),
+        )
+
     def keeps_best_metric(self) -> bool:
         rescored = {"checkpoint.monitor", "checkpoint.mode"} & self.changes.keys()
         same_text = self.corpus.fingerprint == self.state["data_fingerprint"]
         return "step" not in self.reset and same_text and not rescored
 
-    def save_checkpoint(self, trainer: Trainer) -> None:
+    def after_record(self, trainer: Trainer) -> None:
         """The fork's first checkpoint holds its start state, so resume, eval and export work
         on the fork from its first moment, whatever becomes of its parent; listed as the fork's
         start, retention keeps it (the lineage's anchor). Every rank takes part (the RNG states
@@ -163,7 +156,9 @@ class ForkStart:
             return
         state = trainer.state_dict(None)
         if trainer.dist.is_main:
-            trainer.checkpoints.save(state, trainer.step, None, [FORK_START], asynchronous=False)
+            trainer.checkpoints.save(
+                state, trainer.state.step, None, [FORK_START], asynchronous=False
+            )
 
     def wandb_fork_from(self) -> str | None:
         """W&B's ``fork_from`` moment: the parent's W&B run at the fork step (none after
@@ -173,6 +168,11 @@ class ForkStart:
         return f"{self.parent_wandb_id}?_step={self.step}"
 
     # ------------------------------------------------------------------------- the record
+
+    def record(self, run: RunDirectory, trainer: Trainer) -> dict[str, Any]:
+        """The fork's metrics.jsonl begins with its parent's curve; run.json's lineage."""
+        self.write_inherited(run)
+        return self.lineage()
 
     def lineage(self) -> dict[str, Any]:
         """run.json's fields of a fork."""

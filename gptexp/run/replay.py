@@ -14,10 +14,10 @@ from typing import Any
 
 from gptexp.checkpoint.comparison import (
     TOP_TENSORS,
-    checkpoint_manager,
     tensor_differences,
 )
 from gptexp.checkpoint.format import checkpoint_name
+from gptexp.checkpoint.manager import run_checkpoints
 from gptexp.core.errors import CheckpointError, RunError
 from gptexp.observe.divergence import RunInfo
 from gptexp.observe.rundir import RunDirectory
@@ -44,7 +44,7 @@ class ReplaySide:
         default_threads: int,
     ) -> None:
         from gptexp.core.config import to_train_config
-        from gptexp.run.session import run_corpus
+        from gptexp.run.starts import run_corpus
         from gptexp.training.runtime import Distributed, capture_rng_state
         from gptexp.training.trainer import Trainer
 
@@ -99,8 +99,8 @@ def replay_start(
     state_a = state_b = None
     if equal:
         start = max(equal)
-        state_a = checkpoint_manager(a.run).load(checkpoint_manager(a.run).find(start))
-        state_b = checkpoint_manager(b.run).load(checkpoint_manager(b.run).find(start))
+        state_a = run_checkpoints(a.run).load(run_checkpoints(a.run).find(start))
+        state_b = run_checkpoints(b.run).load(run_checkpoints(b.run).find(start))
         source = f"the common checkpoint {checkpoint_name(start)}"
     fork = family["fork_step"]
     depths = (family["a_depth"] or 0, family["b_depth"] or 0)
@@ -113,7 +113,7 @@ def replay_start(
     if fork is not None and fork > start and direct:
         ancestor = RunDirectory(family["common_ancestor"])
         try:
-            manager = checkpoint_manager(ancestor)
+            manager = run_checkpoints(ancestor)
             state_a = state_b = manager.load(manager.find(fork))
             start, source = fork, f"{ancestor.path / 'checkpoints' / checkpoint_name(fork)}"
         except CheckpointError as error:

@@ -1,5 +1,6 @@
-"""The life of a run around its trainer: lock, resume point, corpus, run.json, the metric
-sinks (metrics.jsonl, the W&B and TensorBoard mirrors), and what the run records when it ends.
+"""The life of a run around its trainer: lock, run.json, the metric sinks (metrics.jsonl, the
+W&B and TensorBoard mirrors), and what the run records when it ends. How it starts (the corpus,
+the state it starts from) is its :class:`gptexp.run.starts.Start`'s.
 
 ``train`` and ``resume`` (and each job of a sweep) come here. Everything that can fail on bad
 input fails before the first write into the run directory.
@@ -16,8 +17,7 @@ from hydra.core.override_parser.types import OverrideType
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from gptexp.checkpoint.format import CheckpointEntry
-from gptexp.checkpoint.manager import CheckpointManager
+from gptexp.checkpoint.manager import run_checkpoints
 from gptexp.core.cli import run_log_starts
 from gptexp.core.config import TrainConfig, config_to_dict, parse_overrides, to_train_config
 from gptexp.core.errors import (
@@ -32,9 +32,6 @@ from gptexp.core.errors import (
     shell_command,
 )
 from gptexp.core.fsio import atomic_write_json, atomic_write_text
-from gptexp.data.corpus import Corpus, prepare_corpus
-from gptexp.data.tokenizers import Tokenizer, read_tokenizer, tokenizer_from_json
-from gptexp.model.hf import import_source
 from gptexp.observe.metrics import MetricsFile, config_diff
 from gptexp.observe.rundir import (
     FAILED,
@@ -46,9 +43,10 @@ from gptexp.observe.rundir import (
     now,
     stored_config,
 )
-from gptexp.run.forking import ForkStart, wandb_lineage
+from gptexp.run.forking import wandb_lineage
 from gptexp.run.provenance import PendingGitCommit, environment
-from gptexp.run.tensorboard_sink import TensorBoardSink, require_tensorboard, rewind_run
+from gptexp.run.starts import Start
+from gptexp.run.tensorboard_sink import TensorBoardSink, require_tensorboard
 from gptexp.run.wandb_mirror import WandbMirror
 from gptexp.training.runtime import (
     Distributed,
@@ -154,57 +152,13 @@ def reached_step(run: RunDirectory, cfg: TrainConfig) -> int | None:
     with contextlib.suppress(CheckpointError):  # a damaged manifest is the resume's to report
         steps += [
             entry.step
-            for entry in CheckpointManager(run.checkpoints, cfg.checkpoint).entries()
+            for entry in run_checkpoints(run, cfg.checkpoint).entries()
             if isinstance(entry.step, int)
         ]
     return max(steps, default=None)
 
 
 # ----------------------------------------------------------------------------- the pieces
-
-
-def latest_checkpoint(
-    run: RunDirectory, cfg: TrainConfig
-) -> tuple[CheckpointEntry, dict[str, Any]] | None:
-    """(entry, state) of the newest valid checkpoint, or None (training restarts at 0)."""
-    found = CheckpointManager(run.checkpoints, cfg.checkpoint).load_latest_valid()
-    if found is None:
-        log.warning("%s has no valid checkpoint: training restarts from step 0", run.path)
-    else:
-        log.info("resuming from %s (step %d)", found[0].file, found[0].step)
-    return found
-
-
-def run_corpus(
-    cfg: TrainConfig,
-    run: RunDirectory,
-    state: dict[str, Any] | None,
-    tokenizer: Tokenizer | None = None,
-) -> Corpus:
-    """The run's corpus. A resumed run reuses its own tokenizer (never a retrained one), and
-    its text must be the one it trained on, wherever the file is now; an imported model brings
-    its ``tokenizer``."""
-    if state is not None:
-        tokenizer = tokenizer_from_json(state["tokenizer"])
-    elif tokenizer is None and run.tokenizer.is_file():
-        tokenizer = read_tokenizer(run.tokenizer)
-    expected = state["data_fingerprint"] if state is not None else None
-    return prepare_corpus(cfg.data, cfg.model.block_size, tokenizer, expected)
-
-
-def rewind_metrics(run: RunDirectory, step: int | None, guard_events: int = 0) -> None:
-    """Drop the records logged after the checkpoint (metrics.jsonl and the TensorBoard event
-    files): they will be logged again, identically. ``guard_events``: how many spike-guard
-    events the checkpoint knows (those stay)."""
-    dropped = MetricsFile(run.metrics).rewind(-1 if step is None else step, guard_events)
-    if dropped:
-        why = (
-            "all of them: no checkpoint, training starts again from step 0"
-            if step is None
-            else f"logged after step {step}"
-        )
-        log.info("metrics.jsonl: dropped %d records (%s)", dropped, why)
-    rewind_run(run.path, -1 if step is None else step)  # TensorBoard's view of the same
 
 
 def record_start(
@@ -229,7 +183,7 @@ def record_start(
         "seed": cfg.training.seed,
         "world_size": dist_ctx.world_size,
         "data_fingerprint": trainer.corpus.fingerprint,
-        "wandb_id": trainer.wandb_id,
+        "wandb_id": trainer.state.wandb_id,
         **extra,
         "max_steps": cfg.training.max_steps,
         "parameters": trainer.model.num_parameters(),
@@ -246,7 +200,7 @@ def record_start(
         resumes = previous.get("resumes")
         if not isinstance(resumes, list):  # absent, or hand-edited into something else
             resumes = [] if resumes is None else [{"replaced": resumes}]
-        resumes.append({"at": now(), "from_step": trainer.step, "argv": argv, **resume_note})
+        resumes.append({"at": now(), "from_step": trainer.state.step, "argv": argv, **resume_note})
         fields["resumes"] = resumes
     run.update_status(**fields)
     atomic_write_text(run.tokenizer, trainer.corpus.tokenizer.to_json())
@@ -272,20 +226,18 @@ def already_finished(run: RunDirectory, cfg: TrainConfig) -> bool:
 def run_training(
     cfg: TrainConfig,
     run: RunDirectory,
+    start: Start,
     *,
-    resume: bool,
-    resume_note: dict[str, Any] | None = None,
     wandb_group: str | None = None,
     wandb_name: str | None = None,
     locked: bool = False,
-    start: ForkStart | None = None,
     report_to: Callable[[StopRequest], MetricsSink] | None = None,
 ) -> float | None:
-    """Train (or resume) the run in ``run``: lock, status, checkpoints, logs. ``locked``: the
-    caller already holds the run's lock (a sweep job claims its run before it records it).
-    ``start``: a new run that starts from another run's checkpoint (a fork), not from step 0.
-    ``report_to``: given the trainer's stop request, a sink that also receives the records (a
-    search trial's reporter, gptexp.run.optuna_trial, which may ask the run to stop as pruned).
+    """Train the run in ``run`` from ``start`` (a new run, an import, a resume, a fork: see
+    gptexp.run.starts): lock, status, checkpoints, logs. ``locked``: the caller already holds the
+    run's lock (a sweep job claims its run before it records it). ``report_to``: given the
+    trainer's stop request, a sink that also receives the records (a search trial's reporter,
+    gptexp.run.optuna_trial, which may ask the run to stop as pruned).
 
     Raises a user error (gptexp.core.errors.USER_ERRORS) before any write when the input is bad,
     TrainingInterrupted after a clean stop on a signal.
@@ -300,67 +252,57 @@ def run_training(
             apply_process_settings(cfg.training)
             if cfg.logger.tensorboard and dist_ctx.is_main:
                 require_tensorboard()
-            found = latest_checkpoint(run, cfg) if resume else None
-            state = found[1] if found else None
-            imported = None
-            if start is not None:  # the fork command has checked the parent's state and text
-                state, corpus = start.trainer_state(), start.corpus
-            else:
-                # A run started from a Hugging Face model (not resumed from its own checkpoint)
-                # takes that model's tokenizer and weights; the entry point set its shape.
-                if cfg.model.init_from and state is None:
-                    imported = import_source(cfg.model)
-                corpus = run_corpus(cfg, run, state, imported.tokenizer if imported else None)
+            beginning = start.begin(cfg, run)
             metrics = MetricsFile(run.metrics) if dist_ctx.is_main else None
             trainer = Trainer(
                 cfg,
                 run,
                 dist_ctx,
-                corpus,
-                state,
+                beginning.corpus,
+                beginning.checkpoint,
                 sinks=[metrics] if metrics else [],
-                init_weights=imported.state_dict if imported else None,
+                init_weights=beginning.weights,
             )
-            if start is not None:
-                start.apply(trainer)
+            start.adopt(trainer)
             # Validation passed: from here on the run directory is written to.
             run_log_starts()
-            mirror = board = None
-            extra: dict[str, Any] = {"wandb_group": wandb_group, "wandb_name": wandb_name}
             if dist_ctx.is_main:
-                if resume:
-                    rewind_metrics(run, found[0].step if found else None, len(trainer.guard.events))
-                if imported is not None:  # the source and the sha256 of its weights
-                    extra["init_from"] = imported.record
-                if start is not None:
-                    start.write_inherited(run)
-                    extra |= start.lineage()
-                record_start(
-                    run, cfg, trainer, dist_ctx, resume_note if resume else None, extra, git
-                )
-            if start is not None:
-                start.save_checkpoint(trainer)  # every rank: the checkpoint gathers RNG states
-            if dist_ctx.is_main and cfg.logger.wandb:
-                mirror = WandbMirror(
-                    cfg.logger,
-                    run.path,
-                    trainer.wandb_id,
-                    config_to_dict(cfg) | wandb_lineage(run.read_status()),
-                    name=wandb_name or run.path.name,
-                    group=wandb_group,
-                    fork_from=start.wandb_fork_from() if start is not None else None,
-                )
-                trainer.sinks.append(mirror)
-                run.update_status(wandb_mode=mirror.mode)
-            if dist_ctx.is_main and cfg.logger.tensorboard:
-                board = TensorBoardSink(run.path)
-                trainer.sinks.append(board)
+                names = {"wandb_group": wandb_group, "wandb_name": wandb_name}
+                extra = names | start.record(run, trainer)
+                record_start(run, cfg, trainer, dist_ctx, start.resume_note, extra, git)
+            start.after_record(trainer)  # every rank (a checkpoint gathers the RNG states)
+            mirror, board = attach_mirrors(trainer, start, wandb_group, wandb_name)
             if dist_ctx.is_main and report_to is not None:
                 trainer.sinks.append(report_to(trainer.stop))
             log.info("run directory: %s", run.path)
             return _fit(trainer, run, dist_ctx, metrics, mirror, board)
     finally:
         shutdown_distributed(dist_ctx)
+
+
+def attach_mirrors(
+    trainer: Trainer, start: Start, wandb_group: str | None, wandb_name: str | None
+) -> tuple[WandbMirror | None, TensorBoardSink | None]:
+    """The W&B and TensorBoard mirrors the config asks for (the main process), as sinks of
+    the trainer."""
+    cfg, run = trainer.cfg, trainer.run
+    mirror = board = None
+    if trainer.dist.is_main and cfg.logger.wandb:
+        mirror = WandbMirror(
+            cfg.logger,
+            run.path,
+            trainer.state.wandb_id,
+            config_to_dict(cfg) | wandb_lineage(run.read_status()),
+            name=wandb_name or run.path.name,
+            group=wandb_group,
+            fork_from=start.wandb_fork_from(),
+        )
+        trainer.sinks.append(mirror)
+        run.update_status(wandb_mode=mirror.mode)
+    if trainer.dist.is_main and cfg.logger.tensorboard:
+        board = TensorBoardSink(run.path)
+        trainer.sinks.append(board)
+    return mirror, board
 
 
 def failure_text(error: BaseException) -> str:
@@ -411,7 +353,7 @@ def _fit(trainer, run, dist_ctx, metrics, mirror, board=None) -> float | None:
         status = FINISHED
         log.info(
             "finished at step %d: val/loss %s; evaluate with: %s",
-            trainer.step,
+            trainer.state.step,
             "n/a" if result is None else f"{result:.4f}",
             shell_command("python", "-m", "gptexp.eval", f"run={run.path}"),
         )
@@ -421,8 +363,8 @@ def _fit(trainer, run, dist_ctx, metrics, mirror, board=None) -> float | None:
             status = INTERRUPTED
             raise
         status = PRUNED
-        log.info("pruned at step %d: a weak trial of the search", trainer.step)
-        raise TrainingPruned(trainer.step, str(run.path)) from None
+        log.info("pruned at step %d: a weak trial of the search", trainer.state.step)
+        raise TrainingPruned(trainer.state.step, str(run.path)) from None
     except KeyboardInterrupt:
         status = INTERRUPTED
         raise
@@ -433,7 +375,7 @@ def _fit(trainer, run, dist_ctx, metrics, mirror, board=None) -> float | None:
         where = resume_hint(run.path, world_size=dist_ctx.world_size)
         intact = "" if "intact" in error else ", its checkpoints are intact"  # (said once)
         raise RunFailed(
-            f"{error}; the run stopped at step {trainer.step}{intact}: fix that, then resume "
+            f"{error}; the run stopped at step {trainer.state.step}{intact}: fix that, then resume "
             f"it with: {where}"
         ) from None
     finally:

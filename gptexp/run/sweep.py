@@ -54,6 +54,7 @@ from gptexp.observe.runtable import cells, table_columns, write_summary
 from gptexp.observe.tables import text_table
 from gptexp.run.requeue import requeue_if_preempted
 from gptexp.run.session import run_training
+from gptexp.run.starts import Resume, new_run
 from gptexp.training.runtime import Distributed
 
 log = logging.getLogger(__name__)
@@ -255,11 +256,13 @@ def _train_job(plan, typed, own, wandb_group, wandb_name, dist_ctx, report_to) -
         if plan.action == RESUME:
             log.info("%s: unfinished run of the same config; resuming it", plan.run.path)
         try:
+            start = (
+                Resume({"sweep_job": own.path.name}) if plan.action == RESUME else new_run(typed)
+            )
             result = run_training(
                 typed,
                 plan.run,
-                resume=plan.action == RESUME,
-                resume_note={"sweep_job": own.path.name},
+                start,
                 wandb_group=wandb_group,
                 wandb_name=wandb_name,
                 locked=True,

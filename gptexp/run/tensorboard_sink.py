@@ -7,7 +7,7 @@ stays the record; the event files follow its rewinds, so no reader sees a step t
 - each start of the run writes a fresh event file (TensorBoard reads a directory's files in
   name order, which is the order they were started in);
 - a resume first rewinds the earlier event files to the checkpoint it resumes from, with
-  metrics.jsonl (gptexp.run.session.rewind_metrics; also when this start does not write
+  metrics.jsonl (gptexp.run.starts.rewind_metrics; also when this start does not write
   TensorBoard): the steps a crashed start logged after that checkpoint are dropped from its
   file (rewritten atomically), and the new start logs them again;
 - a spike guard's rollback does the same mid-run (the trainer rewinds every sink that can).

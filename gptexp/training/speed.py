@@ -14,6 +14,16 @@ functions and types), all alive until the process exits. Each full collection wa
 ``import torch`` alone, 1.0 s with torch._dynamo, on a 2-core AMD EPYC. ``gc.freeze()`` moves
 the objects alive now out of the collector's sight (they are still freed by reference
 counting); done once the imports are over and again at exit, a command's teardown took 0.25 s.
+
+Numerics under contention: MKL (torch's BLAS on x86) picks a matmul's code branch and splits its
+work by the run-time conditions, not only by the thread count: on a busy 2-core Xeon (AVX-512,
+2 training threads beside other work) about 1 fresh run in 40 parted from its twins in the
+last bits at the first update (the tied ``wte.weight`` first; its gradient is a matmul over all
+tokens). MKL's conditional numerical reproducibility in strict mode (``MKL_CBWR=AUTO,STRICT``)
+makes ?gemm bitwise reproducible even when the threads it gets change. MKL reads the variable
+once, at its first call (not at ``import torch``), so a command sets it before any math.
+torch itself already turns MKL's dynamic threading off (``torch.set_num_threads`` calls
+``mkl_set_dynamic(0)``), and GNU OpenMP's dynamic teams are off unless ``OMP_DYNAMIC`` says so.
 """
 
 from __future__ import annotations
@@ -23,9 +33,13 @@ import ctypes
 import ctypes.util
 import gc
 import logging
+import os
 import platform
 
 log = logging.getLogger(__name__)
+
+MKL_CBWR = "MKL_CBWR"
+STRICT_REPRODUCIBILITY = "AUTO,STRICT"  # MKL's best code branch for this CPU, strict CNR mode
 
 M_TRIM_THRESHOLD = -1  # mallopt parameters, from glibc's malloc.h
 M_MMAP_THRESHOLD = -3
@@ -56,3 +70,23 @@ def freeze_imported_objects() -> None:
     gc.freeze()
     atexit.unregister(gc.freeze)  # registered once, however many commands the process runs
     atexit.register(gc.freeze)  # atexit runs before the interpreter's final collections
+
+
+def reproducible_blas() -> bool:
+    """In a command's own process, before its first matmul: ask MKL for bitwise reproducible
+    matmuls (see the module docstring). A user's own ``MKL_CBWR`` stands. Returns whether
+    strict mode is what MKL will use; child processes (sweep workers, torchrun ranks) inherit
+    it through the environment."""
+    os.environ.setdefault(MKL_CBWR, STRICT_REPRODUCIBILITY)
+    chosen = os.environ[MKL_CBWR]
+    if "STRICT" not in chosen.upper():
+        log.debug("MKL_CBWR=%s: matmuls may part in the last bits when the cores are busy", chosen)
+        return False
+    return True
+
+
+def prepare_command_process() -> None:
+    """What a command's ``main()`` does first, before any math: reproducible matmuls, then the
+    objects of the imports frozen for the collector."""
+    reproducible_blas()
+    freeze_imported_objects()

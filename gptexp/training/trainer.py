@@ -13,19 +13,18 @@ import contextlib
 import logging
 import math
 import time
-import uuid
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from typing import Any, Protocol
 
 import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
-from gptexp.checkpoint.format import FORMAT_VERSION, CheckpointEntry
-from gptexp.checkpoint.manager import CheckpointManager
-from gptexp.core.config import TrainConfig, config_to_dict
+from gptexp.checkpoint.format import CHECKPOINT_KEYS, FORMAT_VERSION, CheckpointEntry
+from gptexp.checkpoint.manager import run_checkpoints
+from gptexp.core.config import TrainConfig, TrainingConfig, config_to_dict
 from gptexp.core.errors import TrainingDiverged, TrainingInterrupted
-from gptexp.data.batches import DATA_ORDER_VERSION, resume_grad_accum, train_batch
+from gptexp.data.batches import resume_grad_accum, train_batch
 from gptexp.data.cache import cache_dir
 from gptexp.data.corpus import Corpus
 from gptexp.model.gpt import GPT
@@ -49,9 +48,14 @@ from gptexp.observe.metrics import (
 )
 from gptexp.observe.rundir import RunDirectory
 from gptexp.training.compile_policy import should_compile
-from gptexp.training.guard import APPLY, NONFINITE, ROLLBACK, SKIP, SpikeGuard, stop_message
+from gptexp.training.guard import APPLY, NONFINITE, ROLLBACK, SKIP, stop_message
 from gptexp.training.mfu import Peak, flops_per_token, mfu, peak_for, precision_advice
-from gptexp.training.optim import apply_configured_hyperparameters, build_optimizer, build_scheduler
+from gptexp.training.optim import (
+    apply_configured_hyperparameters,
+    build_optimizer,
+    build_scheduler,
+    hyperparameters,
+)
 from gptexp.training.parallel import (
     is_named_layout,
     load_named_state,
@@ -73,6 +77,7 @@ from gptexp.training.runtime import (
 )
 from gptexp.training.scoring import evaluate_loss, generate_text
 from gptexp.training.speed import keep_freed_memory
+from gptexp.training.state import TrainState
 
 log = logging.getLogger(__name__)
 
@@ -145,21 +150,13 @@ class Trainer:
         self.optimizer = build_optimizer(self.model, t, self.device)
         self.scheduler = build_scheduler(self.optimizer, t)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=t.precision == "fp16")
-        self.checkpoints = CheckpointManager(run.checkpoints, cfg.checkpoint)
-        self.step = 0
-        self.tokens_seen = 0
-        self.best_metric: float | None = None
-        self.wandb_id = uuid.uuid4().hex[:12]
-        self.data_order = DATA_ORDER_VERSION  # a resumed run keeps its own (load_state)
-        # A checkpoint of step 0 (an imported model's baseline) was evaluated when it was made.
-        self.from_checkpoint = resume_state is not None
-        self.guard = SpikeGuard(t.guard)
-        self.data_step = 0  # index of the next batch (the guard may skip some)
+        self.checkpoints = run_checkpoints(run, cfg.checkpoint)
+        self.state = TrainState.fresh(t.guard)  # a resumed run's is its checkpoint's
         if resume_state is not None:
             self.load_state(resume_state)
 
         self.forward_model: torch.nn.Module = self.model
-        if should_compile(t, self.step):  # training.compile=auto|true|false
+        if should_compile(t, self.state.step):  # training.compile=auto|true|false
             self.forward_model = torch.compile(self.model)
         if dist_ctx.enabled and not self.sharded:
             self.forward_model = DistributedDataParallel(
@@ -194,15 +191,12 @@ class Trainer:
         else:
             rng_per_rank = [rng]
         model_state, optimizer_state = self._model_optimizer_state()
-        return {
+        checkpoint = self.state.to_dict() | {
             "format_version": FORMAT_VERSION,
             "model": model_state,
             "optimizer": optimizer_state,
             "scheduler": self.scheduler.state_dict(),
             "scaler": self.scaler.state_dict() if self.scaler.is_enabled() else None,
-            "step": self.step,
-            "tokens_seen": self.tokens_seen,
-            "best_metric": self.best_metric,
             "metric": metric,
             "monitor": self.cfg.checkpoint.monitor,
             "rng": rng_per_rank,
@@ -210,12 +204,9 @@ class Trainer:
             "tokenizer": self.corpus.tokenizer.to_json(),
             "data_fingerprint": self.corpus.fingerprint,
             "vocab_size": self.corpus.tokenizer.vocab_size,
-            "wandb_id": self.wandb_id,
             "world_size": self.dist.world_size,
-            "data_order": self.data_order,
-            "data_step": self.data_step,
-            "guard": self.guard.state_dict(),
         }
+        return {key: checkpoint[key] for key in CHECKPOINT_KEYS}
 
     def _model_optimizer_state(self) -> tuple[dict[str, Any], dict[str, Any]]:
         """FSDP or DCP: the named layout (gptexp.training.parallel), whole tensors for the file
@@ -235,13 +226,12 @@ class Trainer:
         self.optimizer.load_state_dict(state["optimizer"])
 
     def load_state(self, state: dict[str, Any]) -> None:
+        """Carry on from a checkpoint: its tensors' states, its TrainState, its RNG."""
+        train_state = TrainState.from_dict(state, self.cfg.training.guard)  # checked first
         # The loaded optimizer and schedule hold the hyperparameters of the run that saved
         # them; a resume or fork that overrides training.lr, beta1, weight_decay... must train
         # update step + 1 with the new ones (an unchanged config gives the same values).
-        configured = [
-            {k: v for k, v in group.items() if k != "params"}
-            for group in self.optimizer.param_groups
-        ]
+        configured = hyperparameters(self.optimizer)
         self._load_model_optimizer(state)
         self.scheduler.load_state_dict(state["scheduler"])
         apply_configured_hyperparameters(
@@ -249,51 +239,32 @@ class Trainer:
         )
         if state.get("scaler") and self.scaler.is_enabled():
             self.scaler.load_state_dict(state["scaler"])
-        self.step = int(state["step"])
-        self.tokens_seen = int(state["tokens_seen"])
-        self.best_metric = state["best_metric"]
-        self.wandb_id = state["wandb_id"]
-        # Checkpoints from before data order 2 have no "data_order": they keep order 1.
-        self.data_order = int(state.get("data_order", 1))
+        self.state = train_state
         saved_world = int(state["world_size"])
-        if self.data_order >= 2:
-            self._keep_global_batch(state["config"]["training"], saved_world)
+        if self.state.data_order >= 2:
+            saved = state["config"]["training"]
+            keep_global_batch(self.cfg.training, saved, saved_world, self.dist.world_size)
         if saved_world != self.dist.world_size:
-            log.warning(
-                "checkpoint was written by %s, resuming with %d: %s",
-                plural(saved_world, "process", "processes"),
-                self.dist.world_size,
-                "the data stay the same, the losses match an uninterrupted run up to float "
-                "reduction order (with dropout, also not its random numbers, which cannot follow "
-                "a change of world size)"
-                if self.data_order >= 2
-                else "training continues correctly but, in this run's old data order, is no "
-                "longer bit-identical to an uninterrupted run",
-            )
+            say_world_change(saved_world, self.dist.world_size, self.state.data_order)
         restore_rng_state(state["rng"][self.dist.rank % saved_world])
-        # The spike guard's state (checkpoints written before the guard have none: no skips).
-        self.data_step = int(state.get("data_step", self.step))
-        if "guard" in state:
-            self.guard.load_state_dict(state["guard"])
 
-    def _keep_global_batch(self, saved: dict[str, Any], saved_world: int) -> None:
-        """Set grad_accum so that a step has the checkpoint's global batch on this world size
-        (ConfigError when it cannot); the stored config of this start records the value."""
+    def restart(self, parts: Collection[str], state: TrainState) -> None:
+        """A fork's start (gptexp.run.forking): carry on from ``state``, with ``parts`` of what
+        was loaded started again: ``optimizer`` a fresh AdamW, ``scheduler`` (and ``step``)
+        the schedule at its step 0, ``rng`` every generator seeded from training.seed."""
         t = self.cfg.training
-        global_batch = int(saved["batch_size"]) * int(saved["grad_accum"]) * saved_world
-        grad_accum = resume_grad_accum(global_batch, t.batch_size, self.dist.world_size)
-        if grad_accum != t.grad_accum:
-            log.info(
-                "training.grad_accum %d -> %d: keeps the run's global batch of %d sequences "
-                "(batch_size %d x grad_accum %d x %d processes)",
-                t.grad_accum,
-                grad_accum,
-                global_batch,
-                t.batch_size,
-                grad_accum,
-                self.dist.world_size,
-            )
-            t.grad_accum = grad_accum
+        configured = hyperparameters(self.optimizer)  # the config's (load_state)
+        if "optimizer" in parts:
+            self.optimizer = build_optimizer(self.model, t, self.device)
+        if {"optimizer", "scheduler", "step"} & set(parts):
+            loaded = self.scheduler.state_dict()
+            self.scheduler = build_scheduler(self.optimizer, t)
+            if not {"scheduler", "step"} & set(parts):  # a fresh AdamW, the same place
+                self.scheduler.load_state_dict(loaded)
+                apply_configured_hyperparameters(self.optimizer, self.scheduler, configured, t)
+        if "rng" in parts:
+            seed_everything(t.seed + self.dist.rank)
+        self.state = state
 
     # ------------------------------------------------------------------------- one update
 
@@ -305,15 +276,15 @@ class Trainer:
         or goes back to a checkpoint's) and the batch is used up all the same."""
         t = self.cfg.training
         total = 0.0
-        self.data_step = self.guard.next_batch(self.data_step)
+        self.state.data_step = self.state.guard.next_batch(self.state.data_step)
         for micro in range(t.grad_accum):
             x, y = train_batch(
-                self.data_order,
+                self.state.data_order,
                 self.corpus.train,
                 self.cfg.model.block_size,
                 t.batch_size,
                 seed=t.seed,
-                step=self.data_step,
+                step=self.state.data_step,
                 rank=self.dist.rank,
                 micro=micro,
                 grad_accum=t.grad_accum,
@@ -337,13 +308,13 @@ class Trainer:
         loss = total / t.grad_accum
         if not self._guard_admits(loss, grad_norm):
             return loss, grad_norm
-        self.data_step += 1
+        self.state.data_step += 1
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        self.step += 1
-        self.tokens_seen += self.tokens_per_step
+        self.state.step += 1
+        self.state.tokens_seen += self.tokens_per_step
         return loss, grad_norm
 
     # ------------------------------------------------------------------------- the spike guard
@@ -357,35 +328,37 @@ class Trainer:
         # lowers its scale, as it always has.
         loss = self._mean_across_ranks(loss)
         norm = 0.0 if self.scaler.is_enabled() and math.isfinite(loss) else grad_norm
-        action, cause = self.guard.judge(loss, norm)
+        action, cause = self.state.guard.judge(loss, norm)
         if action == APPLY:
             return True
         target = self._rollback_target() if action == ROLLBACK else None
         if action == ROLLBACK and target is None:
-            action = self.guard.without_checkpoint()  # nothing to roll back to: skip
+            action = self.state.guard.without_checkpoint()  # nothing to roll back to: skip
         self.optimizer.zero_grad(set_to_none=True)
         if self.scaler.is_enabled():
             # Close the scaler's iteration (unscale_ was called) without changing its scale.
             self.scaler.update(new_scale=self.scaler.get_scale())
         event = {
-            "step": self.step + 1,
-            "batch": self.data_step,
+            "step": self.state.step + 1,
+            "batch": self.state.data_step,
             "loss": loss,
-            "average": self.guard.average,
+            "average": self.state.guard.average,
             "grad_norm": grad_norm,
             "cause": cause,
             "action": action,
         }
         if action == SKIP:
-            self.guard.skip_batches(self.data_step, self.data_step)
-            self.data_step += 1
-            self._guard_event(self.guard.record(event))
+            self.state.guard.skip_batches(self.state.data_step, self.state.data_step)
+            self.state.data_step += 1
+            self._guard_event(self.state.guard.record(event))
         elif action == ROLLBACK:
             self._roll_back(event, *target)
         else:
-            event = self.guard.record(event)
+            event = self.state.guard.record(event)
             self._guard_event(event)
-            raise TrainingDiverged(stop_message(self.guard, event, self._last_checkpoint_step()))
+            raise TrainingDiverged(
+                stop_message(self.state.guard, event, self._last_checkpoint_step())
+            )
         return False
 
     def _rollback_target(self) -> tuple[CheckpointEntry, dict[str, Any]] | None:
@@ -400,17 +373,19 @@ class Trainer:
     ) -> None:
         """Load the checkpoint's state (the guard's own state carries on) and put the batches
         from there to the spike, and ``skip_after`` more, on the skip list."""
-        spike_batch = self.data_step
-        guard_state = self.guard.state_dict()
+        spike_batch = self.state.data_step
+        guard = self.state.guard
         self.load_state(state)
-        self.guard.load_state_dict(guard_state)
-        self.guard.skip_batches(self.data_step, spike_batch + self.cfg.training.guard.skip_after)
-        event = self.guard.record(event | {"to_step": self.step})
+        self.state.guard = guard
+        self.state.guard.skip_batches(
+            self.state.data_step, spike_batch + self.cfg.training.guard.skip_after
+        )
+        event = self.state.guard.record(event | {"to_step": self.state.step})
         log.warning(
             "spike at step %d: rolled back to checkpoint %s; batches %d..%d are skipped",
             event["step"],
             entry.file,
-            self.data_step,
+            self.state.data_step,
             spike_batch + self.cfg.training.guard.skip_after,
         )
         if self.dist.is_main:
@@ -418,7 +393,7 @@ class Trainer:
             # drop them (they can rewind); W&B keeps its first values.
             for sink in self.sinks:
                 if callable(getattr(sink, "rewind", None)):
-                    sink.rewind(self.step, len(self.guard.events))
+                    sink.rewind(self.state.step, len(self.state.guard.events))
         self._guard_event(event)
 
     def _guard_event(self, event: dict[str, Any]) -> None:
@@ -434,7 +409,7 @@ class Trainer:
             )
         self._log({STEP: event["step"], EVENT: SPIKE_EVENT, **event})
         if self.dist.is_main:
-            self.run.update_status(guard=self.guard.report())
+            self.run.update_status(guard=self.state.guard.report())
 
     def _last_checkpoint_step(self) -> int | None:
         self.checkpoints.wait()
@@ -485,7 +460,7 @@ class Trainer:
         if not self.dist.is_main:
             return
         with open(self.run.samples, "a", encoding="utf-8") as f:
-            f.write(f"=== step {self.step}\n{self.corpus.tokenizer.decode(ids)}\n\n")
+            f.write(f"=== step {self.state.step}\n{self.corpus.tokenizer.decode(ids)}\n\n")
 
     # ------------------------------------------------------------------------- the loop
 
@@ -497,27 +472,31 @@ class Trainer:
             self.peak = peak_for(self.device, t.precision, cache_dir())
             if self.peak.flops is None:
                 log.info("throughput/mfu not logged: %s", self.peak.source)
-        if self.step == 0 and not self.from_checkpoint and (t.eval_every or t.max_steps == 0):
+        if (
+            self.state.step == 0
+            and not self.state.from_checkpoint
+            and (t.eval_every or t.max_steps == 0)
+        ):
             self.last_val_loss = self.evaluate()
             self._log({STEP: 0, VAL_LOSS: self.last_val_loss})
             log.info("step 0: val/loss %.4f", self.last_val_loss)
             if t.max_steps == 0:
                 return self._finish_at_step_zero()
-        if self.step >= t.max_steps:
-            log.info("step %d already reaches training.max_steps=%d", self.step, t.max_steps)
-        progress = Progress(self.dist.is_main, t.progress, self.step, t.max_steps)
+        if self.state.step >= t.max_steps:
+            log.info("step %d already reaches training.max_steps=%d", self.state.step, t.max_steps)
+        progress = Progress(self.dist.is_main, t.progress, self.state.step, t.max_steps)
         if self.cfg.checkpoint.on_signal:
             self.stop.install()
         try:
-            while self.step < t.max_steps:
+            while self.state.step < t.max_steps:
                 self._stop_if_requested()
-                before = self.step
+                before = self.state.step
                 with self.window.timing(self.tokens_per_step, updates=1):
                     loss, grad_norm = self.train_step()
-                if self.step <= before:
+                if self.state.step <= before:
                     continue  # the guard dropped the update or rolled back (see train_step)
                 self._prepare_save_buffers()
-                final = self.step == t.max_steps
+                final = self.state.step == t.max_steps
                 record = self._train_record(loss, grad_norm, final)
                 metric = self._evaluate_if_due(record, loss, final)
                 self._log(record)
@@ -566,17 +545,17 @@ class Trainer:
         if self.cfg.checkpoint.enabled:
             state = self.state_dict(None)
             if self.dist.is_main or self.checkpoints.collective:
-                self.checkpoints.save(state, self.step, None, ["signal"], asynchronous=False)
+                self.checkpoints.save(state, self.state.step, None, ["signal"], asynchronous=False)
             if self.dist.is_main:
-                log.warning("saved checkpoint at step %d", self.step)
+                log.warning("saved checkpoint at step %d", self.state.step)
         raise TrainingInterrupted(
-            self.stop.signame or "signal", self.step, str(self.run.path), self.dist.world_size
+            self.stop.signame or "signal", self.state.step, str(self.run.path), self.dist.world_size
         )
 
     def _train_record(self, loss: float, grad_norm: float, final: bool) -> dict[str, Any]:
         """The step's record: training metrics on logging steps (and the last one)."""
-        record: dict[str, Any] = {STEP: self.step}
-        if self.step % self.cfg.training.log_every and not final:
+        record: dict[str, Any] = {STEP: self.state.step}
+        if self.state.step % self.cfg.training.log_every and not final:
             return record
         tokens_per_s, step_seconds = self.window.take()
         self.tokens_per_s.append(tokens_per_s)
@@ -589,7 +568,7 @@ class Trainer:
             TRAIN_LOSS: self.last_train_loss,
             LR: self.scheduler.get_last_lr()[0],
             GRAD_NORM: grad_norm,
-            TOKENS: self.tokens_seen,
+            TOKENS: self.state.tokens_seen,
             TOKENS_PER_S: tokens_per_s,
             STEP_SECONDS: step_seconds,
         }
@@ -597,21 +576,25 @@ class Trainer:
     def _evaluate_if_due(self, record: dict[str, Any], loss: float, final: bool) -> float | None:
         """Evaluate at eval_every and at the last step; returns the monitored metric then."""
         every = self.cfg.training.eval_every
-        if not (final or (every and self.step % every == 0)):
+        if not (final or (every and self.state.step % every == 0)):
             return None
         self.last_val_loss = record[VAL_LOSS] = self.evaluate()
         return self.last_val_loss if self.cfg.checkpoint.monitor == VAL_LOSS else loss
 
     def _sample_if_due(self, final: bool) -> None:
         every = self.cfg.training.sample_every
-        if (self.dist.is_main or self.sharded) and (final or (every and self.step % every == 0)):
+        if (self.dist.is_main or self.sharded) and (
+            final or (every and self.state.step % every == 0)
+        ):
             self.write_sample()
 
     def _track_best(self, metric: float | None) -> None:
         if metric is None or not math.isfinite(metric):
             return
-        if self.best_metric is None or self.checkpoints.is_better(metric, self.best_metric):
-            self.best_metric = metric
+        if self.state.best_metric is None or self.checkpoints.is_better(
+            metric, self.state.best_metric
+        ):
+            self.state.best_metric = metric
 
     def _prepare_save_buffers(self) -> None:
         """Once the optimizer has its state (after a run's first update), allocate what an
@@ -630,14 +613,16 @@ class Trainer:
         # Periodic, milestone and final saves depend on the step alone, so every rank decides
         # them itself; "best" ranks against the manifest, which rank 0 alone reads, so at an
         # evaluation rank 0's decision is broadcast (every rank joins the RNG gather).
-        reasons = self.checkpoints.wants(self.step, metric if self.dist.is_main else None, final)
+        reasons = self.checkpoints.wants(
+            self.state.step, metric if self.dist.is_main else None, final
+        )
         if metric is not None:
             reasons = self.dist.broadcast(reasons)
         if not reasons:
             return
         state = self.state_dict(metric)
         if self.dist.is_main or self.checkpoints.collective:  # DCP: every rank writes shards
-            self.checkpoints.save(state, self.step, metric, reasons)
+            self.checkpoints.save(state, self.state.step, metric, reasons)
 
     def _report(self, progress: Progress, record: dict[str, Any]) -> None:
         """The progress line shows what metrics.jsonl holds: under torchrun the loss is the
@@ -649,7 +634,7 @@ class Trainer:
             postfix["val"] = f"{self.last_val_loss:.4f}"
         if self.tokens_per_s:
             postfix["tok/s"] = f"{self.tokens_per_s[-1]:,.0f}"
-        progress.update(self.step, postfix)
+        progress.update(self.state.step, postfix)
 
     def _log(self, record: dict[str, Any]) -> None:
         if len(record) > 1 and self.dist.is_main:
@@ -668,17 +653,56 @@ class Trainer:
     def summary(self) -> dict[str, Any]:
         """The run's figures for run.json and the W&B summary (one spelling each)."""
         return {
-            "step": self.step,
-            "tokens_seen": self.tokens_seen,
+            "step": self.state.step,
+            "tokens_seen": self.state.tokens_seen,
             "parameters": self.model.num_parameters(),
-            best_metric_name(self.cfg.checkpoint.monitor): self.best_metric,
+            best_metric_name(self.cfg.checkpoint.monitor): self.state.best_metric,
             FINAL_VAL_LOSS: self.last_val_loss,
             FINAL_TRAIN_LOSS: self.last_train_loss,
             MEDIAN_TOKENS_PER_S: median_throughput(self.tokens_per_s),
-            "guard": self.guard.report(),
+            "guard": self.state.guard.report(),
         }
 
     def release(self) -> None:
         # Drop the DDP wrapper before the process group is destroyed: a reducer that outlives
         # it can abort the process at exit ("terminate called without an active exception").
         self.forward_model = self.model
+
+
+# ----------------------------------------------------------------------------- another world size
+
+
+def keep_global_batch(
+    t: TrainingConfig, saved: dict[str, Any], saved_world: int, world_size: int
+) -> None:
+    """Set ``t.grad_accum`` so that a step has the checkpoint's global batch on
+    ``world_size`` (ConfigError when it cannot); the stored config of this start records the
+    value."""
+    global_batch = int(saved["batch_size"]) * int(saved["grad_accum"]) * saved_world
+    grad_accum = resume_grad_accum(global_batch, t.batch_size, world_size)
+    if grad_accum != t.grad_accum:
+        log.info(
+            "training.grad_accum %d -> %d: keeps the run's global batch of %d sequences "
+            "(batch_size %d x grad_accum %d x %d processes)",
+            t.grad_accum,
+            grad_accum,
+            global_batch,
+            t.batch_size,
+            grad_accum,
+            world_size,
+        )
+        t.grad_accum = grad_accum
+
+
+def say_world_change(saved_world: int, world_size: int, data_order: int) -> None:
+    log.warning(
+        "checkpoint was written by %s, resuming with %d: %s",
+        plural(saved_world, "process", "processes"),
+        world_size,
+        "the data stay the same, the losses match an uninterrupted run up to float "
+        "reduction order (with dropout, also not its random numbers, which cannot follow "
+        "a change of world size)"
+        if data_order >= 2
+        else "training continues correctly but, in this run's old data order, is no "
+        "longer bit-identical to an uninterrupted run",
+    )

@@ -438,7 +438,7 @@ def tiny_checkpoint_cost(plan: BenchPlan, corpus: Path, workdir: Path) -> dict[s
     """The trainer's own state after one update, saved as the training loop saves it."""
     from gptexp.core.config import DataConfig, LoggerConfig, TrainConfig, TrainingConfig
     from gptexp.observe.rundir import RunDirectory
-    from gptexp.run.session import run_corpus
+    from gptexp.run.starts import run_corpus
     from gptexp.training.runtime import Distributed
     from gptexp.training.trainer import Trainer
 
@@ -479,7 +479,7 @@ def guard_overhead(plan: BenchPlan, corpus: Path, workdir: Path, steps: int) -> 
         TrainingConfig,
     )
     from gptexp.observe.rundir import RunDirectory
-    from gptexp.run.session import run_corpus
+    from gptexp.run.starts import run_corpus
     from gptexp.training.runtime import Distributed
     from gptexp.training.trainer import Trainer
 

@@ -54,10 +54,11 @@ def instrument() -> None:
     # The entry modules run afresh as __main__ and import run_training from gptexp.run.session,
     # so they get the wrappers.
     import gptexp.run.session as session
+    import gptexp.run.starts as starts
     import gptexp.training.trainer as trainer
 
     session.run_training = _timed(session.run_training, "run_start", "run_end")
-    session.prepare_corpus = _timed(session.prepare_corpus, "corpus_start", "corpus_end")
+    starts.prepare_corpus = _timed(starts.prepare_corpus, "corpus_start", "corpus_end")
     trainer.Trainer.__init__ = _timed(trainer.Trainer.__init__, None, "trainer_built")
     trainer.Trainer.train_step = _timed(trainer.Trainer.train_step, None, None, steps=True)
     session.record_start = _timed(session.record_start, "status_start", "status_end")
