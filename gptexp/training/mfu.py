@@ -9,6 +9,7 @@ CPU, its core count and its clock.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -215,3 +216,28 @@ def precision_advice(device: torch.device, precision: str) -> str | None:
             "on an AVX2-only EPYC); use training.precision=fp32 on this machine"
         )
     return None
+
+
+class ThroughputWindow:
+    """Tokens and seconds of the updates since the last log line (evaluation excluded;
+    checkpoint stalls included, since training waits for them)."""
+
+    def __init__(self) -> None:
+        self.seconds, self.tokens, self.updates = 0.0, 0, 0
+
+    @contextlib.contextmanager
+    def timing(self, tokens: int = 0, updates: int = 0):
+        started = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds += time.perf_counter() - started
+            self.tokens += tokens
+            self.updates += updates
+
+    def take(self) -> tuple[float, float]:
+        """(tokens/s, seconds per update) of the window, which starts again."""
+        rate = self.tokens / max(self.seconds, 1e-9)
+        per_update = self.seconds / max(self.updates, 1)
+        self.seconds, self.tokens, self.updates = 0.0, 0, 0
+        return rate, per_update

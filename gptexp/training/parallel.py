@@ -11,18 +11,26 @@ The state of a sharded model is read and written through
 ("named" layout) rather than by position, which is what lets a checkpoint move between world
 sizes. Checkpoints of ``parallel=ddp`` runs in the single-file format keep the plain layout of
 ``optimizer.state_dict()``.
+
+A run resumed on another world size keeps its global batch (``training.grad_accum`` follows)
+and says what that means for its data order (:func:`keep_global_batch`, :func:`say_world_change`).
 """
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import torch
 import torch.distributed as dist
 
-from gptexp.core.config import TrainConfig
+from gptexp.core.config import TrainConfig, TrainingConfig
 from gptexp.core.errors import CheckpointError
+from gptexp.data.batches import resume_grad_accum
 from gptexp.model.gpt import GPT
+from gptexp.training.progress import plural
+
+log = logging.getLogger(__name__)
 
 
 def shard_model(model: GPT) -> None:
@@ -93,3 +101,42 @@ def refuse_positional_state(sharded: bool) -> None:
             "the checkpoint was written by a training.parallel=ddp run (single-file format): "
             "resume it with training.parallel=ddp"
         )
+
+
+# ----------------------------------------------------------------------------- another world size
+
+
+def keep_global_batch(
+    t: TrainingConfig, saved: dict[str, Any], saved_world: int, world_size: int
+) -> None:
+    """Set ``t.grad_accum`` so that a step has the checkpoint's global batch on
+    ``world_size`` (ConfigError when it cannot); the stored config of this start records the
+    value."""
+    global_batch = int(saved["batch_size"]) * int(saved["grad_accum"]) * saved_world
+    grad_accum = resume_grad_accum(global_batch, t.batch_size, world_size)
+    if grad_accum != t.grad_accum:
+        log.info(
+            "training.grad_accum %d -> %d: keeps the run's global batch of %d sequences "
+            "(batch_size %d x grad_accum %d x %d processes)",
+            t.grad_accum,
+            grad_accum,
+            global_batch,
+            t.batch_size,
+            grad_accum,
+            world_size,
+        )
+        t.grad_accum = grad_accum
+
+
+def say_world_change(saved_world: int, world_size: int, data_order: int) -> None:
+    log.warning(
+        "checkpoint was written by %s, resuming with %d: %s",
+        plural(saved_world, "process", "processes"),
+        world_size,
+        "the data stay the same, the losses match an uninterrupted run up to float "
+        "reduction order (with dropout, also not its random numbers, which cannot follow "
+        "a change of world size)"
+        if data_order >= 2
+        else "training continues correctly but, in this run's old data order, is no "
+        "longer bit-identical to an uninterrupted run",
+    )

@@ -4,7 +4,8 @@ happens around it (train, log, evaluate, sample, keep the best, save, report).
 ``step`` counts completed updates: the checkpoint of step s holds the state after s updates,
 and resuming from it continues with update s + 1 on exactly the batches and random numbers the
 uninterrupted run would have used. The life of the run around the loop (lock, run.json, which
-checkpoint to resume, W&B) is :mod:`gptexp.run.session`'s.
+checkpoint to resume, W&B) is :mod:`gptexp.run.session`'s; what the trainer does when its
+spike guard refuses an update is :mod:`gptexp.training.spikes`'.
 """
 
 from __future__ import annotations
@@ -12,7 +13,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
-import time
 from collections.abc import Collection, Sequence
 from typing import Any, Protocol
 
@@ -20,23 +20,21 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
-from gptexp.checkpoint.format import CHECKPOINT_KEYS, FORMAT_VERSION, CheckpointEntry
+from gptexp.checkpoint.format import CHECKPOINT_KEYS, FORMAT_VERSION
 from gptexp.checkpoint.manager import run_checkpoints
-from gptexp.core.config import TrainConfig, TrainingConfig, config_to_dict
-from gptexp.core.errors import TrainingDiverged, TrainingInterrupted
-from gptexp.data.batches import resume_grad_accum, train_batch
+from gptexp.core.config import TrainConfig, config_to_dict
+from gptexp.core.errors import TrainingInterrupted
+from gptexp.data.batches import train_batch
 from gptexp.data.cache import cache_dir
 from gptexp.data.corpus import Corpus
 from gptexp.model.gpt import GPT
 from gptexp.observe.metrics import (
-    EVENT,
     FINAL_TRAIN_LOSS,
     FINAL_VAL_LOSS,
     GRAD_NORM,
     LR,
     MEDIAN_TOKENS_PER_S,
     MFU,
-    SPIKE_EVENT,
     STEP,
     STEP_SECONDS,
     TOKENS,
@@ -48,8 +46,14 @@ from gptexp.observe.metrics import (
 )
 from gptexp.observe.rundir import RunDirectory
 from gptexp.training.compile_policy import should_compile
-from gptexp.training.guard import APPLY, NONFINITE, ROLLBACK, SKIP, stop_message
-from gptexp.training.mfu import Peak, flops_per_token, mfu, peak_for, precision_advice
+from gptexp.training.mfu import (
+    Peak,
+    ThroughputWindow,
+    flops_per_token,
+    mfu,
+    peak_for,
+    precision_advice,
+)
 from gptexp.training.optim import (
     apply_configured_hyperparameters,
     build_optimizer,
@@ -58,9 +62,11 @@ from gptexp.training.optim import (
 )
 from gptexp.training.parallel import (
     is_named_layout,
+    keep_global_batch,
     load_named_state,
     named_state,
     refuse_positional_state,
+    say_world_change,
     shard_model,
     uses_named_state,
 )
@@ -77,6 +83,7 @@ from gptexp.training.runtime import (
 )
 from gptexp.training.scoring import evaluate_loss, generate_text
 from gptexp.training.speed import keep_freed_memory
+from gptexp.training.spikes import SpikeResponse
 from gptexp.training.state import TrainState
 
 log = logging.getLogger(__name__)
@@ -86,32 +93,7 @@ class MetricsSink(Protocol):
     def log(self, record: dict[str, Any]) -> None: ...
 
 
-class ThroughputWindow:
-    """Tokens and seconds of the updates since the last log line (evaluation excluded;
-    checkpoint stalls included, since training waits for them)."""
-
-    def __init__(self) -> None:
-        self.seconds, self.tokens, self.updates = 0.0, 0, 0
-
-    @contextlib.contextmanager
-    def timing(self, tokens: int = 0, updates: int = 0):
-        started = time.perf_counter()
-        try:
-            yield
-        finally:
-            self.seconds += time.perf_counter() - started
-            self.tokens += tokens
-            self.updates += updates
-
-    def take(self) -> tuple[float, float]:
-        """(tokens/s, seconds per update) of the window, which starts again."""
-        rate = self.tokens / max(self.seconds, 1e-9)
-        per_update = self.seconds / max(self.updates, 1)
-        self.seconds, self.tokens, self.updates = 0.0, 0, 0
-        return rate, per_update
-
-
-class Trainer:
+class Trainer(SpikeResponse):
     """Model, optimizer and schedule of one run, and the loop that trains them to max_steps."""
 
     def __init__(
@@ -317,104 +299,7 @@ class Trainer:
         self.state.tokens_seen += self.tokens_per_step
         return loss, grad_norm
 
-    # ------------------------------------------------------------------------- the spike guard
-
-    def _guard_admits(self, loss: float, grad_norm: float) -> bool:
-        """Whether the update with these gradients may reach the optimizer. When not, the
-        gradients are dropped and the guard's action is carried out: skip the batch, roll back
-        to the newest valid checkpoint, or stop the run (TrainingDiverged)."""
-        # Every rank decides alike: the gradient norm is already the all-reduced one. With
-        # fp16, an overflowing gradient is the GradScaler's to handle: it skips the step and
-        # lowers its scale, as it always has.
-        loss = self._mean_across_ranks(loss)
-        norm = 0.0 if self.scaler.is_enabled() and math.isfinite(loss) else grad_norm
-        action, cause = self.state.guard.judge(loss, norm)
-        if action == APPLY:
-            return True
-        target = self._rollback_target() if action == ROLLBACK else None
-        if action == ROLLBACK and target is None:
-            action = self.state.guard.without_checkpoint()  # nothing to roll back to: skip
-        self.optimizer.zero_grad(set_to_none=True)
-        if self.scaler.is_enabled():
-            # Close the scaler's iteration (unscale_ was called) without changing its scale.
-            self.scaler.update(new_scale=self.scaler.get_scale())
-        event = {
-            "step": self.state.step + 1,
-            "batch": self.state.data_step,
-            "loss": loss,
-            "average": self.state.guard.average,
-            "grad_norm": grad_norm,
-            "cause": cause,
-            "action": action,
-        }
-        if action == SKIP:
-            self.state.guard.skip_batches(self.state.data_step, self.state.data_step)
-            self.state.data_step += 1
-            self._guard_event(self.state.guard.record(event))
-        elif action == ROLLBACK:
-            self._roll_back(event, *target)
-        else:
-            event = self.state.guard.record(event)
-            self._guard_event(event)
-            raise TrainingDiverged(
-                stop_message(self.state.guard, event, self._last_checkpoint_step())
-            )
-        return False
-
-    def _rollback_target(self) -> tuple[CheckpointEntry, dict[str, Any]] | None:
-        """(entry, state) of the newest valid checkpoint, or None (none written yet)."""
-        self.checkpoints.wait()
-        if self.dist.enabled:
-            dist.barrier()  # rank 0's last save is durable before any rank reads the manifest
-        return self.checkpoints.load_latest_valid()
-
-    def _roll_back(
-        self, event: dict[str, Any], entry: CheckpointEntry, state: dict[str, Any]
-    ) -> None:
-        """Load the checkpoint's state (the guard's own state carries on) and put the batches
-        from there to the spike, and ``skip_after`` more, on the skip list."""
-        spike_batch = self.state.data_step
-        guard = self.state.guard
-        self.load_state(state)
-        self.state.guard = guard
-        self.state.guard.skip_batches(
-            self.state.data_step, spike_batch + self.cfg.training.guard.skip_after
-        )
-        event = self.state.guard.record(event | {"to_step": self.state.step})
-        log.warning(
-            "spike at step %d: rolled back to checkpoint %s; batches %d..%d are skipped",
-            event["step"],
-            entry.file,
-            self.state.data_step,
-            spike_batch + self.cfg.training.guard.skip_after,
-        )
-        if self.dist.is_main:
-            # The steps after the checkpoint will be logged again: metrics.jsonl and TensorBoard
-            # drop them (they can rewind); W&B keeps its first values.
-            for sink in self.sinks:
-                if callable(getattr(sink, "rewind", None)):
-                    sink.rewind(self.state.step, len(self.state.guard.events))
-        self._guard_event(event)
-
-    def _guard_event(self, event: dict[str, Any]) -> None:
-        """An event as a metrics.jsonl record (W&B raises an alert for it) and in run.json."""
-        if event["action"] == SKIP:
-            log.warning(
-                "%s at step %d (train/loss %s, average %s): update skipped, batch %d dropped",
-                "non-finite update" if event["cause"] == NONFINITE else "loss spike",
-                event["step"],
-                event["loss"],
-                event["average"],
-                event["batch"],
-            )
-        self._log({STEP: event["step"], EVENT: SPIKE_EVENT, **event})
-        if self.dist.is_main:
-            self.run.update_status(guard=self.state.guard.report())
-
-    def _last_checkpoint_step(self) -> int | None:
-        self.checkpoints.wait()
-        entries = self.checkpoints.entries()
-        return entries[-1].step if entries else None
+    # --------------------------------------------------------------- gradients, evaluation, samples
 
     def _gradient_sync(self, last: bool):
         """DDP all-reduces (FSDP reduce-scatters) gradients only on the last micro-batch."""
@@ -667,42 +552,3 @@ class Trainer:
         # Drop the DDP wrapper before the process group is destroyed: a reducer that outlives
         # it can abort the process at exit ("terminate called without an active exception").
         self.forward_model = self.model
-
-
-# ----------------------------------------------------------------------------- another world size
-
-
-def keep_global_batch(
-    t: TrainingConfig, saved: dict[str, Any], saved_world: int, world_size: int
-) -> None:
-    """Set ``t.grad_accum`` so that a step has the checkpoint's global batch on
-    ``world_size`` (ConfigError when it cannot); the stored config of this start records the
-    value."""
-    global_batch = int(saved["batch_size"]) * int(saved["grad_accum"]) * saved_world
-    grad_accum = resume_grad_accum(global_batch, t.batch_size, world_size)
-    if grad_accum != t.grad_accum:
-        log.info(
-            "training.grad_accum %d -> %d: keeps the run's global batch of %d sequences "
-            "(batch_size %d x grad_accum %d x %d processes)",
-            t.grad_accum,
-            grad_accum,
-            global_batch,
-            t.batch_size,
-            grad_accum,
-            world_size,
-        )
-        t.grad_accum = grad_accum
-
-
-def say_world_change(saved_world: int, world_size: int, data_order: int) -> None:
-    log.warning(
-        "checkpoint was written by %s, resuming with %d: %s",
-        plural(saved_world, "process", "processes"),
-        world_size,
-        "the data stay the same, the losses match an uninterrupted run up to float "
-        "reduction order (with dropout, also not its random numbers, which cannot follow "
-        "a change of world size)"
-        if data_order >= 2
-        else "training continues correctly but, in this run's old data order, is no "
-        "longer bit-identical to an uninterrupted run",
-    )
