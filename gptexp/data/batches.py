@@ -3,7 +3,6 @@
 Sampling holds no state: the batch for (seed, split, step, rank, micro-step) is a pure
 function of those numbers, so a resumed run draws exactly the batches the uninterrupted run
 would have drawn, and nothing about the data needs to be checkpointed.
-
 """
 
 from __future__ import annotations
