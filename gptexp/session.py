@@ -34,6 +34,7 @@ from gptexp.errors import (
 from gptexp.forking import wandb_lineage
 from gptexp.fsio import atomic_write_json, atomic_write_text
 from gptexp.metrics import MetricsFile, config_diff
+from gptexp.process_tuning import blas_caveat
 from gptexp.rundir import (
     FAILED,
     FINISHED,
@@ -251,6 +252,8 @@ def run_training(
     try:
         with lock:
             apply_process_settings(cfg.training)
+            if dist_ctx.is_main and (caveat := blas_caveat()) is not None:
+                log.warning(caveat)
             if cfg.logger.tensorboard and dist_ctx.is_main:
                 require_tensorboard()
             beginning = start.begin(cfg, run)
