@@ -10,6 +10,7 @@ point puts the setting in force before its first matmul, and a user's own choice
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -158,3 +159,21 @@ def test_strict_mode_is_chosen_and_a_users_choice_stands(monkeypatch):
     assert compatible[0] == "False"  # the user's value stands (it is not strict)
     monkeypatch.setenv(MKL_CBWR, "COMPATIBLE")
     assert reproducible_blas() is False
+
+
+def test_a_run_says_when_a_users_setting_gives_up_exactness_and_records_it(tmp_path, monkeypatch):
+    """Where the guarantee cannot hold (the user chose a non-strict MKL_CBWR), the run says so
+    when it starts and run.json records the value."""
+    monkeypatch.setenv(MKL_CBWR, "COMPATIBLE")
+    run_dir = tmp_path / "run"
+    result = run_module(
+        "gptexp.train",
+        *FAST,
+        "training.max_steps=2",
+        f"hydra.run.dir={run_dir}",
+        cwd=tmp_path,
+        env=subprocess_env(MKL_CBWR="COMPATIBLE"),
+    )
+    assert result.returncode == 0, result.stderr
+    assert "MKL_CBWR=COMPATIBLE (yours): matmuls may part in the last bits" in result.stderr
+    assert json.loads((run_dir / "run.json").read_text())["mkl_cbwr"] == "COMPATIBLE"

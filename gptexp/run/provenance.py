@@ -72,4 +72,5 @@ def environment(git: PendingGitCommit | None = None) -> dict[str, Any]:
         },
         "git_commit": git.result() if git is not None else git_commit(),
         "argv": sys.argv,
+        "mkl_cbwr": os.environ.get("MKL_CBWR"),  # bit-exactness on busy cores: training.speed
     }

@@ -55,6 +55,7 @@ from gptexp.training.runtime import (
     init_distributed,
     shutdown_distributed,
 )
+from gptexp.training.speed import blas_caveat
 from gptexp.training.trainer import MetricsSink, Trainer
 
 log = logging.getLogger(__name__)
@@ -250,6 +251,8 @@ def run_training(
     try:
         with lock:
             apply_process_settings(cfg.training)
+            if dist_ctx.is_main and (caveat := blas_caveat()) is not None:
+                log.warning(caveat)
             if cfg.logger.tensorboard and dist_ctx.is_main:
                 require_tensorboard()
             beginning = start.begin(cfg, run)

@@ -78,11 +78,20 @@ def reproducible_blas() -> bool:
     strict mode is what MKL will use; child processes (sweep workers, torchrun ranks) inherit
     it through the environment."""
     os.environ.setdefault(MKL_CBWR, STRICT_REPRODUCIBILITY)
-    chosen = os.environ[MKL_CBWR]
-    if "STRICT" not in chosen.upper():
-        log.debug("MKL_CBWR=%s: matmuls may part in the last bits when the cores are busy", chosen)
-        return False
-    return True
+    return blas_caveat() is None
+
+
+def blas_caveat() -> str | None:
+    """Why this process's matmuls may not be bitwise reproducible on busy cores (a user's
+    ``MKL_CBWR`` without STRICT), or None. A run says it when it starts and records the value
+    in run.json (``mkl_cbwr``)."""
+    chosen = os.environ.get(MKL_CBWR)
+    if chosen is None or "STRICT" in chosen.upper():
+        return None
+    return (
+        f"{MKL_CBWR}={chosen} (yours): matmuls may part in the last bits when other work keeps "
+        f"the cores busy; {MKL_CBWR}={STRICT_REPRODUCIBILITY} (gptexp's default) keeps them exact"
+    )
 
 
 def prepare_command_process() -> None:
