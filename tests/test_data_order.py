@@ -159,7 +159,7 @@ def test_a_new_checkpoint_records_the_data_order(tmp_path):
 def test_resuming_on_fewer_processes_raises_grad_accum(tmp_path, caplog):
     state = checkpoint_state(tmp_path, "training.grad_accum=1")
     state["world_size"] = 4  # written by 4 ranks x accum 1
-    with caplog.at_level(logging.INFO, logger="gptexp.training.trainer"):
+    with caplog.at_level(logging.INFO, logger="gptexp.training.parallel"):
         trainer = resumed(tmp_path, state, 1, "training.grad_accum=1")
     assert trainer.cfg.training.grad_accum == 4 and trainer.state.data_order == 2
     assert "training.grad_accum 1 -> 4" in caplog.text
