@@ -20,11 +20,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from gptexp import seedgroups
-from gptexp.cli import parse_options, run_command
-from gptexp.errors import ConfigError, RunError
-from gptexp.fsio import atomic_write_text
-from gptexp.metrics import (
+from gptexp.core.cli import parse_options, run_command
+from gptexp.core.errors import ConfigError, RunError
+from gptexp.core.fsio import atomic_write_text
+from gptexp.observe import seedgroups
+from gptexp.observe.metrics import (
     FINAL_VAL_LOSS,
     INHERITED,
     STEP,
@@ -33,8 +33,8 @@ from gptexp.metrics import (
     is_number,
     read_metrics,
 )
-from gptexp.rundir import RunDirectory, find_runs
-from gptexp.runtable import (
+from gptexp.observe.rundir import RunDirectory, find_runs
+from gptexp.observe.runtable import (
     DAMAGED,
     cells,
     distinguishing_keys,
@@ -44,7 +44,7 @@ from gptexp.runtable import (
     runs_below,
     table_columns,
 )
-from gptexp.tables import csv_table, markdown_table, text_table
+from gptexp.observe.tables import csv_table, markdown_table, text_table
 
 USAGE = (
     "usage: python -m gptexp.compare <sweep dir | run dirs...> [sort=[-]KEY] "
@@ -75,7 +75,7 @@ class CompareOptions:
     )
     group: list[str] = field(
         default_factory=list,
-        metadata={"help": "KEY[,KEY...]: one row per group of seeds (gptexp.seedgroups)"},
+        metadata={"help": "KEY[,KEY...]: one row per group of seeds (gptexp.observe.seedgroups)"},
     )
     metric: str = field(
         default=FINAL_VAL_LOSS, metadata={"help": "with group=: the column to summarise"}
@@ -268,7 +268,7 @@ def compare(options: CompareOptions) -> str:
 def compare_groups(
     options: CompareOptions, rows: list[dict[str, Any]], runs: list[RunDirectory], base
 ) -> str:
-    """One row per seed group (gptexp.seedgroups), best mean first; the files asked for."""
+    """One row per seed group (gptexp.observe.seedgroups), best mean first; the files asked for."""
     seedgroups.check_alpha(options.alpha)
     if options.sort:
         raise ConfigError("sort= does not apply with group=: groups are listed best mean first")

@@ -2,9 +2,10 @@
 directory alone.
 
 The model is rebuilt from the checkpoint's own config and tokenizer (never from today's
-``conf/``), loaded with ``weights_only=True`` and scored by :func:`gptexp.trainer.evaluate_loss`
-on the run's own evaluation batches, so a checkpoint's eval loss equals the ``val/loss`` the
-trainer logged at its step. Results go to ``<run>/eval/<ckpt>.json``, samples to
+``conf/``), loaded with ``weights_only=True`` and scored by
+:func:`gptexp.training.scoring.evaluate_loss` on the run's own evaluation batches, so a
+checkpoint's eval loss equals the ``val/loss`` the trainer logged at its step. Results go to
+``<run>/eval/<ckpt>.json``, samples to
 ``<run>/eval/samples_<ckpt>.txt``; nothing else in the run is written. A directory whose
 subdirectories are runs (a sweep) is evaluated run by run into one table.
 """
@@ -21,25 +22,27 @@ from typing import Any, ClassVar
 
 import torch
 
-from gptexp.cli import command_logging, parse_options, run_command
-from gptexp.config import DEVICES, check_seed
-from gptexp.data import Tokenizer
-from gptexp.errors import USER_ERRORS, ConfigError, RunError
-from gptexp.evaluation import (
+from gptexp.checkpoint.stored import (
+    LoadedCheckpoint,
+    RebuiltRun,
     check_ckpt,
-    evaluate_loss,
-    generate_text,
     load_run_checkpoint,
     logged_val_loss,
     rebuild_model,
     reload_corpus,
 )
-from gptexp.fsio import atomic_write_json, atomic_write_text
-from gptexp.process_tuning import prepare_command_process
-from gptexp.rundir import RunDirectory, find_runs, now
-from gptexp.runtable import distinguishing_keys, labels, run_rows
-from gptexp.runtime import resolve_device
-from gptexp.tables import text_table
+from gptexp.core.cli import command_logging, parse_options, run_command
+from gptexp.core.config import DEVICES, check_seed
+from gptexp.core.errors import USER_ERRORS, ConfigError, RunError
+from gptexp.core.fsio import atomic_write_json, atomic_write_text
+from gptexp.data.corpus import Corpus
+from gptexp.data.tokenizers import Tokenizer
+from gptexp.observe.rundir import RunDirectory, find_runs, now
+from gptexp.observe.runtable import distinguishing_keys, labels, run_rows
+from gptexp.observe.tables import text_table
+from gptexp.training.runtime import resolve_device
+from gptexp.training.scoring import evaluate_loss, generate_text
+from gptexp.training.speed import prepare_command_process
 
 log = logging.getLogger(__name__)
 
@@ -157,7 +160,49 @@ def evaluate_run(run: RunDirectory, options: EvalOptions, samples: int) -> EvalR
     """
     run.refuse_links(run.eval_dir)  # results go into the run, never through a link
     loaded = load_run_checkpoint(run, options.ckpt)
-    state, entry = loaded.state, loaded.entry
+    subject = prepare(run, loaded, options)
+    record = score(run, loaded, subject, options)
+    rebuilt, training = subject.rebuilt, subject.rebuilt.training
+    # The evaluation batches are always drawn as the trainer draws them (its training.seed),
+    # so a loss stays comparable with the logged one; seed= changes the samples only.
+    sampling_seed = training.seed if options.seed is None else options.seed
+    texts = generate_samples(
+        rebuilt.model,
+        rebuilt.tokenizer,
+        subject.prompt_ids,
+        options,
+        samples,
+        sampling_seed,
+        subject.device,
+    )
+    if texts:
+        record["sampling"] = {
+            "samples": samples,
+            "max_new_tokens": options.max_new_tokens,
+            "temperature": options.temperature,
+            "top_k": options.top_k or None,
+            "prompt": options.prompt,
+            "seed": sampling_seed,
+        }
+    write(run, loaded, options, record, texts, sampling_seed)
+    return EvalResult(run.path, loaded.label, record, texts)
+
+
+@dataclass
+class Subject:
+    """A checkpoint's model, rebuilt and placed, with what scoring it needs."""
+
+    rebuilt: RebuiltRun
+    device: torch.device
+    precision: str
+    corpus: Corpus
+    prompt_ids: list[int]
+
+
+def prepare(run: RunDirectory, loaded: LoadedCheckpoint, options: EvalOptions) -> Subject:
+    """The checkpoint's model on the evaluation device, its corpus and the encoded prompt
+    (bad input fails here, before anything is written)."""
+    state = loaded.state
     rebuilt = rebuild_model(state)
     if rebuilt.ignored_keys:
         log.warning(
@@ -179,11 +224,22 @@ def evaluate_run(run: RunDirectory, options: EvalOptions, samples: int) -> EvalR
     if training.num_threads:
         torch.set_num_threads(training.num_threads)  # the trainer's thread count: same sums
 
+    return Subject(rebuilt, device, precision, corpus, prompt_ids)
+
+
+def score(
+    run: RunDirectory, loaded: LoadedCheckpoint, subject: Subject, options: EvalOptions
+) -> dict[str, Any]:
+    """The loss of the checkpoint on its run's evaluation batches: the record of eval/."""
+    rebuilt, device, precision, corpus = (
+        subject.rebuilt,
+        subject.device,
+        subject.precision,
+        subject.corpus,
+    )
+    training, entry = rebuilt.training, loaded.entry
     batches = options.batches or training.eval_batches
     batch_size = options.batch_size or training.batch_size
-    # The evaluation batches are always drawn as the trainer draws them (its training.seed),
-    # so a loss stays comparable with the logged one; seed= changes the samples only.
-    sampling_seed = training.seed if options.seed is None else options.seed
     tokens = corpus.val if options.split == "val" else corpus.train
     loss = evaluate_loss(
         rebuilt.model,
@@ -228,19 +284,19 @@ def evaluate_run(run: RunDirectory, options: EvalOptions, samples: int) -> EvalR
         "ignored_config_keys": rebuilt.ignored_keys,
         "evaluated_at": now(),
     }
-    texts = generate_samples(
-        rebuilt.model, rebuilt.tokenizer, prompt_ids, options, samples, sampling_seed, device
-    )
-    if texts:
-        record["sampling"] = {
-            "samples": samples,
-            "max_new_tokens": options.max_new_tokens,
-            "temperature": options.temperature,
-            "top_k": options.top_k or None,
-            "prompt": options.prompt,
-            "seed": sampling_seed,
-        }
+    return record
 
+
+def write(
+    run: RunDirectory,
+    loaded: LoadedCheckpoint,
+    options: EvalOptions,
+    record: dict[str, Any],
+    texts: list[str],
+    sampling_seed: int,
+) -> None:
+    """``<run>/eval/<ckpt>[_<split>].json`` and the samples' text file, each atomically."""
+    entry = loaded.entry
     suffix = "" if options.split == "val" else f"_{options.split}"
     run.eval_dir.mkdir(exist_ok=True)
     atomic_write_json(run.eval_dir / f"{loaded.label}{suffix}.json", record)
@@ -248,7 +304,6 @@ def evaluate_run(run: RunDirectory, options: EvalOptions, samples: int) -> EvalR
         header = f"step {entry.step}, seed {sampling_seed}, temperature {options.temperature}"
         body = "".join(f"=== sample {i + 1} ({header})\n{text}\n\n" for i, text in enumerate(texts))
         atomic_write_text(run.eval_dir / f"samples_{loaded.label}.txt", body)
-    return EvalResult(run.path, loaded.label, record, texts)
 
 
 def print_run_result(result: EvalResult) -> None:
@@ -333,7 +388,7 @@ def evaluate(options: EvalOptions) -> list[EvalResult]:
 
 
 def main() -> None:
-    prepare_command_process()  # gptexp.process_tuning: reproducible matmuls, a quiet collector
+    prepare_command_process()  # gptexp.training.speed: reproducible matmuls, a quiet collector
     with command_logging(None):
         run_command(lambda: evaluate(parse_options(sys.argv[1:], EvalOptions, USAGE)))
 

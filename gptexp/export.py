@@ -8,7 +8,7 @@ its tokenizer. The default directory is ``<run>/export/<ckpt>/``.
 
 ``format=hf`` writes a directory that ``transformers`` loads as a GPT-2 model
 (``AutoModelForCausalLM`` / ``AutoTokenizer.from_pretrained``), by default
-``<run>/export/<ckpt>-hf/``; see :mod:`gptexp.hf`.
+``<run>/export/<ckpt>-hf/``; see :mod:`gptexp.model.hf`.
 
 Placement (:func:`place_export`): an export is written whole into a temporary sibling of its
 directory and renamed into place, so a reader (or a kill at any instant) sees the whole old
@@ -32,13 +32,14 @@ from typing import Any
 
 import safetensors.torch
 
-from gptexp.cli import command_logging, parse_options, run_command
-from gptexp.config import ModelConfig
-from gptexp.data import Tokenizer, tokenizer_from_json
-from gptexp.errors import ConfigError, RunError
-from gptexp.evaluation import check_ckpt, load_run_checkpoint, logged_val_loss, rebuild_model
-from gptexp.fsio import atomic_write_bytes, atomic_write_json, atomic_write_text, fsync_dir
-from gptexp.hf import (
+from gptexp.checkpoint.stored import check_ckpt, load_run_checkpoint, logged_val_loss, rebuild_model
+from gptexp.core.cli import command_logging, parse_options, run_command
+from gptexp.core.config import ModelConfig
+from gptexp.core.errors import ConfigError, RunError
+from gptexp.core.fsio import atomic_write_bytes, atomic_write_json, atomic_write_text, fsync_dir
+from gptexp.data.tokenizers import Tokenizer, tokenizer_from_json
+from gptexp.model.gpt import GPT
+from gptexp.model.hf import (
     GENERATION,
     MODEL_CARD,
     TOKENIZER_CONFIG,
@@ -48,9 +49,8 @@ from gptexp.hf import (
     require_transformers,
     save_hf,
 )
-from gptexp.model import GPT
-from gptexp.process_tuning import prepare_command_process
-from gptexp.rundir import RunDirectory, require_run
+from gptexp.observe.rundir import RunDirectory, require_run
+from gptexp.training.speed import prepare_command_process
 
 USAGE = (
     "usage: python -m gptexp.export run=<run dir> [ckpt=last|best|<step>] [format=gptexp|hf] "
@@ -234,7 +234,7 @@ def place_export(run: RunDirectory, out: Path, write: Callable[[Path], None]) ->
 
 
 def main() -> None:
-    prepare_command_process()  # gptexp.process_tuning: reproducible matmuls, a quiet collector
+    prepare_command_process()  # gptexp.training.speed: reproducible matmuls, a quiet collector
     with command_logging(None):
         run_command(lambda: export(parse_options(sys.argv[1:], ExportOptions, USAGE)))
 

@@ -23,13 +23,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import ClassVar
 
-from gptexp.cli import command_logging, parse_options, run_command
-from gptexp.config import CONFIG_KEYS, TrainConfig, parse_overrides
-from gptexp.errors import USER_ERRORS, ConfigError, JobFailed, RunError, TrainingInterrupted
-from gptexp.evaluation import check_ckpt, load_run_checkpoint
-from gptexp.forking import ForkStart, data_changed, fork_corpus, parse_reset
-from gptexp.process_tuning import prepare_command_process
-from gptexp.rundir import (
+from gptexp.checkpoint.stored import check_ckpt, load_run_checkpoint
+from gptexp.core.cli import command_logging, parse_options, run_command
+from gptexp.core.config import CONFIG_KEYS, TrainConfig, parse_overrides
+from gptexp.core.errors import USER_ERRORS, ConfigError, JobFailed, RunError, TrainingInterrupted
+from gptexp.observe.rundir import (
     FAILED,
     FINISHED,
     RunDirectory,
@@ -37,9 +35,11 @@ from gptexp.rundir import (
     now,
     require_run,
 )
-from gptexp.runtable import cells, table_columns, write_summary
-from gptexp.session import overridden_config, run_training
-from gptexp.tables import text_table
+from gptexp.observe.runtable import cells, table_columns, write_summary
+from gptexp.observe.tables import text_table
+from gptexp.run.forking import ForkStart, data_changed, fork_corpus, parse_reset
+from gptexp.run.session import overridden_config, run_training
+from gptexp.training.speed import prepare_command_process
 
 log = logging.getLogger(__name__)
 
@@ -55,7 +55,7 @@ RUNS_DIR, SWEEPS_DIR = Path("outputs/runs"), Path("outputs/sweeps")
 @dataclass
 class ForkOptions:
     # ``model=small`` is a config override (refused with a clear message: a fork keeps its
-    # parent's model), not an unknown option of this command (gptexp.cli.OVERRIDES).
+    # parent's model), not an unknown option of this command (gptexp.core.cli.OVERRIDES).
     CONFIG_KEYS: ClassVar[frozenset[str]] = CONFIG_KEYS
     ALIASES: ClassVar[dict[str, str]] = {"m": "multirun"}
 
@@ -238,7 +238,7 @@ def fork(argv: list[str]) -> float | None:
 
 
 def main() -> None:
-    prepare_command_process()  # gptexp.process_tuning: reproducible matmuls, a quiet collector
+    prepare_command_process()  # gptexp.training.speed: reproducible matmuls, a quiet collector
     with command_logging(None):  # a fork's own log (train.log) takes over once its directory exists
         run_command(lambda: fork(sys.argv[1:]))
 

@@ -31,21 +31,19 @@ from typing import Any
 
 import torch
 
-from gptexp.checkpoint import (
-    FORK_START,
+from gptexp.checkpoint.format import (
     MANIFEST,
     CheckpointEntry,
-    CheckpointManager,
     checkpoint_name,
     load_checkpoint_file,
     parse_entry,
-    run_checkpoints,
     step_of,
 )
-from gptexp.cli import command_logging, parse_options, run_command
-from gptexp.errors import CheckpointError
-from gptexp.fsio import atomic_write_bytes, sha256_of_open_file, xxh3_128_of_open_file
-from gptexp.rundir import RunDirectory, require_run
+from gptexp.checkpoint.manager import FORK_START, CheckpointManager, run_checkpoints
+from gptexp.core.cli import command_logging, parse_options, run_command
+from gptexp.core.errors import CheckpointError
+from gptexp.core.fsio import atomic_write_bytes, sha256_of_open_file, xxh3_128_of_open_file
+from gptexp.observe.rundir import RunDirectory, require_run
 
 log = logging.getLogger(__name__)
 

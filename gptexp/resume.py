@@ -15,15 +15,15 @@ import sys
 from dataclasses import dataclass, field
 from typing import ClassVar
 
-from gptexp.cli import command_logging, parse_options, run_command
-from gptexp.config import CONFIG_KEYS
-from gptexp.errors import resume_hint
-from gptexp.metrics import FINAL_VAL_LOSS
-from gptexp.process_tuning import prepare_command_process
-from gptexp.rundir import require_run
-from gptexp.runtime import Distributed
-from gptexp.session import already_finished, resume_config, run_training
-from gptexp.starts import Resume
+from gptexp.core.cli import command_logging, parse_options, run_command
+from gptexp.core.config import CONFIG_KEYS
+from gptexp.core.errors import resume_hint
+from gptexp.observe.metrics import FINAL_VAL_LOSS
+from gptexp.observe.rundir import require_run
+from gptexp.run.session import already_finished, resume_config, run_training
+from gptexp.run.starts import Resume
+from gptexp.training.runtime import Distributed
+from gptexp.training.speed import prepare_command_process
 
 USAGE = "usage: python -m gptexp.resume run=<run dir> [key=value ...]"
 
@@ -81,7 +81,7 @@ def resume(argv: list[str]) -> float | None:
 
 
 def main() -> None:
-    prepare_command_process()  # gptexp.process_tuning: reproducible matmuls, a quiet collector
+    prepare_command_process()  # gptexp.training.speed: reproducible matmuls, a quiet collector
     run_command(lambda: resume(sys.argv[1:]))
 
 

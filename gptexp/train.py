@@ -2,7 +2,7 @@
 
 A thin entry: Hydra composes ``gptexp/conf/train.yaml`` (shipped inside the package) over the
 typed schema, the config becomes typed dataclasses once, here, and
-:func:`gptexp.session.run_training` does the rest. The
+:func:`gptexp.run.session.run_training` does the rest. The
 return value is the final validation loss, which Hydra's sweepers (Optuna) minimise.
 """
 
@@ -22,19 +22,19 @@ from hydra.experimental.callback import Callback
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
-from gptexp.cli import command_logging, run_command
-from gptexp.config import CONF_DIR, parse_overrides, register_configs, to_train_config
-from gptexp.errors import JobFailed, RunError, resume_hint
-from gptexp.fsio import TMP_SUFFIX
-from gptexp.hf import resolve_init_from
-from gptexp.optuna_trial import trial_reporter
-from gptexp.process_tuning import prepare_command_process
-from gptexp.requeue import prefer_sigusr1
-from gptexp.rundir import RunDirectory, discard_unstarted
-from gptexp.runtime import Distributed, init_distributed
-from gptexp.session import run_training
-from gptexp.starts import new_run
-from gptexp.sweep import BASIC_SWEEPER, share_cores_between_jobs, sweep_job
+from gptexp.core.cli import command_logging, run_command
+from gptexp.core.config import CONF_DIR, parse_overrides, register_configs, to_train_config
+from gptexp.core.errors import JobFailed, RunError, resume_hint
+from gptexp.core.fsio import TMP_SUFFIX
+from gptexp.model.hf import resolve_init_from
+from gptexp.observe.rundir import RunDirectory, discard_unstarted
+from gptexp.run.optuna_trial import trial_reporter
+from gptexp.run.requeue import prefer_sigusr1
+from gptexp.run.session import run_training
+from gptexp.run.starts import new_run
+from gptexp.run.sweep import BASIC_SWEEPER, share_cores_between_jobs, sweep_job
+from gptexp.training.runtime import Distributed, init_distributed
+from gptexp.training.speed import prepare_command_process
 
 log = logging.getLogger(__name__)
 
@@ -153,7 +153,7 @@ def train(cfg: DictConfig) -> float | None:
 
 def check_command_line(argv: list[str]) -> None:
     """The overrides' keys and group options, before Hydra composes (see
-    gptexp.config.parse_overrides): a typo is bad input with one line, not Hydra's failure."""
+    gptexp.core.config.parse_overrides): a typo is bad input with one line, not Hydra's failure."""
     from hydra._internal.utils import get_args_parser
 
     args, _ = get_args_parser().parse_known_args(argv)
@@ -165,8 +165,8 @@ def check_command_line(argv: list[str]) -> None:
 
 
 def main() -> None:
-    prepare_command_process()  # gptexp.process_tuning: reproducible matmuls, a quiet collector
-    prefer_sigusr1()  # SLURM's pre-timeout signal for submitit jobs (gptexp.requeue)
+    prepare_command_process()  # gptexp.training.speed: reproducible matmuls, a quiet collector
+    prefer_sigusr1()  # SLURM's pre-timeout signal for submitit jobs (gptexp.run.requeue)
     run_command(lambda: check_command_line(sys.argv[1:]))
     register_configs()
     hydra.main(config_path=str(CONF_DIR), config_name="train", version_base=None)(train)()

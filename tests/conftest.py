@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from gptexp.config import CONF_DIR, compose_config  # noqa: F401 (tests import them from here)
+from gptexp.core.config import CONF_DIR, compose_config  # noqa: F401 (tests import them from here)
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -42,10 +42,10 @@ def _offline_and_isolated(tmp_path, monkeypatch):
 
 def make_trainer(cfg, run_dir: Path, dist_ctx=None, state=None, sinks=()):
     """A Trainer in this process for ``cfg``, its corpus prepared as the session does."""
-    from gptexp.rundir import RunDirectory
-    from gptexp.runtime import Distributed
-    from gptexp.starts import run_corpus
-    from gptexp.trainer import Trainer
+    from gptexp.observe.rundir import RunDirectory
+    from gptexp.run.starts import run_corpus
+    from gptexp.training.runtime import Distributed
+    from gptexp.training.trainer import Trainer
 
     run = RunDirectory(run_dir)
     corpus = run_corpus(cfg, run, state)
@@ -226,7 +226,7 @@ def sweep(sweep_dir: Path, *overrides: str, cwd: Path) -> subprocess.CompletedPr
 
 def policy(**overrides):
     """A checkpoint policy for the checkpoint tests: every 10 steps, 2 kept, best 1, sync."""
-    from gptexp.config import CheckpointConfig
+    from gptexp.core.config import CheckpointConfig
 
     base = dict(every_steps=10, keep_last=2, keep_best=1, keep_every=0, async_save=False)
     return CheckpointConfig(**(base | overrides))

@@ -19,7 +19,7 @@ import runpy
 import signal
 import sys
 
-import gptexp.checkpoint as checkpoint
+import gptexp.checkpoint.manager as checkpoint
 
 CRASH_AFTER_BYTES = 4096
 

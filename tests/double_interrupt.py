@@ -15,8 +15,8 @@ import runpy
 import signal
 import sys
 
-import gptexp.checkpoint as checkpoint
-import gptexp.trainer as trainer
+import gptexp.checkpoint.manager as checkpoint
+import gptexp.training.trainer as trainer
 
 FIRST_AT_STEP = 3
 

@@ -15,8 +15,8 @@ import runpy
 import signal
 import sys
 
-import gptexp.starts as starts
-import gptexp.sweep as sweep
+import gptexp.run.starts as starts
+import gptexp.run.sweep as sweep
 
 
 def die() -> None:

@@ -15,8 +15,8 @@ from __future__ import annotations
 import runpy
 import sys
 
-import gptexp.model as model
-import gptexp.trainer as trainer
+import gptexp.model.gpt as model
+import gptexp.training.trainer as trainer
 
 
 def install(factors: dict[int, float]) -> None:

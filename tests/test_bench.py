@@ -13,7 +13,7 @@ import sys
 import pytest
 import torch
 
-from gptexp.bench.measure import PLAIN_SCRIPT
+from gptexp.tools.bench.measure import PLAIN_SCRIPT
 from tests.conftest import run_module
 
 FIGURES = {
@@ -113,7 +113,7 @@ def test_quick_bench_writes_every_figure_and_prints_the_table(tmp_path):
 
 
 def test_no_ratio_of_pairs_below_the_minimum_and_a_median_above():
-    from gptexp.bench.report import pairs_ratio, ratio_cell
+    from gptexp.tools.bench.report import pairs_ratio, ratio_cell
 
     assert pairs_ratio([1.0, 50.0]) is None  # not 25.5: one outlier would be the headline
     assert ratio_cell(None, [1.0, 50.0]) == "n/a (2 pairs: 1.00, 50.00)"
@@ -137,7 +137,7 @@ def test_make_bench_passes_args_through():
 
 
 def test_plain_script_runs_alone_and_imports_nothing_of_gptexp(tmp_path):
-    """plain_train.py is the standalone yardstick: python gptexp/bench/plain_train.py."""
+    """plain_train.py is the standalone yardstick: python gptexp/tools/bench/plain_train.py."""
     text = tmp_path / "text.txt"
     text.write_text("".join(f"{i} to be or not to be\n" for i in range(300)), encoding="utf-8")
     timings = tmp_path / "timings.json"
@@ -170,7 +170,7 @@ def test_plain_script_runs_alone_and_imports_nothing_of_gptexp(tmp_path):
 
 def test_plain_script_trains_what_the_trainer_trains(tmp_path):
     """Same initialisation, batches and schedule: the same losses as gptexp's Trainer."""
-    from gptexp.config import (
+    from gptexp.core.config import (
         CheckpointConfig,
         DataConfig,
         LoggerConfig,
@@ -222,8 +222,8 @@ def test_reused_snapshot_buffers_keep_each_checkpoint_consistent(tmp_path):
     """The bench's stall fix: from its second save on, the manager copies into the buffers of
     the previous snapshot. Each checkpoint must still hold the values of its own step, and a
     tied weight must still be written once."""
-    from gptexp.checkpoint import CheckpointManager
-    from gptexp.config import CheckpointConfig
+    from gptexp.checkpoint.manager import CheckpointManager
+    from gptexp.core.config import CheckpointConfig
 
     manager = CheckpointManager(tmp_path, CheckpointConfig(every_steps=1, keep_last=3))
     weight = torch.zeros(64, 64)

@@ -16,19 +16,14 @@ from pathlib import Path
 import pytest
 import torch
 
-import gptexp.checkpoint
+import gptexp.checkpoint.manager
+import gptexp.checkpoint.reader
 import gptexp.fork
-from gptexp.checkpoint import (
-    FORK_START,
-    MANIFEST,
-    CheckpointManager,
-    checkpoint_name,
-    load_checkpoint_file,
-    snapshot,
-)
-from gptexp.config import CheckpointConfig
-from gptexp.errors import CheckpointError
-from gptexp.fsio import sha256_file, xxh3_128_file
+from gptexp.checkpoint.format import MANIFEST, checkpoint_name, load_checkpoint_file, snapshot
+from gptexp.checkpoint.manager import FORK_START, CheckpointManager
+from gptexp.core.config import CheckpointConfig
+from gptexp.core.errors import CheckpointError
+from gptexp.core.fsio import sha256_file, xxh3_128_file
 from tests.conftest import call_main, fake_state, policy
 
 
@@ -207,8 +202,8 @@ def test_listed_malicious_checkpoint_is_skipped_for_an_older_valid_one(tmp_path)
 _FULL_DISK_SCRIPT = """
 import resource, sys, torch
 from pathlib import Path
-from gptexp.checkpoint import CheckpointManager, CheckpointError
-from gptexp.config import CheckpointConfig
+from gptexp.checkpoint.manager import CheckpointManager, CheckpointError
+from gptexp.core.config import CheckpointConfig
 from tests.conftest import call_main, fake_state, policy
 directory = Path(sys.argv[1])
 manager = CheckpointManager(directory, CheckpointConfig(every_steps=10, keep_last=5,
@@ -481,10 +476,10 @@ def test_a_crash_in_the_first_save_needs_no_repair(tmp_path, monkeypatch, crash_
             real_replace(src, dst)
         raise Killed
 
-    monkeypatch.setattr(gptexp.checkpoint.os, "replace", replace)
+    monkeypatch.setattr(gptexp.checkpoint.manager.os, "replace", replace)
     with pytest.raises(Killed):
         save(CheckpointManager(directory, policy(keep_last=2)), 10)
-    monkeypatch.setattr(gptexp.checkpoint.os, "replace", real_replace)
+    monkeypatch.setattr(gptexp.checkpoint.manager.os, "replace", real_replace)
     later = CheckpointManager(directory, policy(keep_last=2))
     found = later.load_latest_valid(warn=lambda message: None)
     assert (found[0].step if found else None) == (10 if crash_at == "after the rename" else None)
@@ -522,8 +517,10 @@ def test_a_reader_racing_retention_takes_the_newest_valid_checkpoint(tmp_path, m
         monkeypatch.setattr(reader, "entries", lambda: (entries(), race())[0])
     else:
         name = "xxh3_128_of_open_file" if moment == "after the checksum" else "load_checkpoint_file"
-        real = getattr(gptexp.checkpoint, name)
-        monkeypatch.setattr(gptexp.checkpoint, name, lambda *a, **k: (real(*a, **k), race())[0])
+        real = getattr(gptexp.checkpoint.reader, name)
+        monkeypatch.setattr(
+            gptexp.checkpoint.reader, name, lambda *a, **k: (real(*a, **k), race())[0]
+        )
     messages: list[str] = []
     entry, state = reader.load_latest_valid(warn=messages.append)
     assert (entry.step, state["step"]) == (20, 20)
@@ -536,8 +533,10 @@ def test_an_explicit_step_that_retention_took_meanwhile_is_a_clear_error(tmp_pat
     save(writer, 10)
     reader = CheckpointManager(tmp_path, policy())
     race = save_when_read(writer, 20)
-    real = gptexp.checkpoint.xxh3_128_of_open_file
-    monkeypatch.setattr(gptexp.checkpoint, "xxh3_128_of_open_file", lambda f: (real(f), race())[0])
+    real = gptexp.checkpoint.reader.xxh3_128_of_open_file
+    monkeypatch.setattr(
+        gptexp.checkpoint.reader, "xxh3_128_of_open_file", lambda f: (real(f), race())[0]
+    )
     with pytest.raises(CheckpointError, match=r"no checkpoint at step 10 \(have: 20\)"):
         reader.load_requested(10)
 
@@ -561,8 +560,8 @@ def test_a_dcp_save_never_removes_a_directory_the_manifest_does_not_list(tmp_pat
 def test_a_runs_checkpoint_manager_has_one_source_and_the_policy_its_use_needs(tmp_path):
     """A reader's manager (eval, export, fork, diff, repair) ranks ``best`` by the run's own
     stored policy; a training start passes the policy it trains under."""
-    from gptexp.checkpoint import run_checkpoints
-    from gptexp.rundir import RunDirectory
+    from gptexp.checkpoint.manager import run_checkpoints
+    from gptexp.observe.rundir import RunDirectory
 
     run = RunDirectory(tmp_path)
     (tmp_path / "run.json").write_text(json.dumps({"config": {"checkpoint": {"mode": "max"}}}))
@@ -575,12 +574,12 @@ def test_a_runs_checkpoint_manager_has_one_source_and_the_policy_its_use_needs(t
 
 
 def test_no_module_builds_a_runs_checkpoint_manager_itself():
-    """Only gptexp.checkpoint.run_checkpoints does (bench and gpucheck time their own
+    """Only gptexp.checkpoint.manager.run_checkpoints does (bench and gpucheck time their own
     scratch directories)."""
-    root = Path(gptexp.checkpoint.__file__).parent
+    root = Path(gptexp.checkpoint.manager.__file__).parents[1]  # the gptexp package
     builders = {
         str(path.relative_to(root))
         for path in root.rglob("*.py")
         if "CheckpointManager(" in path.read_text(encoding="utf-8")
     }
-    assert builders == {"checkpoint.py", "gpucheck.py", "bench/measure.py"}
+    assert builders == {"checkpoint/manager.py", "tools/gpucheck.py", "tools/bench/measure.py"}

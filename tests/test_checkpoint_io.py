@@ -8,11 +8,12 @@ import json
 import pytest
 import torch
 
-from gptexp import checkpoint
-from gptexp.checkpoint import MANIFEST, CheckpointManager
-from gptexp.config import CheckpointConfig
-from gptexp.errors import CheckpointError
-from gptexp.fsio import sha256_file, xxh3_128_file
+from gptexp.checkpoint import reader as checkpoint
+from gptexp.checkpoint.format import MANIFEST
+from gptexp.checkpoint.manager import CheckpointManager
+from gptexp.core.config import CheckpointConfig
+from gptexp.core.errors import CheckpointError
+from gptexp.core.fsio import sha256_file, xxh3_128_file
 from tests.conftest import fake_state, policy
 
 

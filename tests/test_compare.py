@@ -206,8 +206,8 @@ def test_a_forks_throughput_is_its_own(sweep_dir, tmp_path):
 def test_a_fork_that_changed_nothing_is_labelled_apart_from_its_parent(sweep_dir, tmp_path):
     from gptexp.compare import CompareOptions
     from gptexp.compare import compare as compare_runs
-    from gptexp.rundir import RunDirectory
-    from gptexp.runtable import distinguishing_keys, labels, run_rows
+    from gptexp.observe.rundir import RunDirectory
+    from gptexp.observe.runtable import distinguishing_keys, labels, run_rows
 
     fork = tmp_path / "fork"
     fork_of(sweep_dir / "0", fork, 6)
@@ -234,7 +234,7 @@ def test_a_long_value_is_shortened_in_the_table(sweep_dir, tmp_path):
 
 
 def test_an_unfinished_runs_step_is_where_it_would_resume(sweep_dir, tmp_path):
-    from gptexp.runtable import write_summary
+    from gptexp.observe.runtable import write_summary
 
     copy = damaged_copy(sweep_dir, tmp_path)
     # Run 2 "crashed" (run.json says running, no process holds it) after its checkpoint of
@@ -275,7 +275,7 @@ def test_a_run_json_field_of_another_shape_is_no_traceback(
 
 
 def test_a_runs_label_is_capped_and_says_what_it_left_out():
-    from gptexp.runtable import LABEL_WIDTH, label
+    from gptexp.observe.runtable import LABEL_WIDTH, label
 
     keys = [f"training.key{i}" for i in range(12)]
     row = {"run": "0", "status": "finished", **{k: "/" + "y" * 300 for k in keys}}

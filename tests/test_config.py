@@ -18,8 +18,9 @@ import pytest
 from omegaconf import OmegaConf
 
 import gptexp.train
-from gptexp.config import ConfigError, TrainConfig, config_to_dict, to_train_config
-from gptexp.data import prepare_corpus
+from gptexp.core.config import TrainConfig, config_to_dict, to_train_config
+from gptexp.core.errors import ConfigError
+from gptexp.data.corpus import prepare_corpus
 from tests.conftest import (
     CONF_DIR,
     FAST,
@@ -402,8 +403,8 @@ SAME_IN_TRAIN_AND_RESUME = [
 
 @pytest.mark.parametrize("override", SAME_IN_TRAIN_AND_RESUME)
 def test_resume_and_fork_read_overrides_as_train_does(override, stopped_run):
-    from gptexp.rundir import RunDirectory
-    from gptexp.session import overridden_config
+    from gptexp.observe.rundir import RunDirectory
+    from gptexp.run.session import overridden_config
 
     launched = config_to_dict(compose_config([*FAST, override]))
     run = RunDirectory(stopped_run)

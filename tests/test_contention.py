@@ -2,7 +2,7 @@
 
 On a busy 2-core Xeon (AVX-512) about 1 fresh 2-thread run in 40 parted from its twins in the
 last bits at the first update (``wte.weight`` first) until gptexp asked MKL for strict
-conditional numerical reproducibility (``MKL_CBWR=AUTO,STRICT``, gptexp.process_tuning). At
+conditional numerical reproducibility (``MKL_CBWR=AUTO,STRICT``, gptexp.training.speed). At
 that rate the few runs below (2 fresh, 1 SIGKILLed and resumed, each compared with the first)
 catch a regression only rarely, so the tests also assert the mechanism: every training entry
 point puts the setting in force before its first matmul, and a user's own choice stands.
@@ -23,12 +23,12 @@ import torch
 import gptexp.diff
 import gptexp.eval
 import gptexp.fork
-import gptexp.process_tuning
 import gptexp.resume
 import gptexp.train
-from gptexp.checkpoint import CheckpointManager
-from gptexp.config import CheckpointConfig
-from gptexp.process_tuning import MKL_CBWR, STRICT_REPRODUCIBILITY, reproducible_blas
+import gptexp.training.speed
+from gptexp.checkpoint.manager import CheckpointManager
+from gptexp.core.config import CheckpointConfig
+from gptexp.training.speed import MKL_CBWR, STRICT_REPRODUCIBILITY, reproducible_blas
 from tests.conftest import FAST, ROOT, read_metrics, run_module, subprocess_env, wait_until
 
 pytestmark = pytest.mark.slow
@@ -118,7 +118,7 @@ def test_every_training_entry_point_asks_mkl_for_strict_reproducibility(entry, m
     on arguments it refuses)."""
     monkeypatch.delenv(MKL_CBWR, raising=False)
     monkeypatch.setattr(sys, "argv", ["gptexp", "--no-such-option=1"])
-    monkeypatch.setattr(gptexp.process_tuning, "freeze_imported_objects", lambda: None)
+    monkeypatch.setattr(gptexp.training.speed, "freeze_imported_objects", lambda: None)
     with pytest.raises(SystemExit):  # the refusal
         entry.main()
     assert os.environ[MKL_CBWR] == STRICT_REPRODUCIBILITY
@@ -131,7 +131,7 @@ def test_strict_mode_is_chosen_and_a_users_choice_stands(monkeypatch):
     take the same code branch, so it is not asserted here.)"""
     code = (
         "import hashlib, os, sys, torch\n"
-        "from gptexp.process_tuning import reproducible_blas\n"
+        "from gptexp.training.speed import reproducible_blas\n"
         "print(reproducible_blas())\n"
         "g = torch.Generator().manual_seed(0)\n"
         "a, b = torch.randn(103, 512, generator=g), torch.randn(512, 64, generator=g)\n"

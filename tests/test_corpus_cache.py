@@ -6,10 +6,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from gptexp import data as data_module
-from gptexp.config import DataConfig
-from gptexp.corpus_cache import load_cached
-from gptexp.data import CharTokenizer, prepare_corpus, tokenizer_from_json
+from gptexp.core.config import DataConfig
+from gptexp.data import corpus as data_module
+from gptexp.data.cache import load_cached
+from gptexp.data.corpus import prepare_corpus
+from gptexp.data.tokenizers import CharTokenizer, tokenizer_from_json
 
 TEXT = "".join(f"line {i}: the quick brown fox jumps over the lazy dog\n" for i in range(200))
 
@@ -86,7 +87,7 @@ def test_a_damaged_entry_is_ignored_and_rewritten(tmp_path, corpus_file, damage)
 
 
 def test_the_block_size_check_holds_for_a_cached_corpus(tmp_path, corpus_file):
-    from gptexp.config import ConfigError
+    from gptexp.core.errors import ConfigError
 
     prepare_corpus(corpus_file, block_size=16)
     with pytest.raises(ConfigError, match="model.block_size=100000"):

@@ -9,10 +9,10 @@ from pathlib import Path
 
 import pytest
 
-from gptexp.data import read_tokenizer, tokenizer_from_json
-from gptexp.errors import DataError, RunError
-from gptexp.metrics import read_metrics
-from gptexp.rundir import RunDirectory, stored_config
+from gptexp.core.errors import DataError, RunError
+from gptexp.data.tokenizers import read_tokenizer, tokenizer_from_json
+from gptexp.observe.metrics import read_metrics
+from gptexp.observe.rundir import RunDirectory, stored_config
 
 DEEP = "[" * 100_000 + "]" * 100_000
 GARBAGE = [

@@ -9,16 +9,12 @@ import urllib.request
 import pytest
 import torch
 
-from gptexp import data
-from gptexp.config import ConfigError
-from gptexp.data import (
-    BPETokenizer,
-    CharTokenizer,
-    DataError,
-    prepare_corpus,
-    sample_batch,
-    tokenizer_from_json,
-)
+from gptexp.core.errors import ConfigError, DataError
+from gptexp.data import sources, tokenizers
+from gptexp.data.batches import sample_batch
+from gptexp.data.cache import cache_dir
+from gptexp.data.corpus import prepare_corpus
+from gptexp.data.tokenizers import BPETokenizer, CharTokenizer, tokenizer_from_json
 from tests.conftest import compose_config
 
 MIXED = "Hello, world! Grüße aus Köln — naïve café, 日本語のテキスト, emoji 🙂\n\ttabs and spaces  "
@@ -57,7 +53,7 @@ def _old_char_ids(text: str) -> tuple[list[str], list[int]]:
 def test_char_ids_are_the_ones_runs_already_hold(chunk, monkeypatch):
     """Pieces of every kind (ASCII only, mixed, astral and lone surrogates) and piece
     boundaries inside them give the ids of the list-based tokenizer."""
-    monkeypatch.setattr(data, "CHUNK_CHARS", chunk)
+    monkeypatch.setattr(tokenizers, "CHUNK_CHARS", chunk)
     text = "plain ascii text. " * 5 + MIXED * 3 + "\ud800 surrogate, \x00 NUL, \U0010ffff end"
     chars, ids = _old_char_ids(text)
     tokenizer = CharTokenizer.train(text)
@@ -81,8 +77,8 @@ def test_prepared_char_corpus_keeps_its_ids_and_split(text_file):
 
 MEMORY_PROBE = """
 import resource, sys
-from gptexp.config import DataConfig
-from gptexp.data import _tokenize
+from gptexp.core.config import DataConfig
+from gptexp.data.corpus import _tokenize
 n = 20_000_000
 text = ("héllo wörld, the quick brown fox 日本 " * (n // 36 + 1))[:n]
 before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
@@ -124,7 +120,7 @@ def test_bpe_tokenizer_round_trips_any_text():
 
 @pytest.mark.parametrize("kind", ["char", "bpe"])
 def test_tokenizer_json_round_trip(kind):
-    tokenizer = data.train_tokenizer(kind, MIXED * 50, 300)
+    tokenizer = tokenizers.train_tokenizer(kind, MIXED * 50, 300)
     blob = tokenizer.to_json()
     again = tokenizer_from_json(blob)
     assert type(again) is type(tokenizer)
@@ -270,15 +266,15 @@ def test_shakespeare_offline_names_data_path(monkeypatch):
     with pytest.raises(DataError, match=r"data\.path") as error:
         prepare_corpus(data_config("data=shakespeare"), block_size=16)
     assert "could not download" in str(error.value)
-    assert str(data.cache_dir()) in str(error.value)  # where to put a copy
-    assert not (data.cache_dir() / "tinyshakespeare.txt").exists()
+    assert str(cache_dir()) in str(error.value)  # where to put a copy
+    assert not (cache_dir() / "tinyshakespeare.txt").exists()
 
 
 def test_shakespeare_cached_copy_is_used_without_download(monkeypatch):
     text = "First Citizen:\nBefore we proceed any further, hear me speak.\n" * 20
-    data.cache_dir().mkdir(parents=True)
-    (data.cache_dir() / "tinyshakespeare.txt").write_text(text, encoding="utf-8")
-    monkeypatch.setattr(data, "SHAKESPEARE_SHA256", hashlib.sha256(text.encode()).hexdigest())
+    cache_dir().mkdir(parents=True)
+    (cache_dir() / "tinyshakespeare.txt").write_text(text, encoding="utf-8")
+    monkeypatch.setattr(sources, "SHAKESPEARE_SHA256", hashlib.sha256(text.encode()).hexdigest())
     monkeypatch.setattr(urllib.request, "urlopen", _no_network)
     corpus = prepare_corpus(data_config("data=shakespeare"), block_size=16)
     assert corpus.tokenizer.decode(corpus.train.tolist() + corpus.val.tolist()) == text
@@ -300,8 +296,8 @@ class _Response:
 
 def test_shakespeare_download_is_checked_and_cached(monkeypatch):
     good = "ROMEO:\nBut, soft! what light through yonder window breaks?\n" * 20
-    monkeypatch.setattr(data, "SHAKESPEARE_SHA256", hashlib.sha256(good.encode()).hexdigest())
-    cached = data.cache_dir() / "tinyshakespeare.txt"
+    monkeypatch.setattr(sources, "SHAKESPEARE_SHA256", hashlib.sha256(good.encode()).hexdigest())
+    cached = cache_dir() / "tinyshakespeare.txt"
 
     monkeypatch.setattr(urllib.request, "urlopen", lambda *a, **k: _Response(b"<html>oops"))
     with pytest.raises(DataError, match="sha256"):
@@ -315,8 +311,8 @@ def test_shakespeare_download_is_checked_and_cached(monkeypatch):
 
 def test_shakespeare_damaged_cache_is_downloaded_again(monkeypatch):
     good = "JULIET:\nO Romeo, Romeo! wherefore art thou Romeo?\n" * 20
-    monkeypatch.setattr(data, "SHAKESPEARE_SHA256", hashlib.sha256(good.encode()).hexdigest())
-    cached = data.cache_dir() / "tinyshakespeare.txt"
+    monkeypatch.setattr(sources, "SHAKESPEARE_SHA256", hashlib.sha256(good.encode()).hexdigest())
+    cached = cache_dir() / "tinyshakespeare.txt"
     cached.parent.mkdir(parents=True)
     for damaged in (good[:-7].encode(), b"\xff\xfe not UTF-8 at all \x80"):
         cached.write_bytes(damaged)

@@ -8,18 +8,17 @@ import logging
 import pytest
 import torch
 
-from gptexp.config import ConfigError
-from gptexp.data import (
+from gptexp.core.errors import ConfigError, DataError
+from gptexp.data.batches import (
     DATA_ORDER_VERSION,
-    DataError,
     global_batch_slice,
     resume_grad_accum,
     sample_batch,
     train_batch,
 )
-from gptexp.model import GPT
-from gptexp.runtime import Distributed
-from gptexp.trainer import Trainer
+from gptexp.model.gpt import GPT
+from gptexp.training.runtime import Distributed
+from gptexp.training.trainer import Trainer
 from tests.conftest import FAST, compose_config, make_trainer
 
 TOKENS = torch.arange(5000) % 97
@@ -160,7 +159,7 @@ def test_a_new_checkpoint_records_the_data_order(tmp_path):
 def test_resuming_on_fewer_processes_raises_grad_accum(tmp_path, caplog):
     state = checkpoint_state(tmp_path, "training.grad_accum=1")
     state["world_size"] = 4  # written by 4 ranks x accum 1
-    with caplog.at_level(logging.INFO, logger="gptexp.trainer"):
+    with caplog.at_level(logging.INFO, logger="gptexp.training.parallel"):
         trainer = resumed(tmp_path, state, 1, "training.grad_accum=1")
     assert trainer.cfg.training.grad_accum == 4 and trainer.state.data_order == 2
     assert "training.grad_accum 1 -> 4" in caplog.text

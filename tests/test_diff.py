@@ -19,10 +19,12 @@ from pathlib import Path
 import pytest
 
 import gptexp.diff
-from gptexp.checkpoint import MANIFEST, CheckpointManager
-from gptexp.config import CheckpointConfig
-from gptexp.diff import lineage
-from gptexp.rundir import RunDirectory
+from gptexp.checkpoint.comparison import holds_checkpoint
+from gptexp.checkpoint.format import MANIFEST
+from gptexp.checkpoint.manager import CheckpointManager
+from gptexp.core.config import CheckpointConfig
+from gptexp.observe.lineage import lineage
+from gptexp.observe.rundir import RunDirectory
 from tests.conftest import (
     FAST,
     ROOT,
@@ -411,19 +413,25 @@ def test_lineage_walks_parent_links(tmp_path):
     orphan = write_run(tmp_path / "orphan", tmp_path / "gone", 5)
     unrelated = write_run(tmp_path / "u")
 
-    assert (lineage(a, root)["common_ancestor"], lineage(a, root)["fork_step"]) == (
+    assert (
+        lineage(a, root, holds_checkpoint)["common_ancestor"],
+        lineage(a, root, holds_checkpoint)["fork_step"],
+    ) == (
         str(root.path),
         20,
     )
-    assert lineage(root, a)["fork_step"] == 20
-    siblings = lineage(a, b)
+    assert lineage(root, a, holds_checkpoint)["fork_step"] == 20
+    siblings = lineage(a, b, holds_checkpoint)
     assert (siblings["common_ancestor"], siblings["fork_step"]) == (str(root.path), 20)
-    assert lineage(grandchild, a)["fork_step"] == 25
-    deep = lineage(grandchild, b)  # c -> a -(20)-> root <-(30)- b
+    assert lineage(grandchild, a, holds_checkpoint)["fork_step"] == 25
+    deep = lineage(grandchild, b, holds_checkpoint)  # c -> a -(20)-> root <-(30)- b
     assert (deep["common_ancestor"], deep["fork_step"], deep["a_depth"]) == (str(root.path), 20, 2)
-    assert lineage(a, a)["common_ancestor"] == str(a.path) and lineage(a, a)["fork_step"] is None
-    assert lineage(a, unrelated)["common_ancestor"] is None
-    broken = lineage(orphan, unrelated)
+    assert (
+        lineage(a, a, holds_checkpoint)["common_ancestor"] == str(a.path)
+        and lineage(a, a, holds_checkpoint)["fork_step"] is None
+    )
+    assert lineage(a, unrelated, holds_checkpoint)["common_ancestor"] is None
+    broken = lineage(orphan, unrelated, holds_checkpoint)
     assert broken["a_ancestry"][-1] == {"run": str(tmp_path / "gone"), "step": 5, "missing": True}
 
 

@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from gptexp.checkpoint import CheckpointManager
-from gptexp.config import CheckpointConfig
+from gptexp.checkpoint.manager import CheckpointManager
+from gptexp.core.config import CheckpointConfig
 from tests.conftest import (
     FAST,
     ROOT,

@@ -16,8 +16,8 @@ import torch
 import yaml
 
 import gptexp.eval
-from gptexp.data import python_docs_text
-from gptexp.fsio import sha256_file, xxh3_128_file
+from gptexp.core.fsio import sha256_file, xxh3_128_file
+from gptexp.data.sources import python_docs_text
 from tests.conftest import (
     FAST,
     call_main,

@@ -12,9 +12,9 @@ import torch
 from safetensors import safe_open
 
 import gptexp.export
-from gptexp.config import ModelConfig
+from gptexp.core.config import ModelConfig
 from gptexp.export import load_export
-from gptexp.model import GPT
+from gptexp.model.gpt import GPT
 from tests.conftest import call_main, files_of, run_module
 
 

@@ -14,9 +14,9 @@ import torch
 import gptexp.compare
 import gptexp.eval
 import gptexp.fork
-from gptexp.checkpoint import CheckpointManager
-from gptexp.config import CheckpointConfig, TrainingConfig
-from gptexp.optim import lr_factor
+from gptexp.checkpoint.manager import CheckpointManager
+from gptexp.core.config import CheckpointConfig, TrainingConfig
+from gptexp.training.optim import lr_factor
 from tests.conftest import call_main, files_of, read_metrics, run_module, train
 from tests.test_wandb import offline_run
 
@@ -235,7 +235,7 @@ def test_multirun_makes_one_fork_per_value_under_one_sweep_dir(parent, tmp_path)
 @pytest.fixture
 def stored_parent(tmp_path) -> Path:
     """A parent that only has a stored config: overrides are checked before any checkpoint."""
-    from gptexp.config import compose_config, config_to_dict
+    from gptexp.core.config import compose_config, config_to_dict
     from tests.conftest import FAST
 
     parent = tmp_path / "parent"
@@ -264,10 +264,10 @@ def test_fork_checks_overrides_as_train_does(stored_parent, tmp_path, args, mess
 
 def test_fork_reads_yaml_words_as_train_does(stored_parent):
     """``off`` is a guard action, not YAML's false (the fork refused it)."""
-    from gptexp.cli import parse_options
+    from gptexp.core.cli import parse_options
     from gptexp.fork import USAGE, ForkOptions
-    from gptexp.rundir import RunDirectory
-    from gptexp.session import overridden_config
+    from gptexp.observe.rundir import RunDirectory
+    from gptexp.run.session import overridden_config
 
     options = parse_options(
         [f"run={stored_parent}", "training.guard.action=off", "logger.name=no"], ForkOptions, USAGE

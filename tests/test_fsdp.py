@@ -18,15 +18,15 @@ import torch
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.metadata import Metadata
 
-from gptexp import sharded_checkpoint
-from gptexp.checkpoint import CheckpointManager
-from gptexp.config import CheckpointConfig
-from gptexp.errors import CheckpointError, ConfigError
+from gptexp.checkpoint import dcp as sharded_checkpoint
+from gptexp.checkpoint.manager import CheckpointManager
+from gptexp.checkpoint.stored import load_run_checkpoint
+from gptexp.core.config import CheckpointConfig
+from gptexp.core.errors import CheckpointError, ConfigError
+from gptexp.core.fsio import sha256_file
 from gptexp.eval import main as eval_main
-from gptexp.evaluation import load_run_checkpoint
 from gptexp.export import main as export_main
-from gptexp.fsio import sha256_file
-from gptexp.rundir import RunDirectory
+from gptexp.observe.rundir import RunDirectory
 from tests.conftest import (
     FAST,
     ROOT,

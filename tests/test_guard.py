@@ -14,22 +14,23 @@ from pathlib import Path
 import pytest
 import torch
 
-from gptexp.checkpoint import CheckpointManager, nonfinite_tensors
-from gptexp.config import (
+from gptexp.checkpoint.format import nonfinite_tensors
+from gptexp.checkpoint.manager import CheckpointManager
+from gptexp.core.config import (
     CheckpointConfig,
     GuardConfig,
     TrainConfig,
     config_to_dict,
     to_train_config,
 )
-from gptexp.errors import ConfigError, TrainingDiverged
-from gptexp.guard import APPLY, ROLLBACK, SKIP, STOP, SpikeGuard, stop_message
-from gptexp.metrics import MetricsFile
-from gptexp.rundir import RunDirectory
-from gptexp.runtime import Distributed
-from gptexp.starts import run_corpus
-from gptexp.trainer import Trainer
-from gptexp.wandb_mirror import WandbMirror
+from gptexp.core.errors import ConfigError, TrainingDiverged
+from gptexp.observe.metrics import MetricsFile
+from gptexp.observe.rundir import RunDirectory
+from gptexp.run.starts import run_corpus
+from gptexp.run.wandb_mirror import WandbMirror
+from gptexp.training.guard import APPLY, ROLLBACK, SKIP, STOP, SpikeGuard, stop_message
+from gptexp.training.runtime import Distributed
+from gptexp.training.trainer import Trainer
 from tests.conftest import FAST, ROOT, read_metrics, run_module, subprocess_env
 
 SPIKING = str(ROOT / "tests" / "spiking_launcher.py")

@@ -9,8 +9,11 @@ import logging
 import pytest
 import torch
 
-from gptexp import hardware
-from gptexp.hardware import (
+from gptexp.model.gpt import GPT
+from gptexp.observe.metrics import MetricsFile
+from gptexp.observe.rundir import RunDirectory
+from gptexp.training import mfu as hardware
+from gptexp.training.mfu import (
     cpu_peak_flops,
     cuda_peak_flops,
     flops_per_token,
@@ -19,9 +22,6 @@ from gptexp.hardware import (
     mfu,
     precision_advice,
 )
-from gptexp.metrics import MetricsFile
-from gptexp.model import GPT
-from gptexp.rundir import RunDirectory
 from tests.conftest import FAST, compose_config, make_trainer
 
 

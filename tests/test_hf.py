@@ -18,14 +18,16 @@ from safetensors import safe_open
 import gptexp.eval
 import gptexp.export
 import gptexp.train
-from gptexp.config import ModelConfig
-from gptexp.data import CharTokenizer, python_docs_text, sample_batch
-from gptexp.errors import ConfigError
-from gptexp.evaluation import load_run_checkpoint, rebuild_model, reload_corpus
-from gptexp.fsio import sha256_file
-from gptexp.hf import ExportInfo, import_source, open_source, resolve_init_from, save_hf
-from gptexp.model import GPT
-from gptexp.rundir import RunDirectory
+from gptexp.checkpoint.stored import load_run_checkpoint, rebuild_model, reload_corpus
+from gptexp.core.config import ModelConfig
+from gptexp.core.errors import ConfigError
+from gptexp.core.fsio import sha256_file
+from gptexp.data.batches import sample_batch
+from gptexp.data.sources import python_docs_text
+from gptexp.data.tokenizers import CharTokenizer
+from gptexp.model.gpt import GPT
+from gptexp.model.hf import ExportInfo, import_source, open_source, resolve_init_from, save_hf
+from gptexp.observe.rundir import RunDirectory
 from tests.conftest import (
     FAST,
     call_main,

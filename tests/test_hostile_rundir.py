@@ -340,7 +340,7 @@ def list_as_valid(scene: Scene, name: str) -> None:
         if entry["file"] != name:
             continue
         if path.is_dir():
-            from gptexp.sharded_checkpoint import listing_digest
+            from gptexp.checkpoint.dcp import listing_digest
 
             entry["files"] = {
                 m.name: hashlib.sha256(m.read_bytes()).hexdigest() for m in path.iterdir()
@@ -397,7 +397,7 @@ def code_pickle_checkpoint(scene: Scene) -> None:
 
 
 def state_wrong_types(scene: Scene) -> None:
-    """The newest checkpoint's training state (gptexp.state.TrainState) with values of the
+    """The newest checkpoint's training state (gptexp.training.state.TrainState) with values of the
     wrong types, listed as valid: its tensors load, its counters must not."""
     newest = scene.newest()
     state = torch.load(newest, weights_only=True)

@@ -21,9 +21,9 @@ from pathlib import Path
 import pytest
 
 import gptexp.eval
-from gptexp.checkpoint import CheckpointManager
-from gptexp.config import CheckpointConfig
-from gptexp.errors import ConfigError
+from gptexp.checkpoint.manager import CheckpointManager
+from gptexp.core.config import CheckpointConfig
+from gptexp.core.errors import ConfigError
 from gptexp.export import load_export
 from tests.conftest import FAST, call_main, read_metrics, subprocess_env, train, wait_until
 

@@ -9,8 +9,8 @@ import math
 import pytest
 import torch
 
-from gptexp.config import ModelConfig
-from gptexp.model import GPT
+from gptexp.core.config import ModelConfig
+from gptexp.model.gpt import GPT
 from tests.conftest import compose_config
 
 VOCAB = 103  # the size of the default corpus' character vocabulary
@@ -223,7 +223,7 @@ def test_generate_with_the_kv_cache_is_greedy_decoding_token_for_token(sharp_mod
 
 def test_generate_cached_step_logits_match_a_full_forward(sharp_model):
     """Prefill, then single-token steps: the last position's logits equal the uncached ones."""
-    from gptexp.model import KVCache
+    from gptexp.model.gpt import KVCache
 
     idx = torch.randint(0, VOCAB, (2, 9), generator=torch.Generator().manual_seed(6))
     cache = KVCache(len(sharp_model.blocks))

@@ -14,9 +14,9 @@ import pytest
 import gptexp.eval
 import gptexp.resume
 import gptexp.train
-from gptexp.errors import ConfigError
-from gptexp.rundir import RunDirectory
-from gptexp.runtable import distinguishing_keys, label, run_rows
+from gptexp.core.errors import ConfigError
+from gptexp.observe.rundir import RunDirectory
+from gptexp.observe.runtable import distinguishing_keys, label, run_rows
 from tests.conftest import (
     FAST,
     ROOT,
@@ -256,8 +256,8 @@ def test_wandb_credentials_without_a_route_fall_back_to_offline(tmp_path):
 def test_a_mirror_that_fails_mid_run_is_switched_off(tmp_path, monkeypatch, caplog):
     import wandb
 
-    from gptexp.config import LoggerConfig
-    from gptexp.wandb_mirror import WandbMirror
+    from gptexp.core.config import LoggerConfig
+    from gptexp.run.wandb_mirror import WandbMirror
 
     mirror = WandbMirror(
         LoggerConfig(wandb=True, mode="offline"), tmp_path, "abc123", {}, "n", None

@@ -15,7 +15,7 @@ import optuna
 import pytest
 from omegaconf import OmegaConf
 
-from gptexp.rundir import RunDirectory
+from gptexp.observe.rundir import RunDirectory
 from tests.conftest import FAST, read_metrics, run_module, subprocess_env, sweep, wait_until
 from tests.test_wandb import offline_run
 

@@ -1,10 +1,12 @@
 """The package as a user installs it: the config tree inside the wheel, a user's own config
-group, defaults in one place, imports that point downward, and no torch for the readers."""
+group, defaults in one place, floors whose imports point downward, no torch for the readers,
+and a module map that is the tree."""
 
 from __future__ import annotations
 
 import ast
 import json
+import re
 import subprocess
 import sys
 import zipfile
@@ -13,8 +15,8 @@ from pathlib import Path
 import pytest
 from omegaconf import OmegaConf
 
-from gptexp.config import TrainConfig, config_to_dict
-from gptexp.metrics import flatten
+from gptexp.core.config import TrainConfig, config_to_dict
+from gptexp.observe.metrics import flatten
 from tests.conftest import ROOT, compose_config, subprocess_env
 
 
@@ -28,22 +30,30 @@ def test_a_config_built_in_code_equals_the_composed_default():
         assert composed[key] == value, key
 
 
-def test_readers_do_not_import_torch():
-    code = (
-        "import sys, gptexp.compare, gptexp.runtable, gptexp.rundir, gptexp.metrics;"
-        "assert 'torch' not in sys.modules, 'torch was imported'"
-    )
-    done = subprocess.run([sys.executable, "-c", code], env=subprocess_env(), capture_output=True)
-    assert done.returncode == 0, done.stderr.decode()
+# The floors of the package, top to bottom (README's "Where things live" draws them). A module
+# imports modules of its own floor or of a floor below, never above; the commands are the
+# modules directly in gptexp/ (``python -m gptexp.<command>``), and no command imports another.
+LAYERS = ["commands", "tools", "run", "training", "checkpoint", "model", "data", "observe", "core"]
+NO_TORCH = {"core", "observe"}  # the readers: compare and sweep summaries load no torch
+
+
+def layer_of(module: str) -> str:
+    """``gptexp.run.sweep`` -> ``run``; ``gptexp.train`` (a command) -> ``commands``."""
+    floor = module.split(".")[1]
+    return floor if floor in LAYERS else "commands"
+
+
+def gptexp_modules() -> dict[str, Path]:
+    package = ROOT / "gptexp"
+    return {
+        ".".join(path.relative_to(ROOT).with_suffix("").parts).removesuffix(".__init__"): path
+        for path in package.rglob("*.py")
+    }
 
 
 def gptexp_imports() -> dict[str, set[str]]:
     """Module -> the gptexp modules it imports, counting imports inside functions."""
-    package = ROOT / "gptexp"
-    modules = {
-        ".".join(path.relative_to(ROOT).with_suffix("").parts).removesuffix(".__init__"): path
-        for path in package.rglob("*.py")
-    }
+    modules = gptexp_modules()
     graph: dict[str, set[str]] = {}
     for name, path in modules.items():
         found = set()
@@ -56,7 +66,27 @@ def gptexp_imports() -> dict[str, set[str]]:
     return graph
 
 
-def test_imports_point_downward_without_a_cycle():
+def test_every_sub_package_is_a_floor():
+    floors = {p.parent.name for p in (ROOT / "gptexp").glob("*/__init__.py")}
+    assert floors == set(LAYERS) - {"commands"}
+
+
+def test_imports_point_down_the_floors():
+    graph = gptexp_imports()
+    upward = [
+        f"{module} ({layer_of(module)}) imports {target} ({layer_of(target)})"
+        for module, targets in sorted(graph.items())
+        if module != "gptexp"
+        for target in sorted(targets)
+        if LAYERS.index(layer_of(target)) < LAYERS.index(layer_of(module))
+    ]
+    assert not upward, "imports up a floor:\n" + "\n".join(upward)
+    commands = {m for m in graph if m != "gptexp" and layer_of(m) == "commands"}
+    for command in sorted(commands - {"gptexp.__main__"}):  # python -m gptexp: the train command
+        assert not graph[command] & commands, f"{command} imports another command"
+
+
+def test_imports_have_no_cycle():
     graph, visiting, done = gptexp_imports(), [], set()
 
     def visit(module: str) -> None:
@@ -71,10 +101,70 @@ def test_imports_point_downward_without_a_cycle():
     for module in sorted(graph):
         if module not in done:
             visit(module)
-    commands = {"gptexp.train", "gptexp.resume", "gptexp.eval", "gptexp.export",
-                "gptexp.compare", "gptexp.diff", "gptexp.fork", "gptexp.repair"}  # fmt: skip
-    for command in commands & graph.keys():
-        assert not graph[command] & commands, f"{command} imports another command"
+
+
+def test_readers_do_not_import_torch():
+    readers = sorted(m for m in gptexp_modules() if m != "gptexp" and layer_of(m) in NO_TORCH)
+    for module in readers:  # not even inside a function
+        tree = ast.parse(gptexp_modules()[module].read_text(encoding="utf-8"))
+        for node in ast.walk(tree):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else []
+            if isinstance(node, ast.ImportFrom) and node.module:
+                names = [node.module]
+            assert not any(n.split(".")[0] == "torch" for n in names), f"{module} imports torch"
+    code = (
+        f"import sys, {', '.join([*readers, 'gptexp.compare'])};"
+        "assert 'torch' not in sys.modules, 'torch was imported'"
+    )
+    done = subprocess.run([sys.executable, "-c", code], env=subprocess_env(), capture_output=True)
+    assert done.returncode == 0, done.stderr.decode()
+
+
+def module_map() -> tuple[Path, str]:
+    """The fenced block under the heading "Where things live" (README.md or docs/*.md)."""
+    for page in [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]:
+        text = page.read_text(encoding="utf-8") if page.is_file() else ""
+        heading = re.search(r"^#+ .*Where things live.*$", text, re.M)
+        if heading:
+            block = re.search(r"^```[^\n]*\n(.*?)^```", text[heading.end() :], re.M | re.S)
+            assert block, f"{page.name}: no fenced block under {heading.group(0)!r}"
+            return page, block.group(1)
+    raise AssertionError("no heading 'Where things live' in README.md or docs/*.md")
+
+
+def map_entries(block: str) -> tuple[set[str], list[str]]:
+    """The module paths the map names (a ``name.py`` line under the folder lines, ``name/``,
+    indented above it) and its floors in the order drawn. Other lines are descriptions."""
+    folders: list[tuple[int, str]] = []
+    modules, floors = set(), []
+    for line in block.splitlines():
+        token = line.split()[0] if line.strip() else ""
+        if not token.endswith((".py", "/")):
+            continue
+        indent = len(line) - len(line.lstrip())
+        while folders and folders[-1][0] >= indent:
+            folders.pop()
+        path = "/".join([f for _, f in folders] + [token.rstrip("/")])
+        if token.endswith("/"):
+            folders.append((indent, token.rstrip("/")))
+            if path.count("/") == 1:
+                floors.append(path.split("/")[1])
+        else:
+            modules.add(path)
+    return modules, floors
+
+
+def test_the_module_map_is_the_tree():
+    page, block = module_map()
+    listed, floors = map_entries(block)
+    real = {
+        path.relative_to(ROOT).as_posix()
+        for path in (ROOT / "gptexp").rglob("*.py")
+        if path.name != "__init__.py"
+    }
+    assert not listed - real, f"{page.name}'s map lists {sorted(listed - real)}: not modules"
+    assert not real - listed, f"{page.name}'s map leaves out {sorted(real - listed)}"
+    assert [f for f in floors if f in LAYERS] == LAYERS[1:], "the map draws the floors in order"
 
 
 @pytest.fixture(scope="module")

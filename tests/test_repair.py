@@ -12,15 +12,17 @@ from pathlib import Path
 import pytest
 import torch
 
-import gptexp.checkpoint
+import gptexp.checkpoint.manager
+import gptexp.checkpoint.reader
 import gptexp.eval
 import gptexp.export
 import gptexp.fork
 import gptexp.repair
 import gptexp.resume
-from gptexp.checkpoint import MANIFEST, CheckpointManager, checkpoint_name
-from gptexp.config import CheckpointConfig
-from gptexp.rundir import RunDirectory
+from gptexp.checkpoint.format import MANIFEST, checkpoint_name
+from gptexp.checkpoint.manager import CheckpointManager
+from gptexp.core.config import CheckpointConfig
+from gptexp.observe.rundir import RunDirectory
 from tests.conftest import call_main, files_of
 
 
@@ -145,7 +147,7 @@ def retention_at_first_read(run: Path, monkeypatch) -> None:
     policy = CheckpointConfig(every_steps=10, keep_last=1, keep_best=0, async_save=False)
     live = CheckpointManager(run / "checkpoints", policy)
     state = live.load(live.find(20))
-    real, done = gptexp.checkpoint.xxh3_128_of_open_file, []
+    real, done = gptexp.checkpoint.reader.xxh3_128_of_open_file, []
 
     def checksum(f):
         digest = real(f)
@@ -154,7 +156,7 @@ def retention_at_first_read(run: Path, monkeypatch) -> None:
             live.save(state | {"step": 30}, 30, None, ["periodic"])
         return digest
 
-    monkeypatch.setattr(gptexp.checkpoint, "xxh3_128_of_open_file", checksum)
+    monkeypatch.setattr(gptexp.checkpoint.reader, "xxh3_128_of_open_file", checksum)
 
 
 def test_eval_of_a_live_run_whose_retention_deletes_the_chosen_checkpoint(run, monkeypatch):

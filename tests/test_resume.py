@@ -21,9 +21,9 @@ import pytest
 import torch
 
 import gptexp.resume
-import gptexp.trainer
-from gptexp.checkpoint import CheckpointManager
-from gptexp.config import CheckpointConfig
+import gptexp.training.trainer
+from gptexp.checkpoint.manager import CheckpointManager
+from gptexp.core.config import CheckpointConfig
 from tests.conftest import (
     FAST,
     ROOT,
@@ -320,14 +320,14 @@ def test_a_truncated_newest_checkpoint_costs_no_valid_one(tmp_path, monkeypatch)
     damaged = newest.read_bytes()[:100_000]
     newest.write_bytes(damaged)
 
-    stop_if_requested = gptexp.trainer.Trainer._stop_if_requested
+    stop_if_requested = gptexp.training.trainer.Trainer._stop_if_requested
 
     def sigterm_at_step_13(self) -> None:  # as if SIGTERM arrived during step 13
         if self.state.step == 13:
             self.stop.signame = "SIGTERM"
         stop_if_requested(self)
 
-    monkeypatch.setattr(gptexp.trainer.Trainer, "_stop_if_requested", sigterm_at_step_13)
+    monkeypatch.setattr(gptexp.training.trainer.Trainer, "_stop_if_requested", sigterm_at_step_13)
     overrides = ["training.max_steps=40", "checkpoint.keep_last=1"]
     code, stderr = call_main(gptexp.resume.main, f"run={run_dir}", *overrides, cwd=ROOT)
     assert code == 130, stderr

@@ -6,8 +6,8 @@ import json
 import logging
 from pathlib import Path
 
-from gptexp.rundir import RunDirectory
-from gptexp.starts import rewind_metrics
+from gptexp.observe.rundir import RunDirectory
+from gptexp.run.starts import rewind_metrics
 
 
 def write_records(path: Path, steps: list[int]) -> None:
@@ -16,7 +16,7 @@ def write_records(path: Path, steps: list[int]) -> None:
 
 def test_the_rewind_message_names_the_step_or_says_there_was_no_checkpoint(tmp_path, caplog):
     run = RunDirectory(tmp_path)
-    caplog.set_level(logging.INFO, logger="gptexp.starts")
+    caplog.set_level(logging.INFO, logger="gptexp.run.starts")
     write_records(run.metrics, [1, 2, 3, 4])
     rewind_metrics(run, None)  # no checkpoint: training starts again from step 0
     write_records(run.metrics, [1, 2, 3, 4])

@@ -1,4 +1,4 @@
-"""Seed groups (gptexp.seedgroups, ``compare group=``): the statistics against values
+"""Seed groups (gptexp.observe.seedgroups, ``compare group=``): the statistics against values
 computed here by their textbook formulas, and through compare on a real 2 lr x 3 seed sweep."""
 
 from __future__ import annotations
@@ -14,8 +14,8 @@ import numpy as np
 import pytest
 
 from gptexp.compare import CompareOptions, compare
-from gptexp.errors import ConfigError
-from gptexp.seedgroups import band, mean_and_ci95, welch_p
+from gptexp.core.errors import ConfigError
+from gptexp.observe.seedgroups import band, mean_and_ci95, welch_p
 from tests.conftest import run_module, subprocess_env, sweep
 
 # Student's t quantiles t(0.975; dof), from the tables (to the digits scipy gives).

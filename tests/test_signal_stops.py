@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from gptexp.rundir import RunDirectory
+from gptexp.observe.rundir import RunDirectory
 from tests.conftest import (
     FAST,
     ROOT,

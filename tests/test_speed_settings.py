@@ -8,8 +8,9 @@ import platform
 
 import pytest
 
-from gptexp.compile_policy import COMPILE_BREAK_EVEN_STEPS, should_compile
-from gptexp.config import ConfigError, TrainingConfig, to_train_config
+from gptexp.core.config import TrainingConfig, to_train_config
+from gptexp.core.errors import ConfigError
+from gptexp.training.compile_policy import COMPILE_BREAK_EVEN_STEPS, should_compile
 from tests.conftest import compose_config
 
 
@@ -36,7 +37,7 @@ def test_training_compile_rejects_other_values():
 
 def test_auto_compiles_only_when_the_steps_left_repay_the_compile(caplog):
     long = TrainingConfig(compile="auto", max_steps=COMPILE_BREAK_EVEN_STEPS + 100)
-    with caplog.at_level(logging.INFO, logger="gptexp.compile_policy"):
+    with caplog.at_level(logging.INFO, logger="gptexp.training.compile_policy"):
         assert should_compile(long, step=0) is True
         assert should_compile(long, step=200) is False  # a resumed run has fewer steps left
     assert "training.compile=auto: compiling" in caplog.text
@@ -59,7 +60,7 @@ def test_keep_freed_memory_stops_the_page_faults_of_each_step():
 
     code = (
         "import resource, torch\n"
-        "from gptexp.process_tuning import keep_freed_memory\n"
+        "from gptexp.training.speed import keep_freed_memory\n"
         "def faults():\n"
         "    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt\n"
         "    for _ in range(20):\n"
@@ -80,7 +81,7 @@ def test_keep_freed_memory_stops_the_page_faults_of_each_step():
 
 
 def test_git_commit_is_collected_from_the_background(monkeypatch):
-    from gptexp import rundir as run_module
+    from gptexp.run import provenance as run_module
 
     calls = []
     monkeypatch.setattr(run_module, "git_commit", lambda: calls.append(1) or "abc123-dirty")

@@ -1,4 +1,4 @@
-"""The start protocol (gptexp.starts): each kind of start gives the session what it needs (the
+"""The start protocol (gptexp.run.starts): each kind of start gives the session what it needs (the
 corpus, the starting state, imported weights, run.json's fields, W&B's fork point), and a new
 kind of start is a new class that the session runs without a change."""
 
@@ -8,14 +8,14 @@ import json
 import shutil
 from pathlib import Path
 
-import gptexp.starts as starts
-from gptexp.config import to_train_config
-from gptexp.evaluation import load_run_checkpoint
+import gptexp.run.starts as starts
+from gptexp.checkpoint.stored import load_run_checkpoint
+from gptexp.core.config import to_train_config
 from gptexp.fork import ForkOptions, prepare
-from gptexp.hf import ImportedModel
-from gptexp.rundir import RunDirectory, stored_config
-from gptexp.session import run_training
-from gptexp.starts import Fresh, Import, Resume, Start, new_run
+from gptexp.model.hf import ImportedModel
+from gptexp.observe.rundir import RunDirectory, stored_config
+from gptexp.run.session import run_training
+from gptexp.run.starts import Fresh, Import, Resume, Start, new_run
 from tests.conftest import FAST, compose_config, make_trainer, read_metrics
 
 

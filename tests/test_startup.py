@@ -1,6 +1,6 @@
 """What a run's process spends outside its steps: the compiler is imported only by runs that
-compile, and the collector leaves the imported modules alone (gptexp.optim,
-gptexp.process_tuning)."""
+compile, and the collector leaves the imported modules alone (gptexp.training.optim,
+gptexp.training.speed)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import sys
 
 import torch
 
-from gptexp.optim import AdamW
+from gptexp.training.optim import AdamW
 from tests.conftest import FAST, ROOT, subprocess_env
 
 # Runs ``python -m gptexp.train`` in this child and, after everything else at exit (atexit

@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import pytest
 
-from gptexp.config import GuardConfig
-from gptexp.errors import CheckpointError
-from gptexp.guard import SKIP
-from gptexp.state import STATE_KEYS, TrainState
+from gptexp.core.config import GuardConfig
+from gptexp.core.errors import CheckpointError
+from gptexp.training.guard import SKIP
+from gptexp.training.state import STATE_KEYS, TrainState
 
 
 def a_state() -> TrainState:

@@ -18,15 +18,15 @@ from pathlib import Path
 import pytest
 import torch.distributed.checkpoint.filesystem as dcp_filesystem
 
-import gptexp.cli
+import gptexp.core.cli
+import gptexp.core.fsio
 import gptexp.eval
 import gptexp.export
-import gptexp.fsio
-import gptexp.metrics
+import gptexp.observe.metrics
+import gptexp.observe.rundir
 import gptexp.resume
-import gptexp.rundir
 import gptexp.train
-import gptexp.trainer
+import gptexp.training.trainer
 from tests.conftest import FAST, call_main, files_of
 
 STEPS = ["training.max_steps=6", "training.eval_every=3", "checkpoint.every_steps=3"]
@@ -54,7 +54,7 @@ def assert_one_error_line(stderr: str, *words: str) -> None:
 
 
 def fail_metrics_after_the_first_records(monkeypatch, run_dir: Path) -> None:
-    log = gptexp.metrics.MetricsFile.log
+    log = gptexp.observe.metrics.MetricsFile.log
     written = []
 
     def log_until_full(self, record):
@@ -63,7 +63,7 @@ def fail_metrics_after_the_first_records(monkeypatch, run_dir: Path) -> None:
         written.append(record)
         log(self, record)
 
-    monkeypatch.setattr(gptexp.metrics.MetricsFile, "log", log_until_full)
+    monkeypatch.setattr(gptexp.observe.metrics.MetricsFile, "log", log_until_full)
 
 
 def fail_samples(monkeypatch, run_dir: Path) -> None:
@@ -72,12 +72,12 @@ def fail_samples(monkeypatch, run_dir: Path) -> None:
             raise full(path)
         return open(path, *args, **kwargs)
 
-    monkeypatch.setattr(gptexp.trainer, "open", open_, raising=False)
+    monkeypatch.setattr(gptexp.training.trainer, "open", open_, raising=False)
 
 
 def fail_second_checkpoint(monkeypatch, run_dir: Path) -> None:
     """The .pt writer: torch.save's bytes go through fsio.HashingWriter."""
-    write = gptexp.fsio.HashingWriter.write
+    write = gptexp.core.fsio.HashingWriter.write
     checkpoints = run_dir / "checkpoints"
 
     def write_until_full(self, data):
@@ -85,7 +85,7 @@ def fail_second_checkpoint(monkeypatch, run_dir: Path) -> None:
             raise full(self.f.name)
         return write(self, data)
 
-    monkeypatch.setattr(gptexp.fsio.HashingWriter, "write", write_until_full)
+    monkeypatch.setattr(gptexp.core.fsio.HashingWriter, "write", write_until_full)
 
 
 def fail_dcp_write(monkeypatch, run_dir: Path) -> None:
@@ -143,7 +143,7 @@ def test_a_run_that_cannot_record_its_start_leaves_nothing(
     def write(path, obj):
         raise full(path)
 
-    monkeypatch.setattr(gptexp.rundir, "atomic_write_json", write)
+    monkeypatch.setattr(gptexp.observe.rundir, "atomic_write_json", write)
     code, stderr = train(run_dir)
     assert code == 1, stderr
     assert_one_error_line(stderr, "run.json", "No space left on device")
@@ -158,7 +158,7 @@ def test_a_full_train_log_is_one_warning_and_the_run_goes_on(
     def flush(self):
         raise full(self.baseFilename)
 
-    monkeypatch.setattr(gptexp.cli.RunLogHandler, "flush", flush)
+    monkeypatch.setattr(gptexp.core.cli.RunLogHandler, "flush", flush)
     code, stderr = train(run_dir)
     assert code == 0, stderr
     assert "Traceback" not in stderr and "Logging error" not in stderr, stderr

@@ -22,8 +22,8 @@ from tensorboard.backend.event_processing.plugin_event_multiplexer import (  # n
 )
 from tensorboard.util import tensor_util  # noqa: E402
 
-from gptexp.config import compose_config  # noqa: E402
-from gptexp.tensorboard_sink import (  # noqa: E402
+from gptexp.core.config import compose_config  # noqa: E402
+from gptexp.run.tensorboard_sink import (  # noqa: E402
     EVENT_FILE_PREFIX,
     TensorBoardSink,
     event_files,
@@ -135,8 +135,8 @@ def test_a_rollback_rewinds_the_event_files(tmp_path):
 def test_a_resume_without_tensorboard_still_rewinds_its_files(tmp_path):
     """The resume's rewind (starts.rewind_metrics) covers the event files, whatever this
     start's logger: a later start with TensorBoard on again must not show steps twice."""
-    from gptexp.rundir import RunDirectory
-    from gptexp.starts import rewind_metrics
+    from gptexp.observe.rundir import RunDirectory
+    from gptexp.run.starts import rewind_metrics
 
     sink = TensorBoardSink(tmp_path)
     for step in range(1, 6):

@@ -22,11 +22,11 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import OmegaConf, open_dict
 
 from gptexp import train as train_entry
-from gptexp.config import register_configs, to_train_config
-from gptexp.data import tokenizer_from_json
-from gptexp.rundir import RunDirectory
-from gptexp.session import run_training
-from gptexp.starts import new_run
+from gptexp.core.config import register_configs, to_train_config
+from gptexp.data.tokenizers import tokenizer_from_json
+from gptexp.observe.rundir import RunDirectory
+from gptexp.run.session import run_training
+from gptexp.run.starts import new_run
 from tests.conftest import (
     CONF_DIR,
     FAST,

@@ -12,15 +12,16 @@ from typing import ClassVar
 
 import pytest
 
-from gptexp.checkpoint import CheckpointEntry, CheckpointManager
-from gptexp.cli import parse_options
+from gptexp.checkpoint.format import CheckpointEntry
+from gptexp.checkpoint.manager import CheckpointManager
 from gptexp.compare import sort_rows
-from gptexp.config import CheckpointConfig, TrainingConfig
-from gptexp.errors import ConfigError, RunError
-from gptexp.metrics import median_throughput
-from gptexp.optim import lr_factor
-from gptexp.rundir import RunDirectory, find_runs, job_order, runs_under
-from gptexp.runtable import distinguishing_keys
+from gptexp.core.cli import parse_options
+from gptexp.core.config import CheckpointConfig, TrainingConfig
+from gptexp.core.errors import ConfigError, RunError
+from gptexp.observe.metrics import median_throughput
+from gptexp.observe.rundir import RunDirectory, find_runs, job_order, runs_under
+from gptexp.observe.runtable import distinguishing_keys
+from gptexp.training.optim import lr_factor
 
 # ----------------------------------------------------------------------------- LR schedule
 
@@ -246,7 +247,7 @@ def test_config_overrides_are_collected_as_written():
 
 
 def test_counts_read_as_english():
-    from gptexp.progress import plural
+    from gptexp.training.progress import plural
 
     assert plural(1, "thread") == "1 thread" and plural(2, "thread") == "2 threads"
     assert plural(1, "process", "processes") == "1 process"
@@ -262,7 +263,7 @@ def test_the_progress_line_shows_the_loss_metrics_jsonl_holds(tmp_path, monkeypa
 
     import torch
 
-    from gptexp import hardware
+    from gptexp.training import mfu as hardware
     from tests.conftest import FAST, compose_config, make_trainer
 
     monkeypatch.setattr(hardware, "measure_cpu_peak_flops", lambda dtype: 1e9)
@@ -301,7 +302,7 @@ def test_eval_refuses_a_seed_its_generators_cannot_take(seed):
 def test_hints_with_a_path_can_be_pasted_into_a_shell():
     import shlex
 
-    from gptexp.errors import TrainingInterrupted, resume_hint, shell_command
+    from gptexp.core.errors import TrainingInterrupted, resume_hint, shell_command
 
     plain = TrainingInterrupted("SIGTERM", 7, "outputs/runs/a")
     assert str(plain).endswith("resume with: make resume RUN=outputs/runs/a")

@@ -1,2 +1,2 @@
 """gptexp's Optuna sweeper as a Hydra plugin: Hydra imports every module of the ``hydra_plugins``
-namespace package and takes sweepers from there only (the search is gptexp.optuna_sweeper)."""
+namespace package and takes sweepers from there only (the search is gptexp.run.optuna_sweeper)."""

@@ -2,10 +2,10 @@
 nsgaii, grid) and names the sweeper class where Hydra looks for it. Optuna itself is imported
 only when a search starts."""
 
-import gptexp.optuna_sweeper as search
+import gptexp.run.optuna_sweeper as search
 
 search.register_sweeper_configs()
 
 
 class OptunaSweeper(search.OptunaSearch):
-    """gptexp.optuna_sweeper.OptunaSearch, under the name Hydra instantiates."""
+    """gptexp.run.optuna_sweeper.OptunaSearch, under the name Hydra instantiates."""
