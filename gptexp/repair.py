@@ -43,6 +43,7 @@ from gptexp.checkpoint.manager import FORK_START, CheckpointManager, run_checkpo
 from gptexp.core.cli import command_logging, parse_options, run_command
 from gptexp.core.errors import CheckpointError
 from gptexp.core.fsio import atomic_write_bytes, sha256_of_open_file, xxh3_128_of_open_file
+from gptexp.observe.lineage import fork_parent
 from gptexp.observe.rundir import RunDirectory, require_run
 
 log = logging.getLogger(__name__)
@@ -87,8 +88,8 @@ def fork_start_step(run: RunDirectory) -> int | None:
     """The step of a fork's first checkpoint (its parent's state), None for a run that is not
     a fork."""
     status = run.read_status()
-    parent = status.get("parent")
-    if not isinstance(parent, dict) or not isinstance(parent.get("step"), int):
+    parent = fork_parent(status)
+    if parent is None:
         return None
     return 0 if "step" in (status.get("reset") or []) else parent["step"]
 

@@ -124,3 +124,34 @@ def test_a_hand_edited_resumes_field_does_not_stop_a_resume(finished_run: Path, 
     assert code == 0, stderr
     resumes = json.loads((run / "run.json").read_text())["resumes"]
     assert resumes[0] == {"replaced": 5} and resumes[1]["from_step"] == max_steps
+
+
+@pytest.mark.parametrize(
+    "parent",
+    [
+        None,
+        [],
+        {"step": 10},
+        {"run": "/elsewhere", "step": "10"},
+        {"run": "/elsewhere", "step": -1},
+        {"run": "/elsewhere", "step": True},
+        {"run": 5, "step": 10},
+    ],
+)
+def test_a_hand_edited_parent_link_is_no_link_for_every_tool(parent) -> None:
+    """observe.lineage.fork_parent is the one reading of run.json's ``parent``: compare's
+    rows, the family tree, diff's lineage, repair and the W&B lineage all take a damaged link
+    for none (the run reads as a root) instead of failing on it."""
+    from gptexp.observe.lineage import fork_parent
+    from gptexp.run.forking import wandb_lineage
+
+    status = {"parent": parent}
+    assert fork_parent(status) is None
+    assert wandb_lineage(status) == {}
+
+
+def test_a_parent_link_is_read_once_the_same_way() -> None:
+    from gptexp.observe.lineage import fork_parent
+
+    link = {"run": "/runs/a", "step": 10, "sha256": "ab" * 32, "wandb_id": "x"}
+    assert fork_parent({"parent": link}) == link

@@ -21,6 +21,19 @@ log = logging.getLogger(__name__)
 Holds = Callable[[RunDirectory, int, str], bool]
 
 
+def fork_parent(status: dict[str, Any]) -> dict[str, Any] | None:
+    """run.json's ``parent`` of a fork (``run``, ``step``, ``checkpoint``, ``sha256``,
+    ``wandb_id``), or None: the one reading of the link, for every tool. A link without a
+    run path and a step >= 0 (a hand edit) is no link: the run reads as a root."""
+    parent = status.get("parent")
+    if not isinstance(parent, dict) or not isinstance(parent.get("run"), str):
+        return None
+    step = parent.get("step")
+    if not isinstance(step, int) or isinstance(step, bool) or step < 0:
+        return None
+    return parent
+
+
 def ancestry(
     run: RunDirectory, holds: Holds, search: list[RunDirectory] = ()
 ) -> list[dict[str, Any]]:
@@ -37,11 +50,11 @@ def ancestry(
     current = run
     while True:
         try:
-            parent = current.read_status().get("parent")
+            parent = fork_parent(current.read_status())
         except RunError as error:  # a damaged ancestor ends the lineage; the report says so
             chain[-1]["damaged"] = str(error)
             return chain
-        if not isinstance(parent, dict) or not isinstance(parent.get("run"), str):
+        if parent is None:
             return chain  # a root
         parent_path = Path(parent["run"])
         if not parent_path.is_absolute():

@@ -11,6 +11,7 @@ from typing import Any
 
 from gptexp.core.errors import RunError
 from gptexp.core.fsio import atomic_write_json, atomic_write_text
+from gptexp.observe.lineage import fork_parent
 from gptexp.observe.metrics import (
     BEST_VAL_LOSS,
     FINAL_TRAIN_LOSS,
@@ -132,13 +133,6 @@ def resume_step(run: RunDirectory) -> int | None:
         and (run.checkpoints / entry["file"]).is_file()
     ]
     return max(steps, default=0)
-
-
-def fork_parent(status: dict[str, Any]) -> dict[str, Any] | None:
-    """run.json's ``parent`` of a fork ({run, step, checkpoint, sha256}), else None."""
-    parent = status.get("parent")
-    valid = isinstance(parent, dict) and isinstance(parent.get("step"), int)
-    return parent if valid and isinstance(parent.get("run"), str) else None
 
 
 def display_name(path: Path, base: Path | None) -> str:

@@ -33,6 +33,7 @@ from gptexp.core.errors import ConfigError, DataError
 from gptexp.core.fsio import atomic_write_text
 from gptexp.data.corpus import Corpus, prepare_corpus
 from gptexp.data.tokenizers import tokenizer_from_json
+from gptexp.observe.lineage import fork_parent
 from gptexp.observe.metrics import INHERITED, STEP, read_metrics
 from gptexp.observe.rundir import RunDirectory
 from gptexp.observe.runtable import launch_overrides
@@ -218,7 +219,7 @@ class ForkStart(Start):
 def wandb_lineage(status: dict[str, Any]) -> dict[str, Any]:
     """The W&B config entries of a fork (from its run.json), so that every start of the fork,
     resumes included, names its parent; {} for a run that is not a fork."""
-    parent = status.get("parent")
-    if not isinstance(parent, dict):
+    parent = fork_parent(status)
+    if parent is None:
         return {}
-    return {"parent_run_id": parent.get("wandb_id"), "fork_step": parent.get("step")}
+    return {"parent_run_id": parent.get("wandb_id"), "fork_step": parent["step"]}

@@ -20,6 +20,7 @@ from gptexp.checkpoint.format import checkpoint_name
 from gptexp.checkpoint.manager import run_checkpoints
 from gptexp.core.errors import CheckpointError, RunError
 from gptexp.observe.divergence import RunInfo
+from gptexp.observe.lineage import fork_parent
 from gptexp.observe.rundir import RunDirectory
 
 log = logging.getLogger(__name__)
@@ -131,7 +132,7 @@ def refuse_replay_before_fork(
         return
     parent, fork_step = chain[1], chain[1]["step"]
     if parent.get("missing"):
-        sha256 = (info.status.get("parent") or {}).get("sha256") or "?"
+        sha256 = (fork_parent(info.status) or {}).get("sha256") or "?"
         raise RunError(
             f"cannot replay: {label} is a fork of {parent['run']} at step {fork_step}, which is "
             f"not there, and no run given or beside them holds that checkpoint (sha256 "
