@@ -17,7 +17,6 @@ there. Without CUDA it says why it does nothing and exits 0. Exit 1 when a check
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import signal
@@ -36,7 +35,8 @@ from gptexp.checkpoint.manager import CheckpointManager
 from gptexp.core.config import CheckpointConfig, ModelConfig
 from gptexp.core.fsio import atomic_write_json
 from gptexp.model.gpt import GPT
-from gptexp.observe.metrics import MEDIAN_TOKENS_PER_S, STEP, TRAIN_LOSS
+from gptexp.observe.metrics import MEDIAN_TOKENS_PER_S, STEP, TRAIN_LOSS, read_metrics
+from gptexp.observe.rundir import RunDirectory
 from gptexp.observe.tables import text_table
 from gptexp.training.mfu import cuda_peak_flops, flops_per_token
 from gptexp.training.mfu import mfu as model_flops_utilisation
@@ -101,8 +101,7 @@ def finish(process: subprocess.Popen, log: Path) -> None:
 
 
 def records(run: Path) -> list[dict[str, Any]]:
-    path = run / "metrics.jsonl"
-    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+    return read_metrics(RunDirectory(run).metrics)
 
 
 def step_losses(run: Path) -> dict[int, float]:
@@ -160,7 +159,7 @@ def speed(out: Path, compile_: bool) -> Check:
     args = [*SPEED, *CUDA, "training.max_steps=60", "training.eval_every=0"]
     args += ["training.log_every=10", "checkpoint.enabled=false", f"training.compile={compile_}"]
     run = train(out, f"speed-compile-{compile_}", args)
-    status = json.loads((run / "run.json").read_text())
+    status = RunDirectory(run).read_status()
     tokens_per_s = status[MEDIAN_TOKENS_PER_S]
     cfg = ModelConfig(**status["config"]["model"])
     per_token = flops_per_token(
@@ -237,7 +236,7 @@ def two_gpus(out: Path) -> Check:
     args = [*SPEED, *CUDA, "training.max_steps=30", "training.eval_every=0"]
     args += ["training.parallel=fsdp", "checkpoint.format=dcp", "checkpoint.every_steps=10"]
     run = train(out, "two-gpus-fsdp", args, nproc=2)
-    status = json.loads((run / "run.json").read_text())
+    status = RunDirectory(run).read_status()
     ok = status["status"] == "finished" and status["world_size"] == 2
     tokens_per_s = status.get(MEDIAN_TOKENS_PER_S) or 0.0
     result = f"{status['status']}, world size {status['world_size']}, {tokens_per_s:,.0f} tokens/s"

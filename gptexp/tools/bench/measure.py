@@ -24,6 +24,8 @@ from gptexp.checkpoint.format import snapshot
 from gptexp.checkpoint.manager import CheckpointManager
 from gptexp.core.config import CheckpointConfig
 from gptexp.model.gpt import GPT
+from gptexp.observe.metrics import TOKENS_PER_S, TRAIN_LOSS, VAL_LOSS, read_metrics
+from gptexp.observe.rundir import RunDirectory
 from gptexp.tools.bench.plan import GPT2_VOCAB, PROJECT_ROOT, BenchPlan
 
 PLAIN_SCRIPT = Path(__file__).resolve().parent / "plain_train.py"
@@ -201,19 +203,15 @@ def gptexp_run(
         ("final sample", m["sample_end"]),
         ("run end (run.json, close)", m["exit"]),
     ]
-    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    records = read_metrics(RunDirectory(run_dir).metrics)
     tokens_per_step = plan.tokens_per_step
     return WholeRun.timed(
         child,
         order,
         ends,
-        losses=[r["train/loss"] for r in records if "train/loss" in r],
-        val_loss=next((r["val/loss"] for r in reversed(records) if "val/loss" in r), None),
-        logged_step_s=[
-            tokens_per_step / r["throughput/tokens_per_s"]
-            for r in records[1:]
-            if "throughput/tokens_per_s" in r
-        ],
+        losses=[r[TRAIN_LOSS] for r in records if TRAIN_LOSS in r],
+        val_loss=next((r[VAL_LOSS] for r in reversed(records) if VAL_LOSS in r), None),
+        logged_step_s=[tokens_per_step / r[TOKENS_PER_S] for r in records[1:] if TOKENS_PER_S in r],
     )
 
 
@@ -437,7 +435,6 @@ def checkpoint_cost(
 def tiny_checkpoint_cost(plan: BenchPlan, corpus: Path, workdir: Path) -> dict[str, Any]:
     """The trainer's own state after one update, saved as the training loop saves it."""
     from gptexp.core.config import DataConfig, LoggerConfig, TrainConfig, TrainingConfig
-    from gptexp.observe.rundir import RunDirectory
     from gptexp.run.starts import run_corpus
     from gptexp.training.runtime import Distributed
     from gptexp.training.trainer import Trainer
@@ -478,7 +475,6 @@ def guard_overhead(plan: BenchPlan, corpus: Path, workdir: Path, steps: int) -> 
         TrainConfig,
         TrainingConfig,
     )
-    from gptexp.observe.rundir import RunDirectory
     from gptexp.run.starts import run_corpus
     from gptexp.training.runtime import Distributed
     from gptexp.training.trainer import Trainer
