@@ -24,6 +24,7 @@ from gptexp.core.cli import parse_options, run_command
 from gptexp.core.errors import ConfigError, RunError
 from gptexp.core.fsio import atomic_write_text
 from gptexp.observe import seedgroups
+from gptexp.observe.figures import finish_loss_panels, loss_panels, save_with_legend_below
 from gptexp.observe.metrics import (
     FINAL_VAL_LOSS,
     INHERITED,
@@ -163,16 +164,10 @@ def default_plot_path(runs: list[RunDirectory], base: Path | None) -> Path:
 
 
 def plot_losses(rows: list[dict[str, Any]], path: Path, title: str) -> None:
-    """Training and validation loss against step, one colour per run, the legend beside the
+    """Training and validation loss against step, one colour per run, the legend below the
     axes (labels: what sets the runs apart)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     names = labels(rows, distinguishing_keys(rows))
-    fig, (train_ax, val_ax) = plt.subplots(1, 2, figsize=(13, 4.8), sharey=True)
-    colors = plt.get_cmap("tab10" if len(rows) <= 10 else "tab20")
+    fig, train_ax, val_ax, colors = loss_panels(len(rows))
     for index, row in enumerate(rows):
         records = own_curve(row, read_metrics(Path(row["run_dir"]) / "metrics.jsonl"))
         color = colors(index % colors.N)
@@ -184,30 +179,8 @@ def plot_losses(rows: list[dict[str, Any]], path: Path, title: str) -> None:
             if points:
                 steps, values = zip(*points, strict=True)
                 ax.plot(steps, values, color=color, label=names[index], **style)
-    for ax, name in ((train_ax, "training loss"), (val_ax, "validation loss")):
-        ax.set_title(name)
-        ax.set_xlabel("step")
-        ax.grid(True, alpha=0.3)
-        ax.spines[["top", "right"]].set_visible(False)
-    train_ax.set_ylabel("cross-entropy (nats/token)")
-    handles, names = train_ax.get_legend_handles_labels()
-    if not handles:
-        handles, names = val_ax.get_legend_handles_labels()
-    fig.suptitle(title)
-    # Below both panels, so it never squeezes them however many runs there are.
-    fig.legend(
-        handles,
-        names,
-        loc="lower center",
-        ncol=min(3, max(1, len(names))),
-        fontsize=8,
-        frameon=False,
-    )
-    rows_of_legend = math.ceil(len(names) / 3) if names else 0
-    fig.tight_layout(rect=(0, min(0.5, 0.05 * rows_of_legend + 0.03), 1, 1))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=150)
-    plt.close(fig)
+    handles, names = finish_loss_panels(fig, train_ax, val_ax, title)
+    save_with_legend_below(fig, handles, names, path, fontsize=8)
 
 
 def own_curve(row: dict[str, Any], records: list[dict[str, Any]]) -> list[dict[str, Any]]:

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from gptexp.core.errors import ConfigError
+from gptexp.observe.figures import finish_loss_panels, loss_panels, save_with_legend_below
 from gptexp.observe.metrics import STEP, TRAIN_LOSS, VAL_LOSS, is_number
 from gptexp.observe.runtable import DEFAULT_CHOICE, distinguishing_keys
 
@@ -268,16 +269,11 @@ def plot_bands(
     """Training and validation loss against step: each group's mean curve with its shaded
     95% band (Student's t over the group's runs at each step), one colour per group.
     ``records_of(row)``: the metric records of a run to draw."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     from matplotlib.legend_handler import HandlerTuple
     from matplotlib.lines import Line2D
     from matplotlib.patches import Patch
 
-    fig, (train_ax, val_ax) = plt.subplots(1, 2, figsize=(13, 4.8), sharey=True)
-    colors = plt.get_cmap("tab10" if len(groups) <= 10 else "tab20")
+    fig, train_ax, val_ax, colors = loss_panels(len(groups))
     for index, group in enumerate(groups):
         color = colors(index % colors.N)
         runs = [records_of(row) for row in group.rows]
@@ -294,15 +290,8 @@ def plot_bands(
             ax.plot(
                 steps, means, color=color, label=label, linewidth=1.6, marker=marker, markersize=3
             )
-    for ax, name in ((train_ax, "training loss"), (val_ax, "validation loss")):
-        ax.set_title(f"{name}: mean of the seeds, shaded 95% interval")
-        ax.set_xlabel("step")
-        ax.grid(True, alpha=0.3)
-        ax.spines[["top", "right"]].set_visible(False)
-    train_ax.set_ylabel("cross-entropy (nats/token)")
-    handles, names = train_ax.get_legend_handles_labels()
-    if not handles:
-        handles, names = val_ax.get_legend_handles_labels()
+    note = ": mean of the seeds, shaded 95% interval"
+    handles, names = finish_loss_panels(fig, train_ax, val_ax, title, note)
     # Each entry shows the line over its band, as the axes draw them.
     handles = [
         (
@@ -311,18 +300,6 @@ def plot_bands(
         )
         for line in handles
     ]
-    fig.suptitle(title)
-    fig.legend(
-        handles,
-        names,
-        handler_map={tuple: HandlerTuple(ndivide=1)},
-        loc="lower center",
-        ncol=min(3, max(1, len(names))),
-        fontsize=9,
-        frameon=False,
+    save_with_legend_below(
+        fig, handles, names, path, fontsize=9, handler_map={tuple: HandlerTuple(ndivide=1)}
     )
-    rows_of_legend = math.ceil(len(names) / 3) if names else 0
-    fig.tight_layout(rect=(0, min(0.5, 0.05 * rows_of_legend + 0.03), 1, 1))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=150)
-    plt.close(fig)
