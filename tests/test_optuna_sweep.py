@@ -41,10 +41,14 @@ def jobs(sweep_dir: Path) -> dict[str, dict]:
 
 
 def checkpointed_steps(run_dir: Path) -> list[int]:
-    manifest = run_dir / "checkpoints" / "manifest.json"
+    """The steps whose checkpoint is listed and in place (a save lists it just before the
+    rename that puts its file there)."""
+    checkpoints = run_dir / "checkpoints"
+    manifest = checkpoints / "manifest.json"
     if not manifest.is_file():
         return []
-    return [entry["step"] for entry in json.loads(manifest.read_text())["checkpoints"]]
+    entries = json.loads(manifest.read_text())["checkpoints"]
+    return [entry["step"] for entry in entries if (checkpoints / entry["file"]).exists()]
 
 
 def evaluations(run_dir: Path) -> dict[int, float]:
