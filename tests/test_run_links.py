@@ -33,6 +33,20 @@ def test_a_linked_train_log_is_refused_not_appended_to(run_copy: Path, tmp_path:
     assert files_of(run_copy) == before  # nothing trained, nothing written
 
 
+def test_a_linked_tensorboard_folder_receives_nothing(run_copy: Path, tmp_path: Path) -> None:
+    """logger=tensorboard writes its event files into <run>/tensorboard, and a resume rewinds
+    them: a link there is refused like any folder training writes."""
+    outside = tmp_path / "elsewhere"
+    outside.mkdir()
+    (run_copy / "tensorboard").symlink_to(outside, target_is_directory=True)
+    code, stderr = call_main(
+        gptexp.resume.main, f"run={run_copy}", "training.max_steps=30", "logger.tensorboard=true"
+    )
+    assert code == 2, stderr
+    assert stderr.count("error:") == 1 and "tensorboard is a symbolic link" in stderr, stderr
+    assert list(outside.iterdir()) == []
+
+
 def test_a_linked_eval_folder_receives_nothing(run_copy: Path, tmp_path: Path) -> None:
     outside = tmp_path / "elsewhere"
     outside.mkdir()

@@ -54,6 +54,7 @@ class RunDirectory:
     samples = property(lambda self: self.path / "samples.txt")
     log_file = property(lambda self: self.path / "train.log")
     lock_file = property(lambda self: self.path / ".lock")
+    tensorboard_dir = property(lambda self: self.path / "tensorboard")  # logger=tensorboard
 
     def __repr__(self) -> str:
         return f"RunDirectory({str(self.path)!r})"
@@ -69,6 +70,7 @@ class RunDirectory:
             self.samples,
             self.log_file,
             self.lock_file,
+            self.tensorboard_dir,
         )
 
     def refuse_links(self, *paths: Path) -> None:

@@ -28,10 +28,10 @@ from typing import Any
 
 from gptexp.core.errors import ConfigError
 from gptexp.observe.metrics import EVENT, STEP, is_number
+from gptexp.observe.rundir import RunDirectory
 
 log = logging.getLogger(__name__)
 
-FOLDER = "tensorboard"
 EVENT_FILE_PREFIX = "events.out.tfevents."
 
 
@@ -109,7 +109,7 @@ def rewind_run(run_dir: Path, step: int) -> None:
     """A resume's rewind of the run's event files to its checkpoint's ``step``, whether or not
     this start writes TensorBoard (a start without it must not leave a crashed start's steps
     in view)."""
-    folder = Path(run_dir) / FOLDER
+    folder = RunDirectory(run_dir).tensorboard_dir
     if not event_files(folder):
         return
     try:
@@ -133,7 +133,7 @@ class TensorBoardSink:
 
     def __init__(self, run_dir: Path) -> None:
         self.run_dir = Path(run_dir)
-        self.folder = self.run_dir / FOLDER
+        self.folder = RunDirectory(self.run_dir).tensorboard_dir
         self._writer = None
         self._open()
         log.info("TensorBoard: %s", self.folder)
