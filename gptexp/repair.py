@@ -22,7 +22,6 @@ import json
 import logging
 import math
 import os
-import shlex
 import sys
 import time
 from dataclasses import dataclass
@@ -41,7 +40,7 @@ from gptexp.checkpoint.format import (
 )
 from gptexp.checkpoint.manager import FORK_START, CheckpointManager, run_checkpoints
 from gptexp.core.cli import command_logging, parse_options, run_command
-from gptexp.core.errors import CheckpointError
+from gptexp.core.errors import CheckpointError, resume_hint
 from gptexp.core.fsio import atomic_write_bytes, sha256_of_open_file, xxh3_128_of_open_file
 from gptexp.observe.lineage import fork_parent
 from gptexp.observe.rundir import RunDirectory, require_run
@@ -209,7 +208,7 @@ def repair(options: RepairOptions) -> list[CheckpointEntry]:
     )
     if backup is not None:
         log.info("the previous manifest is kept as %s", backup)
-    log.info("continue with: make resume RUN=%s", shlex.quote(str(run.path)))
+    log.info("continue with: %s", resume_hint(run.path))
     return entries
 
 

@@ -72,6 +72,8 @@ def test_without_its_manifest_a_run_is_refused_by_every_command_then_repaired(ru
     code, stderr = call_main(gptexp.repair.main, f"run={run}")
     assert code == 0, stderr
     assert "2 checkpoint(s) listed (steps 10, 20)" in stderr
+    # make would split RUN= at the space: the hint is the command make runs, quoted
+    assert f"continue with: python -m gptexp.resume 'run={run}'" in stderr
     rebuilt = manager(run).entries()
     assert {e.file: e.sha256 for e in rebuilt} == listed
     for entry in rebuilt:
