@@ -59,11 +59,14 @@ class ValidateBeforeRun(Callback):
         directory = Path(config.hydra.run.dir)
         if config.hydra.output_subdir is not None:
             directory = directory / str(config.hydra.output_subdir)
-        made = [p for p in (directory, *directory.parents) if not p.exists()][::-1]
+        missing = [p for p in (directory, *directory.parents) if not p.exists()][::-1]
         probe = directory / f".write-check-{os.getpid()}{TMP_SUFFIX}"
+        made: list[Path] = []  # by this process: under torchrun every rank checks at once
         try:
-            for folder in made:
-                folder.mkdir()
+            for folder in missing:
+                with contextlib.suppress(FileExistsError):  # another rank's: not ours to remove
+                    folder.mkdir()
+                    made.append(folder)
             with open(probe, "x", encoding="utf-8") as f:
                 f.write(OmegaConf.to_yaml(task_config(config)))
                 f.flush()

@@ -83,6 +83,7 @@ def test_resume_on_another_world_size_keeps_the_data_and_the_losses(tmp_path):
     args = [*FAST, *settings, "training.grad_accum=1", f"hydra.run.dir={changed}"]
     result = torchrun("gptexp.train", *args, crash="10:rename")
     assert result.returncode != 0
+    assert (changed / "checkpoints").is_dir(), result.stderr[-3000:]  # it trained, then died
     result = subprocess.run(
         [
             sys.executable,

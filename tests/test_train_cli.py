@@ -269,3 +269,31 @@ def test_two_launches_into_one_new_directory_one_trains_one_is_refused(tmp_path)
     assert status["status"] == "finished" and status["step"] == 4
     for name in (".hydra/config.yaml", "train.log", ".lock", "checkpoints/manifest.json"):
         assert (run_dir / name).is_file(), name
+
+
+def test_the_write_check_of_one_rank_removes_no_folder_another_rank_made(tmp_path, monkeypatch):
+    """Under torchrun every rank checks that .hydra/ can be written, at once: a rank that finds
+    the run directory made by another one in between neither fails nor removes it."""
+    from pathlib import Path
+
+    from omegaconf import OmegaConf
+
+    from gptexp.train import ValidateBeforeRun
+
+    run_dir = tmp_path / "run"
+    config = OmegaConf.create(
+        {"hydra": {"run": {"dir": str(run_dir)}, "output_subdir": ".hydra"}, "model": {}}
+    )
+    real_mkdir = Path.mkdir
+
+    def other_rank_first(self, *args, **kwargs):
+        if self == run_dir:  # the other rank made it just after this one looked
+            real_mkdir(self, *args, **kwargs)
+            raise FileExistsError(str(self))
+        return real_mkdir(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "mkdir", other_rank_first)
+    ValidateBeforeRun.check_writable(config)
+    monkeypatch.setattr(Path, "mkdir", real_mkdir)
+    assert run_dir.is_dir() and (run_dir / ".hydra").is_dir()
+    assert list((run_dir / ".hydra").iterdir()) == []  # the probe is gone
