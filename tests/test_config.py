@@ -145,6 +145,11 @@ BAD_VALUES = {
     "unknown tokenizer": (["data.tokenizer=words"], "data.tokenizer"),
     "val_fraction out of range": (["data.val_fraction=1.5"], "data.val_fraction"),
     "negative seed": (["training.seed=-1"], "training.seed=-1: must be in [0, 2**63)"),
+    "unknown compile mode": (
+        ["training.compile_mode=max-autotune"],
+        "training.compile_mode='max-autotune': must be one of default, reduce-overhead, "
+        "max-autotune-no-cudagraphs",
+    ),
 }
 
 
@@ -270,6 +275,34 @@ def test_typed_config_validates_on_construction():
         dataclasses.replace(base.training, lr=-0.5)
     with pytest.raises(ConfigError, match=r"^model\.n_embd"):
         dataclasses.replace(base.model, n_embd=30, n_head=4)
+
+
+@pytest.mark.parametrize(
+    ("mode", "options"),
+    [
+        ("default", {}),  # no mode argument: torch.compile as before the key existed
+        ("reduce-overhead", {"mode": "reduce-overhead"}),
+        ("max-autotune-no-cudagraphs", {"mode": "max-autotune-no-cudagraphs"}),
+    ],
+)
+def test_compile_mode_is_what_torch_compile_is_given(mode, options):
+    from gptexp.training.compile_policy import compile_options
+
+    training = compose_config([f"training.compile_mode={mode}"]).training
+    assert compile_options(training) == options
+
+
+@pytest.mark.parametrize("mode", ["default", "reduce-overhead"])
+def test_the_trainer_compiles_with_the_configured_mode(mode, tmp_path, monkeypatch):
+    import torch
+
+    from tests.conftest import make_trainer
+
+    calls = []
+    monkeypatch.setattr(torch, "compile", lambda model, **kwargs: calls.append(kwargs) or model)
+    cfg = compose_config([*FAST, "training.compile=true", f"training.compile_mode={mode}"])
+    make_trainer(cfg, tmp_path / "run")
+    assert calls == [{} if mode == "default" else {"mode": mode}]
 
 
 def test_block_size_longer_than_the_corpus_names_the_key(small_text):

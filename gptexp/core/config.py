@@ -171,6 +171,9 @@ PRECISIONS = ("fp32", "bf16", "fp16")
 # and optimizer state are sharded across the ranks (FSDP2, fully_shard). One process: neither.
 PARALLEL = ("ddp", "fsdp")
 COMPILE_CHOICES = ("auto", "true", "false")
+# torch.compile's mode when a run compiles: default passes none (torch's own default);
+# reduce-overhead adds CUDA graphs; max-autotune-no-cudagraphs tries more kernels when compiling.
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune-no-cudagraphs")
 
 
 @dataclass
@@ -196,6 +199,9 @@ class TrainingConfig:
     # torch.compile: true | false | auto (compile where the run is long enough to repay the
     # compile time; see gptexp/training/compile_policy.py). A bool from older configs still works.
     compile: str = "auto"
+    # torch.compile's mode when the run compiles: default | reduce-overhead (CUDA graphs) |
+    # max-autotune-no-cudagraphs (a longer compile that tries more kernels); a speed choice only.
+    compile_mode: str = "default"
     num_threads: int = 0  # torch CPU threads; 0 keeps PyTorch's default
     deterministic: bool = False  # torch.use_deterministic_algorithms
     progress: bool = True  # progress bar on a terminal; plain log lines otherwise
@@ -237,6 +243,7 @@ class TrainingConfig:
         _one_of("training.parallel", self.parallel, PARALLEL)
         self.compile = str(self.compile).lower()  # true/false arrive as bools, then "True"
         _one_of("training.compile", self.compile, COMPILE_CHOICES)
+        _one_of("training.compile_mode", self.compile_mode, COMPILE_MODES)
 
 
 MONITOR_MODES = ("min", "max")

@@ -1,4 +1,5 @@
-"""``training.compile=auto``: compile the model only where the run repays the compile time.
+"""How a run compiles: ``training.compile=auto`` (compile the model only where the run repays the
+compile time) and ``training.compile_mode`` (the mode ``torch.compile`` is given).
 
 Measured on a 2-core AMD EPYC (AVX2 only, torch 2.13, model=tiny, batch 32, 2 threads, eager
 and compiled steps in alternation in one process, malloc tuned as in training): a cold
@@ -39,3 +40,9 @@ def should_compile(cfg: TrainingConfig, step: int) -> bool:
         COMPILE_BREAK_EVEN_STEPS,
     )
     return chosen
+
+
+def compile_options(cfg: TrainingConfig) -> dict[str, str]:
+    """The keyword arguments of the run's ``torch.compile`` call: ``training.compile_mode=default``
+    passes no mode (torch's own default), any other value is passed as ``mode``."""
+    return {} if cfg.compile_mode == "default" else {"mode": cfg.compile_mode}

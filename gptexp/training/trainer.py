@@ -45,7 +45,7 @@ from gptexp.observe.metrics import (
     median_throughput,
 )
 from gptexp.observe.rundir import RunDirectory
-from gptexp.training.compile_policy import should_compile
+from gptexp.training.compile_policy import compile_options, should_compile
 from gptexp.training.mfu import (
     Peak,
     ThroughputWindow,
@@ -139,7 +139,7 @@ class Trainer(SpikeResponse):
 
         self.forward_model: torch.nn.Module = self.model
         if should_compile(t, self.state.step):  # training.compile=auto|true|false
-            self.forward_model = torch.compile(self.model)
+            self.forward_model = torch.compile(self.model, **compile_options(t))
         if dist_ctx.enabled and not self.sharded:
             self.forward_model = DistributedDataParallel(
                 self.forward_model,
