@@ -89,8 +89,8 @@ compare: $(INSTALLED)  ## Compare runs: make compare RUN="<sweep dir or run dirs
 bench: $(INSTALLED)  ## Whole process and per step next to a plain script, with the breakdown, into outputs/bench/<date>_<time>.json [CORPUS=path] [ARGS=--quick]
 	$(PYTHON) -m gptexp.bench $(if $(CORPUS),--corpus $(CORPUS),) $(ARGS)
 
-gpu-check: $(INSTALLED)  ## On a CUDA machine (<5 min): gpt2 speed and MFU, checkpoint cost, exact resume, fp16, 2 GPUs
-	$(PYTHON) -m gptexp.gpucheck
+gpu-check: $(INSTALLED)  ## On a CUDA machine (~8 min): checkpoint cost, exact resume, fp16, 2 GPUs; gpt2 side by side with the plain script (ms/step, MFU) [CORPUS=path]
+	$(PYTHON) -m gptexp.gpucheck $(if $(CORPUS),--corpus $(CORPUS),)
 
 test: $(INSTALLED)  ## Run the test suite (CPU only, two workers, a few minutes; PYTEST_ARGS="-n 0" runs it serially)
 	$(PYTHON) -m pytest -q -n 2 --dist loadfile $(PYTEST_ARGS)

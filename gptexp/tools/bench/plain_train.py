@@ -8,6 +8,11 @@ It trains what ``python -m gptexp.train data=text data.path=input.txt`` trains w
 sizes: the same initialisation (same module order, same seed), the same batches (the same
 numpy draw per step) and schedule, so its losses equal the trainer's. With ``--timings PATH``
 it writes the wall-clock instants (``time.time()``) of its phases as JSON, for the bench.
+
+On a GPU (``--device cuda --dtype bf16 [--compile] --log-every 10``, what ``make gpu-check``
+runs next to gptexp) it does what nanoGPT's ``train.py`` does there: bf16 autocast, fused
+AdamW, TF32 matmuls, batches copied from pinned memory without waiting, and the loss read back
+only on the steps it logs (every step by default, as on a CPU).
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ STARTED = time.time()  # before any heavy import: the phases are measured from h
 import argparse  # noqa: E402
 import json  # noqa: E402
 import math  # noqa: E402
+from contextlib import nullcontext  # noqa: E402
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
@@ -98,7 +104,7 @@ class GPT(nn.Module):
             nn.init.normal_(m.weight, mean=0.0, std=0.02)
 
     def forward(self, idx, targets):
-        pos = torch.arange(idx.size(1))
+        pos = torch.arange(idx.size(1), device=idx.device)
         x = self.drop(self.wte(idx) + self.wpe(pos))
         for block in self.blocks:
             x = block(x)
@@ -130,10 +136,22 @@ def main() -> None:
     p.add_argument("--eval-batches", type=int, default=2)
     p.add_argument("--threads", type=int, default=0)
     p.add_argument("--seed", type=int, default=1337)
+    p.add_argument("--device", default="cpu", help="cpu or cuda")
+    p.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32", help="bf16: autocast")
+    p.add_argument("--compile", action="store_true", help="torch.compile the model")
+    p.add_argument("--log-every", type=int, default=1, help="read the loss back every n steps")
     p.add_argument("--timings", help="write the phases' wall-clock instants here (JSON)")
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    cuda = device.type == "cuda"
+    if cuda:
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    autocast = (
+        torch.autocast(device.type, dtype=torch.bfloat16) if args.dtype == "bf16" else nullcontext()
+    )
     marks = {"started": STARTED, "imported": IMPORTED}
 
     with open(args.data, encoding="utf-8") as f:
@@ -146,14 +164,20 @@ def main() -> None:
     marks["data"] = time.time()
 
     torch.manual_seed(args.seed)
-    model = GPT(len(chars), args.n_layer, args.n_head, args.n_embd, args.block_size)
+    model = GPT(len(chars), args.n_layer, args.n_head, args.n_embd, args.block_size).to(device)
     decay = [p for n, p in model.named_parameters() if p.dim() >= 2 and n != "wpe.weight"]
     other = [p for n, p in model.named_parameters() if p.dim() < 2 or n == "wpe.weight"]
     groups = [{"params": decay, "weight_decay": 0.1}, {"params": other, "weight_decay": 0.0}]
-    optimizer = torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, 0.99))
+    optimizer = torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, 0.99), fused=cuda or None)
+    forward = torch.compile(model) if args.compile else model
     marks["model"] = time.time()
 
-    losses, step_ends = [], []
+    def to_device(batch):
+        if not cuda:
+            return batch
+        return tuple(t.pin_memory().to(device, non_blocking=True) for t in batch)
+
+    losses, logged, step_ends = [], [], []
     for step in range(args.steps):
         if step < args.warmup:  # linear warm-up, then cosine decay to min_lr
             factor = (step + 1) / args.warmup
@@ -164,19 +188,24 @@ def main() -> None:
         lr = args.lr * factor
         for group in optimizer.param_groups:
             group["lr"] = lr
-        x, y = get_batch(train, args.block_size, args.batch_size, args.seed, 0, step)
-        loss = model(x, y)
+        x, y = to_device(get_batch(train, args.block_size, args.batch_size, args.seed, 0, step))
+        with autocast:
+            loss = forward(x, y)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        losses.append(loss.item())
+        if (step + 1) % args.log_every == 0 or step + 1 == args.steps:
+            losses.append(loss.item())  # the host waits for the step here, and only here
+            logged.append(step + 1)
         step_ends.append(time.time())
 
     model.eval()
-    with torch.no_grad():
+    with torch.no_grad(), autocast:
         val_losses = [
-            model(*get_batch(val, args.block_size, args.batch_size, args.seed, 1, i)).item()
+            model(*to_device(get_batch(val, args.block_size, args.batch_size, args.seed, 1, i)))
+            .float()
+            .item()
             for i in range(args.eval_batches)
         ]
     val_loss = sum(val_losses) / len(val_losses)
@@ -185,7 +214,14 @@ def main() -> None:
     if args.timings:
         with open(args.timings, "w") as f:
             json.dump(
-                {"marks": marks, "step_ends": step_ends, "losses": losses, "val_loss": val_loss}, f
+                {
+                    "marks": marks,
+                    "step_ends": step_ends,
+                    "losses": losses,
+                    "logged_steps": logged,
+                    "val_loss": val_loss,
+                },
+                f,
             )
 
 

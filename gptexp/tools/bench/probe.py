@@ -10,7 +10,10 @@ interpreter's own start-up is launch to here), ``torch_imported``, ``entry_impor
 ``corpus_start``/``corpus_end``, ``trainer_built``, ``status_start``/``status_end`` (run.json
 and provenance), ``step_ends`` (one per optimizer step), ``eval_start``/``eval_end``,
 ``sample_start``/``sample_end``, ``run_end`` and ``exit`` (the interpreter's atexit handlers
-run: what is left after it is teardown).
+run: what is left after it is teardown). ``train_logs`` holds [step, instant] for every train
+record written to ``metrics.jsonl``: its loss has been read back from the device, so on a GPU
+these are the instants at which the work queued up to that step had finished (the step ends
+are the host's, which may run ahead of the GPU).
 """
 
 from __future__ import annotations
@@ -27,7 +30,7 @@ import sys  # noqa: E402
 from collections.abc import Callable  # noqa: E402
 from typing import Any  # noqa: E402
 
-marks: dict[str, Any] = {"started": STARTED, "step_ends": []}
+marks: dict[str, Any] = {"started": STARTED, "step_ends": [], "train_logs": []}
 
 
 def _mark(name: str) -> None:
@@ -53,10 +56,20 @@ def instrument() -> None:
     """Wrap the phases of a run in the modules the entry points use."""
     # The entry modules run afresh as __main__ and import run_training from gptexp.run.session,
     # so they get the wrappers.
+    import gptexp.observe.metrics as metrics
     import gptexp.run.session as session
     import gptexp.run.starts as starts
     import gptexp.training.trainer as trainer
 
+    log = metrics.MetricsFile.log
+
+    @functools.wraps(log)
+    def logged(self: Any, record: dict[str, Any]) -> None:
+        log(self, record)
+        if metrics.TRAIN_LOSS in record:
+            marks["train_logs"].append([record[metrics.STEP], time.time()])
+
+    metrics.MetricsFile.log = logged
     session.run_training = _timed(session.run_training, "run_start", "run_end")
     starts.prepare_corpus = _timed(starts.prepare_corpus, "corpus_start", "corpus_end")
     trainer.Trainer.__init__ = _timed(trainer.Trainer.__init__, None, "trainer_built")
