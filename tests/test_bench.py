@@ -209,6 +209,15 @@ def test_plain_script_trains_what_the_trainer_trains(tmp_path):
     assert losses == json.loads(timings.read_text())["losses"]
 
 
+def test_the_full_bench_fits_ten_minutes_on_two_cores_with_a_margin():
+    """5 pairs of 150 steps took 568 s on the 2-core EPYC: too close to 10 minutes."""
+    from gptexp.tools.bench.plan import LENGTH_GOAL_S, BenchPlan
+
+    plan = BenchPlan.make(False, 2, False, set())
+    assert plan.pairs >= 5  # the ratios are medians over at least 5 pairs
+    assert plan.estimated_seconds() <= 0.8 * LENGTH_GOAL_S
+
+
 def test_bench_refuses_a_missing_corpus(tmp_path):
     result = run_module(
         "gptexp.bench", "--quick", "--corpus", str(tmp_path / "nope.txt"), cwd=tmp_path

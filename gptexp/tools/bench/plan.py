@@ -15,6 +15,13 @@ from gptexp.core.config import ModelConfig
 PROJECT_ROOT = Path(__file__).resolve().parents[3]  # gptexp/tools/bench/plan.py -> the checkout
 GPT2_VOCAB = 50257
 
+# The full bench should end within LENGTH_GOAL_S on 2 cores. Its length, from its run on the
+# 2-core AVX2 EPYC of docs/benchmarks.md (568 s with 150 steps a process): a whole-process pair
+# costs ~11 s of start-up, evaluation and exit (both processes and ``import torch``) plus
+# 0.28 + 0.29 s for each step after the first; the other parts ~92 s whatever the steps.
+LENGTH_GOAL_S = 600.0
+PAIR_FIXED_S, PAIR_STEP_S, OTHER_PARTS_S = 11.0, 0.57, 92.0
+
 
 @dataclass(frozen=True)
 class BenchPlan:
@@ -57,13 +64,17 @@ class BenchPlan:
                 bf16, tuple(skipped),
             )  # fmt: skip
         return cls(
-            "full", "tiny", 32, 150, 5, 5, 2, 1024, 3, True, (2, 22), 2, 2, 11, threads, compile,
+            "full", "tiny", 32, 100, 5, 5, 2, 1024, 3, True, (2, 22), 2, 2, 11, threads, compile,
             bf16, tuple(skipped),
         )  # fmt: skip
 
     def model_config(self, name: str | None = None) -> ModelConfig:
         """The shape that ``model=<name>`` composes, as the entry point composes it (a copy)."""
         return dataclasses.replace(composed_model_config(name or self.model_name))
+
+    def estimated_seconds(self) -> float:
+        """The full bench's length on the 2-core EPYC it was measured on (see above)."""
+        return self.pairs * (PAIR_FIXED_S + (self.steps - 1) * PAIR_STEP_S) + OTHER_PARTS_S
 
     @property
     def tokens_per_step(self) -> int:
