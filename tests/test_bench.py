@@ -13,7 +13,7 @@ import sys
 import pytest
 import torch
 
-from gptexp.tools.bench.measure import PLAIN_SCRIPT
+from gptexp.tools.bench.measure import PLAIN_SCRIPT, child_env
 from tests.conftest import run_module
 
 FIGURES = {
@@ -254,3 +254,13 @@ def test_reused_snapshot_buffers_keep_each_checkpoint_consistent(tmp_path):
             state["model"]["head"].untyped_storage().data_ptr()
         ), "the tied weight is stored once"
         assert entry.bytes < 2 * 64 * 64 * 4
+
+
+def test_the_bench_children_share_gptexps_exact_matmuls(monkeypatch):
+    """The plain script compares its losses with gptexp's: both run with MKL's strict mode
+    (gptexp sets it in its own process; the plain script only gets it from the bench), and a
+    user's own MKL_CBWR stands for both."""
+    monkeypatch.delenv("MKL_CBWR", raising=False)
+    assert child_env()["MKL_CBWR"] == "AUTO,STRICT"
+    monkeypatch.setenv("MKL_CBWR", "COMPATIBLE")
+    assert child_env()["MKL_CBWR"] == "COMPATIBLE"

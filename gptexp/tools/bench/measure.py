@@ -27,6 +27,7 @@ from gptexp.model.gpt import GPT
 from gptexp.observe.metrics import TOKENS_PER_S, TRAIN_LOSS, VAL_LOSS, read_metrics
 from gptexp.observe.rundir import RunDirectory
 from gptexp.tools.bench.plan import GPT2_VOCAB, PROJECT_ROOT, BenchPlan
+from gptexp.training.speed import MKL_CBWR, STRICT_REPRODUCIBILITY
 
 PLAIN_SCRIPT = Path(__file__).resolve().parent / "plain_train.py"
 
@@ -57,6 +58,9 @@ def child_env(cache: Path | None = None) -> dict[str, str]:
     # The child imports this gptexp, wherever the bench is started from.
     env["PYTHONPATH"] = str(PROJECT_ROOT) + os.pathsep + env.get("PYTHONPATH", "")
     env.setdefault("WANDB_MODE", "disabled")
+    # The plain script's matmuls as exact as gptexp's own (which sets this in its process):
+    # without it, on a busy Intel machine the two parted in the last bits of a loss.
+    env.setdefault(MKL_CBWR, STRICT_REPRODUCIBILITY)
     if cache is not None:
         env["GPTEXP_CACHE"] = str(cache)  # the bench's own corpus cache, not the user's
     return env
