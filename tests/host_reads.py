@@ -9,8 +9,8 @@ synced, and every read (method, where, and the phase: ``start`` before the first
 
 A read is a call of one of :data:`READS` on a tensor, on the training (main) thread, whose
 caller is a file of the gptexp package (torch's own reads are torch's; the background
-checkpoint writer checks its own CPU snapshot, not the device's tensors). The patches are the test side's: the product has
-no hook for this.
+checkpoint writer checks its own CPU snapshot, not the device's tensors). The patches are
+the test side's: the product has no hook for this.
 """
 
 from __future__ import annotations

@@ -517,7 +517,8 @@ class Trainer(SpikeResponse):
         """Whether the host reads the device back after the update the host counts as
         ``step``: it may log, evaluate, sample, save or end the run there (the step the host
         counts is never behind the true one, so no such step passes unread), and under
-        ``rollback`` after every update."""
+        ``rollback`` after every update. Every rank decides alike (they agree on a stop
+        there)."""
         t = self.cfg.training
         final = step >= t.max_steps
         return (
@@ -560,7 +561,7 @@ class Trainer(SpikeResponse):
 
     def _samples(self, step: int, final: bool) -> bool:
         every = self.cfg.training.sample_every
-        return (self.dist.is_main or self.sharded) and (final or bool(every and step % every == 0))
+        return final or bool(every and step % every == 0)
 
     def _train_record(self, logged: Logged, final: bool) -> dict[str, Any]:
         """The step's record: training metrics on logging steps (and the last one)."""
@@ -591,7 +592,7 @@ class Trainer(SpikeResponse):
         return self.last_val_loss if self.cfg.checkpoint.monitor == VAL_LOSS else loss
 
     def _sample_if_due(self, final: bool) -> None:
-        if self._samples(self.state.step, final):
+        if (self.dist.is_main or self.sharded) and self._samples(self.state.step, final):
             self.write_sample()
 
     def _track_best(self, metric: float | None) -> None:
