@@ -18,9 +18,9 @@ import gptexp.training.trainer as trainer_module
 from gptexp.core.config import GuardConfig
 from gptexp.core.errors import TrainingDiverged
 from gptexp.data.batches import sample_batch
-from gptexp.training.device_guard import DeviceGuard
+from gptexp.training.device_guard import DeviceGuard, masked_step
 from gptexp.training.guard import APPLY, SKIP, STOP, SpikeGuard
-from gptexp.training.optim import lr_factor
+from gptexp.training.optim import AdamW, lr_factor
 from gptexp.training.scoring import evaluate_loss
 from tests.conftest import (
     FAST,
@@ -173,7 +173,7 @@ def test_skip_masks_on_the_device_and_the_host_records_the_exact_steps(
     force_losses(monkeypatch, {7: math.nan, 12: 100.0})
     seen: list[tuple[torch.Tensor, torch.Tensor]] = []
     unchanged: list[bool] = []
-    step, masked_step = trainer_module.Trainer.train_step, trainer_module.masked_step
+    step, original = trainer_module.Trainer.train_step, trainer_module.masked_step
 
     def keep(trainer):
         seen.append(step(trainer))
@@ -181,7 +181,7 @@ def test_skip_masks_on_the_device_and_the_host_records_the_exact_steps(
 
     def watched(optimizer, scaler, masked, lrs):
         before = [p.detach().clone() for p in optimizer_tensors(optimizer)]
-        masked_step(optimizer, scaler, masked, lrs)
+        original(optimizer, scaler, masked, lrs)
         after = optimizer_tensors(optimizer)
         unchanged.append(all(torch.equal(a, b) for a, b in zip(before, after, strict=True)))
 
@@ -211,6 +211,37 @@ def test_skip_masks_on_the_device_and_the_host_records_the_exact_steps(
     assert replay.accepted == trainer.state.guard.accepted == 20
 
 
+@pytest.mark.parametrize("case", ["rejected", "overflow", "applied"])
+def test_the_masked_step_keeps_the_grad_scaler_as_the_host_did(case):
+    """fp16 (a GradScaler on the CPU here): a guard rejection leaves the parameters, the
+    optimizer state, the scale and the growth tracker as they were; the scaler's own overflow
+    masks the update and backs its scale off; an applied update grows it (interval 1)."""
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 2)
+    optimizer = AdamW(model.parameters(), lr=1e-2, fused=True)
+    scaler = torch.amp.GradScaler("cpu", init_scale=1024.0, growth_interval=1)
+    for _ in range(2):  # a first update: the moments exist
+        scaler.scale(model(torch.randn(3, 4)).sum()).backward()
+        scaler.unscale_(optimizer)
+        masked_step(optimizer, scaler, torch.tensor(False), None)
+        optimizer.zero_grad()
+    scale, tracker = scaler._scale.clone(), scaler._growth_tracker.clone()
+    before = [t.clone() for t in optimizer_tensors(optimizer)]
+    scaler.scale(model(torch.randn(3, 4)).sum()).backward()
+    if case == "overflow":
+        model.weight.grad[0, 0] = math.inf
+    scaler.unscale_(optimizer)
+    masked_step(optimizer, scaler, torch.tensor(case == "rejected"), None)
+    after = optimizer_tensors(optimizer)
+    same = all(torch.equal(a, b) for a, b in zip(before, after, strict=True))
+    assert same == (case != "applied")
+    expected_scale = {"rejected": scale, "overflow": scale / 2, "applied": scale * 2}[case]
+    assert torch.equal(scaler._scale, expected_scale)
+    if case == "rejected":
+        assert torch.equal(scaler._growth_tracker, tracker)
+    assert not hasattr(optimizer, "found_inf") and not hasattr(optimizer, "grad_scale")
+
+
 def optimizer_tensors(optimizer: torch.optim.Optimizer) -> list[torch.Tensor]:
     tensors = [p for group in optimizer.param_groups for p in group["params"]]
     for state in optimizer.state.values():
@@ -223,11 +254,11 @@ def test_skip_trains_the_schedule_of_the_true_step(tmp_path, monkeypatch, one_th
     (read from the device's table), as a run that logs every step gets it."""
     force_losses(monkeypatch, {3: math.nan})
     lrs: list[float] = []
-    masked_step = trainer_module.masked_step
+    original = trainer_module.masked_step
 
     def watched(optimizer, scaler, masked, rates):
         lrs.append(rates[0].item())
-        masked_step(optimizer, scaler, masked, rates)
+        original(optimizer, scaler, masked, rates)
 
     monkeypatch.setattr(trainer_module, "masked_step", watched)
     _, windowed = counted_fit(tmp_path, monkeypatch, "training.guard.action=skip")
@@ -235,7 +266,8 @@ def test_skip_trains_the_schedule_of_the_true_step(tmp_path, monkeypatch, one_th
     expected = [cfg.lr * lr_factor(s, cfg) for s in range(4)]
     expected += [cfg.lr * lr_factor(s, cfg) for s in range(3, 20)]
     assert lrs == expected
-    assert windowed.optimizer.param_groups[0]["lr"] == cfg.lr * lr_factor(20, cfg)
+    stored = windowed.optimizer.state_dict()["param_groups"][0]["lr"]
+    assert type(stored) is float and stored == cfg.lr * lr_factor(20, cfg)  # on disk as ever
 
 
 def test_skip_without_a_spike_trains_what_off_trains(tmp_path, one_thread):
@@ -266,6 +298,18 @@ def test_with_the_guard_off_a_nonfinite_update_fails_the_run_at_its_step(tmp_pat
     assert [e.step for e in manager(run_dir).entries()] == [5]
     logged = [r["step"] for r in read_metrics(run_dir) if "train/loss" in r]
     assert logged == [3, 6]
+
+
+def test_rollback_reads_back_every_step_though_it_logs_every_fifth(tmp_path):
+    run_dir = tmp_path / "run"
+    guard = ["training.guard.action=rollback", "training.guard.warmup=5"]
+    overrides = [*guard, "checkpoint.every_steps=5", "training.log_every=5"]
+    result = spiking("13:100", run_dir, *overrides, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "rolled back to checkpoint step_0000010.pt; batches 10..13 are skipped" in result.stderr
+    (event,) = events(run_dir)
+    assert (event["step"], event["batch"], event["to_step"]) == (14, 13, 10)
+    assert [r["step"] for r in read_metrics(run_dir) if "train/loss" in r] == SYNC_STEPS
 
 
 def test_the_host_stops_when_the_device_halted_under_off(tmp_path, monkeypatch, one_thread):
