@@ -167,7 +167,7 @@ class Trainer(SpikeResponse):
         self.pending: list[Attempt] = []  # attempts not yet read back (see sync)
         self.window_start = (0, 0, 0)  # (step, tokens_seen, schedule step) before them
         self._lr_table: torch.Tensor | None = None  # guard.action=skip: lr by schedule step
-        self.last_attempt = Logged(math.nan, math.nan, math.nan)
+        self.last_update = Logged(math.nan, math.nan, math.nan)
         if resume_state is not None:
             self.load_state(resume_state)
 
@@ -384,7 +384,7 @@ class Trainer(SpikeResponse):
                 self.state.step += 1
                 self.state.tokens_seen += self.tokens_per_step
                 schedule_step += 1
-                self.last_attempt = Logged(own_loss, loss, grad_norm)
+                self.last_update = Logged(own_loss, loss, grad_norm)
         if self.scheduler.last_epoch != schedule_step:  # skipped updates: the schedule waited
             set_schedule_step(self.scheduler, schedule_step)
         return applied
@@ -479,8 +479,8 @@ class Trainer(SpikeResponse):
                     if not self.sync():
                         continue  # the guard dropped the last update or rolled back
                 final = self.state.step == t.max_steps
-                record = self._train_record(self.last_attempt, final)
-                metric = self._evaluate_if_due(record, self.last_attempt.own_loss, final)
+                record = self._train_record(self.last_update, final)
+                metric = self._evaluate_if_due(record, self.last_update.own_loss, final)
                 self._log(record)
                 self._sample_if_due(final)
                 self._track_best(metric)
