@@ -16,7 +16,7 @@ import torch
 import gptexp.model.gpt as gpt_module
 import gptexp.training.trainer as trainer_module
 from gptexp.core.config import GuardConfig
-from gptexp.core.errors import TrainingDiverged
+from gptexp.core.errors import TrainingDiverged, TrainingInterrupted
 from gptexp.data.batches import sample_batch
 from gptexp.training.device_guard import DeviceGuard, masked_step
 from gptexp.training.guard import APPLY, SKIP, STOP, SpikeGuard
@@ -240,6 +240,50 @@ def test_the_masked_step_keeps_the_grad_scaler_as_the_host_did(case):
     if case == "rejected":
         assert torch.equal(scaler._growth_tracker, tracker)
     assert not hasattr(optimizer, "found_inf") and not hasattr(optimizer, "grad_scale")
+
+
+def test_a_stop_inside_a_window_saves_the_true_step_and_resumes_bit_identical(
+    tmp_path, monkeypatch, one_thread
+):
+    """A signal while three updates are unread (after step 10's sync), the second of them
+    skipped (NaN): the checkpoint is of the true step (12, next batch 13) with the event
+    recorded, and the resumed run ends where the uninterrupted one does."""
+    force_losses(monkeypatch, {11: math.nan})
+    overrides = [*FAST, *WINDOWED, "training.guard.action=skip", "training.guard.warmup=5"]
+    cfg = compose_config(overrides)
+    straight_dir, stopped_dir = tmp_path / "straight", tmp_path / "stopped"
+    straight_dir.mkdir(), stopped_dir.mkdir()
+    straight = make_trainer(cfg, straight_dir)
+    straight.fit()
+
+    stopped = make_trainer(cfg, stopped_dir)
+    check = stopped._stop_if_requested
+
+    def signal_before_the_14th_attempt():
+        if stopped.state.data_step == 13:  # batches 10, 11 (skipped) and 12 unread
+            assert len(stopped.pending) == 3
+            stopped.stop.signame = "SIGTERM"
+        check()
+
+    monkeypatch.setattr(stopped, "_stop_if_requested", signal_before_the_14th_attempt)
+    with pytest.raises(TrainingInterrupted, match="at step 12"):
+        stopped.fit()
+    saved = manager(stopped_dir).load(manager(stopped_dir).find("last"))
+    assert (saved["step"], saved["data_step"]) == (12, 13)
+    assert [(e["step"], e["batch"]) for e in saved["guard"]["events"]] == [(12, 11)]
+    schedule = cfg.training  # the lr of update 13, the one after the true step
+    assert saved["optimizer"]["param_groups"][0]["lr"] == schedule.lr * lr_factor(12, schedule)
+
+    resumed = make_trainer(cfg, stopped_dir, state=saved)
+    resumed.fit()
+    ends = [
+        t.state.to_dict() | {"wandb_id": None, "guard": t.state.guard.report()}
+        for t in (resumed, straight)
+    ]
+    assert ends[0] == ends[1]  # (report: an event's NaN loss is None there)
+    assert resumed.state.guard.average == straight.state.guard.average
+    for key, tensor in straight.model.state_dict().items():
+        assert torch.equal(resumed.model.state_dict()[key], tensor), key
 
 
 def optimizer_tensors(optimizer: torch.optim.Optimizer) -> list[torch.Tensor]:
