@@ -81,10 +81,16 @@ def force_losses(monkeypatch, factors: dict[int, float]) -> None:
 # ----------------------------------------------------------------------------- host reads
 
 
-@pytest.mark.parametrize("action", ["off", "skip"])
-@pytest.mark.parametrize("grad_accum", [1, 2])
-def test_an_unlogged_step_reads_nothing_back(tmp_path, monkeypatch, one_thread, action, grad_accum):
+@pytest.mark.parametrize(
+    ("action", "grad_accum", "precision"),
+    [("off", 1, "fp32"), ("skip", 1, "fp32"), ("off", 2, "fp32"), ("skip", 2, "fp32")]
+    + [("skip", 2, "bf16")],  # (fp16 needs CUDA: its GradScaler path is tested below)
+)
+def test_an_unlogged_step_reads_nothing_back(
+    tmp_path, monkeypatch, one_thread, action, grad_accum, precision
+):
     overrides = [f"training.guard.action={action}", f"training.grad_accum={grad_accum}"]
+    overrides.append(f"training.precision={precision}")
     counter, trainer = counted_fit(tmp_path, monkeypatch, *overrides)
     assert counter.attempts == 20 and trainer.state.step == 20
     assert counter.synced == SYNC_STEPS
