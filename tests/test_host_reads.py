@@ -13,7 +13,6 @@ import sys
 import pytest
 import torch
 
-import gptexp.model.gpt as gpt_module
 import gptexp.training.trainer as trainer_module
 from gptexp.core.config import GuardConfig
 from gptexp.core.errors import TrainingDiverged, TrainingInterrupted
@@ -22,6 +21,7 @@ from gptexp.training.device_guard import DeviceGuard, masked_step
 from gptexp.training.guard import APPLY, SKIP, STOP, SpikeGuard
 from gptexp.training.optim import AdamW, lr_factor
 from gptexp.training.scoring import evaluate_loss
+from tests import spiking_launcher
 from tests.conftest import (
     FAST,
     ROOT,
@@ -59,23 +59,8 @@ def counted_fit(tmp_path, monkeypatch, *overrides: str):
 
 
 def force_losses(monkeypatch, factors: dict[int, float]) -> None:
-    """Multiply the training loss of the batches of index ``factors`` (as
-    tests/spiking_launcher.py does in a child process)."""
-    train_batch, forward = trainer_module.train_batch, gpt_module.GPT.forward
-    pending: list[float] = []
-
-    def sample(*args, **kwargs):
-        pending[:] = [factors[kwargs["step"]]] if kwargs["step"] in factors else []
-        return train_batch(*args, **kwargs)
-
-    def spiking_forward(self, *args, **kwargs):
-        logits, loss = forward(self, *args, **kwargs)
-        if pending and loss is not None:
-            loss = loss * pending.pop()
-        return logits, loss
-
-    monkeypatch.setattr(trainer_module, "train_batch", sample)
-    monkeypatch.setattr(gpt_module.GPT, "forward", spiking_forward)
+    """Multiply the training loss of the batches of index ``factors`` in this process."""
+    spiking_launcher.install(factors, monkeypatch.setattr)
 
 
 # ----------------------------------------------------------------------------- host reads
