@@ -19,7 +19,9 @@ import gptexp.model.gpt as model
 import gptexp.training.trainer as trainer
 
 
-def install(factors: dict[int, float]) -> None:
+def install(factors: dict[int, float], patch=setattr) -> None:
+    """Multiply the loss of the batches of ``factors``; ``patch(owner, name, value)`` sets the
+    patches (pytest's monkeypatch.setattr in a test's own process)."""
     train_batch = trainer.train_batch
     forward = model.GPT.forward
     pending: list[float] = []  # the factor for the next forward pass (a training batch's)
@@ -34,8 +36,8 @@ def install(factors: dict[int, float]) -> None:
             loss = loss * pending.pop()
         return logits, loss
 
-    trainer.train_batch = sample
-    model.GPT.forward = spiking_forward
+    patch(trainer, "train_batch", sample)
+    patch(model.GPT, "forward", spiking_forward)
 
 
 if __name__ == "__main__":

@@ -74,6 +74,7 @@ class ReplaySide:
         self._pin()
         restore_rng_state(self.rng)
         self.trainer.train_step()
+        self.trainer.sync()  # the guard's decision carried out now (a stop, a rollback)
         self.rng = capture_rng_state()
 
     def parameters(self) -> dict[str, Any]:

@@ -1,4 +1,9 @@
-"""The optimizer and the learning-rate schedule of a run."""
+"""The optimizer and the learning-rate schedule of a run.
+
+AdamW is the fused one on every device: its ``found_inf`` path is how the spike guard masks an
+update on the device (gptexp.training.device_guard); on a CPU its updates equal the foreach
+ones bit for bit.
+"""
 
 from __future__ import annotations
 
@@ -29,7 +34,7 @@ def build_optimizer(model: GPT, cfg: TrainingConfig, device: torch.device) -> to
         model.optimizer_groups(cfg.weight_decay),
         lr=cfg.lr,
         betas=(cfg.beta1, cfg.beta2),
-        fused=device.type == "cuda",
+        fused=True,
     )
 
 
@@ -79,6 +84,26 @@ def build_scheduler(
 ) -> torch.optim.lr_scheduler.LambdaLR:
     # The lambda reads ``cfg`` when called, so a resumed run's new max_steps applies.
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, cfg))
+
+
+def lr_table(
+    scheduler: torch.optim.lr_scheduler.LambdaLR, cfg: TrainingConfig, device: torch.device
+) -> torch.Tensor:
+    """Each param group's lr at every schedule step 0..max_steps (groups x steps), the
+    scheduler's own product ``base_lr * lr_factor(step)``, on ``device``: the lr of an update
+    the host cannot know (the spike guard may have skipped updates since the host last read).
+    float64 where the fused AdamW kernel reads a tensor lr as a double (CPU: the same update as
+    the float lr); its CUDA kernel reads a float32 one, the lr rounded to float32."""
+    dtype = torch.float64 if device.type == "cpu" else torch.float32
+    steps = range(cfg.max_steps + 1)
+    rows = [[base * lr_factor(step, cfg) for step in steps] for base in scheduler.base_lrs]
+    return torch.tensor(rows, dtype=dtype, device=device)
+
+
+def set_schedule_step(scheduler: torch.optim.lr_scheduler.LambdaLR, step: int) -> None:
+    """Put the schedule at ``step`` (its own rule sets every group's lr, as ``step()`` does)."""
+    scheduler.last_epoch = step - 1
+    scheduler.step()
 
 
 def hyperparameters(optimizer: torch.optim.Optimizer) -> list[dict[str, Any]]:

@@ -5,7 +5,6 @@ stop the run) and its events are reported."""
 from __future__ import annotations
 
 import logging
-import math
 from typing import Any
 
 import torch.distributed as dist
@@ -27,25 +26,24 @@ class SpikeResponse:
     :class:`gptexp.training.trainer.Trainer`: it uses the trainer's state, optimizer, scaler,
     checkpoints, distributed context, sinks and run directory."""
 
-    def _guard_admits(self, loss: float, grad_norm: float) -> bool:
-        """Whether the update with these gradients may reach the optimizer. When not, the
-        gradients are dropped and the guard's action is carried out: skip the batch, roll back
-        to the newest valid checkpoint, or stop the run (TrainingDiverged)."""
-        # Every rank decides alike: the gradient norm is already the all-reduced one. With
-        # fp16, an overflowing gradient is the GradScaler's to handle: it skips the step and
-        # lowers its scale, as it always has.
-        loss = self._mean_across_ranks(loss)
-        norm = 0.0 if self.scaler.is_enabled() and math.isfinite(loss) else grad_norm
+    def _guard_admits(self, loss: float, norm: float, grad_norm: float, masked: bool) -> bool:
+        """Whether the update with this loss (the mean across ranks), guard norm and gradient
+        norm is applied, by the host's guard, replaying what the device decided (``masked``:
+        gptexp.training.device_guard; the optimizer never saw a masked update). When not, the
+        guard's action is carried out: skip the batch, roll back to the newest valid
+        checkpoint, or stop the run (TrainingDiverged)."""
+        # Every rank decides alike: the loss is the mean, the gradient norm the all-reduced one.
         action, cause = self.state.guard.judge(loss, norm)
+        if (action != APPLY) != masked:
+            raise RuntimeError(
+                f"the spike guard on the device and on the host disagree at step "
+                f"{self.state.step + 1} (loss {loss!r}, norm {norm!r}): please report this"
+            )
         if action == APPLY:
             return True
         target = self._rollback_target() if action == ROLLBACK else None
         if action == ROLLBACK and target is None:
             action = self.state.guard.without_checkpoint()  # nothing to roll back to: skip
-        self.optimizer.zero_grad(set_to_none=True)
-        if self.scaler.is_enabled():
-            # Close the scaler's iteration (unscale_ was called) without changing its scale.
-            self.scaler.update(new_scale=self.scaler.get_scale())
         event = {
             "step": self.state.step + 1,
             "batch": self.state.data_step,

@@ -3,9 +3,18 @@ happens around it (train, log, evaluate, sample, keep the best, save, report).
 
 ``step`` counts completed updates: the checkpoint of step s holds the state after s updates,
 and resuming from it continues with update s + 1 on exactly the batches and random numbers the
-uninterrupted run would have used. The life of the run around the loop (lock, run.json, which
-checkpoint to resume, W&B) is :mod:`gptexp.run.session`'s; what the trainer does when its
-spike guard refuses an update is :mod:`gptexp.training.spikes`'.
+uninterrupted run would have used.
+
+Nothing is read back from the device in a step that neither logs, evaluates, samples nor
+saves: losses and gradient norms stay on the device, where the spike guard decides each update
+(gptexp.training.device_guard), and the host counts every attempt as applied. At a *sync step*
+(one the host's count says logs, evaluates, samples, saves, ends the run, or a signal stops) it
+reads the attempts since the last one at once (:meth:`Trainer.sync`), corrects its count to the
+truth and records the guard's events at their exact steps.
+
+The life of the run around the loop (lock, run.json, which checkpoint to resume, W&B) is
+:mod:`gptexp.run.session`'s; what the trainer does when its spike guard refuses an update is
+:mod:`gptexp.training.spikes`'.
 """
 
 from __future__ import annotations
@@ -14,7 +23,7 @@ import contextlib
 import logging
 import math
 from collections.abc import Collection, Sequence
-from typing import Any, Protocol
+from typing import Any, NamedTuple, Protocol
 
 import torch
 import torch.distributed as dist
@@ -46,6 +55,8 @@ from gptexp.observe.metrics import (
 )
 from gptexp.observe.rundir import RunDirectory
 from gptexp.training.compile_policy import compile_options, should_compile
+from gptexp.training.device_guard import DeviceGuard, masked_step
+from gptexp.training.guard import ROLLBACK, SKIP
 from gptexp.training.mfu import (
     Peak,
     ThroughputWindow,
@@ -59,6 +70,8 @@ from gptexp.training.optim import (
     build_optimizer,
     build_scheduler,
     hyperparameters,
+    lr_table,
+    set_schedule_step,
 )
 from gptexp.training.parallel import (
     is_named_layout,
@@ -91,6 +104,22 @@ log = logging.getLogger(__name__)
 
 class MetricsSink(Protocol):
     def log(self, record: dict[str, Any]) -> None: ...
+
+
+class Attempt(NamedTuple):
+    """An update not yet read back: its batch index and, on the device, (this rank's loss,
+    the loss's mean across ranks, gradient norm, the norm the guard judged, masked)."""
+
+    batch: int
+    record: torch.Tensor
+
+
+class Logged(NamedTuple):
+    """The last applied update's figures, read back: what a logged step reports."""
+
+    own_loss: float  # this rank's (the monitored metric when checkpoint.monitor=train/loss)
+    loss: float  # the mean across ranks: train/loss
+    grad_norm: float
 
 
 class Trainer(SpikeResponse):
@@ -134,6 +163,11 @@ class Trainer(SpikeResponse):
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=t.precision == "fp16")
         self.checkpoints = run_checkpoints(run, cfg.checkpoint)
         self.state = TrainState.fresh(t.guard)  # a resumed run's is its checkpoint's
+        self.device_guard = DeviceGuard(t.guard, self.device)
+        self.pending: list[Attempt] = []  # attempts not yet read back (see sync)
+        self.window_start = (0, 0, 0)  # (step, tokens_seen, schedule step) before them
+        self._lr_table: torch.Tensor | None = None  # guard.action=skip: lr by schedule step
+        self.last_update = Logged(math.nan, math.nan, math.nan)
         if resume_state is not None:
             self.load_state(resume_state)
 
@@ -229,6 +263,7 @@ class Trainer(SpikeResponse):
         if saved_world != self.dist.world_size:
             say_world_change(saved_world, self.dist.world_size, self.state.data_order)
         restore_rng_state(state["rng"][self.dist.rank % saved_world])
+        self._lr_table = None  # the configured base lrs, the schedule's max_steps
 
     def restart(self, parts: Collection[str], state: TrainState) -> None:
         """A fork's start (gptexp.run.forking): carry on from ``state``, with ``parts`` of what
@@ -247,18 +282,25 @@ class Trainer(SpikeResponse):
         if "rng" in parts:
             seed_everything(t.seed + self.dist.rank)
         self.state = state
+        self._lr_table = None
 
     # ------------------------------------------------------------------------- one update
 
-    def train_step(self) -> tuple[float, float]:
-        """One optimizer update over ``grad_accum`` micro-batches; returns (loss, grad norm).
+    def train_step(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """One attempt at an optimizer update over ``grad_accum`` micro-batches; returns
+        (loss, grad norm) as device tensors: nothing is read back.
 
         The update trains on the batch of index ``data_step`` (the next one the guard has not
-        put on its skip list); when the guard rejects it, no update happens (``step`` stays,
-        or goes back to a checkpoint's) and the batch is used up all the same."""
+        put on its skip list), which is used up whatever the guard decides. The guard decides
+        on the device; a rejected update is masked there (no parameter, moment or count
+        changes). Until :meth:`sync` reads the attempts back, ``step`` and ``tokens_seen``
+        count this one as applied (the loop syncs after every attempt under
+        ``training.guard.action=rollback``, whose action the host carries out)."""
         t = self.cfg.training
-        total = 0.0
+        if not self.pending:
+            self._open_window()
         self.state.data_step = self.state.guard.next_batch(self.state.data_step)
+        total = torch.zeros((), dtype=self.device_guard.dtype, device=self.device)
         for micro in range(t.grad_accum):
             x, y = train_batch(
                 self.state.data_order,
@@ -278,26 +320,74 @@ class Trainer(SpikeResponse):
                 with self.autocast:
                     _, loss = self.forward_model(x, y)
                 self.scaler.scale(loss / t.grad_accum).backward()
-            total += loss.item()
+            total = total + loss.detach().to(total.dtype)  # in order, as Python's sum was
+        own_loss = total / t.grad_accum
+        loss = self._mean_across_ranks(own_loss)
         self.scaler.unscale_(self.optimizer)
-        grad_norm = (
-            torch.nn.utils.clip_grad_norm_(self.model.parameters(), t.grad_clip).item()
-            if t.grad_clip > 0
-            else torch.nn.utils.get_total_norm(
-                [p.grad for p in self.model.parameters() if p.grad is not None]
-            ).item()
-        )
-        loss = total / t.grad_accum
-        if not self._guard_admits(loss, grad_norm):
-            return loss, grad_norm
-        self.state.data_step += 1
-        self.scaler.step(self.optimizer)
-        self.scaler.update()
+        grad_norm = self._grad_norm().to(total.dtype)
+        lrs = None
+        if t.guard.action == SKIP:  # the schedule step is the device's: skips do not count
+            lrs = self.device_guard.learning_rates(self._learning_rates())
+        masked, norm = self.device_guard.judge(loss, grad_norm, self.scaler.is_enabled())
+        masked_step(self.optimizer, self.scaler, masked, lrs)
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
+        record = torch.stack([own_loss, loss, grad_norm, norm, masked.to(total.dtype)])
+        self.pending.append(Attempt(self.state.data_step, record))
+        self.state.data_step += 1
         self.state.step += 1
         self.state.tokens_seen += self.tokens_per_step
-        return loss, grad_norm
+        return own_loss, grad_norm
+
+    def _grad_norm(self) -> torch.Tensor:
+        """The gradients' total norm (clipped to ``grad_clip`` when it is set), a plain
+        tensor on the device (under FSDP the shards' norms are combined: a DTensor's whole)."""
+        t = self.cfg.training
+        if t.grad_clip > 0:
+            norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), t.grad_clip)
+        else:
+            grads = [p.grad for p in self.model.parameters() if p.grad is not None]
+            norm = torch.nn.utils.get_total_norm(grads)
+        full_tensor = getattr(norm, "full_tensor", None)  # a DTensor (FSDP2)
+        return full_tensor() if full_tensor is not None else norm
+
+    def _learning_rates(self) -> torch.Tensor:
+        if self._lr_table is None:
+            self._lr_table = lr_table(self.scheduler, self.cfg.training, self.device)
+        return self._lr_table
+
+    def _open_window(self) -> None:
+        """The first attempt after a sync: the device guard starts from the host's."""
+        self.window_start = (self.state.step, self.state.tokens_seen, self.scheduler.last_epoch)
+        self.device_guard.load(self.state.guard, self.scheduler.last_epoch)
+
+    def sync(self) -> bool:
+        """Read back the attempts since the last sync (one read), and bring the host to the
+        truth: ``step``, ``tokens_seen`` and the schedule count the applied updates only, the
+        guard replays every decision and records each rejected update's event at its exact
+        step and batch (or stops the run, TrainingDiverged, or rolls back). Returns whether
+        the last attempt was applied (False: nothing to read)."""
+        if not self.pending:
+            return False
+        attempts, self.pending = self.pending, []
+        rows = torch.stack([a.record for a in attempts]).tolist()  # the one read
+        self.state.step, self.state.tokens_seen, schedule_step = self.window_start
+        rollbacks = self.state.guard.rollbacks
+        applied = False
+        for attempt, (own_loss, loss, grad_norm, norm, masked) in zip(attempts, rows, strict=True):
+            self.state.data_step = attempt.batch
+            applied = self._guard_admits(loss, norm, grad_norm, bool(masked))
+            if self.state.guard.rollbacks != rollbacks:
+                return False  # the checkpoint's state is the truth (one attempt: rollback syncs)
+            if applied:
+                self.state.data_step += 1
+                self.state.step += 1
+                self.state.tokens_seen += self.tokens_per_step
+                schedule_step += 1
+                self.last_update = Logged(own_loss, loss, grad_norm)
+        if self.scheduler.last_epoch != schedule_step:  # skipped updates: the schedule waited
+            set_schedule_step(self.scheduler, schedule_step)
+        return applied
 
     # --------------------------------------------------------------- gradients, evaluation, samples
 
@@ -373,17 +463,24 @@ class Trainer(SpikeResponse):
         if self.cfg.checkpoint.on_signal:
             self.stop.install()
         try:
+            synced = True
             while self.state.step < t.max_steps:
-                self._stop_if_requested()
-                before = self.state.step
+                # Under torchrun the ranks agree on a stop at sync steps only (a collective
+                # read); one process looks at its own flag before every update.
+                if synced or not self.dist.enabled:
+                    self._stop_if_requested()
                 with self.window.timing(self.tokens_per_step, updates=1):
-                    loss, grad_norm = self.train_step()
-                if self.state.step <= before:
-                    continue  # the guard dropped the update or rolled back (see train_step)
+                    self.train_step()
                 self._prepare_save_buffers()
+                synced = self._sync_due(self.state.step)
+                if not synced:
+                    continue  # nothing is read back: the host counts the update as applied
+                with self.window.timing():
+                    if not self.sync():
+                        continue  # the guard dropped the last update or rolled back
                 final = self.state.step == t.max_steps
-                record = self._train_record(loss, grad_norm, final)
-                metric = self._evaluate_if_due(record, loss, final)
+                record = self._train_record(self.last_update, final)
+                metric = self._evaluate_if_due(record, self.last_update.own_loss, final)
                 self._log(record)
                 self._sample_if_due(final)
                 self._track_best(metric)
@@ -416,8 +513,25 @@ class Trainer(SpikeResponse):
             plural(torch.get_num_threads(), "thread"),
         )
 
+    def _sync_due(self, step: int) -> bool:
+        """Whether the host reads the device back after the update the host counts as
+        ``step``: it may log, evaluate, sample, save or end the run there (the step the host
+        counts is never behind the true one, so no such step passes unread), and under
+        ``rollback`` after every update. Every rank decides alike (they agree on a stop
+        there)."""
+        t = self.cfg.training
+        final = step >= t.max_steps
+        return (
+            t.guard.action == ROLLBACK
+            or self._logs(step, final)
+            or self._evaluates(step, final)
+            or self._samples(step, final)
+            or bool(self.checkpoints.wants(step, None, final))
+        )
+
     def _stop_if_requested(self) -> None:
-        """Every rank stops at the same step: one rank's signal is everyone's."""
+        """Every rank stops at the same step: one rank's signal is everyone's. The attempts
+        not yet read back are read first: the checkpoint is of the true step."""
         requested = self.stop.signame is not None
         if self.dist.enabled:
             flag = torch.tensor([int(requested)], device=self.device)
@@ -427,6 +541,7 @@ class Trainer(SpikeResponse):
             requested = bool(flag.item())
         if not requested:
             return
+        self.sync()
         if self.cfg.checkpoint.enabled:
             state = self.state_dict(None)
             if self.dist.is_main or self.checkpoints.collective:
@@ -437,14 +552,25 @@ class Trainer(SpikeResponse):
             self.stop.signame or "signal", self.state.step, str(self.run.path), self.dist.world_size
         )
 
-    def _train_record(self, loss: float, grad_norm: float, final: bool) -> dict[str, Any]:
+    def _logs(self, step: int, final: bool) -> bool:
+        return final or step % self.cfg.training.log_every == 0
+
+    def _evaluates(self, step: int, final: bool) -> bool:
+        every = self.cfg.training.eval_every
+        return final or bool(every and step % every == 0)
+
+    def _samples(self, step: int, final: bool) -> bool:
+        every = self.cfg.training.sample_every
+        return final or bool(every and step % every == 0)
+
+    def _train_record(self, logged: Logged, final: bool) -> dict[str, Any]:
         """The step's record: training metrics on logging steps (and the last one)."""
         record: dict[str, Any] = {STEP: self.state.step}
-        if self.state.step % self.cfg.training.log_every and not final:
+        if not self._logs(self.state.step, final):
             return record
         tokens_per_s, step_seconds = self.window.take()
         self.tokens_per_s.append(tokens_per_s)
-        self.last_train_loss = self._mean_across_ranks(loss)
+        self.last_train_loss = logged.loss
         if self.peak is not None and self.peak.flops is not None:
             record[MFU] = mfu(
                 tokens_per_s, self.flops_per_token, self.peak.flops, self.dist.world_size
@@ -452,7 +578,7 @@ class Trainer(SpikeResponse):
         return record | {
             TRAIN_LOSS: self.last_train_loss,
             LR: self.scheduler.get_last_lr()[0],
-            GRAD_NORM: grad_norm,
+            GRAD_NORM: logged.grad_norm,
             TOKENS: self.state.tokens_seen,
             TOKENS_PER_S: tokens_per_s,
             STEP_SECONDS: step_seconds,
@@ -460,17 +586,13 @@ class Trainer(SpikeResponse):
 
     def _evaluate_if_due(self, record: dict[str, Any], loss: float, final: bool) -> float | None:
         """Evaluate at eval_every and at the last step; returns the monitored metric then."""
-        every = self.cfg.training.eval_every
-        if not (final or (every and self.state.step % every == 0)):
+        if not self._evaluates(self.state.step, final):
             return None
         self.last_val_loss = record[VAL_LOSS] = self.evaluate()
         return self.last_val_loss if self.cfg.checkpoint.monitor == VAL_LOSS else loss
 
     def _sample_if_due(self, final: bool) -> None:
-        every = self.cfg.training.sample_every
-        if (self.dist.is_main or self.sharded) and (
-            final or (every and self.state.step % every == 0)
-        ):
+        if (self.dist.is_main or self.sharded) and self._samples(self.state.step, final):
             self.write_sample()
 
     def _track_best(self, metric: float | None) -> None:
@@ -526,12 +648,13 @@ class Trainer(SpikeResponse):
             for sink in self.sinks:
                 sink.log(record)
 
-    def _mean_across_ranks(self, value: float) -> float:
+    def _mean_across_ranks(self, value: torch.Tensor) -> torch.Tensor:
+        """The mean of a 0-d float64 tensor across ranks, on the device (no read)."""
         if not self.dist.enabled:
             return value
-        tensor = torch.tensor([value], dtype=torch.float64, device=self.device)
+        tensor = value.reshape(1).clone()
         dist.all_reduce(tensor)
-        return tensor.item() / self.dist.world_size
+        return tensor.reshape(()) / self.dist.world_size
 
     # ------------------------------------------------------------------------- the end
 

@@ -1,0 +1,391 @@
+"""No host read of a tensor in a step that neither logs, evaluates, samples nor saves, and the
+spike guard decided on the device (issue 20): reads are counted from the test side
+(tests/host_reads.py patches torch.Tensor's read methods and counts the calls made from
+gptexp's files), spikes are forced from the test side too."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import gptexp.training.trainer as trainer_module
+from gptexp.core.config import GuardConfig
+from gptexp.core.errors import TrainingDiverged, TrainingInterrupted
+from gptexp.data.batches import sample_batch
+from gptexp.training.device_guard import DeviceGuard, masked_step
+from gptexp.training.guard import APPLY, SKIP, STOP, SpikeGuard
+from gptexp.training.optim import AdamW, lr_factor
+from gptexp.training.scoring import evaluate_loss
+from tests import spiking_launcher
+from tests.conftest import (
+    FAST,
+    ROOT,
+    compose_config,
+    make_trainer,
+    read_metrics,
+    subprocess_env,
+)
+from tests.host_reads import ReadCounter
+from tests.test_guard import events, manager, spiking, status
+
+# Logs every 5 steps, evaluates (and saves the best) every 10, the last checkpoint at 20: the
+# trainer reads back after steps 5, 10, 15 and 20 only.
+WINDOWED = ["training.log_every=5", "training.eval_every=10"]
+SYNC_STEPS = [5, 10, 15, 20]
+
+
+@pytest.fixture
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def counted_fit(tmp_path, monkeypatch, *overrides: str):
+    """A FAST run in this process, windowed, with its host reads counted."""
+    cfg = compose_config([*FAST, *WINDOWED, *overrides])
+    (tmp_path / "run").mkdir()
+    trainer = make_trainer(cfg, tmp_path / "run")
+    counter = ReadCounter()
+    counter.install(monkeypatch.setattr)
+    trainer.fit()
+    return counter, trainer
+
+
+def force_losses(monkeypatch, factors: dict[int, float]) -> None:
+    """Multiply the training loss of the batches of index ``factors`` in this process."""
+    spiking_launcher.install(factors, monkeypatch.setattr)
+
+
+# ----------------------------------------------------------------------------- host reads
+
+
+@pytest.mark.parametrize(
+    ("action", "grad_accum", "precision"),
+    [("off", 1, "fp32"), ("skip", 1, "fp32"), ("off", 2, "fp32"), ("skip", 2, "fp32")]
+    + [("skip", 2, "bf16")],  # (fp16 needs CUDA: its GradScaler path is tested below)
+)
+def test_an_unlogged_step_reads_nothing_back(
+    tmp_path, monkeypatch, one_thread, action, grad_accum, precision
+):
+    overrides = [f"training.guard.action={action}", f"training.grad_accum={grad_accum}"]
+    overrides.append(f"training.precision={precision}")
+    counter, trainer = counted_fit(tmp_path, monkeypatch, *overrides)
+    assert counter.attempts == 20 and trainer.state.step == 20
+    assert counter.synced == SYNC_STEPS
+    assert counter.unsynced_reads() == []
+    # A sync step reads its window back once (the rest: logging, evaluation, the checkpoint).
+    for step in SYNC_STEPS:
+        drains = [
+            r
+            for r in counter.reads_after(step)
+            if r["where"].startswith("training/trainer.py") and r["method"] == "tolist"
+        ]
+        assert len(drains) == 1, counter.reads_after(step)
+
+
+def test_an_evaluation_reads_its_losses_back_once(tmp_path, monkeypatch):
+    cfg = compose_config(FAST)
+    (tmp_path / "run").mkdir()
+    trainer = make_trainer(cfg, tmp_path / "run")
+    counter = ReadCounter()
+    counter.install(monkeypatch.setattr)
+    model, tokens, block_size = trainer.model, trainer.corpus.val, cfg.model.block_size
+    loss = evaluate_loss(
+        model, tokens, block_size=block_size, batch_size=2, seed=0, split="val", batches=3,
+        device=trainer.device,
+    )  # fmt: skip
+    assert [r["method"] for r in counter.reads] == ["tolist"]
+    # the same number as a read per batch, summed in batch order
+    batches = [sample_batch(tokens, block_size, 2, seed=0, split="val", step=i) for i in range(3)]
+    model.eval()
+    with torch.no_grad():
+        each = [model(x, y)[1].item() for x, y in batches]
+    assert loss == sum(each) / 3
+
+
+# ----------------------------------------------------------------------------- the guard
+
+
+def test_the_device_guard_decides_as_the_host_guard_bit_for_bit():
+    nan, inf = math.nan, math.inf
+    losses = [3.0, 2.9, 30.0, 2.8, nan, 2.7, 2.75, 11.5, 12.0, 13.0, 14.0, 2.6, 9.5, 2.5, inf]
+    norms = [0.5, 0.4, 0.6, 0.5, 0.5, inf, 0.3, 0.2, 0.2, 0.2, 0.2, 0.1, 0.1, 0.1, 0.1]
+    for cfg in (
+        GuardConfig(action="skip", warmup=2, ema_decay=0.7, max_skips=3),
+        GuardConfig(action="skip", warmup=0, atol=10.0, max_skips=1),
+        GuardConfig(action="off", warmup=0),
+    ):
+        host, device = SpikeGuard(cfg), DeviceGuard(cfg, torch.device("cpu"))
+        device.load(host, epoch=7)
+        for n, (loss, norm) in enumerate(zip(losses, norms, strict=True)):
+            masked, _ = device.judge(
+                torch.tensor(loss, dtype=torch.float64),
+                torch.tensor(norm, dtype=torch.float64),
+                False,
+            )
+            action, cause = host.judge(loss, norm)
+            if action == SKIP:
+                host.record({"action": SKIP})
+            assert bool(masked) == (action != APPLY), (cfg, n)
+            if action == STOP:
+                assert bool(device.halted) and cfg.action in ("off", "skip")
+                break
+            assert not bool(device.halted)
+            assert bool(device.has_average) == (host.average is not None)
+            if host.average is not None:
+                assert device.average.item() == host.average  # bit for bit
+            assert int(device.accepted) == host.accepted
+            assert int(device.skips_in_a_row) == host.skips_in_a_row
+        else:
+            pytest.fail(f"{cfg} never stopped")
+        assert int(device.epoch) == 7 + host.accepted
+        # once halted, nothing changes and every later update is masked
+        before = (device.average.item(), int(device.accepted), int(device.epoch))
+        masked, _ = device.judge(torch.tensor(1.0, dtype=torch.float64), torch.tensor(0.1), False)
+        assert bool(masked) and before == (
+            device.average.item(),
+            int(device.accepted),
+            int(device.epoch),
+        )
+
+
+def test_skip_masks_on_the_device_and_the_host_records_the_exact_steps(
+    tmp_path, monkeypatch, one_thread
+):
+    # batch 7 NaN (the update of step 8), batch 12 a spike (step 12: one skip before it),
+    # both inside windows that are read back only at steps 10 and 15
+    force_losses(monkeypatch, {7: math.nan, 12: 100.0})
+    seen: list[tuple[torch.Tensor, torch.Tensor]] = []
+    unchanged: list[bool] = []
+    step, original = trainer_module.Trainer.train_step, trainer_module.masked_step
+
+    def keep(trainer):
+        seen.append(step(trainer))
+        return seen[-1]
+
+    def watched(optimizer, scaler, masked, lrs):
+        before = [p.detach().clone() for p in optimizer_tensors(optimizer)]
+        original(optimizer, scaler, masked, lrs)
+        after = optimizer_tensors(optimizer)
+        unchanged.append(all(torch.equal(a, b) for a, b in zip(before, after, strict=True)))
+
+    monkeypatch.setattr(trainer_module.Trainer, "train_step", keep)
+    monkeypatch.setattr(trainer_module, "masked_step", watched)
+    guard = ["training.guard.action=skip", "training.guard.warmup=5"]
+    counter, trainer = counted_fit(tmp_path, monkeypatch, *guard)
+    assert counter.unsynced_reads() == []
+    assert counter.attempts == 22 and trainer.state.step == 20 and trainer.state.data_step == 22
+    # The host counts every attempt as applied and reads back where its count is due: after
+    # attempts 5, 10 (truly step 9: read again at the next), 11, 16 (truly 14), 17, 22.
+    assert counter.synced == [5, 10, 11, 16, 17, 22]
+    recorded = [(e["step"], e["batch"], e["cause"]) for e in trainer.state.guard.events]
+    assert recorded == [(8, 7, "nonfinite"), (12, 12, "rtol")]
+    assert trainer.state.guard.skipped == [[7, 7], [12, 12]]
+    # The masked updates changed no parameter, moment or step count; every other one did.
+    assert [n for n, same in enumerate(unchanged, start=1) if same] == [8, 13]
+    assert trainer.scheduler.last_epoch == 20
+    # The pure-Python guard on the same losses makes the same decisions.
+    replay = SpikeGuard(trainer.cfg.training.guard)
+    for n, (loss, norm) in enumerate(seen, start=1):
+        action, cause = replay.judge(float(loss), float(norm))
+        if action == SKIP:
+            replay.record({"action": SKIP})
+        assert (action == SKIP) == (n in (8, 13)), n
+    assert replay.average == trainer.state.guard.average
+    assert replay.accepted == trainer.state.guard.accepted == 20
+
+
+@pytest.mark.parametrize("case", ["rejected", "overflow", "applied"])
+def test_the_masked_step_keeps_the_grad_scaler_as_the_host_did(case):
+    """fp16 (a GradScaler on the CPU here): a guard rejection leaves the parameters, the
+    optimizer state, the scale and the growth tracker as they were; the scaler's own overflow
+    masks the update and backs its scale off; an applied update grows it (interval 1)."""
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 2)
+    optimizer = AdamW(model.parameters(), lr=1e-2, fused=True)
+    scaler = torch.amp.GradScaler("cpu", init_scale=1024.0, growth_interval=1)
+    for _ in range(2):  # a first update: the moments exist
+        scaler.scale(model(torch.randn(3, 4)).sum()).backward()
+        scaler.unscale_(optimizer)
+        masked_step(optimizer, scaler, torch.tensor(False), None)
+        optimizer.zero_grad()
+    scale, tracker = scaler._scale.clone(), scaler._growth_tracker.clone()
+    before = [t.clone() for t in optimizer_tensors(optimizer)]
+    scaler.scale(model(torch.randn(3, 4)).sum()).backward()
+    if case == "overflow":
+        model.weight.grad[0, 0] = math.inf
+    scaler.unscale_(optimizer)
+    masked_step(optimizer, scaler, torch.tensor(case == "rejected"), None)
+    after = optimizer_tensors(optimizer)
+    same = all(torch.equal(a, b) for a, b in zip(before, after, strict=True))
+    assert same == (case != "applied")
+    expected_scale = {"rejected": scale, "overflow": scale / 2, "applied": scale * 2}[case]
+    assert torch.equal(scaler._scale, expected_scale)
+    if case == "rejected":
+        assert torch.equal(scaler._growth_tracker, tracker)
+    assert not hasattr(optimizer, "found_inf") and not hasattr(optimizer, "grad_scale")
+
+
+def test_a_stop_inside_a_window_saves_the_true_step_and_resumes_bit_identical(
+    tmp_path, monkeypatch, one_thread
+):
+    """A signal while three updates are unread (after step 10's sync), the second of them
+    skipped (NaN): the checkpoint is of the true step (12, next batch 13) with the event
+    recorded, and the resumed run ends where the uninterrupted one does."""
+    force_losses(monkeypatch, {11: math.nan})
+    overrides = [*FAST, *WINDOWED, "training.guard.action=skip", "training.guard.warmup=5"]
+    cfg = compose_config(overrides)
+    straight_dir, stopped_dir = tmp_path / "straight", tmp_path / "stopped"
+    straight_dir.mkdir(), stopped_dir.mkdir()
+    straight = make_trainer(cfg, straight_dir)
+    straight.fit()
+
+    stopped = make_trainer(cfg, stopped_dir)
+    check = stopped._stop_if_requested
+
+    def signal_before_the_14th_attempt():
+        if stopped.state.data_step == 13:  # batches 10, 11 (skipped) and 12 unread
+            assert len(stopped.pending) == 3
+            stopped.stop.signame = "SIGTERM"
+        check()
+
+    monkeypatch.setattr(stopped, "_stop_if_requested", signal_before_the_14th_attempt)
+    with pytest.raises(TrainingInterrupted, match="at step 12"):
+        stopped.fit()
+    saved = manager(stopped_dir).load(manager(stopped_dir).find("last"))
+    assert (saved["step"], saved["data_step"]) == (12, 13)
+    assert [(e["step"], e["batch"]) for e in saved["guard"]["events"]] == [(12, 11)]
+    schedule = cfg.training  # the lr of update 13, the one after the true step
+    assert saved["optimizer"]["param_groups"][0]["lr"] == schedule.lr * lr_factor(12, schedule)
+
+    resumed = make_trainer(cfg, stopped_dir, state=saved)
+    resumed.fit()
+    ends = [
+        t.state.to_dict() | {"wandb_id": None, "guard": t.state.guard.report()}
+        for t in (resumed, straight)
+    ]
+    assert ends[0] == ends[1]  # (report: an event's NaN loss is None there)
+    assert resumed.state.guard.average == straight.state.guard.average
+    for key, tensor in straight.model.state_dict().items():
+        assert torch.equal(resumed.model.state_dict()[key], tensor), key
+
+
+def optimizer_tensors(optimizer: torch.optim.Optimizer) -> list[torch.Tensor]:
+    tensors = [p for group in optimizer.param_groups for p in group["params"]]
+    for state in optimizer.state.values():
+        tensors += [value for value in state.values() if isinstance(value, torch.Tensor)]
+    return tensors
+
+
+def test_skip_trains_the_schedule_of_the_true_step(tmp_path, monkeypatch, one_thread):
+    """After a skipped update the lr of the next one is the schedule's at the true step
+    (read from the device's table), as a run that logs every step gets it."""
+    force_losses(monkeypatch, {3: math.nan})
+    lrs: list[float] = []
+    original = trainer_module.masked_step
+
+    def watched(optimizer, scaler, masked, rates):
+        lrs.append(rates[0].item())
+        original(optimizer, scaler, masked, rates)
+
+    monkeypatch.setattr(trainer_module, "masked_step", watched)
+    _, windowed = counted_fit(tmp_path, monkeypatch, "training.guard.action=skip")
+    cfg = windowed.cfg.training
+    expected = [cfg.lr * lr_factor(s, cfg) for s in range(4)]
+    expected += [cfg.lr * lr_factor(s, cfg) for s in range(3, 20)]
+    assert lrs == expected
+    stored = windowed.optimizer.state_dict()["param_groups"][0]["lr"]
+    assert type(stored) is float and stored == cfg.lr * lr_factor(20, cfg)  # on disk as ever
+
+
+def test_skip_without_a_spike_trains_what_off_trains(tmp_path, one_thread):
+    """skip's lr is a tensor from the device's table, off's the scheduler's float: the same
+    updates, bit for bit."""
+    trained = []
+    for action in ("off", "skip"):
+        cfg = compose_config([*FAST, *WINDOWED, f"training.guard.action={action}"])
+        (tmp_path / action).mkdir()
+        trainer = make_trainer(cfg, tmp_path / action)
+        trainer.fit()
+        trained.append(trainer.model.state_dict())
+    for key, tensor in trained[0].items():
+        assert torch.equal(trained[1][key], tensor), key
+
+
+def test_with_the_guard_off_a_nonfinite_update_fails_the_run_at_its_step(tmp_path):
+    # Read back every 3 steps: the NaN of step 8 is found at step 9, nothing is saved after 5.
+    run_dir = tmp_path / "run"
+    overrides = ["training.log_every=3", "checkpoint.every_steps=5"]
+    result = spiking("7:nan", run_dir, *overrides, cwd=tmp_path)
+    assert result.returncode == 1, result.stderr
+    assert "NaN or inf" in result.stderr and "at step 8 (batch 7)" in result.stderr
+    assert "the last valid checkpoint is step 5" in result.stderr
+    assert status(run_dir)["status"] == "failed"
+    (stop,) = events(run_dir)
+    assert (stop["step"], stop["batch"], stop["action"]) == (8, 7, "stop")
+    assert [e.step for e in manager(run_dir).entries()] == [5]
+    logged = [r["step"] for r in read_metrics(run_dir) if "train/loss" in r]
+    assert logged == [3, 6]
+
+
+def test_rollback_reads_back_every_step_though_it_logs_every_fifth(tmp_path):
+    run_dir = tmp_path / "run"
+    guard = ["training.guard.action=rollback", "training.guard.warmup=5"]
+    overrides = [*guard, "checkpoint.every_steps=5", "training.log_every=5"]
+    result = spiking("13:100", run_dir, *overrides, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "rolled back to checkpoint step_0000010.pt; batches 10..13 are skipped" in result.stderr
+    (event,) = events(run_dir)
+    assert (event["step"], event["batch"], event["to_step"]) == (14, 13, 10)
+    assert [r["step"] for r in read_metrics(run_dir) if "train/loss" in r] == SYNC_STEPS
+
+
+def test_the_host_stops_when_the_device_halted_under_off(tmp_path, monkeypatch, one_thread):
+    force_losses(monkeypatch, {2: math.inf})
+    with pytest.raises(TrainingDiverged, match=r"at step 3 \(batch 2\)"):
+        counted_fit(tmp_path, monkeypatch, "checkpoint.enabled=false")
+
+
+# ----------------------------------------------------------------------------- torchrun
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
+def test_two_ranks_read_nothing_back_in_an_unlogged_step(tmp_path, parallel):
+    out = tmp_path / "reads"
+    run_dir = tmp_path / "run"
+    launcher = [str(ROOT / "tests" / "host_reads.py"), str(out), "gptexp.train"]
+    # rank 0 alone writes samples: the ranks still read back (and agree on a stop) alike
+    overrides = [*FAST, *WINDOWED, "training.grad_accum=2", "training.guard.action=skip"]
+    overrides.append("training.sample_every=4")
+    if parallel == "fsdp":
+        overrides.append("training.parallel=fsdp")
+    result = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+        + [*launcher, *overrides, f"hydra.run.dir={run_dir}"],
+        cwd=ROOT,
+        env=subprocess_env(),
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
+    assert json.loads((run_dir / "run.json").read_text())["status"] == "finished", result.stderr
+    for rank in (0, 1):
+        counter = ReadCounter()
+        recorded = json.loads((tmp_path / f"reads.{rank}.json").read_text())
+        counter.attempts, counter.synced, counter.reads = (
+            recorded["attempts"],
+            recorded["synced"],
+            recorded["reads"],
+        )
+        assert counter.attempts == 20 and counter.synced == [4, 5, 8, 10, 12, 15, 16, 20]
+        assert counter.unsynced_reads() == [], rank
+    logged = [r["step"] for r in read_metrics(run_dir) if "train/loss" in r]
+    assert logged == SYNC_STEPS
