@@ -9,6 +9,7 @@ import torch
 
 from gptexp.data.batches import train_batch
 from gptexp.data.prefetch import Prefetcher
+from tests.conftest import FAST, compose_config, make_trainer
 
 TOKENS = torch.arange(5000, dtype=torch.long) % 97
 BLOCK, BATCH, SEED = 16, 4, 1337
@@ -84,3 +85,24 @@ def test_on_cuda_the_batches_arrive_on_the_device_unchanged():
         taken = prefetcher.take(index)
         assert all(x.device.type == "cuda" and y.device.type == "cuda" for x, y in taken)
         assert_batches_of([(x.cpu(), y.cpu()) for x, y in taken], 2, 2, index)
+
+
+@pytest.mark.parametrize("grad_accum", [1, 2])
+def test_the_trainer_takes_every_batch_it_prefetched(tmp_path, monkeypatch, grad_accum):
+    """Each update after the first trains on the batches prefetched during the one before;
+    a rollback-free run builds each batch once (plus the one after the last update)."""
+    built: list[int] = []
+    build = Prefetcher._build
+
+    def counting_build(self, index):
+        built.append(index)
+        return build(self, index)
+
+    monkeypatch.setattr(Prefetcher, "_build", counting_build)
+    cfg = compose_config([*FAST, f"training.grad_accum={grad_accum}"])
+    (tmp_path / "run").mkdir()
+    trainer = make_trainer(cfg, tmp_path / "run")
+    trainer.fit()
+    steps = cfg.training.max_steps
+    assert trainer.state.step == steps
+    assert built == list(range(steps + 1))

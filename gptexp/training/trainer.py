@@ -36,6 +36,7 @@ from gptexp.core.errors import TrainingInterrupted
 from gptexp.data.batches import train_batch
 from gptexp.data.cache import cache_dir
 from gptexp.data.corpus import Corpus
+from gptexp.data.prefetch import Prefetcher
 from gptexp.model.gpt import GPT
 from gptexp.observe.metrics import (
     FINAL_TRAIN_LOSS,
@@ -164,6 +165,7 @@ class Trainer(SpikeResponse):
         self.checkpoints = run_checkpoints(run, cfg.checkpoint)
         self.state = TrainState.fresh(t.guard)  # a resumed run's is its checkpoint's
         self.device_guard = DeviceGuard(t.guard, self.device)
+        self.batches = Prefetcher(self._make_batch, t.grad_accum, self.device)
         self.pending: list[Attempt] = []  # attempts not yet read back (see sync)
         self.window_start = (0, 0, 0)  # (step, tokens_seen, schedule step) before them
         self._lr_table: torch.Tensor | None = None  # guard.action=skip: lr by schedule step
@@ -264,6 +266,7 @@ class Trainer(SpikeResponse):
             say_world_change(saved_world, self.dist.world_size, self.state.data_order)
         restore_rng_state(state["rng"][self.dist.rank % saved_world])
         self._lr_table = None  # the configured base lrs, the schedule's max_steps
+        self.batches.discard()  # the data position (and order) are the checkpoint's
 
     def restart(self, parts: Collection[str], state: TrainState) -> None:
         """A fork's start (gptexp.run.forking): carry on from ``state``, with ``parts`` of what
@@ -283,6 +286,7 @@ class Trainer(SpikeResponse):
             seed_everything(t.seed + self.dist.rank)
         self.state = state
         self._lr_table = None
+        self.batches.discard()
 
     # ------------------------------------------------------------------------- one update
 
@@ -301,20 +305,7 @@ class Trainer(SpikeResponse):
             self._open_window()
         self.state.data_step = self.state.guard.next_batch(self.state.data_step)
         total = torch.zeros((), dtype=self.device_guard.dtype, device=self.device)
-        for micro in range(t.grad_accum):
-            x, y = train_batch(
-                self.state.data_order,
-                self.corpus.train,
-                self.cfg.model.block_size,
-                t.batch_size,
-                seed=t.seed,
-                step=self.state.data_step,
-                rank=self.dist.rank,
-                micro=micro,
-                grad_accum=t.grad_accum,
-                world_size=self.dist.world_size,
-            )
-            x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+        for micro, (x, y) in enumerate(self.batches.take(self.state.data_step)):
             last = micro == t.grad_accum - 1
             with self._gradient_sync(last):
                 with self.autocast:
@@ -337,7 +328,27 @@ class Trainer(SpikeResponse):
         self.state.data_step += 1
         self.state.step += 1
         self.state.tokens_seen += self.tokens_per_step
+        # The next update's batches, built while the device works through this one's kernels
+        # (on CUDA copied from pinned memory without waiting); a rollback or the guard's skip
+        # list may move the index, and take() then builds the right ones.
+        self.batches.prefetch(self.state.guard.next_batch(self.state.data_step))
         return own_loss, grad_norm
+
+    def _make_batch(self, index: int, micro: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Micro-batch ``micro`` of the update that trains on batch ``index`` (this rank's)."""
+        t = self.cfg.training
+        return train_batch(
+            self.state.data_order,
+            self.corpus.train,
+            self.cfg.model.block_size,
+            t.batch_size,
+            seed=t.seed,
+            step=index,
+            rank=self.dist.rank,
+            micro=micro,
+            grad_accum=t.grad_accum,
+            world_size=self.dist.world_size,
+        )
 
     def _grad_norm(self) -> torch.Tensor:
         """The gradients' total norm (clipped to ``grad_clip`` when it is set), a plain
