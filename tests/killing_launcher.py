@@ -6,15 +6,19 @@ start-up (the test side's fault injection; the product has no hook for it).
 WHERE ``before-claim``: job JOB dies after Hydra made its directory, before the job claims it.
 WHERE ``before-training``: job JOB dies after claiming its run, while the corpus is prepared.
 JOB is the job directory's name (Hydra's job number).
+WHERE ``pbt-record``: the PBT sweeper dies while it writes pbt.json for the JOB-th time (its
+temporary file half written, before the rename).
 """
 
 from __future__ import annotations
 
+import json
 import os
 import runpy
 import signal
 import sys
 
+import gptexp.run.pbt_sweeper as pbt
 import gptexp.run.starts as starts
 import gptexp.run.sweep as sweep
 
@@ -43,6 +47,19 @@ if __name__ == "__main__":
             return corpus(cfg, run, *args, **kwargs)
 
         starts.run_corpus = run_corpus
+    elif where == "pbt-record":
+        writes = []
+        write = pbt.atomic_write_json
+
+        def atomic_write_json(path, obj):
+            writes.append(path)
+            if len(writes) == int(job):
+                data = json.dumps(obj, indent=2).encode()
+                path.with_name(path.name + ".tmp").write_bytes(data[: len(data) // 2])
+                die()
+            write(path, obj)
+
+        pbt.atomic_write_json = atomic_write_json
     else:
         sys.exit(f"unknown point {where!r}")
     sys.argv = [module, *args]
