@@ -6,6 +6,8 @@ start-up (the test side's fault injection; the product has no hook for it).
 WHERE ``before-claim``: job JOB dies after Hydra made its directory, before the job claims it.
 WHERE ``before-training``: job JOB dies after claiming its run, while the corpus is prepared.
 JOB is the job directory's name (Hydra's job number).
+WHERE ``fork-start``: a fork whose run's name begins with JOB dies once its run.json records it,
+before its first checkpoint (the one that holds its start).
 WHERE ``pbt-record``: the PBT sweeper dies while it writes pbt.json for the JOB-th time (its
 temporary file half written, before the rename).
 """
@@ -18,6 +20,7 @@ import runpy
 import signal
 import sys
 
+import gptexp.run.forking as forking
 import gptexp.run.pbt_sweeper as pbt
 import gptexp.run.starts as starts
 import gptexp.run.sweep as sweep
@@ -47,6 +50,15 @@ if __name__ == "__main__":
             return corpus(cfg, run, *args, **kwargs)
 
         starts.run_corpus = run_corpus
+    elif where == "fork-start":
+        after_record = forking.ForkStart.after_record
+
+        def fork_after_record(self, trainer):
+            if trainer.run.path.name.startswith(job):
+                die()
+            after_record(self, trainer)
+
+        forking.ForkStart.after_record = fork_after_record
     elif where == "pbt-record":
         writes = []
         write = pbt.atomic_write_json

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -159,18 +160,23 @@ def test_a_pbt_killed_in_round_1_ends_as_an_uninterrupted_one(reference, tmp_pat
     assert_same_weights(sweep_dir, reference)
 
 
-def test_a_pbt_killed_while_it_writes_pbt_json_ends_as_an_uninterrupted_one(reference, tmp_path):
-    sweep_dir = tmp_path / "sweep"
-    killer = [sys.executable, str(ROOT / "tests" / "killing_launcher.py"), "pbt-record", "2"]
+def killed_at(where: str, which: str, sweep_dir: Path, cwd: Path) -> None:
+    """A PBT launch that SIGKILLs itself at ``where`` (tests/killing_launcher.py)."""
+    killer = [sys.executable, str(ROOT / "tests" / "killing_launcher.py"), where, which]
     killed = subprocess.run(
         [*killer, "gptexp.train", "-m", *FAST, *PBT, f"hydra.sweep.dir={sweep_dir}"],
-        cwd=tmp_path,
+        cwd=cwd,
         env=subprocess_env(),
         capture_output=True,
         text=True,
         timeout=180,
     )
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
+
+
+def test_a_pbt_killed_while_it_writes_pbt_json_ends_as_an_uninterrupted_one(reference, tmp_path):
+    sweep_dir = tmp_path / "sweep"
+    killed_at("pbt-record", "2", sweep_dir, tmp_path)
     assert len(record(sweep_dir)["rounds"]) == 1  # the old pbt.json, and a torn temporary
     assert (sweep_dir / "pbt.json.tmp").is_file()
 
@@ -226,3 +232,36 @@ def test_bad_settings_are_one_line_and_exit_2(tmp_path, override, named):
     errors = [line for line in stderr.splitlines() if "error:" in line]
     assert len(errors) == 1 and named in errors[0], stderr[-3000:]
     assert not list(sweep_dir.glob("r*-m*"))
+
+
+def test_a_fork_member_killed_before_its_first_checkpoint_forks_again(reference, tmp_path):
+    # Round 1's fork has recorded itself in run.json, but holds no checkpoint yet: resumed, it
+    # would start from scratch; it must begin again as the fork of its parent.
+    sweep_dir = tmp_path / "sweep"
+    killed_at("fork-start", "r1-", sweep_dir, tmp_path)
+    (fork,) = sweep_dir.glob("r1-m*")
+    status = json.loads((fork / "run.json").read_text())
+    assert status["parent"]["step"] == STEPS and not checkpointed_steps(fork)
+
+    done = launch(sweep_dir, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert (sweep_dir / "pbt.json").read_text() == (reference / "pbt.json").read_text()
+    assert_same_weights(sweep_dir, reference)
+
+
+def test_a_run_in_a_members_place_that_is_not_its_own_is_named_and_left_as_it_is(
+    reference, tmp_path
+):
+    sweep_dir = tmp_path / "sweep"
+    shutil.copytree(reference / "r0-m1", sweep_dir / "r0-m0")  # another lr than member 0's
+    before = (sweep_dir / "r0-m0" / "run.json").read_bytes()
+    args = ("-m", *FAST, *PBT, f"hydra.sweep.dir={sweep_dir}")
+    code, stderr = call_main(gptexp.train.main, *args, cwd=tmp_path)
+    assert code == 2, stderr[-3000:]
+    errors = [line for line in stderr.splitlines() if "error:" in line]
+    assert (
+        len(errors) == 1
+        and f"{sweep_dir / 'r0-m0'}: not the run of this sweep's member 0" in (errors[0])
+    ), stderr[-3000:]
+    assert (sweep_dir / "r0-m0" / "run.json").read_bytes() == before
+    assert [p.name for p in sweep_dir.iterdir() if p.name.startswith("r")] == ["r0-m0"]

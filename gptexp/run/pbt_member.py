@@ -80,9 +80,10 @@ def pbt_member_job(
 ) -> float:
     """Train member ``job.member`` for its round in ``own`` (see the module docstring).
 
-    A member that fails (bad config, NaN loss, a run that is not its own) is recorded as failed
-    in its run.json when the job may write there, and returns NaN: the sweeper ranks it last.
-    A stop on a signal ends the sweep (exit 130); the same command continues it.
+    A member that fails (bad config, NaN loss, a run in its place that is not its own) returns
+    NaN: the sweeper ranks it last. What went wrong is in the job's log, and in its run.json
+    when the run had started (a run that is not the member's is not written to). A stop on a
+    signal ends the sweep (exit 130); the same command continues it.
     """
     with contextlib.ExitStack() as claim:
         if dist_ctx.is_main:
@@ -95,6 +96,10 @@ def pbt_member_job(
             try:
                 typed = resolve_init_from(to_train_config(cfg), overrides)
                 start = member_start(typed, own, overrides, job)
+            except USER_ERRORS as error:
+                log.error("member %d cannot train: %s", job.member, error)
+                return math.nan
+            try:
                 result = run_training(
                     typed,
                     own,
@@ -105,7 +110,7 @@ def pbt_member_job(
                 )
             except (*USER_ERRORS, FloatingPointError, RunFailed) as error:
                 log.error("member %d failed: %s", job.member, error)
-                if dist_ctx.is_main:
+                if dist_ctx.is_main and own.has_started():
                     own.update_status(status=FAILED, error=str(error), ended=now())
                 return math.nan
     return math.nan if result is None else result
