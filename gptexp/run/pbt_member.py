@@ -36,6 +36,7 @@ from gptexp.observe.lineage import fork_parent
 from gptexp.observe.metrics import config_diff
 from gptexp.observe.rundir import FAILED, RunDirectory, now, stored_config
 from gptexp.run.forking import fork_start
+from gptexp.run.optuna_sweeper import hydra_value
 from gptexp.run.session import overridden_config, reached_step, run_training
 from gptexp.run.starts import Resume, Start, new_run
 from gptexp.training.runtime import Distributed
@@ -95,7 +96,7 @@ def pbt_member_job(
         with command_logging(own.log_file if dist_ctx.is_main else None):
             try:
                 typed = resolve_init_from(to_train_config(cfg), overrides)
-                start = member_start(typed, own, overrides, job)
+                start = member_start(typed, own, job)
             except USER_ERRORS as error:
                 log.error("member %d cannot train: %s", job.member, error)
                 return math.nan
@@ -116,13 +117,11 @@ def pbt_member_job(
     return math.nan if result is None else result
 
 
-def member_start(
-    cfg: TrainConfig, own: RunDirectory, overrides: list[str], job: MemberJob
-) -> Start:
+def member_start(cfg: TrainConfig, own: RunDirectory, job: MemberJob) -> Start:
     """How the member's run goes on this round: a resume when it has a checkpoint; else its
     first start, a new run (round 0) or the fork of its parent."""
     parent = None if job.parent is None else RunDirectory(own.path.parent / job.parent)
-    first = new_run if parent is None else lambda _: exploit(parent, job.step, cfg, overrides)
+    first = new_run if parent is None else lambda _: exploit(parent, job.step, cfg)
     status = own.read_status()
     recorded = status.get("config")
     if not isinstance(recorded, dict):  # it never trained: the member's first start
@@ -131,20 +130,21 @@ def member_start(
     return Resume({"pbt_member": job.member}, instead=first)
 
 
-def exploit(parent: RunDirectory, step: int, cfg: TrainConfig, overrides: list[str]) -> Start:
-    """The start of a fork member's run: the fork of ``parent`` at ``step`` with the member's
-    hyperparameters (the overrides by which its config differs from the parent's). Its config
-    must be the member's own, as Hydra composed it: a difference is a parent that is not this
-    sweep's."""
+def exploit(parent: RunDirectory, step: int, cfg: TrainConfig) -> Start:
+    """The start of a fork member's run: the fork of ``parent`` at ``step`` whose config is the
+    member's, as Hydra composed it; its overrides are the keys in which that differs from the
+    parent's (the hyperparameters, ``max_steps``, and what follows from them, such as a
+    ``min_lr`` that the preset ties to ``lr``)."""
     wanted = config_to_dict(cfg)
-    differ = set(config_diff(stored_config(parent), wanted)) | {MAX_STEPS}
-    changed = [item for item in overrides if item.partition("=")[0] in differ]
+    differ = config_diff(stored_config(parent), wanted)
+    changed = [f"{key}={hydra_value(new)}" for key, (_, new) in differ.items() if key != MAX_STEPS]
+    changed.append(f"{MAX_STEPS}={cfg.training.max_steps}")
     fork_cfg, changes = overridden_config(parent, changed, fork=True)
     mismatch = sorted(config_diff(config_to_dict(fork_cfg), wanted))
     if mismatch:
         raise ConfigError(
-            f"{parent.path}: its config differs from this member's beyond the sweep's "
-            f"hyperparameters ({', '.join(mismatch)}); it is not a run of this sweep"
+            f"{parent.path}: a fork of it cannot have this member's config "
+            f"({', '.join(mismatch)} differ); it is not a run of this sweep"
         )
     return fork_start(parent, str(step), fork_cfg, changes, changed)
 
