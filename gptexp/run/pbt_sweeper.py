@@ -24,6 +24,7 @@ another story than the runs is named in one line and left as it is (exit 2).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -36,6 +37,7 @@ from hydra.core.config_store import ConfigStore
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.core.override_parser.types import IntervalSweep
 from hydra.core.plugins import Plugins
+from hydra.errors import HydraException
 from hydra.plugins.sweeper import Sweeper
 from hydra.types import HydraContext, TaskFunction
 from omegaconf import DictConfig, OmegaConf
@@ -129,16 +131,19 @@ def search_space(
 ) -> tuple[list[Space], list[str]]:
     """The spaces of ``params`` and of the sweeps among the command line's ``arguments``
     (Hydra's grammar, as the Optuna sweeper reads them), and the other arguments (fixed for
-    every member). ConfigError names a key that is not a ``training`` key a fork may change, a
-    bad range, a perturbation of no parameter."""
+    every member; a key given a value there is not searched). ConfigError names a key that is
+    not a ``training`` key a fork may change, a bad range, a perturbation of no parameter."""
     listed = [f"{key}={value}" for key, value in params.items()]
     spaces: dict[str, Space] = {}
     fixed: list[str] = []
     parser = OverridesParser.create()
     for item in [*listed, *arguments]:
-        override = parser.parse_override(item)
-        key = override.get_key_element()
-        if key.lstrip("+~") in (MAX_STEPS, KEEP_EVERY):
+        try:
+            override = parser.parse_override(item)
+        except HydraException as error:
+            raise ConfigError(f"{item!r}: not an override ({str(error).splitlines()[0]})") from None
+        key = override.key_or_group
+        if key in (MAX_STEPS, KEEP_EVERY):
             raise ConfigError(
                 f"{item}: the PBT sweeper sets {key} (rounds x steps_per_round; every round's "
                 "end is kept); set hydra.sweeper.rounds and hydra.sweeper.steps_per_round"
@@ -151,6 +156,7 @@ def search_space(
                     "choice(a, b, ...)"
                 )
             fixed.append(item)
+            spaces.pop(key, None)  # a value given on the command line is not searched
             continue
         check_key(key)
         if key.split(".")[0] != "training":
@@ -165,7 +171,10 @@ def search_space(
             "hydra.sweeper.params={training.lr:'tag(log, interval(1e-4, 3e-2))'} "
             "(experiment=pbt has it)"
         )
+    fixed_keys = {item.partition("=")[0] for item in fixed}
     for key, factors in perturb.items():
+        if key in fixed_keys:
+            continue
         if key not in spaces:
             raise ConfigError(
                 f"hydra.sweeper.perturb.{key}: not a searched parameter ({', '.join(spaces)})"
@@ -175,7 +184,7 @@ def search_space(
                 f"hydra.sweeper.perturb.{key}={list(factors)}: give positive factors, "
                 "e.g. [0.8, 1.25]"
             )
-        spaces[key] = Space(**{**spaces[key].__dict__, "factors": tuple(factors)})
+        spaces[key] = dataclasses.replace(spaces[key], factors=tuple(factors))
     return list(spaces.values()), fixed
 
 
@@ -371,7 +380,7 @@ class PBTSearch(Sweeper):
         self.launcher = Plugins.instance().instantiate_launcher(
             config=config, hydra_context=hydra_context, task_function=task_function
         )
-        self.sweep_dir = Path(config.hydra.sweep.dir).absolute()
+        self.sweep_dir = Path(config.hydra.sweep.dir).resolve()
 
     def sweep(self, arguments: list[str]) -> None:
         run_command(lambda: self.search(arguments))
@@ -390,16 +399,9 @@ class PBTSearch(Sweeper):
     def search(self, arguments: list[str]) -> None:
         self.check()
         spaces, fixed = search_space(self.params, self.perturb, arguments)
-        self.sweep_dir.mkdir(parents=True, exist_ok=True)
-        try:
-            with RunDirectory(self.sweep_dir).lock():
-                self.train_population(spaces, fixed)
-        except RunError as error:
-            if "being trained by a live process" not in str(error):
-                raise
-            raise RunError(
-                f"{self.sweep_dir}: another launch of this sweep is running in it; wait for it"
-            ) from None
+        # One launch at a time: a second one of the same sweep is refused, naming the first.
+        with RunDirectory(self.sweep_dir).lock():
+            self.train_population(spaces, fixed)
 
     def train_population(self, spaces: list[Space], fixed: list[str]) -> None:
         """Every round: plan, check against pbt.json's record of it (if any), train, record."""
