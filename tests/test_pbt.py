@@ -1,7 +1,7 @@
 """gptexp's population-based training sweeper through the real CLI: the same seed gives the same
 population and weights; a launch SIGKILLed in a round's training or in pbt.json's write ends,
 relaunched, as an uninterrupted one; a damaged or foreign pbt.json and bad settings are one
-line and exit 2 (experiment=pbt on the nano model: 4 members, 3 rounds of 4 steps)."""
+line and exit 2 (experiment=pbt on the nano model: 3 members, 3 rounds of 4 steps)."""
 
 from __future__ import annotations
 
@@ -23,7 +23,7 @@ from tests.test_optuna_sweep import checkpointed_steps
 STEPS = 4
 PBT = [
     "experiment=pbt",
-    "hydra.sweeper.population=4",
+    "hydra.sweeper.population=3",
     "hydra.sweeper.rounds=3",
     f"hydra.sweeper.steps_per_round={STEPS}",
     "hydra.sweeper.seed=0",
@@ -73,17 +73,17 @@ def test_the_same_seed_gives_the_same_population_scores_and_weights(reference, t
     pbt = record(reference)
     rounds = pbt["rounds"]
     assert [r["round"] for r in rounds] == [0, 1, 2]
-    assert all([m["member"] for m in r["members"]] == [0, 1, 2, 3] for r in rounds)
+    assert all([m["member"] for m in r["members"]] == [0, 1, 2] for r in rounds)
     # Round 0: four sampled lrs in the preset's range, no parents.
     first = rounds[0]["members"]
     assert all(m["parent"] is None and m["run"] == f"r0-m{m['member']}" for m in first)
     assert all(1e-4 <= m["params"]["training.lr"] <= 3e-2 for m in first)
-    assert len({m["params"]["training.lr"] for m in first}) == 4
+    assert len({m["params"]["training.lr"] for m in first}) == 3
     for before, after in zip(rounds, rounds[1:], strict=False):
         ranked = sorted(before["members"], key=lambda m: (m["score"], m["member"]))
         best, worst = ranked[0], ranked[-1]
         for old, new in zip(before["members"], after["members"], strict=True):
-            if old["member"] == worst["member"]:  # the worst quarter of 4: one member
+            if old["member"] == worst["member"]:  # the worst quarter of 3: one member
                 assert new["run"] == f"r{after['round']}-m{old['member']}"
                 assert new["parent"] == best["run"]
                 factor = new["params"]["training.lr"] / best["params"]["training.lr"]
@@ -267,3 +267,25 @@ def test_a_run_in_a_members_place_that_is_not_its_own_is_named_and_left_as_it_is
     ), stderr[-3000:]
     assert (sweep_dir / "r0-m0" / "run.json").read_bytes() == before
     assert [p.name for p in sweep_dir.iterdir() if p.name.startswith("r")] == ["r0-m0"]
+
+
+def test_a_diverged_member_ranks_last_and_is_replaced(tmp_path):
+    # Seed 2 draws lr 1e4 (NaN within two steps) for member 0 and 1e-3 for member 1.
+    diverging = ["training.lr=choice(1e-3,1e4)", "hydra.sweeper.population=2"]
+    sweep_dir = tmp_path / "sweep"
+    done = launch(
+        sweep_dir, *diverging, "hydra.sweeper.rounds=2", "hydra.sweeper.seed=2", cwd=tmp_path
+    )
+    assert done.returncode == 0, done.stderr[-3000:]  # a diverged member is a result
+    first, second = record(sweep_dir)["rounds"]
+    assert [m["params"]["training.lr"] for m in first["members"]] == [1e4, 1e-3]
+    assert first["members"][0]["score"] is None and first["members"][1]["score"] > 0
+    assert second["members"][0]["run"] == "r1-m0" and second["members"][0]["parent"] == "r0-m1"
+    assert "round 0: member 0 (r0-m0) failed" in done.stderr
+
+    # Seed 1 draws 1e4 for both: a round without a result ends the search (exit 1).
+    everyone = tmp_path / "everyone"
+    done = launch(everyone, *diverging, "hydra.sweeper.seed=1", cwd=tmp_path)
+    assert done.returncode == 1, done.stderr[-3000:]
+    assert "failed: every member of round 0 failed" in done.stderr
+    assert [m["score"] for m in record(everyone)["rounds"][0]["members"]] == [None, None]
