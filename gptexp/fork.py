@@ -23,10 +23,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import ClassVar
 
-from gptexp.checkpoint.stored import check_ckpt, load_run_checkpoint
+from gptexp.checkpoint.stored import check_ckpt
 from gptexp.core.cli import command_logging, parse_options, run_command
 from gptexp.core.config import CONFIG_KEYS, TrainConfig, parse_overrides
-from gptexp.core.errors import USER_ERRORS, ConfigError, JobFailed, RunError, TrainingInterrupted
+from gptexp.core.errors import USER_ERRORS, JobFailed, RunError, TrainingInterrupted
 from gptexp.observe.rundir import (
     FAILED,
     FINISHED,
@@ -37,7 +37,7 @@ from gptexp.observe.rundir import (
 )
 from gptexp.observe.runtable import cells, table_columns, write_summary
 from gptexp.observe.tables import text_table
-from gptexp.run.forking import ForkStart, data_changed, fork_corpus, parse_reset
+from gptexp.run.forking import ForkStart, fork_start, parse_reset
 from gptexp.run.session import overridden_config, run_training
 from gptexp.training.speed import prepare_command_process
 
@@ -87,26 +87,8 @@ def prepare(options: ForkOptions, overrides: list[str]) -> tuple[TrainConfig, Fo
     checkpoint (verified) and the text (encoded with the parent's tokenizer)."""
     parent = started_run(options.run)
     cfg, changes = overridden_config(parent, overrides, fork=True)
-    loaded = load_run_checkpoint(parent, options.ckpt)
     reset = parse_reset(options.reset)
-    if "step" not in reset and cfg.training.max_steps <= loaded.entry.step:
-        raise ConfigError(
-            f"training.max_steps={cfg.training.max_steps}: the fork starts at step "
-            f"{loaded.entry.step} ({loaded.entry.file}), so it would not train; raise "
-            "training.max_steps, or add reset=step to count from 0 again"
-        )
-    corpus = fork_corpus(cfg, loaded.state, data_changed(changes))
-    start = ForkStart(
-        parent=parent,
-        entry=loaded.entry,
-        state=loaded.state,
-        corpus=corpus,
-        overrides=overrides,
-        changes=changes,
-        reset=reset,
-        parent_status=parent.read_status(),
-    )
-    return cfg, start
+    return cfg, fork_start(parent, options.ckpt, cfg, changes, overrides, reset)
 
 
 def started_run(path: str) -> RunDirectory:

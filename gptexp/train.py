@@ -29,6 +29,7 @@ from gptexp.core.fsio import TMP_SUFFIX
 from gptexp.model.hf import resolve_init_from
 from gptexp.observe.rundir import RunDirectory, discard_unstarted
 from gptexp.run.optuna_trial import trial_reporter
+from gptexp.run.pbt_member import member_job, pbt_member_job
 from gptexp.run.requeue import prefer_sigusr1
 from gptexp.run.session import run_training
 from gptexp.run.starts import new_run
@@ -120,9 +121,15 @@ def train(cfg: DictConfig) -> float | None:
         # a failed trial, with the job's message.
         raise_failures = hydra_cfg.sweeper._target_ != BASIC_SWEEPER
         report_to = trial_reporter(hydra_cfg)  # a trial of gptexp's Optuna sweeper, or None
-        result = run_command(
-            lambda: sweep_job(cfg, run, overrides, wandb_group, wandb_name, dist_ctx, report_to)
-        )
+        member = member_job(hydra_cfg)  # a member of gptexp's PBT sweeper, or None
+        if member is not None:
+            result = run_command(
+                lambda: pbt_member_job(cfg, run, overrides, member, wandb_group, dist_ctx)
+            )
+        else:
+            result = run_command(
+                lambda: sweep_job(cfg, run, overrides, wandb_group, wandb_name, dist_ctx, report_to)
+            )
         if raise_failures and not math.isfinite(result):
             raise JobFailed(f"{run.path}: failed (see its run.json and train.log)")
         return result

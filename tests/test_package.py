@@ -196,9 +196,10 @@ def test_the_wheel_ships_the_config_tree(wheel):
     assert "gptexp/conf/train.yaml" in names
     assert {"gptexp/conf/model/tiny.yaml", "gptexp/conf/hydra/launcher/slurm.yaml"} <= set(names)
     assert not any(name.startswith("tests/") for name in names)
-    # Hydra's plugin namespace: gptexp's Optuna sweeper, and no __init__.py that would hide
+    # Hydra's plugin namespace: gptexp's sweepers (Optuna, PBT), and no __init__.py that would hide
     # every other plugin (the launchers) behind gptexp's.
     assert "hydra_plugins/gptexp_optuna_sweeper/optuna_sweeper.py" in names
+    assert "hydra_plugins/gptexp_pbt_sweeper/pbt_sweeper.py" in names
     assert "hydra_plugins/__init__.py" not in names
 
 

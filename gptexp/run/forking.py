@@ -28,6 +28,7 @@ from typing import Any
 
 from gptexp.checkpoint.format import CheckpointEntry
 from gptexp.checkpoint.manager import FORK_START
+from gptexp.checkpoint.stored import load_run_checkpoint
 from gptexp.core.config import GuardConfig, TrainConfig
 from gptexp.core.errors import ConfigError, DataError
 from gptexp.core.fsio import atomic_write_text
@@ -214,6 +215,37 @@ class ForkStart(Start):
         """Begin the fork's metrics.jsonl with its parent's curve (one atomic write)."""
         records = self.inherited_records()
         atomic_write_text(run.metrics, "".join(json.dumps(r) + "\n" for r in records))
+
+
+def fork_start(
+    parent: RunDirectory,
+    ckpt: str,
+    cfg: TrainConfig,
+    changes: dict[str, tuple[Any, Any]],
+    overrides: list[str],
+    reset: tuple[str, ...] = (),
+) -> ForkStart:
+    """The start of a fork of ``parent`` at its checkpoint ``ckpt`` (verified) with ``cfg``, the
+    parent's config with ``changes`` (what ``overrides`` made of it): everything a fork checks
+    before it writes anything, the text encoded with the parent's tokenizer included."""
+    loaded = load_run_checkpoint(parent, ckpt)
+    if "step" not in reset and cfg.training.max_steps <= loaded.entry.step:
+        raise ConfigError(
+            f"training.max_steps={cfg.training.max_steps}: the fork starts at step "
+            f"{loaded.entry.step} ({loaded.entry.file}), so it would not train; raise "
+            "training.max_steps, or add reset=step to count from 0 again"
+        )
+    corpus = fork_corpus(cfg, loaded.state, data_changed(changes))
+    return ForkStart(
+        parent=parent,
+        entry=loaded.entry,
+        state=loaded.state,
+        corpus=corpus,
+        overrides=overrides,
+        changes=changes,
+        reset=reset,
+        parent_status=parent.read_status(),
+    )
 
 
 def wandb_lineage(status: dict[str, Any]) -> dict[str, Any]:

@@ -190,7 +190,9 @@ def _text(override: Override) -> str:
 
 
 def hydra_value(value: Any) -> str:
-    """A value as a Hydra override writes it (strings quoted when they need it)."""
+    """A value as a Hydra override writes it (strings quoted when they need it, None as null)."""
+    if value is None:
+        return "null"
     if isinstance(value, str) and not value.replace("_", "").replace(".", "").isalnum():
         return "'" + value.replace("\\", "\\\\").replace("'", "\\'") + "'"
     return str(value)

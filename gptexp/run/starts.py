@@ -23,6 +23,7 @@ branch in the session. A fork is :class:`gptexp.run.forking.ForkStart`.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -105,26 +106,44 @@ def new_run(cfg: TrainConfig) -> Start:
 
 class Resume(Start):
     """A run continued from its newest valid checkpoint, in its own directory. A run that has
-    none starts again as a new run would (its records after step 0 dropped). ``note``: the
-    entry of run.json's ``resumes`` (the overrides, a sweep job's name)."""
+    none starts as ``instead`` makes it start: by default again as a new run would (its records
+    after step 0 dropped); a member of a population-based training as the fork it began as
+    (gptexp.run.pbt_member). ``note``: the entry of run.json's ``resumes`` (the overrides, a
+    sweep job's name)."""
 
-    def __init__(self, note: dict[str, Any] | None = None) -> None:
+    def __init__(
+        self,
+        note: dict[str, Any] | None = None,
+        instead: Callable[[TrainConfig], Start] = new_run,
+    ) -> None:
         self.resume_note = note
+        self.make_instead = instead
         self.found: tuple[CheckpointEntry, dict[str, Any]] | None = None
         self.instead: Start | None = None
 
     def begin(self, cfg: TrainConfig, run: RunDirectory) -> Beginning:
         self.found = latest_checkpoint(run, cfg)
         if self.found is None:
-            self.instead = new_run(cfg)
+            self.instead = self.make_instead(cfg)
             return self.instead.begin(cfg, run)
         state = self.found[1]
         return Beginning(run_corpus(cfg, run, state), checkpoint=state)
+
+    def adopt(self, trainer: Trainer) -> None:
+        if self.instead is not None:
+            self.instead.adopt(trainer)
 
     def record(self, run: RunDirectory, trainer: Trainer) -> dict[str, Any]:
         step = self.found[0].step if self.found else None
         rewind_metrics(run, step, len(trainer.state.guard.events))
         return self.instead.record(run, trainer) if self.instead else {}
+
+    def after_record(self, trainer: Trainer) -> None:
+        if self.instead is not None:
+            self.instead.after_record(trainer)
+
+    def wandb_fork_from(self) -> str | None:
+        return self.instead.wandb_fork_from() if self.instead else None
 
 
 # ----------------------------------------------------------------------------- the pieces
