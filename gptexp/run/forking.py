@@ -17,6 +17,12 @@ state, batches and random numbers), so it continues bit for bit as the parent di
 
 The parent's best metric is kept, except where the fork cannot compare with it: after
 ``reset=step``, on another text, or with another ``checkpoint.monitor`` / ``mode``.
+
+A cooldown fork (``cooldown=D``) decays the learning rate from its checkpoint's step ``s`` over
+``D`` updates: ``training.lr_schedule=wsd``, ``max_steps=s+D``, ``decay_steps=D``. Forked from
+a run trained with ``lr_schedule=constant`` (same warm-up), it is bit for bit the run planned as
+that wsd schedule from the start (gptexp.training.optim.lr_factor); run.json records
+``cooldown``, so compare can draw the loss of every budget (gptexp.observe.frontier).
 """
 
 from __future__ import annotations
@@ -44,6 +50,8 @@ from gptexp.training.trainer import Trainer
 log = logging.getLogger(__name__)
 
 RESETS = ("optimizer", "scheduler", "rng", "step")
+# What a cooldown sets itself (cooldown_overrides): the user may not set them too.
+COOLDOWN_KEYS = ("training.lr_schedule", "training.max_steps", "training.decay_steps")
 # A resume keeps its run's global batch; a fork that sets these trains with the batch it asks for.
 BATCH_KEYS = ("training.batch_size", "training.grad_accum")
 
@@ -58,6 +66,43 @@ def parse_reset(text: str) -> tuple[str, ...]:
             f"{', '.join(RESETS)}, comma-separated)"
         )
     return tuple(name for name in RESETS if name in names)
+
+
+def parse_cooldown(text: str) -> int:
+    """``cooldown=D``: a number of updates >= 1."""
+    if not text.strip().isdigit() or int(text) < 1:
+        raise ConfigError(
+            f"cooldown={text!r}: must be a number of updates >= 1 (the length of the decay "
+            "to training.min_lr, e.g. cooldown=200)"
+        )
+    return int(text)
+
+
+def check_cooldown(overrides: list[str], reset: tuple[str, ...]) -> None:
+    """A cooldown sets the schedule's keys itself and counts from the checkpoint's step: an
+    override of those keys, or a reset of the step or schedule, would contradict it."""
+    for item in overrides:
+        key = item.partition("=")[0].lstrip("+~")
+        if key in COOLDOWN_KEYS:
+            raise ConfigError(
+                f"{item}: cooldown=... sets {', '.join(COOLDOWN_KEYS)} itself (wsd to the "
+                "checkpoint's step + the cooldown); drop the override or the cooldown"
+            )
+    clash = [name for name in ("scheduler", "step") if name in reset]
+    if clash:
+        raise ConfigError(
+            f"reset={','.join(reset)}: a cooldown decays from the checkpoint's step and "
+            f"schedule; reset={clash[0]} would start them again (drop it or the cooldown)"
+        )
+
+
+def cooldown_overrides(step: int, updates: int) -> list[str]:
+    """The overrides of a cooldown of ``updates`` updates from a checkpoint of ``step``."""
+    return [
+        "training.lr_schedule=wsd",
+        f"training.max_steps={step + updates}",
+        f"training.decay_steps={updates}",
+    ]
 
 
 def data_changed(changes: dict[str, Any]) -> bool:
@@ -93,6 +138,7 @@ class ForkStart(Start):
     changes: dict[str, tuple[Any, Any]]
     reset: tuple[str, ...] = ()
     parent_status: dict[str, Any] = field(default_factory=dict)
+    cooldown: int | None = None  # a cooldown fork's decay (its overrides are in ``overrides``)
 
     @property
     def step(self) -> int:
@@ -187,6 +233,7 @@ class ForkStart(Start):
             },
             "fork_overrides": list(self.overrides),
             "reset": list(self.reset),
+            **({"cooldown": self.cooldown} if self.cooldown is not None else {}),
             # What sets the fork apart in compare: its parent's launch choices and its own.
             "overrides": self.settings(),
         }
