@@ -30,7 +30,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import ClassVar
 
-from gptexp.checkpoint.stored import check_ckpt, load_run_checkpoint
+from gptexp.checkpoint.stored import check_ckpt, check_weights, load_run_checkpoint
 from gptexp.core.cli import command_logging, parse_options, run_command
 from gptexp.core.config import CONFIG_KEYS, TrainConfig, parse_overrides
 from gptexp.core.errors import USER_ERRORS, ConfigError, JobFailed, RunError, TrainingInterrupted
@@ -61,7 +61,8 @@ log = logging.getLogger(__name__)
 
 USAGE = (
     "usage: python -m gptexp.fork [-m] run=<run dir> [ckpt=last|best|<step>] [out=<dir>] "
-    "[reset=optimizer,scheduler,rng,step] [cooldown=<updates>] [key=value ...]\n"
+    "[reset=optimizer,scheduler,rng,step] [cooldown=<updates>] [weights=raw|ema] "
+    "[key=value ...]\n"
     "key=value: any key of the parent's training, checkpoint, logger or data config "
     "(e.g. training.lr=3e-4); -m: one fork per comma-separated value (of ckpt and cooldown too)"
 )
@@ -94,6 +95,13 @@ class ForkOptions:
             "(lr_schedule=wsd, max_steps=step+cooldown, decay_steps=cooldown; -m: several)"
         },
     )
+    weights: str = field(
+        default="raw",
+        metadata={
+            "help": "raw, or ema: the fork's model starts from the checkpoint's weight average "
+            "(optimizer and average carry on)"
+        },
+    )
     multirun: bool = field(
         default=False, metadata={"help": "one fork per comma-separated value (also --multirun)"}
     )
@@ -108,6 +116,7 @@ class ForkOptions:
         for cooldown in self.listed("cooldown"):
             parse_cooldown(cooldown)
         parse_reset(self.reset)
+        check_weights(self.weights)
 
     def listed(self, name: str) -> list[str]:
         """The values of ``ckpt`` or ``cooldown`` (several, comma-separated, only with -m)."""
@@ -129,7 +138,7 @@ def prepare(options: ForkOptions, overrides: list[str]) -> tuple[TrainConfig, Fo
     cooldown = parse_cooldown(options.cooldown) if options.cooldown is not None else None
     if cooldown is not None:
         check_cooldown(overrides, reset)
-    loaded = load_run_checkpoint(parent, options.ckpt)
+    loaded = load_run_checkpoint(parent, options.ckpt, options.weights)
     if cooldown is not None:
         overrides = [*overrides, *cooldown_overrides(loaded.entry.step, cooldown)]
         cfg, changes = overridden_config(parent, overrides, fork=True)
@@ -150,6 +159,7 @@ def prepare(options: ForkOptions, overrides: list[str]) -> tuple[TrainConfig, Fo
         reset=reset,
         parent_status=parent.read_status(),
         cooldown=cooldown,
+        weights=options.weights,
     )
     return cfg, start
 

@@ -15,6 +15,11 @@ state, batches and random numbers), so it continues bit for bit as the parent di
   guard start again at 0 (the fork then inherits no records: its steps would repeat its
   parent's).
 
+``weights=ema`` starts the fork's model from the checkpoint's weight average (a run with
+``training.ema_decay > 0``) instead of its weights; the rest of the state is the checkpoint's
+as always: AdamW's moments (of the weights' path) and, where the fork keeps an average, the
+average itself, which then equals the fork's starting weights.
+
 The parent's best metric is kept, except where the fork cannot compare with it: after
 ``reset=step``, on another text, or with another ``checkpoint.monitor`` / ``mode``.
 
@@ -44,6 +49,7 @@ from gptexp.observe.metrics import INHERITED, STEP, read_metrics
 from gptexp.observe.rundir import RunDirectory
 from gptexp.observe.runtable import launch_overrides
 from gptexp.run.starts import Beginning, Start
+from gptexp.training.ema import copy_average_into
 from gptexp.training.state import TrainState, new_wandb_id
 from gptexp.training.trainer import Trainer
 
@@ -139,6 +145,7 @@ class ForkStart(Start):
     reset: tuple[str, ...] = ()
     parent_status: dict[str, Any] = field(default_factory=dict)
     cooldown: int | None = None  # a cooldown fork's decay (its overrides are in ``overrides``)
+    weights: str = "raw"  # ema: the model starts from the checkpoint's weight average
 
     @property
     def step(self) -> int:
@@ -168,11 +175,14 @@ class ForkStart(Start):
         """Turn a trainer loaded with the parent's state (and, by Trainer.load_state, with the
         config's hyperparameters) into the fork's: the resets, a W&B run of its own."""
         trainer.restart(self.reset, self.fork_state(trainer.state, trainer.cfg.training.guard))
+        if self.weights == "ema":
+            copy_average_into(trainer.model, self.state["ema"])
         log.info(
-            "fork of %s at step %d (%s)%s",
+            "fork of %s at step %d (%s)%s%s",
             self.parent.path,
             self.step,
             self.entry.file,
+            "; weights: the average" if self.weights == "ema" else "",
             f"; reset: {', '.join(self.reset)}" if self.reset else "",
         )
 
@@ -234,6 +244,7 @@ class ForkStart(Start):
             "fork_overrides": list(self.overrides),
             "reset": list(self.reset),
             **({"cooldown": self.cooldown} if self.cooldown is not None else {}),
+            **({"weights": self.weights} if self.weights != "raw" else {}),
             # What sets the fork apart in compare: its parent's launch choices and its own.
             "overrides": self.settings(),
         }

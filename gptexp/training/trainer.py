@@ -41,11 +41,13 @@ from gptexp.observe.metrics import (
     TOKENS_PER_S,
     TRAIN_LOSS,
     VAL_LOSS,
+    VAL_LOSS_EMA,
     best_metric_name,
     median_throughput,
 )
 from gptexp.observe.rundir import RunDirectory
 from gptexp.training.compile_policy import should_compile
+from gptexp.training.ema import WeightAverage
 from gptexp.training.mfu import (
     Peak,
     ThroughputWindow,
@@ -131,6 +133,8 @@ class Trainer(SpikeResponse):
             shard_model(self.model)
         self.optimizer = build_optimizer(self.model, t, self.device)
         self.scheduler = build_scheduler(self.optimizer, t)
+        # After sharding: the average of a sharded model is sharded like its weights.
+        self.ema = WeightAverage(self.model, t.ema_decay) if t.ema_decay > 0 else None
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=t.precision == "fp16")
         self.checkpoints = run_checkpoints(run, cfg.checkpoint)
         self.state = TrainState.fresh(t.guard)  # a resumed run's is its checkpoint's
@@ -188,7 +192,12 @@ class Trainer(SpikeResponse):
             "vocab_size": self.corpus.tokenizer.vocab_size,
             "world_size": self.dist.world_size,
         }
-        return {key: checkpoint[key] for key in CHECKPOINT_KEYS}
+        if self.ema is not None:
+            checkpoint["ema"] = self.ema.state_dict(
+                full=self.cfg.checkpoint.format == "file",
+                is_main=self.dist.is_main,
+            )
+        return {key: checkpoint[key] for key in CHECKPOINT_KEYS if key in checkpoint}
 
     def _model_optimizer_state(self) -> tuple[dict[str, Any], dict[str, Any]]:
         """FSDP or DCP: the named layout (gptexp.training.parallel), whole tensors for the file
@@ -221,6 +230,7 @@ class Trainer(SpikeResponse):
         )
         if state.get("scaler") and self.scaler.is_enabled():
             self.scaler.load_state_dict(state["scaler"])
+        self._load_average(state.get("ema"))
         self.state = train_state
         saved_world = int(state["world_size"])
         if self.state.data_order >= 2:
@@ -229,6 +239,20 @@ class Trainer(SpikeResponse):
         if saved_world != self.dist.world_size:
             say_world_change(saved_world, self.dist.world_size, self.state.data_order)
         restore_rng_state(state["rng"][self.dist.rank % saved_world])
+
+    def _load_average(self, average: Any) -> None:
+        """The checkpoint's average, where this run keeps one; one that the checkpoint lacks
+        (training.ema_decay set on a resume or fork) starts from the loaded weights."""
+        if self.ema is None:
+            if average is not None and self.dist.is_main:
+                log.info("the checkpoint's weight average is dropped (training.ema_decay=0)")
+            return
+        if average is None:
+            if self.dist.is_main:
+                log.info("the checkpoint holds no weight average: it starts from its weights")
+            self.ema.load_from_weights()
+            return
+        self.ema.load_state_dict(average)
 
     def restart(self, parts: Collection[str], state: TrainState) -> None:
         """A fork's start (gptexp.run.forking): carry on from ``state``, with ``parts`` of what
@@ -294,6 +318,8 @@ class Trainer(SpikeResponse):
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.scheduler.step()
+        if self.ema is not None:
+            self.ema.update()
         self.optimizer.zero_grad(set_to_none=True)
         self.state.step += 1
         self.state.tokens_seen += self.tokens_per_step
@@ -363,7 +389,7 @@ class Trainer(SpikeResponse):
             and (t.eval_every or t.max_steps == 0)
         ):
             self.last_val_loss = self.evaluate()
-            self._log({STEP: 0, VAL_LOSS: self.last_val_loss})
+            self._log({STEP: 0, VAL_LOSS: self.last_val_loss, **self._evaluate_average()})
             log.info("step 0: val/loss %.4f", self.last_val_loss)
             if t.max_steps == 0:
                 return self._finish_at_step_zero()
@@ -464,7 +490,16 @@ class Trainer(SpikeResponse):
         if not (final or (every and self.state.step % every == 0)):
             return None
         self.last_val_loss = record[VAL_LOSS] = self.evaluate()
+        record.update(self._evaluate_average())
         return self.last_val_loss if self.cfg.checkpoint.monitor == VAL_LOSS else loss
+
+    def _evaluate_average(self) -> dict[str, float]:
+        """``val/loss_ema``: the weight average evaluated in the model's place (its weights
+        back bit for bit after), where the run keeps one."""
+        if self.ema is None:
+            return {}
+        with self.ema.swapped_in():
+            return {VAL_LOSS_EMA: self.evaluate()}
 
     def _sample_if_due(self, final: bool) -> None:
         every = self.cfg.training.sample_every
