@@ -391,3 +391,19 @@ def test_bad_cooldowns_are_refused_in_one_line(stored_parent, tmp_path, args, me
     code, stderr = call_main(gptexp.fork.main, f"run={stored_parent}", f"out={out}", *args)
     assert code == 2 and stderr.count("error:") == 1 and message in stderr, stderr
     assert not out.exists()
+
+
+def test_a_cooldown_forks_wandb_run_is_in_its_parents_group_named_by_its_cooldown(tmp_path):
+    from types import SimpleNamespace
+
+    from gptexp.fork import wandb_names
+    from gptexp.run.forking import cooldown_overrides
+
+    start = SimpleNamespace(
+        parent=SimpleNamespace(path=tmp_path / "constant"),
+        parent_status={"wandb_name": "lr-1e-3", "wandb_group": "sweep-7"},
+        step=1000,
+        overrides=["training.lr=3e-4", *cooldown_overrides(1000, 200)],
+        cooldown=200,
+    )
+    assert wandb_names(start) == ("sweep-7", "lr-1e-3@1000 cooldown=200,training.lr=3e-4")
