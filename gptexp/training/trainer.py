@@ -525,8 +525,10 @@ class Trainer(SpikeResponse):
             return
         self._save_buffers_ready = True
         if self.cfg.checkpoint.enabled and self.cfg.checkpoint.async_save:
+            average = {"ema": self.ema.state_dict(full=True, is_main=True)} if self.ema else {}
             self.checkpoints.prepare(
                 {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict()}
+                | average
             )
 
     def _save_if_due(self, metric: float | None, final: bool) -> None:
