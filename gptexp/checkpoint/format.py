@@ -312,6 +312,12 @@ def _sum(tensor: torch.Tensor) -> torch.Tensor:
     return tensor.sum(dtype=torch.float64 if tensor.dtype == torch.float64 else torch.float32)
 
 
+def average_layout(model: torch.nn.Module) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+    """What a checkpoint's ``ema`` of ``model`` holds: each parameter's name and whole shape, in
+    fp32 (a tied parameter once, under its first name)."""
+    return {name: (tuple(p.shape), torch.float32) for name, p in model.named_parameters()}
+
+
 def check_average(average: Any, expected: dict[str, tuple[tuple[int, ...], torch.dtype]]) -> dict:
     """A checkpoint's ``ema`` (gptexp.training.ema), checked as the weights are before they
     are loaded: a dict of exactly the ``expected`` names, each a tensor of its shape and dtype;

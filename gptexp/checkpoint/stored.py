@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from gptexp.checkpoint.format import CheckpointEntry, check_average
+from gptexp.checkpoint.format import CheckpointEntry, average_layout, check_average
 from gptexp.checkpoint.manager import run_checkpoints
 from gptexp.core.config import (
     DataConfig,
@@ -167,12 +167,9 @@ def rebuild_model(state: dict[str, Any], weights: str = "raw") -> RebuiltRun:
             f"the weights do not fit the stored model config ({str(error).splitlines()[0]})"
         ) from None
     if weights == "ema":
-        params = dict(model.named_parameters())
-        average = check_average(
-            state.get("ema"), {n: (tuple(p.shape), torch.float32) for n, p in params.items()}
-        )
+        average = check_average(state.get("ema"), average_layout(model))
         with torch.no_grad():
-            for name, param in params.items():
+            for name, param in model.named_parameters():
                 param.copy_(average[name])
     model.eval()
     return RebuiltRun(model, tokenizer, model_cfg, data_cfg, training, ignored)

@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from gptexp.checkpoint.format import check_average
+from gptexp.checkpoint.format import average_layout, check_average
 
 log = logging.getLogger(__name__)
 
@@ -53,16 +53,11 @@ def assign(target: torch.Tensor, whole: torch.Tensor) -> None:
             target.copy_(whole)
 
 
-def reference(model: torch.nn.Module) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
-    """What a checkpoint's average of ``model`` must hold: each parameter's name and whole
-    shape, in fp32 (tied parameters once, under their first name)."""
-    return {name: (tuple(p.shape), torch.float32) for name, p in model.named_parameters()}
-
-
 def copy_average_into(model: torch.nn.Module, average: Any) -> None:
-    """Load a checkpoint's average (checked against the model) into the model's weights:
-    ``weights=ema`` of eval, export and fork."""
-    average = check_average(average, reference(model))
+    """Load a checkpoint's average (checked against the model) into the model's weights, sharded
+    or not: a fork's ``weights=ema`` (eval and export rebuild their model in
+    gptexp.checkpoint.stored)."""
+    average = check_average(average, average_layout(model))
     for name, param in model.named_parameters():
         assign(param, average[name].to(param.dtype))
 
