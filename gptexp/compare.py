@@ -9,6 +9,7 @@ No torch is imported::
     python -m gptexp.compare outputs/runs/a outputs/runs/b filter=status=finished csv=t.csv
     python -m gptexp.compare --tree outputs/     # the family tree of the runs and their forks
     python -m gptexp.compare outputs/sweeps/2026-11-28_12-30-00 group=training.lr  # seeds pooled
+    python -m gptexp.compare --frontier outputs/ --plot  # cooldown forks: loss against budget
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from typing import Any
 from gptexp.core.cli import parse_options, run_command
 from gptexp.core.errors import ConfigError, RunError
 from gptexp.core.fsio import atomic_write_text
-from gptexp.observe import seedgroups
+from gptexp.observe import frontier, seedgroups
 from gptexp.observe.figures import finish_loss_panels, loss_panels, save_with_legend_below
 from gptexp.observe.metrics import (
     FINAL_VAL_LOSS,
@@ -50,7 +51,7 @@ from gptexp.observe.tables import csv_table, markdown_table, text_table
 USAGE = (
     "usage: python -m gptexp.compare <sweep dir | run dirs...> [sort=[-]KEY] "
     "[filter=KEY=VALUE ...] [group=KEY[,KEY...] [metric=COLUMN] [alpha=0.05]] [csv=PATH] "
-    "[markdown=PATH] [plot=PATH | --plot] [--tree]"
+    "[markdown=PATH] [plot=PATH | --plot] [--tree | --frontier]"
 )
 
 
@@ -73,6 +74,13 @@ class CompareOptions:
     tree: bool = field(
         default=False,
         metadata={"help": "print the family tree (runs and their forks) of every run below"},
+    )
+    frontier: bool = field(
+        default=False,
+        metadata={
+            "help": "the cooldown forks at or below the paths: final val/loss per budget "
+            "(plot: against tokens, with their parent's curve)"
+        },
     )
     group: list[str] = field(
         default_factory=list,
@@ -213,6 +221,8 @@ def compare(options: CompareOptions) -> str:
     """Build the table (and the files asked for); returns the text table."""
     if options.tree:
         return family(options.paths)
+    if options.frontier:
+        return compare_frontier(options)
     runs, base = collect_runs(options.paths)
     rows = run_rows(runs, base)
     for condition in options.filter:
@@ -236,6 +246,33 @@ def compare(options: CompareOptions) -> str:
     if not kept:
         return "no runs match"
     return text_table(columns, cells(kept, columns))
+
+
+def compare_frontier(options: CompareOptions) -> str:
+    """The end points of the cooldown forks at or below ``paths`` (gptexp.observe.frontier):
+    the table, and the files asked for."""
+    for name in ("sort", "group", "filter"):
+        if getattr(options, name):
+            raise ConfigError(f"{name}= does not apply with --frontier (one row per cooldown fork)")
+    runs: dict[Path, RunDirectory] = {}
+    for path in options.paths:
+        if not Path(path).is_dir():
+            raise RunError(f"{path}: no such directory")
+        runs |= {run.path: run for run in runs_below(Path(path))}
+    base = Path(options.paths[0]).resolve() if len(options.paths) == 1 else None
+    found = frontier.frontiers(list(runs.values()))
+    rows = frontier.table_cells(found, base)
+    if options.csv:
+        atomic_write_text(Path(options.csv), csv_table(frontier.COLUMNS, rows))
+    if options.markdown:
+        atomic_write_text(Path(options.markdown), markdown_table(frontier.COLUMNS, rows))
+    if options.plot is not None:
+        as_flag = options.plot.lower() in ("true", "")
+        default = default_plot_path(list(runs.values()), base).with_name("frontier.png")
+        path = default if as_flag else Path(options.plot)
+        frontier.plot_frontier(found, path, base)
+        print(f"plot: {path.resolve()}", file=sys.stderr)
+    return text_table(frontier.COLUMNS, rows)
 
 
 def compare_groups(

@@ -26,6 +26,7 @@ from gptexp.checkpoint.stored import (
     LoadedCheckpoint,
     RebuiltRun,
     check_ckpt,
+    check_weights,
     load_run_checkpoint,
     logged_val_loss,
     rebuild_model,
@@ -74,9 +75,13 @@ class EvalOptions:
     prompt: str = ""  # empty: start from token 0, as the trainer's samples do
     device: str | None = None  # default: the run's training.device
     data_path: str | None = None  # the run's text moved: where it is now (checked by sha256)
+    # raw: the trained weights; ema: their moving average (runs with training.ema_decay > 0),
+    # written to eval/<ckpt>_ema.json
+    weights: str = "raw"
 
     def __post_init__(self) -> None:
         check_ckpt(self.ckpt)
+        check_weights(self.weights)
         if self.split not in ("val", "train"):
             raise ConfigError(f"split={self.split!r}: must be val or train")
         for key in ("batches", "batch_size", "max_new_tokens"):
@@ -159,7 +164,7 @@ def evaluate_run(run: RunDirectory, options: EvalOptions, samples: int) -> EvalR
     Everything that can fail on bad input happens before the first write.
     """
     run.refuse_links(run.eval_dir)  # results go into the run, never through a link
-    loaded = load_run_checkpoint(run, options.ckpt)
+    loaded = load_run_checkpoint(run, options.ckpt, options.weights)
     subject = prepare(run, loaded, options)
     record = score(run, loaded, subject, options)
     rebuilt, training = subject.rebuilt, subject.rebuilt.training
@@ -203,7 +208,7 @@ def prepare(run: RunDirectory, loaded: LoadedCheckpoint, options: EvalOptions) -
     """The checkpoint's model on the evaluation device, its corpus and the encoded prompt
     (bad input fails here, before anything is written)."""
     state = loaded.state
-    rebuilt = rebuild_model(state)
+    rebuilt = rebuild_model(state, options.weights)
     if rebuilt.ignored_keys:
         log.warning(
             "%s: ignoring stored config keys this gptexp no longer knows: %s",
@@ -260,12 +265,14 @@ def score(
         training.eval_batches,
         training.batch_size,
     )
+    logged = logged_val_loss(run, entry.step, options.weights)
     record: dict[str, Any] = {
         "run": str(run.path),
         "status": run.status(),
         "ckpt": options.ckpt,
         "checkpoint": entry.file,
         "step": entry.step,
+        "weights": options.weights,
         "skipped_checkpoints": loaded.skipped,
         "split": options.split,
         "batches": batches,
@@ -279,8 +286,9 @@ def score(
         "bits_per_token": bits_per_token,
         "unit": unit,
         f"bits_per_{unit}": bits_per_unit,
-        # The trainer's number for this checkpoint; equal to loss when evaluated as trained.
-        "logged_val_loss": logged_val_loss(run, entry.step) if as_trained else None,
+        # The trainer's number for this checkpoint (val/loss_ema for weights=ema); equal to
+        # loss when evaluated as trained.
+        "logged_val_loss": logged if as_trained else None,
         "ignored_config_keys": rebuilt.ignored_keys,
         "evaluated_at": now(),
     }
@@ -311,6 +319,7 @@ def print_run_result(result: EvalResult) -> None:
     rows = [
         ("run", f"{r['run']} ({r['status']})"),
         ("checkpoint", f"{r['checkpoint']} (ckpt={r['ckpt']}, step {r['step']})"),
+        *([("weights", "ema (the weights' moving average)")] if r["weights"] == "ema" else []),
         (
             "split",
             f"{r['split']}: {r['batches']} batches x {r['batch_size']} x {r['block_size']} "
@@ -322,7 +331,8 @@ def print_run_result(result: EvalResult) -> None:
     ]
     if r["logged_val_loss"] is not None:
         same = "equal" if r["logged_val_loss"] == r["loss"] else "differs"
-        rows.append(("logged", f"val/loss {r['logged_val_loss']:.4f} at step {r['step']} ({same})"))
+        metric = "val/loss_ema" if r["weights"] == "ema" else "val/loss"
+        rows.append(("logged", f"{metric} {r['logged_val_loss']:.4f} at step {r['step']} ({same})"))
     suffix = "" if r["split"] == "val" else f"_{r['split']}"
     rows.append(("saved", str(result.run / "eval" / f"{result.label}{suffix}.json")))
     width = max(len(name) for name, _ in rows)

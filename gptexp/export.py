@@ -32,7 +32,13 @@ from typing import Any
 
 import safetensors.torch
 
-from gptexp.checkpoint.stored import check_ckpt, load_run_checkpoint, logged_val_loss, rebuild_model
+from gptexp.checkpoint.stored import (
+    check_ckpt,
+    check_weights,
+    load_run_checkpoint,
+    logged_val_loss,
+    rebuild_model,
+)
 from gptexp.core.cli import command_logging, parse_options, run_command
 from gptexp.core.config import ModelConfig
 from gptexp.core.errors import ConfigError, RunError
@@ -74,9 +80,12 @@ class ExportOptions:
     ckpt: str = "last"
     out: str | None = None  # default: <run>/export/<ckpt>/ (<ckpt>-hf/ for format=hf)
     format: str = "gptexp"  # gptexp | hf (a transformers GPT-2 directory)
+    # raw: the trained weights; ema: their moving average (default out: <ckpt>_ema)
+    weights: str = "raw"
 
     def __post_init__(self) -> None:
         check_ckpt(self.ckpt)
+        check_weights(self.weights)
         if self.format not in FORMATS:
             raise ConfigError(f"format={self.format!r}: must be one of {', '.join(FORMATS)}")
 
@@ -124,10 +133,15 @@ def export(options: ExportOptions) -> Path:
     if options.format == "hf":
         return export_hf(options)
     run = require_run(options.run)
-    loaded = load_run_checkpoint(run, options.ckpt)
-    rebuilt = rebuild_model(loaded.state)
+    loaded = load_run_checkpoint(run, options.ckpt, options.weights)
+    rebuilt = rebuild_model(loaded.state, options.weights)
     out = Path(options.out) if options.out else run.path / "export" / loaded.label
-    source = {"run": str(run.path), "checkpoint": loaded.entry.file, "step": loaded.entry.step}
+    source = {
+        "run": str(run.path),
+        "checkpoint": loaded.entry.file,
+        "step": loaded.entry.step,
+        "weights": options.weights,
+    }
     place_export(run, out, lambda tmp: save_export(rebuilt.model, rebuilt.tokenizer, tmp, source))
     size = (out / WEIGHTS).stat().st_size
     print(
@@ -142,8 +156,8 @@ def export_hf(options: ExportOptions) -> Path:
     back with transformers."""
     require_transformers("format=hf")  # before anything is read or written
     run = require_run(options.run)
-    loaded = load_run_checkpoint(run, options.ckpt)
-    rebuilt = rebuild_model(loaded.state)
+    loaded = load_run_checkpoint(run, options.ckpt, options.weights)
+    rebuilt = rebuild_model(loaded.state, options.weights)
     out = Path(options.out) if options.out else run.path / "export" / f"{loaded.label}-hf"
     info = ExportInfo(
         run=str(run.path),
@@ -151,7 +165,8 @@ def export_hf(options: ExportOptions) -> Path:
         step=loaded.entry.step,
         config=loaded.state["config"],
         data_fingerprint=loaded.state.get("data_fingerprint"),
-        val_loss=logged_val_loss(run, loaded.entry.step),
+        val_loss=logged_val_loss(run, loaded.entry.step, options.weights),
+        weights=options.weights,
     )
     difference = 0.0
 

@@ -11,6 +11,13 @@ comma-separated values, under one sweep directory::
     python -m gptexp.fork run=outputs/runs/A ckpt=best reset=optimizer,scheduler \\
         data=... data.name=text data.path=finetune.txt
     python -m gptexp.fork -m run=outputs/runs/A ckpt=500 training.lr=1e-4,3e-4
+
+``cooldown=D`` makes a cooldown fork (gptexp.run.forking): the learning rate decays linearly
+to ``training.min_lr`` over the D updates after the checkpoint (``lr_schedule=wsd``,
+``max_steps=<step>+D``, ``decay_steps=D``). With ``-m``, ``ckpt`` and ``cooldown`` take
+comma-separated values too: one fork per budget, drawn by ``compare --frontier``::
+
+    python -m gptexp.fork -m run=outputs/runs/A ckpt=1000,2000,3000 cooldown=200
 """
 
 from __future__ import annotations
@@ -19,11 +26,11 @@ import itertools
 import logging
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import ClassVar
 
-from gptexp.checkpoint.stored import check_ckpt
+from gptexp.checkpoint.stored import check_ckpt, check_weights, load_run_checkpoint
 from gptexp.core.cli import command_logging, parse_options, run_command
 from gptexp.core.config import CONFIG_KEYS, TrainConfig, parse_overrides
 from gptexp.core.errors import USER_ERRORS, JobFailed, RunError, TrainingInterrupted
@@ -37,7 +44,14 @@ from gptexp.observe.rundir import (
 )
 from gptexp.observe.runtable import cells, table_columns, write_summary
 from gptexp.observe.tables import text_table
-from gptexp.run.forking import ForkStart, fork_start, parse_reset
+from gptexp.run.forking import (
+    ForkStart,
+    check_cooldown,
+    cooldown_overrides,
+    fork_start,
+    parse_cooldown,
+    parse_reset,
+)
 from gptexp.run.session import overridden_config, run_training
 from gptexp.training.speed import prepare_command_process
 
@@ -45,9 +59,10 @@ log = logging.getLogger(__name__)
 
 USAGE = (
     "usage: python -m gptexp.fork [-m] run=<run dir> [ckpt=last|best|<step>] [out=<dir>] "
-    "[reset=optimizer,scheduler,rng,step] [key=value ...]\n"
+    "[reset=optimizer,scheduler,rng,step] [cooldown=<updates>] [weights=raw|ema] "
+    "[key=value ...]\n"
     "key=value: any key of the parent's training, checkpoint, logger or data config "
-    "(e.g. training.lr=3e-4); -m: one fork per comma-separated value"
+    "(e.g. training.lr=3e-4); -m: one fork per comma-separated value (of ckpt and cooldown too)"
 )
 RUNS_DIR, SWEEPS_DIR = Path("outputs/runs"), Path("outputs/sweeps")
 
@@ -60,7 +75,9 @@ class ForkOptions:
     ALIASES: ClassVar[dict[str, str]] = {"m": "multirun"}
 
     run: str = field(metadata={"help": "the parent run directory"})
-    ckpt: str = field(default="last", metadata={"help": "last, best or a step number"})
+    ckpt: str = field(
+        default="last", metadata={"help": "last, best or a step number (-m: several, a,b,c)"}
+    )
     out: str | None = field(
         default=None,
         metadata={"help": "the fork's directory (default outputs/runs/<date>_<time>)"},
@@ -68,6 +85,20 @@ class ForkOptions:
     reset: str = field(
         default="",
         metadata={"help": "restart any of optimizer,scheduler,rng,step (comma-separated)"},
+    )
+    cooldown: str | None = field(
+        default=None,
+        metadata={
+            "help": "decay the lr to min_lr over this many updates from the checkpoint "
+            "(lr_schedule=wsd, max_steps=step+cooldown, decay_steps=cooldown; -m: several)"
+        },
+    )
+    weights: str = field(
+        default="raw",
+        metadata={
+            "help": "raw, or ema: the fork's model starts from the checkpoint's weight average "
+            "(optimizer and average carry on)"
+        },
     )
     multirun: bool = field(
         default=False, metadata={"help": "one fork per comma-separated value (also --multirun)"}
@@ -78,17 +109,40 @@ class ForkOptions:
     )
 
     def __post_init__(self) -> None:
-        check_ckpt(self.ckpt)
+        for ckpt in self.listed("ckpt"):
+            check_ckpt(ckpt)
+        for cooldown in self.listed("cooldown"):
+            parse_cooldown(cooldown)
         parse_reset(self.reset)
+        check_weights(self.weights)
+
+    def listed(self, name: str) -> list[str]:
+        """The values of ``ckpt`` or ``cooldown`` (several, comma-separated, only with -m)."""
+        text = getattr(self, name)
+        if text is None:
+            return []
+        values = [value.strip() for value in str(text).split(",")]
+        if len(values) > 1 and not self.multirun:
+            raise ConfigError(f"{name}={text}: several values make several forks; add -m")
+        return values
 
 
 def prepare(options: ForkOptions, overrides: list[str]) -> tuple[TrainConfig, ForkStart]:
     """Everything a fork checks before it writes anything: the parent, the config, the
     checkpoint (verified) and the text (encoded with the parent's tokenizer)."""
     parent = started_run(options.run)
-    cfg, changes = overridden_config(parent, overrides, fork=True)
     reset = parse_reset(options.reset)
-    return cfg, fork_start(parent, options.ckpt, cfg, changes, overrides, reset)
+    cooldown = parse_cooldown(options.cooldown) if options.cooldown is not None else None
+    if cooldown is not None:
+        check_cooldown(overrides, reset)
+    loaded = load_run_checkpoint(parent, options.ckpt, options.weights)
+    if cooldown is not None:  # its schedule is counted from the checkpoint's step
+        overrides = [*overrides, *cooldown_overrides(loaded.entry.step, cooldown)]
+    cfg, changes = overridden_config(parent, overrides, fork=True)
+    start = fork_start(
+        parent, loaded, cfg, changes, overrides, reset, cooldown=cooldown, weights=options.weights
+    )
+    return cfg, start
 
 
 def started_run(path: str) -> RunDirectory:
@@ -124,7 +178,10 @@ def wandb_names(start: ForkStart) -> tuple[str, str]:
     parent_name = status.get("wandb_name") or start.parent.path.name
     group = status.get("wandb_group") or parent_name
     name = f"{parent_name}@{start.step}"
-    return group, f"{name} {','.join(start.overrides)}" if start.overrides else name
+    shown = [item for item in start.overrides if item.partition("=")[0] not in COOLDOWN_KEYS]
+    if start.cooldown is not None:  # its own keys say less than the cooldown does
+        shown.insert(0, f"cooldown={start.cooldown}")
+    return group, f"{name} {','.join(shown)}" if shown else name
 
 
 def train_fork(cfg: TrainConfig, start: ForkStart, run: RunDirectory) -> float | None:
@@ -167,14 +224,40 @@ def expand(overrides: list[str]) -> list[list[str]]:
     return [list(combination) for combination in itertools.product(*choices)]
 
 
+@dataclass
+class Job:
+    """One fork of a sweep: its checkpoint, its cooldown and its overrides."""
+
+    ckpt: str
+    cooldown: str | None
+    overrides: list[str]
+
+    def describe(self) -> str:
+        cooldown = [f"cooldown={self.cooldown}"] if self.cooldown is not None else []
+        return " ".join([f"ckpt={self.ckpt}", *cooldown, *self.overrides])
+
+
+def sweep_jobs(options: ForkOptions, overrides: list[str]) -> list[Job]:
+    """One job per checkpoint x cooldown x combination of swept values."""
+    cooldowns: list[str | None] = list(options.listed("cooldown")) or [None]
+    return [
+        Job(ckpt, cooldown, job)
+        for ckpt in options.listed("ckpt")
+        for cooldown in cooldowns
+        for job in expand(overrides)
+    ]
+
+
 def fork_sweep(options: ForkOptions, overrides: list[str]) -> None:
-    """One fork per combination, ``<sweep>/0``, ``<sweep>/1``...; every combination's config
-    is checked before the first fork starts. A fork that fails is recorded and the others go
-    on; the command then exits 1."""
-    jobs = expand(overrides)
+    """One fork per job, ``<sweep>/0``, ``<sweep>/1``...; every job's config is checked
+    before the first fork starts. A fork that fails is recorded and the others go on; the
+    command then exits 1."""
+    jobs = sweep_jobs(options, overrides)
     parent = started_run(options.run)
     for job in jobs:
-        overridden_config(parent, job, fork=True)
+        overridden_config(parent, job.overrides, fork=True)
+        if job.cooldown is not None:
+            check_cooldown(job.overrides, parse_reset(options.reset))
     sweep_dir = Path(options.out) if options.out else timestamped(SWEEPS_DIR)
     check_destination(sweep_dir, parent)
     failed = []
@@ -183,13 +266,16 @@ def fork_sweep(options: ForkOptions, overrides: list[str]) -> None:
         run.path.mkdir(parents=True, exist_ok=True)
         try:
             with command_logging(run.log_file):
-                log.info("fork %d of %d: %s", number + 1, len(jobs), " ".join(job) or "as is")
-                cfg, start = prepare(options, job)
+                log.info("fork %d of %d: %s", number + 1, len(jobs), job.describe())
+                one = replace(options, ckpt=job.ckpt, cooldown=job.cooldown, multirun=False)
+                cfg, start = prepare(one, job.overrides)
                 train_fork(cfg, start, run)
         except (*USER_ERRORS, FloatingPointError) as error:
             log.error("fork %s failed: %s", run.path, error)
             failed.append(run.path.name)
-            run.update_status(status=FAILED, error=str(error), ended=now(), fork_overrides=job)
+            run.update_status(
+                status=FAILED, error=str(error), ended=now(), fork_overrides=job.overrides
+            )
         except TrainingInterrupted as stop:
             log.warning("%s; the sweep of forks stops here", stop)
             write_summary(sweep_dir)

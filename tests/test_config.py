@@ -150,6 +150,15 @@ BAD_VALUES = {
         "training.compile_mode='max-autotune': must be one of default, reduce-overhead, "
         "max-autotune-no-cudagraphs",
     ),
+    "unknown schedule": (["training.lr_schedule=linear"], "training.lr_schedule='linear': must"),
+    "wsd without decay": (["training.lr_schedule=wsd"], "training.decay_steps=0: must be >= 1"),
+    "decay past max_steps": (
+        ["training.lr_schedule=wsd", "training.max_steps=10", "training.decay_steps=11"],
+        "training.decay_steps=11: must be <= training.max_steps=10",
+    ),
+    "negative decay": (["training.decay_steps=-1"], "training.decay_steps=-1: must be >= 0"),
+    "ema_decay of 1": (["training.ema_decay=1"], "training.ema_decay=1.0: must be in [0, 1)"),
+    "negative ema_decay": (["training.ema_decay=-0.1"], "training.ema_decay=-0.1: must be"),
 }
 
 

@@ -292,3 +292,118 @@ def test_fork_sweeps_read_values_as_train_sweeps_do():
         ["training.seed=2", "logger.name=p"],
         ["training.seed=2", "logger.name=q"],
     ]
+
+
+# ----------------------------------------------------------------------------- cooldown forks
+
+# A constant-lr parent, evaluated every 2 steps (so that it has a val/loss at each cooldown's
+# end), checkpoints at 10 and 20; dropout on, so the RNG state must carry over too.
+CONSTANT = [
+    "model.dropout=0.1", "training.lr_schedule=constant", "training.eval_every=2",
+    "checkpoint.every_steps=10", "checkpoint.keep_last=2",
+]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def cooldowns(tmp_path_factory) -> tuple[Path, Path]:
+    """The constant parent (20 steps) and a sweep of its cooldown forks of 6 updates from steps
+    10 and 20 (the parent's max_steps: that one extends it)."""
+    base = tmp_path_factory.mktemp("cooldown")
+    result = train(base / "constant", *CONSTANT, cwd=base)
+    assert result.returncode == 0, result.stderr
+    sweep = base / "forks"
+    result = fork(
+        "-m", f"run={base / 'constant'}", "ckpt=10,20", "cooldown=6", f"out={sweep}", cwd=base
+    )
+    assert result.returncode == 0, result.stderr
+    return base / "constant", sweep
+
+
+def test_a_cooldown_fork_is_bit_identical_to_the_wsd_run_planned_from_the_start(cooldowns):
+    parent_dir, sweep = cooldowns
+    planned = parent_dir.parent / "planned"
+    wsd = ["training.lr_schedule=wsd", "training.max_steps=16", "training.decay_steps=6"]
+    result = train(planned, *CONSTANT[:1], *CONSTANT[2:], *wsd, cwd=parent_dir.parent)
+    assert result.returncode == 0, result.stderr
+    fork_dir = sweep / "0"
+    assert status(fork_dir)["parent"]["step"] == 10 and status(fork_dir)["cooldown"] == 6
+    assert status(fork_dir)["fork_overrides"] == wsd
+    # Every record from update 11 on: losses, evaluations and the lr, bit for bit.
+    mine = [r for r in read_metrics(fork_dir) if not r.get("inherited")]
+    theirs = [r for r in read_metrics(planned) if r["step"] > 10]
+    assert [r["step"] for r in mine] == [r["step"] for r in theirs] == list(range(11, 17))
+    for key in ("train/loss", "val/loss", "lr", "grad_norm", "tokens"):
+        assert [r.get(key) for r in mine] == [r.get(key) for r in theirs], key
+    assert mine[-1]["lr"] == 1e-4  # min_lr: the lr the last update trained with (see lr_factor)
+    # The parent's lr was constant, so the decay is the fork's own.
+    assert read_metrics(parent_dir)[16]["lr"] == 1e-3
+    a, b = checkpoint(fork_dir), checkpoint(planned)
+    assert a["step"] == b["step"] == 16 and a["tokens_seen"] == b["tokens_seen"]
+    for key, tensor in b["model"].items():
+        assert torch.equal(a["model"][key], tensor), f"parameter {key} differs"
+    for index, state in b["optimizer"]["state"].items():
+        for name, tensor in state.items():
+            assert torch.equal(a["optimizer"]["state"][index][name], tensor), (index, name)
+    assert a["scheduler"] == b["scheduler"]
+
+
+def test_cooldown_forks_extend_the_parent_and_compare_draws_their_frontier(cooldowns, tmp_path):
+    parent_dir, sweep = cooldowns
+    jobs = json.loads((sweep / "sweep.json").read_text())["jobs"]
+    assert [job["status"] for job in jobs] == ["finished", "finished"]
+    late = status(sweep / "1")
+    assert late["parent"]["step"] == 20 and late["cooldown"] == 6 and late["step"] == 26
+    table = gptexp.compare.compare(
+        gptexp.compare.CompareOptions(paths=[str(parent_dir.parent)], frontier=True)
+    )
+    header, _, first, second = table.splitlines()
+    assert header.split() == list(gptexp.compare.frontier.COLUMNS)
+    parent_val = {r["step"]: r["val/loss"] for r in read_metrics(parent_dir) if "val/loss" in r}
+    own = {r["step"]: r for r in read_metrics(sweep / "0") if "val/loss" in r}
+    tokens = f"{own[16]['tokens']:,}"
+    assert first.split() == [
+        "constant", "10", "6", "16", tokens, f"{own[16]['val/loss']:.4f}",
+        f"{parent_val[16]:.4f}", "forks/0",
+    ]  # fmt: skip
+    assert second.split()[:4] == ["constant", "20", "6", "26"] and second.split()[6] == "-"
+    code, stderr = call_main(
+        gptexp.compare.main, "--frontier", str(sweep), str(parent_dir), f"plot={tmp_path}/f.png"
+    )
+    assert code == 0 and (tmp_path / "f.png").stat().st_size > 0, stderr
+    code, stderr = call_main(gptexp.compare.main, "--frontier", str(parent_dir))
+    assert code == 2 and "no cooldown forks among these runs" in stderr
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["cooldown=0"], "cooldown='0': must be a number of updates >= 1"),
+        (["cooldown=abc"], "cooldown='abc': must be a number of updates >= 1"),
+        (["cooldown=5", "training.max_steps=30"], "training.max_steps=30: cooldown=... sets"),
+        (["cooldown=5", "training.lr_schedule=cosine"], "training.lr_schedule=cosine: cooldown"),
+        (["cooldown=5", "reset=step"], "reset=step would start them again"),
+        (["ckpt=10,20", "cooldown=5"], "ckpt=10,20: several values make several forks; add -m"),
+        (["-m", "ckpt=10,x", "cooldown=5"], "ckpt='x': must be last, best or a step number"),
+    ],
+)
+def test_bad_cooldowns_are_refused_in_one_line(stored_parent, tmp_path, args, message):
+    out = tmp_path / "never"
+    code, stderr = call_main(gptexp.fork.main, f"run={stored_parent}", f"out={out}", *args)
+    assert code == 2 and stderr.count("error:") == 1 and message in stderr, stderr
+    assert not out.exists()
+
+
+def test_a_cooldown_forks_wandb_run_is_in_its_parents_group_named_by_its_cooldown(tmp_path):
+    from types import SimpleNamespace
+
+    from gptexp.fork import wandb_names
+    from gptexp.run.forking import cooldown_overrides
+
+    start = SimpleNamespace(
+        parent=SimpleNamespace(path=tmp_path / "constant"),
+        parent_status={"wandb_name": "lr-1e-3", "wandb_group": "sweep-7"},
+        step=1000,
+        overrides=["training.lr=3e-4", *cooldown_overrides(1000, 200)],
+        cooldown=200,
+    )
+    assert wandb_names(start) == ("sweep-7", "lr-1e-3@1000 cooldown=200,training.lr=3e-4")

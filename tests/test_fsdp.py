@@ -131,6 +131,44 @@ def test_fsdp_dcp_killed_mid_save_resumes_exactly_on_two_ranks_and_on_one(tmp_pa
 
 
 @pytest.mark.slow
+def test_the_weight_average_is_sharded_like_the_weights_and_resumes_exactly(tmp_path):
+    """training.ema_decay under FSDP: each rank averages its own shards; a single-file
+    checkpoint gathers them (rank 0 writes whole tensors), a DCP one holds each rank's shards,
+    and a run stopped at step 4 and resumed ends with the straight run's average, bit for bit."""
+    ema = ["training.ema_decay=0.9", "training.lr_schedule=constant", "training.eval_every=4"]
+    fsdp = [*FAST, *SETTINGS[:1], "training.parallel=fsdp", "checkpoint.every_steps=4", *ema]
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    result = torchrun(
+        "gptexp.train", *fsdp, "training.max_steps=8", f"hydra.run.dir={straight}"
+    )  # checkpoint.format=file
+    assert_finished(result, straight)
+    result = torchrun(
+        "gptexp.train", *fsdp, "checkpoint.format=dcp", "training.max_steps=4",
+        f"hydra.run.dir={resumed}",
+    )  # fmt: skip
+    assert_finished(result, resumed)
+    shards = resumed / "checkpoints" / "step_0000004.dcp"
+    metadata = pickle.loads((shards / ".metadata").read_bytes())
+    assert len(metadata.state_dict_metadata["ema.wpe.weight"].chunks) == 2  # a shard per rank
+    result = torchrun("gptexp.resume", f"run={resumed}", "training.max_steps=8")
+    assert_finished(result, resumed)
+
+    manager = CheckpointManager(straight / "checkpoints", CheckpointConfig())
+    a, b = final_state(resumed), manager.load(manager.find("last"))
+    assert a["step"] == b["step"] == 8
+    assert b["ema"].keys() == b["model"].keys() - {"lm_head.weight"}
+    for name, tensor in b["ema"].items():
+        assert tensor.shape == b["model"][name].shape, name  # whole tensors in the file
+        assert torch.equal(a["ema"][name], tensor), name
+    for name, tensor in b["model"].items():
+        assert torch.equal(a["model"][name], tensor), name
+    ema_losses = [(r["step"], r.get("val/loss_ema")) for r in read_metrics(resumed)]
+    assert ema_losses == [(r["step"], r.get("val/loss_ema")) for r in read_metrics(straight)]
+    code, err = call_main(eval_main, f"run={straight}", "weights=ema", "samples=0")
+    assert code == 0, err
+
+
+@pytest.mark.slow
 def test_dcp_on_one_process_resumes_bit_identical_to_the_single_file_format(tmp_path):
     """checkpoint.format=dcp without torchrun (a world of one) and killed mid-save: the resumed
     run ends with the weights of an uninterrupted run that used the single-file format."""

@@ -308,7 +308,8 @@ def test_a_nonfinite_loss_with_the_guard_off_fails_the_run_and_keeps_its_checkpo
 
 @pytest.mark.slow
 def test_rollback_continues_and_a_resume_after_it_is_bit_identical(tmp_path):
-    guard = ["training.guard.action=rollback", *GUARDED]
+    # With a weight average, which must come through the rollback and the resume exactly too.
+    guard = ["training.guard.action=rollback", "training.ema_decay=0.9", *GUARDED]
     straight = tmp_path / "straight"
     result = spiking("13:100", straight, *guard, cwd=tmp_path)
     assert result.returncode == 0, result.stderr
@@ -333,6 +334,8 @@ def test_rollback_continues_and_a_resume_after_it_is_bit_identical(tmp_path):
     for index, state in b["optimizer"]["state"].items():
         for name, tensor in state.items():
             assert torch.equal(a["optimizer"]["state"][index][name], tensor)
+    for name, tensor in b["ema"].items():
+        assert torch.equal(a["ema"][name], tensor), f"average of {name} differs"
 
     def logged(d: Path) -> list[tuple]:
         return [(r["step"], r.get("event"), r.get("train/loss")) for r in read_metrics(d)]

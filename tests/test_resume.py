@@ -344,3 +344,34 @@ def test_a_truncated_newest_checkpoint_costs_no_valid_one(tmp_path, monkeypatch)
     assert code == 0, stderr
     assert "resuming from step_0000013.pt" in stderr
     assert [e.step for e in manager.entries()] == [40]
+
+
+def test_a_sigkilled_run_with_a_weight_average_resumes_with_it_bit_identical(tmp_path):
+    """training.ema_decay: the average is exact state, checkpointed and resumed like the
+    weights (issue 21 item 3)."""
+    ema = ["training.ema_decay=0.9", "training.max_steps=30"]
+    straight_dir = tmp_path / "straight"
+    straight = train(straight_dir, *EXACT, *ema, cwd=tmp_path)
+    assert straight.returncode == 0, straight.stderr
+    run_dir = tmp_path / "run"
+    proc = start(run_dir, *ema, cwd=tmp_path)
+    wait_for_step(run_dir, 23, proc)  # past the checkpoint of step 20
+    proc.kill()
+    proc.communicate(timeout=60)
+    assert proc.returncode == -signal.SIGKILL
+    result = resume(run_dir)
+    assert result.returncode == 0, result.stderr
+    assert "resuming from step_0000020.pt" in result.stderr
+    a, b = last_checkpoint(run_dir), last_checkpoint(straight_dir)
+    assert a["step"] == b["step"] == 30
+    assert a["ema"].keys() == b["ema"].keys() == dict(b["model"]).keys() - {"lm_head.weight"}
+    for name, tensor in b["ema"].items():
+        assert tensor.dtype == torch.float32
+        assert torch.equal(a["ema"][name], tensor), f"average of {name} differs"
+        assert not torch.equal(a["model"][name], tensor)  # an average, not the weights
+    for key, tensor in b["model"].items():
+        assert torch.equal(a["model"][key], tensor), f"parameter {key} differs"
+    ema_losses = [(r["step"], r.get("val/loss_ema")) for r in read_metrics(run_dir)]
+    straight_losses = [(r["step"], r.get("val/loss_ema")) for r in read_metrics(straight_dir)]
+    assert ema_losses == straight_losses
+    assert [step for step, loss in ema_losses if loss is not None] == [0, 20, 30]

@@ -3,6 +3,7 @@ ordering and discovery, status, what sets runs apart, sorting, the one argument 
 
 from __future__ import annotations
 
+import dataclasses
 import fcntl
 import json
 import math
@@ -41,6 +42,23 @@ def test_lr_schedule_at_known_steps():
 def test_lr_schedule_without_warmup_starts_at_the_peak():
     cfg = TrainingConfig(lr=3e-4, min_lr=0.0, warmup_steps=0, max_steps=100)
     assert lr_factor(0, cfg) == 1.0 and lr_factor(100, cfg) == pytest.approx(0.0)
+
+
+def test_wsd_is_constant_then_decays_linearly_over_the_last_decay_steps_updates():
+    wsd = TrainingConfig(
+        lr=1e-3, min_lr=1e-4, warmup_steps=10, max_steps=110, lr_schedule="wsd", decay_steps=4
+    )
+    constant = dataclasses.replace(wsd, lr_schedule="constant", decay_steps=0)
+    lr = lambda step, cfg=wsd: cfg.lr * lr_factor(step, cfg)  # noqa: E731 (update step + 1)
+    assert [lr(s) for s in (0, 9)] == [lr(s, constant) for s in (0, 9)] == [1e-4, 1e-3]
+    # Updates 1..106 are the constant schedule's, bit for bit (a cooldown fork's premise) ...
+    assert all(lr_factor(s, wsd) == lr_factor(s, constant) for s in range(106))
+    assert lr_factor(105, wsd) == 1.0 and lr_factor(500, constant) == 1.0
+    # ... then updates 107..110 step down by (lr - min_lr) / 4, the last at min_lr ...
+    assert [lr(s) for s in range(106, 110)] == pytest.approx([7.75e-4, 5.5e-4, 3.25e-4, 1e-4])
+    assert lr(500) == pytest.approx(1e-4)  # ... and past max_steps it stays there
+    whole = dataclasses.replace(wsd, warmup_steps=0, decay_steps=110)
+    assert lr_factor(0, whole) == pytest.approx(1 - 0.9 / 110)  # decay_steps=max_steps: no plateau
 
 
 # ----------------------------------------------------------------------------- retention

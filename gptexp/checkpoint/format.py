@@ -57,6 +57,9 @@ CHECKPOINT_KEYS = (
     "data_order",
     "data_step",
     "guard",
+    # The weights' moving average (gptexp.training.ema), only in the checkpoints of a run that
+    # keeps one (training.ema_decay > 0): a checkpoint without it is one of a run without it.
+    "ema",
 )
 MANIFEST = "manifest.json"  # checkpoints/manifest.json: the valid checkpoints and their sha256
 # A checkpoint's name inside checkpoints/: its step (zero-padded to 7 digits) and its format.
@@ -307,6 +310,38 @@ def nonfinite_tensors(state: Any) -> list[str]:
 
 def _sum(tensor: torch.Tensor) -> torch.Tensor:
     return tensor.sum(dtype=torch.float64 if tensor.dtype == torch.float64 else torch.float32)
+
+
+def average_layout(model: torch.nn.Module) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+    """What a checkpoint's ``ema`` of ``model`` holds: each parameter's name and whole shape, in
+    fp32 (a tied parameter once, under its first name)."""
+    return {name: (tuple(p.shape), torch.float32) for name, p in model.named_parameters()}
+
+
+def check_average(average: Any, expected: dict[str, tuple[tuple[int, ...], torch.dtype]]) -> dict:
+    """A checkpoint's ``ema`` (gptexp.training.ema), checked as the weights are before they
+    are loaded: a dict of exactly the ``expected`` names, each a tensor of its shape and dtype;
+    a CheckpointError saying what differs."""
+    if not isinstance(average, dict):
+        raise CheckpointError(
+            f"the checkpoint's ema is {type(average).__name__}, not a dict of tensors by name"
+        )
+    missing = sorted(set(expected) - set(average))
+    unknown = sorted(map(str, set(average) - set(expected)))
+    if missing or unknown:
+        what = [f"missing {', '.join(missing[:3])}"] if missing else []
+        what += [f"unknown {', '.join(unknown[:3])}"] if unknown else []
+        raise CheckpointError(f"the checkpoint's ema does not fit the model ({'; '.join(what)})")
+    for name, (shape, dtype) in expected.items():
+        tensor = average[name]
+        if not isinstance(tensor, torch.Tensor):
+            raise CheckpointError(f"the checkpoint's ema.{name} is not a tensor")
+        if tuple(tensor.shape) != shape or tensor.dtype != dtype:
+            raise CheckpointError(
+                f"the checkpoint's ema.{name} is {tensor.dtype}{list(tensor.shape)}, the model "
+                f"needs {dtype}{list(shape)}"
+            )
+    return average
 
 
 def load_checkpoint_file(path: Path, *, mmap: bool = False) -> dict[str, Any]:

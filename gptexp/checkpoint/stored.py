@@ -9,7 +9,9 @@ import logging
 from dataclasses import dataclass, field
 from typing import Any
 
-from gptexp.checkpoint.format import CheckpointEntry
+import torch
+
+from gptexp.checkpoint.format import CheckpointEntry, average_layout, check_average
 from gptexp.checkpoint.manager import run_checkpoints
 from gptexp.core.config import (
     DataConfig,
@@ -22,7 +24,7 @@ from gptexp.core.errors import CheckpointError, ConfigError
 from gptexp.data.corpus import Corpus, prepare_corpus
 from gptexp.data.tokenizers import Tokenizer, tokenizer_from_json
 from gptexp.model.gpt import GPT
-from gptexp.observe.metrics import VAL_LOSS, flatten, read_metrics
+from gptexp.observe.metrics import VAL_LOSS, VAL_LOSS_EMA, flatten, read_metrics
 from gptexp.observe.rundir import RunDirectory
 
 log = logging.getLogger(__name__)
@@ -31,6 +33,18 @@ log = logging.getLogger(__name__)
 def check_ckpt(ckpt: str) -> None:
     if ckpt not in ("last", "best") and not ckpt.isdigit():
         raise ConfigError(f"ckpt={ckpt!r}: must be last, best or a step number")
+
+
+# weights=: a checkpoint's trained weights, or their moving average (training.ema_decay).
+WEIGHTS = ("raw", "ema")
+
+
+def check_weights(weights: str) -> None:
+    if weights not in WEIGHTS:
+        raise ConfigError(
+            f"weights={weights!r}: must be raw (the trained weights) or ema (their moving "
+            "average, kept by runs with training.ema_decay > 0)"
+        )
 
 
 def checkpoint_label(ckpt: str) -> str:
@@ -46,14 +60,29 @@ class LoadedCheckpoint:
     skipped: list[str] = field(default_factory=list)  # damaged checkpoints passed over
 
 
-def load_run_checkpoint(run: RunDirectory, ckpt: str) -> LoadedCheckpoint:
+def load_run_checkpoint(run: RunDirectory, ckpt: str, weights: str = "raw") -> LoadedCheckpoint:
     """The checkpoint ``ckpt`` of ``run``, verified against the manifest and loaded with
-    ``weights_only=True``.
+    ``weights_only=True``; with ``weights=ema`` one that holds a weight average, labelled
+    ``<label>_ema`` (the names of eval's and export's files).
 
     ``last`` means the newest valid checkpoint: a damaged newest one is named and passed over.
     ``best`` and a step are explicit requests: a damaged one is an error, never swapped for
     another checkpoint behind the user's back.
     """
+    check_weights(weights)
+    loaded = _load_run_checkpoint(run, ckpt)
+    if weights == "ema":
+        if loaded.state.get("ema") is None:
+            raise CheckpointError(
+                f"weights=ema: {run.path.name}'s {loaded.entry.file} holds no weight average "
+                "(its run trained with training.ema_decay=0); use weights=raw, or fork it "
+                "with training.ema_decay=0.999 to start one"
+            )
+        loaded.label += "_ema"
+    return loaded
+
+
+def _load_run_checkpoint(run: RunDirectory, ckpt: str) -> LoadedCheckpoint:
     check_ckpt(ckpt)
     manager = run_checkpoints(run)
     entries = manager.entries()
@@ -100,8 +129,9 @@ def _known_fields(schema: type, values: dict[str, Any]) -> Any:
     return schema(**{key: value for key, value in values.items() if key in names})
 
 
-def rebuild_model(state: dict[str, Any]) -> RebuiltRun:
-    """The model, tokenizer and settings of a checkpoint, from the checkpoint alone.
+def rebuild_model(state: dict[str, Any], weights: str = "raw") -> RebuiltRun:
+    """The model, tokenizer and settings of a checkpoint, from the checkpoint alone; with
+    ``weights=ema`` the model holds the checkpoint's weight average (checked like the weights).
 
     Only ``config.model`` has to match today's schema exactly (it shapes the weights); keys
     of other groups that no longer exist are ignored and reported, since they cannot change
@@ -136,6 +166,11 @@ def rebuild_model(state: dict[str, Any]) -> RebuiltRun:
         raise CheckpointError(
             f"the weights do not fit the stored model config ({str(error).splitlines()[0]})"
         ) from None
+    if weights == "ema":
+        average = check_average(state.get("ema"), average_layout(model))
+        with torch.no_grad():
+            for name, param in model.named_parameters():
+                param.copy_(average[name])
     model.eval()
     return RebuiltRun(model, tokenizer, model_cfg, data_cfg, training, ignored)
 
@@ -148,8 +183,10 @@ def reload_corpus(rebuilt: RebuiltRun, fingerprint: str | None) -> Corpus:
     )
 
 
-def logged_val_loss(run: RunDirectory, step: int) -> float | None:
+def logged_val_loss(run: RunDirectory, step: int, weights: str = "raw") -> float | None:
+    """The val/loss the trainer logged at ``step`` (val/loss_ema for ``weights=ema``)."""
+    metric = VAL_LOSS_EMA if weights == "ema" else VAL_LOSS
     for record in read_metrics(run.metrics):
-        if record["step"] == step and record.get(VAL_LOSS) is not None:
-            return float(record[VAL_LOSS])
+        if record["step"] == step and record.get(metric) is not None:
+            return float(record[metric])
     return None

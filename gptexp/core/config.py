@@ -174,6 +174,10 @@ COMPILE_CHOICES = ("auto", "true", "false")
 # torch.compile's mode when a run compiles: default passes none (torch's own default);
 # reduce-overhead adds CUDA graphs; max-autotune-no-cudagraphs tries more kernels when compiling.
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune-no-cudagraphs")
+# The learning-rate schedules after warm-up (gptexp.training.optim.lr_factor): cosine decay to
+# min_lr at max_steps; wsd: lr, then a linear decay to min_lr over the last decay_steps
+# updates; constant: lr to the end (cooldown forks decay it later: gptexp.run.forking).
+LR_SCHEDULES = ("cosine", "wsd", "constant")
 
 
 @dataclass
@@ -186,7 +190,14 @@ class TrainingConfig:
     lr: float = 1e-3
     min_lr: float = 1e-4
     warmup_steps: int = 100
+    lr_schedule: str = "cosine"  # after warm-up: cosine | wsd | constant (see LR_SCHEDULES)
+    # wsd only (other schedules ignore it, so one sweep can try both): the last decay_steps
+    # updates before max_steps decay linearly to min_lr
+    decay_steps: int = 0
     weight_decay: float = 0.1
+    # An exponential moving average of the weights, updated after every applied update
+    # (gptexp.training.ema): ema = ema_decay * ema + (1 - ema_decay) * weights; 0 = none.
+    ema_decay: float = 0.0
     beta1: float = 0.9
     beta2: float = 0.99
     grad_clip: float = 1.0  # 0 disables clipping
@@ -232,6 +243,28 @@ class TrainingConfig:
             "training.min_lr",
             f"must be in [0, lr={self.lr}]",
             self.min_lr,
+        )
+        _one_of("training.lr_schedule", self.lr_schedule, LR_SCHEDULES)
+        _require(self.decay_steps >= 0, "training.decay_steps", "must be >= 0", self.decay_steps)
+        if self.lr_schedule == "wsd":
+            _require(
+                self.decay_steps >= 1,
+                "training.decay_steps",
+                "must be >= 1 with training.lr_schedule=wsd (the updates that decay to min_lr)",
+                self.decay_steps,
+            )
+            _require(
+                self.decay_steps <= self.max_steps,
+                "training.decay_steps",
+                f"must be <= training.max_steps={self.max_steps} (the decay is the last "
+                "decay_steps updates of the run)",
+                self.decay_steps,
+            )
+        _require(
+            0 <= self.ema_decay < 1,
+            "training.ema_decay",
+            "must be in [0, 1) (0: no average; 0.999 averages ~1000 updates)",
+            self.ema_decay,
         )
         _require(self.weight_decay >= 0, "training.weight_decay", "must be >= 0", self.weight_decay)
         for key in ("beta1", "beta2"):

@@ -185,7 +185,8 @@ class ExportInfo:
     step: int
     config: dict[str, Any]  # the run's full config
     data_fingerprint: str | None
-    val_loss: float | None  # val/loss the run logged at this step
+    val_loss: float | None  # val/loss the run logged at this step (val/loss_ema for ema)
+    weights: str = "raw"  # raw | ema: the trained weights or their moving average
 
 
 def hf_config(model_cfg: ModelConfig, vocab_size: int, eot_id: int | None):
@@ -247,6 +248,7 @@ def save_hf(model: GPT, tokenizer: Tokenizer, out: Path, info: ExportInfo) -> No
         "gptexp.config": json.dumps(info.config, sort_keys=True),
         "gptexp.data_fingerprint": str(info.data_fingerprint),
         "gptexp.val_loss": str(info.val_loss),
+        "gptexp.weights": info.weights,
     }
     out.mkdir(parents=True, exist_ok=True)
     weights = safetensors.torch.save(to_hf_state_dict(model), metadata=metadata)
@@ -260,10 +262,15 @@ def save_hf(model: GPT, tokenizer: Tokenizer, out: Path, info: ExportInfo) -> No
 
 def model_card(model: GPT, tokenizer: Tokenizer, info: ExportInfo, out: Path) -> str:
     loss = "not evaluated at this step" if info.val_loss is None else f"{info.val_loss:.4f}"
+    ema = info.weights == "ema"
     rows = [
         ("run", f"`{info.run}`"),
         ("checkpoint", f"`{info.checkpoint}` (step {info.step})"),
-        ("validation loss", f"{loss} (val/loss the run logged at step {info.step})"),
+        ("weights", "the moving average of the weights (ema)" if ema else "the trained weights"),
+        (
+            "validation loss",
+            f"{loss} ({'val/loss_ema' if ema else 'val/loss'} the run logged at step {info.step})",
+        ),
         ("data fingerprint", f"sha256 `{info.data_fingerprint}`"),
         ("tokenizer", f"{tokenizer.kind}, {tokenizer.vocab_size} tokens"),
         ("parameters", f"{model.num_parameters(non_embedding=False):,}"),

@@ -1,6 +1,7 @@
-"""compare's loss figure: two panels (training and validation loss against step) that share a
-y axis, a colour per curve, and a legend below both panels, saved as a PNG. Its drawings (a
-curve per run in compare, a band per seed group in seedgroups) fill the panels in between.
+"""compare's figures: the loss figure, two panels (training and validation loss against step)
+that share a y axis, a colour per curve, and a legend below both panels, saved as a PNG. Its
+drawings (a curve per run in compare, a band per seed group in seedgroups) fill the panels in
+between. The frontier figure (gptexp.observe.frontier) is one panel with the same legend.
 matplotlib is imported only when a figure is drawn."""
 
 from __future__ import annotations
@@ -19,6 +20,19 @@ def loss_panels(curves: int) -> tuple[Any, Any, Any, Any]:
 
     fig, (train_ax, val_ax) = plt.subplots(1, 2, figsize=(13, 4.8), sharey=True)
     return fig, train_ax, val_ax, plt.get_cmap("tab10" if curves <= 10 else "tab20")
+
+
+def one_panel(curves: int) -> tuple[Any, Any, Any]:
+    """(figure, axes, colour map) of a one-panel figure for ``curves`` curves."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 5))
+    ax.grid(True, alpha=0.3)
+    ax.spines[["top", "right"]].set_visible(False)
+    return fig, ax, plt.get_cmap("tab10" if curves <= 10 else "tab20")
 
 
 def finish_loss_panels(

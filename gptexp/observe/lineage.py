@@ -34,6 +34,14 @@ def fork_parent(status: dict[str, Any]) -> dict[str, Any] | None:
     return parent
 
 
+def fork_cooldown(status: dict[str, Any]) -> int | None:
+    """run.json's ``cooldown`` of a cooldown fork (the updates of its decay), or None."""
+    cooldown = status.get("cooldown")
+    if fork_parent(status) is None or not isinstance(cooldown, int) or isinstance(cooldown, bool):
+        return None
+    return cooldown if cooldown >= 1 else None
+
+
 def ancestry(
     run: RunDirectory, holds: Holds, search: list[RunDirectory] = ()
 ) -> list[dict[str, Any]]:

@@ -24,6 +24,7 @@ log = logging.getLogger(__name__)
 STEP = "step"
 TRAIN_LOSS = "train/loss"
 VAL_LOSS = "val/loss"
+VAL_LOSS_EMA = "val/loss_ema"  # val/loss of the weights' moving average (training.ema_decay)
 LR = "lr"
 GRAD_NORM = "grad_norm"
 TOKENS = "tokens"

@@ -15,8 +15,19 @@ state, batches and random numbers), so it continues bit for bit as the parent di
   guard start again at 0 (the fork then inherits no records: its steps would repeat its
   parent's).
 
+``weights=ema`` starts the fork's model from the checkpoint's weight average (a run with
+``training.ema_decay > 0``) instead of its weights; the rest of the state is the checkpoint's
+as always: AdamW's moments (of the weights' path) and, where the fork keeps an average, the
+average itself, which then equals the fork's starting weights.
+
 The parent's best metric is kept, except where the fork cannot compare with it: after
 ``reset=step``, on another text, or with another ``checkpoint.monitor`` / ``mode``.
+
+A cooldown fork (``cooldown=D``) decays the learning rate from its checkpoint's step ``s`` over
+``D`` updates: ``training.lr_schedule=wsd``, ``max_steps=s+D``, ``decay_steps=D``. Forked from
+a run trained with ``lr_schedule=constant`` (same warm-up), it is bit for bit the run planned as
+that wsd schedule from the start (gptexp.training.optim.lr_factor); run.json records
+``cooldown``, so compare can draw the loss of every budget (gptexp.observe.frontier).
 """
 
 from __future__ import annotations
@@ -28,7 +39,7 @@ from typing import Any
 
 from gptexp.checkpoint.format import CheckpointEntry
 from gptexp.checkpoint.manager import FORK_START
-from gptexp.checkpoint.stored import load_run_checkpoint
+from gptexp.checkpoint.stored import LoadedCheckpoint
 from gptexp.core.config import GuardConfig, TrainConfig
 from gptexp.core.errors import ConfigError, DataError
 from gptexp.core.fsio import atomic_write_text
@@ -39,12 +50,15 @@ from gptexp.observe.metrics import INHERITED, STEP, read_metrics
 from gptexp.observe.rundir import RunDirectory
 from gptexp.observe.runtable import launch_overrides
 from gptexp.run.starts import Beginning, Start
+from gptexp.training.ema import copy_average_into
 from gptexp.training.state import TrainState, new_wandb_id
 from gptexp.training.trainer import Trainer
 
 log = logging.getLogger(__name__)
 
 RESETS = ("optimizer", "scheduler", "rng", "step")
+# What a cooldown sets itself (cooldown_overrides): the user may not set them too.
+COOLDOWN_KEYS = ("training.lr_schedule", "training.max_steps", "training.decay_steps")
 # A resume keeps its run's global batch; a fork that sets these trains with the batch it asks for.
 BATCH_KEYS = ("training.batch_size", "training.grad_accum")
 
@@ -59,6 +73,43 @@ def parse_reset(text: str) -> tuple[str, ...]:
             f"{', '.join(RESETS)}, comma-separated)"
         )
     return tuple(name for name in RESETS if name in names)
+
+
+def parse_cooldown(text: str) -> int:
+    """``cooldown=D``: a number of updates >= 1."""
+    if not text.strip().isdigit() or int(text) < 1:
+        raise ConfigError(
+            f"cooldown={text!r}: must be a number of updates >= 1 (the length of the decay "
+            "to training.min_lr, e.g. cooldown=200)"
+        )
+    return int(text)
+
+
+def check_cooldown(overrides: list[str], reset: tuple[str, ...]) -> None:
+    """A cooldown sets the schedule's keys itself and counts from the checkpoint's step: an
+    override of those keys, or a reset of the step or schedule, would contradict it."""
+    for item in overrides:
+        key = item.partition("=")[0].lstrip("+~")
+        if key in COOLDOWN_KEYS:
+            raise ConfigError(
+                f"{item}: cooldown=... sets {', '.join(COOLDOWN_KEYS)} itself (wsd to the "
+                "checkpoint's step + the cooldown); drop the override or the cooldown"
+            )
+    clash = [name for name in ("scheduler", "step") if name in reset]
+    if clash:
+        raise ConfigError(
+            f"reset={','.join(reset)}: a cooldown decays from the checkpoint's step and "
+            f"schedule; reset={clash[0]} would start them again (drop it or the cooldown)"
+        )
+
+
+def cooldown_overrides(step: int, updates: int) -> list[str]:
+    """The overrides of a cooldown of ``updates`` updates from a checkpoint of ``step``."""
+    return [
+        "training.lr_schedule=wsd",
+        f"training.max_steps={step + updates}",
+        f"training.decay_steps={updates}",
+    ]
 
 
 def data_changed(changes: dict[str, Any]) -> bool:
@@ -94,6 +145,8 @@ class ForkStart(Start):
     changes: dict[str, tuple[Any, Any]]
     reset: tuple[str, ...] = ()
     parent_status: dict[str, Any] = field(default_factory=dict)
+    cooldown: int | None = None  # a cooldown fork's decay (its overrides are in ``overrides``)
+    weights: str = "raw"  # ema: the model starts from the checkpoint's weight average
 
     @property
     def step(self) -> int:
@@ -123,11 +176,14 @@ class ForkStart(Start):
         """Turn a trainer loaded with the parent's state (and, by Trainer.load_state, with the
         config's hyperparameters) into the fork's: the resets, a W&B run of its own."""
         trainer.restart(self.reset, self.fork_state(trainer.state, trainer.cfg.training.guard))
+        if self.weights == "ema":
+            copy_average_into(trainer.model, self.state["ema"])
         log.info(
-            "fork of %s at step %d (%s)%s",
+            "fork of %s at step %d (%s)%s%s",
             self.parent.path,
             self.step,
             self.entry.file,
+            "; weights: the average" if self.weights == "ema" else "",
             f"; reset: {', '.join(self.reset)}" if self.reset else "",
         )
 
@@ -188,6 +244,8 @@ class ForkStart(Start):
             },
             "fork_overrides": list(self.overrides),
             "reset": list(self.reset),
+            **({"cooldown": self.cooldown} if self.cooldown is not None else {}),
+            **({"weights": self.weights} if self.weights != "raw" else {}),
             # What sets the fork apart in compare: its parent's launch choices and its own.
             "overrides": self.settings(),
         }
@@ -219,16 +277,19 @@ class ForkStart(Start):
 
 def fork_start(
     parent: RunDirectory,
-    ckpt: str,
+    loaded: LoadedCheckpoint,
     cfg: TrainConfig,
     changes: dict[str, tuple[Any, Any]],
     overrides: list[str],
     reset: tuple[str, ...] = (),
+    *,
+    cooldown: int | None = None,
+    weights: str = "raw",
 ) -> ForkStart:
-    """The start of a fork of ``parent`` at its checkpoint ``ckpt`` (verified) with ``cfg``, the
-    parent's config with ``changes`` (what ``overrides`` made of it): everything a fork checks
-    before it writes anything, the text encoded with the parent's tokenizer included."""
-    loaded = load_run_checkpoint(parent, ckpt)
+    """The start of a fork of ``parent`` at its ``loaded`` checkpoint (verified) with ``cfg``,
+    the parent's config with ``changes`` (what ``overrides`` made of it, a cooldown's
+    included): everything a fork checks before it writes anything, the text encoded with the
+    parent's tokenizer included."""
     if "step" not in reset and cfg.training.max_steps <= loaded.entry.step:
         raise ConfigError(
             f"training.max_steps={cfg.training.max_steps}: the fork starts at step "
@@ -245,6 +306,8 @@ def fork_start(
         changes=changes,
         reset=reset,
         parent_status=parent.read_status(),
+        cooldown=cooldown,
+        weights=weights,
     )
 
 

@@ -28,6 +28,7 @@ from typing import Any
 
 from omegaconf import DictConfig
 
+from gptexp.checkpoint.stored import load_run_checkpoint
 from gptexp.core.cli import command_logging
 from gptexp.core.config import TrainConfig, config_to_dict, to_train_config
 from gptexp.core.errors import USER_ERRORS, ConfigError, RunError, RunFailed
@@ -146,7 +147,7 @@ def exploit(parent: RunDirectory, step: int, cfg: TrainConfig) -> Start:
             f"{parent.path}: a fork of it cannot have this member's config "
             f"({', '.join(mismatch)} differ); it is not a run of this sweep"
         )
-    return fork_start(parent, str(step), fork_cfg, changes, changed)
+    return fork_start(parent, load_run_checkpoint(parent, str(step)), fork_cfg, changes, changed)
 
 
 def check_own_run(

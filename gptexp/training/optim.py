@@ -19,10 +19,29 @@ from gptexp.model.gpt import GPT
 
 
 def lr_factor(step: int, cfg: TrainingConfig) -> float:
-    """Multiplier of ``cfg.lr`` for update ``step + 1``: linear warm-up over ``warmup_steps``,
-    then cosine decay to ``min_lr`` at ``max_steps`` (and ``min_lr`` after it)."""
+    """Multiplier of ``cfg.lr`` for update ``step + 1`` (a pure function of the step; every
+    schedule is written here): linear warm-up over the first ``warmup_steps`` updates, then
+
+    - ``cosine``: cosine decay to ``min_lr`` at ``max_steps`` (and ``min_lr`` after it);
+    - ``constant``: ``lr`` to the end;
+    - ``wsd`` (warm-up, stable, decay): ``lr`` up to update ``max_steps - decay_steps``, then
+      the last ``decay_steps`` updates step linearly down to ``min_lr``: update
+      ``max_steps - decay_steps + k`` trains at ``lr - k / decay_steps * (lr - min_lr)``, so
+      the first decayed update is one step below ``lr`` and update ``max_steps`` (and any
+      after it) trains at ``min_lr``. Up to update ``max_steps - decay_steps`` it equals
+      ``constant``: a cooldown fork of a constant run is the wsd run planned from the start.
+      Warm-up comes first where the two overlap.
+    """
     if step < cfg.warmup_steps:
         return (step + 1) / cfg.warmup_steps
+    if cfg.lr_schedule == "constant":
+        return 1.0
+    if cfg.lr_schedule == "wsd":
+        decayed = step + 1 - (cfg.max_steps - cfg.decay_steps)  # updates into the decay
+        if decayed <= 0:
+            return 1.0
+        progress = min(1.0, decayed / cfg.decay_steps)
+        return (cfg.min_lr + (1.0 - progress) * (cfg.lr - cfg.min_lr)) / cfg.lr
     span = max(1, cfg.max_steps - cfg.warmup_steps)
     progress = min(1.0, (step - cfg.warmup_steps) / span)
     cosine = 0.5 * (1.0 + math.cos(math.pi * progress))

@@ -51,12 +51,14 @@ from gptexp.observe.metrics import (
     TOKENS_PER_S,
     TRAIN_LOSS,
     VAL_LOSS,
+    VAL_LOSS_EMA,
     best_metric_name,
     median_throughput,
 )
 from gptexp.observe.rundir import RunDirectory
 from gptexp.training.compile_policy import compile_options, should_compile
 from gptexp.training.device_guard import DeviceGuard, masked_step
+from gptexp.training.ema import WeightAverage
 from gptexp.training.guard import ROLLBACK, SKIP
 from gptexp.training.mfu import (
     Peak,
@@ -161,6 +163,8 @@ class Trainer(SpikeResponse):
             shard_model(self.model)
         self.optimizer = build_optimizer(self.model, t, self.device)
         self.scheduler = build_scheduler(self.optimizer, t)
+        # After sharding: the average of a sharded model is sharded like its weights.
+        self.ema = WeightAverage(self.model, t.ema_decay) if t.ema_decay > 0 else None
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=t.precision == "fp16")
         self.checkpoints = run_checkpoints(run, cfg.checkpoint)
         self.state = TrainState.fresh(t.guard)  # a resumed run's is its checkpoint's
@@ -224,7 +228,12 @@ class Trainer(SpikeResponse):
             "vocab_size": self.corpus.tokenizer.vocab_size,
             "world_size": self.dist.world_size,
         }
-        return {key: checkpoint[key] for key in CHECKPOINT_KEYS}
+        if self.ema is not None:
+            checkpoint["ema"] = self.ema.state_dict(
+                full=self.cfg.checkpoint.format == "file",
+                is_main=self.dist.is_main,
+            )
+        return {key: checkpoint[key] for key in CHECKPOINT_KEYS if key in checkpoint}
 
     def _model_optimizer_state(self) -> tuple[dict[str, Any], dict[str, Any]]:
         """FSDP or DCP: the named layout (gptexp.training.parallel), whole tensors for the file
@@ -257,6 +266,7 @@ class Trainer(SpikeResponse):
         )
         if state.get("scaler") and self.scaler.is_enabled():
             self.scaler.load_state_dict(state["scaler"])
+        self._load_average(state.get("ema"))
         self.state = train_state
         saved_world = int(state["world_size"])
         if self.state.data_order >= 2:
@@ -267,6 +277,20 @@ class Trainer(SpikeResponse):
         restore_rng_state(state["rng"][self.dist.rank % saved_world])
         self._lr_table = None  # the configured base lrs, the schedule's max_steps
         self.batches.discard()  # the data position (and order) are the checkpoint's
+
+    def _load_average(self, average: Any) -> None:
+        """The checkpoint's average, where this run keeps one; one that the checkpoint lacks
+        (training.ema_decay set on a resume or fork) starts from the loaded weights."""
+        if self.ema is None:
+            if average is not None and self.dist.is_main:
+                log.info("the checkpoint's weight average is dropped (training.ema_decay=0)")
+            return
+        if average is None:
+            if self.dist.is_main:
+                log.info("the checkpoint holds no weight average: it starts from its weights")
+            self.ema.load_from_weights()
+            return
+        self.ema.load_state_dict(average)
 
     def restart(self, parts: Collection[str], state: TrainState) -> None:
         """A fork's start (gptexp.run.forking): carry on from ``state``, with ``parts`` of what
@@ -322,6 +346,8 @@ class Trainer(SpikeResponse):
         masked, norm = self.device_guard.judge(loss, grad_norm, self.scaler.is_enabled())
         masked_step(self.optimizer, self.scaler, masked, lrs)
         self.scheduler.step()
+        if self.ema is not None:
+            self.ema.update(applied=~masked)
         self.optimizer.zero_grad(set_to_none=True)
         record = torch.stack([own_loss, loss, grad_norm, norm, masked.to(total.dtype)])
         self.pending.append(Attempt(self.state.data_step, record))
@@ -464,7 +490,7 @@ class Trainer(SpikeResponse):
             and (t.eval_every or t.max_steps == 0)
         ):
             self.last_val_loss = self.evaluate()
-            self._log({STEP: 0, VAL_LOSS: self.last_val_loss})
+            self._log({STEP: 0, VAL_LOSS: self.last_val_loss, **self._evaluate_average()})
             log.info("step 0: val/loss %.4f", self.last_val_loss)
             if t.max_steps == 0:
                 return self._finish_at_step_zero()
@@ -600,7 +626,16 @@ class Trainer(SpikeResponse):
         if not self._evaluates(self.state.step, final):
             return None
         self.last_val_loss = record[VAL_LOSS] = self.evaluate()
+        record.update(self._evaluate_average())
         return self.last_val_loss if self.cfg.checkpoint.monitor == VAL_LOSS else loss
+
+    def _evaluate_average(self) -> dict[str, float]:
+        """``val/loss_ema``: the weight average evaluated in the model's place (its weights
+        back bit for bit after), where the run keeps one."""
+        if self.ema is None:
+            return {}
+        with self.ema.swapped_in():
+            return {VAL_LOSS_EMA: self.evaluate()}
 
     def _sample_if_due(self, final: bool) -> None:
         if (self.dist.is_main or self.sharded) and self._samples(self.state.step, final):
@@ -623,8 +658,10 @@ class Trainer(SpikeResponse):
             return
         self._save_buffers_ready = True
         if self.cfg.checkpoint.enabled and self.cfg.checkpoint.async_save:
+            average = {"ema": self.ema.state_dict(full=True, is_main=True)} if self.ema else {}
             self.checkpoints.prepare(
                 {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict()}
+                | average
             )
 
     def _save_if_due(self, metric: float | None, final: bool) -> None:
