@@ -33,7 +33,7 @@ from typing import ClassVar
 from gptexp.checkpoint.stored import check_ckpt, check_weights, load_run_checkpoint
 from gptexp.core.cli import command_logging, parse_options, run_command
 from gptexp.core.config import CONFIG_KEYS, TrainConfig, parse_overrides
-from gptexp.core.errors import USER_ERRORS, JobFailed, RunError, TrainingInterrupted
+from gptexp.core.errors import USER_ERRORS, ConfigError, JobFailed, RunError, TrainingInterrupted
 from gptexp.observe.rundir import (
     FAILED,
     FINISHED,
@@ -45,6 +45,7 @@ from gptexp.observe.rundir import (
 from gptexp.observe.runtable import cells, table_columns, write_summary
 from gptexp.observe.tables import text_table
 from gptexp.run.forking import (
+    COOLDOWN_KEYS,
     ForkStart,
     check_cooldown,
     cooldown_overrides,

@@ -106,7 +106,7 @@ def test_the_same_seed_gives_the_same_population_scores_and_weights(reference, t
                 assert parent["step"] == int(member["run"][1]) * STEPS
             training = status["config"]["training"]
             assert training["lr"] == member["params"]["training.lr"]
-            assert training["min_lr"] == training["lr"]  # the preset's: constant after warm-up
+            assert training["lr_schedule"] == "constant"  # the preset's: lr after the warm-up
     assert any(m["parent"] for r in rounds for m in r["members"])  # the test saw a fork
 
     again = tmp_path / "sweep"

@@ -134,8 +134,7 @@ def member_start(cfg: TrainConfig, own: RunDirectory, job: MemberJob) -> Start:
 def exploit(parent: RunDirectory, step: int, cfg: TrainConfig) -> Start:
     """The start of a fork member's run: the fork of ``parent`` at ``step`` whose config is the
     member's, as Hydra composed it; its overrides are the keys in which that differs from the
-    parent's (the hyperparameters, ``max_steps``, and what follows from them, such as a
-    ``min_lr`` that the preset ties to ``lr``)."""
+    parent's (the hyperparameters, ``max_steps``, and whatever else follows from them)."""
     wanted = config_to_dict(cfg)
     differ = config_diff(stored_config(parent), wanted)
     changed = [f"{key}={hydra_value(new)}" for key, (_, new) in differ.items() if key != MAX_STEPS]
