@@ -136,10 +136,11 @@ def prepare(options: ForkOptions, overrides: list[str]) -> tuple[TrainConfig, Fo
     cooldown = parse_cooldown(options.cooldown) if options.cooldown is not None else None
     if cooldown is not None:
         check_cooldown(overrides, reset)
+    cfg, changes = overridden_config(parent, overrides, fork=True)  # before any loading
     loaded = load_run_checkpoint(parent, options.ckpt, options.weights)
     if cooldown is not None:  # its schedule is counted from the checkpoint's step
         overrides = [*overrides, *cooldown_overrides(loaded.entry.step, cooldown)]
-    cfg, changes = overridden_config(parent, overrides, fork=True)
+        cfg, changes = overridden_config(parent, overrides, fork=True)
     start = fork_start(
         parent, loaded, cfg, changes, overrides, reset, cooldown=cooldown, weights=options.weights
     )

@@ -276,7 +276,9 @@ class Trainer(SpikeResponse):
             say_world_change(saved_world, self.dist.world_size, self.state.data_order)
         restore_rng_state(state["rng"][self.dist.rank % saved_world])
         self._lr_table = None  # the configured base lrs, the schedule's max_steps
-        self.batches.discard()  # the data position (and order) are the checkpoint's
+        # The data position and order are the checkpoint's, and on another world size
+        # keep_global_batch may have changed grad_accum: nothing prefetched stands.
+        self.batches = Prefetcher(self._make_batch, self.cfg.training.grad_accum, self.device)
 
     def _load_average(self, average: Any) -> None:
         """The checkpoint's average, where this run keeps one; one that the checkpoint lacks
