@@ -2,12 +2,16 @@
 
     python tests/spiking_launcher.py BATCH:FACTOR[,BATCH:FACTOR...] MODULE [ARGS...]
 
-BATCH is a batch index (the ``step`` argument the trainer passes to ``train_batch``); FACTOR
-is a number, ``nan`` or ``inf``. The loss of every micro-batch drawn for that index is
-multiplied, so its gradient is too: a bad batch, as the guard sees one. MODULE may be another
-launcher (``tests.crashing_save``) to combine faults. The
-spike is forced here, on the test side, by patching this process before the command starts;
-the product has no hook for it. Evaluation batches are never touched.
+BATCH is a batch index (the one the trainer's attempt at an update trains on); FACTOR is a
+number, ``nan`` or ``inf``. The loss of every micro-batch of that attempt is multiplied, so its
+gradient is too: a bad batch, as the guard sees one. MODULE may be another launcher
+(``tests.crashing_save``) to combine faults. The spike is forced here, on the test side, by
+patching this process before the command starts; the product has no hook for it. Evaluation
+batches are never touched.
+
+The factor is chosen by the attempt, not when a batch is built: the trainer builds the next
+update's batches ahead (gptexp.data.prefetch), before the evaluation or the sample of the step
+in between, and builds all of an update's micro-batches at once.
 """
 
 from __future__ import annotations
@@ -22,21 +26,25 @@ import gptexp.training.trainer as trainer
 def install(factors: dict[int, float], patch=setattr) -> None:
     """Multiply the loss of the batches of ``factors``; ``patch(owner, name, value)`` sets the
     patches (pytest's monkeypatch.setattr in a test's own process)."""
-    train_batch = trainer.train_batch
+    train_step = trainer.Trainer.train_step
     forward = model.GPT.forward
-    pending: list[float] = []  # the factor for the next forward pass (a training batch's)
+    factor: list[float] = []  # the factor of the attempt under way, if its batch has one
 
-    def sample(*args, **kwargs):
-        pending[:] = [factors[kwargs["step"]]] if kwargs["step"] in factors else []
-        return train_batch(*args, **kwargs)
+    def spiking_step(self, *args, **kwargs):
+        index = self.state.guard.next_batch(self.state.data_step)  # the batch it trains on
+        factor[:] = [factors[index]] if index in factors else []
+        try:
+            return train_step(self, *args, **kwargs)
+        finally:
+            factor.clear()
 
     def spiking_forward(self, *args, **kwargs):
         logits, loss = forward(self, *args, **kwargs)
-        if pending and loss is not None:
-            loss = loss * pending.pop()
+        if factor and loss is not None:
+            loss = loss * factor[0]
         return logits, loss
 
-    patch(trainer, "train_batch", sample)
+    patch(trainer.Trainer, "train_step", spiking_step)
     patch(model.GPT, "forward", spiking_forward)
 
 

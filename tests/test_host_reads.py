@@ -63,6 +63,38 @@ def force_losses(monkeypatch, factors: dict[int, float]) -> None:
     spiking_launcher.install(factors, monkeypatch.setattr)
 
 
+class Records:
+    """A metrics sink that keeps what it is given."""
+
+    def __init__(self) -> None:
+        self.records: list[dict] = []
+
+    def log(self, record: dict) -> None:
+        self.records.append(dict(record))
+
+
+def test_a_forced_spike_hits_every_micro_batch_of_its_update_and_no_evaluation(
+    tmp_path, monkeypatch, one_thread
+):
+    """The test side's spike (force_losses, tests/spiking_launcher.py) on batch 10, the update
+    after step 10's evaluation: the trainer builds that batch ahead, before the evaluation,
+    and both micro-batches at once; the factor still lands on both micro-batches of update 11
+    and on nothing the evaluation computes."""
+    overrides = [*FAST, "training.grad_accum=2", "training.max_steps=11"]
+    logged = {}
+    for name, factors in (("plain", {}), ("forced", {10: 100.0})):
+        if factors:
+            force_losses(monkeypatch, factors)
+        (tmp_path / name).mkdir()
+        sink = Records()
+        make_trainer(compose_config(overrides), tmp_path / name, sinks=[sink]).fit()
+        logged[name] = {r["step"]: r for r in sink.records}
+    assert logged["forced"][10]["val/loss"] == logged["plain"][10]["val/loss"]
+    assert logged["forced"][11]["train/loss"] == pytest.approx(
+        100 * logged["plain"][11]["train/loss"], rel=1e-5
+    )
+
+
 # ----------------------------------------------------------------------------- host reads
 
 
