@@ -234,6 +234,71 @@ def test_skip_masks_on_the_device_and_the_host_records_the_exact_steps(
     assert replay.accepted == trainer.state.guard.accepted == 20
 
 
+def flat(value, key: str = ""):
+    """(dotted key, leaf) of every value in nested dicts and lists."""
+    if isinstance(value, dict):
+        for k, v in value.items():
+            yield from flat(v, f"{key}.{k}")
+    elif isinstance(value, list | tuple):
+        for i, v in enumerate(value):
+            yield from flat(v, f"{key}[{i}]")
+    else:
+        yield key, value
+
+
+def same_leaf(a, b) -> bool:
+    if isinstance(a, torch.Tensor):
+        return isinstance(b, torch.Tensor) and torch.equal(a, b)
+    return a == b or (a != a and b != b)  # NaN (an event's loss) equals NaN here
+
+
+def test_a_windowed_run_logs_and_saves_what_a_run_that_reads_every_step_does(
+    tmp_path, monkeypatch, one_thread
+):
+    """Skips where the windows make it hardest, read back every 5 steps and every step: a skip
+    on the update of a logged and saved step (batch 4, step 5), three in one window (batches
+    6..8, the update of step 6), one on the attempt at the last step (batch 23, step 20).
+    The records the sinks get (with the events, in order), every checkpoint, the weights and
+    their average are the same numbers; the time taken aside."""
+    force_losses(monkeypatch, {4: math.nan, 6: math.nan, 7: 100.0, 8: math.inf, 23: math.nan})
+    common = ["training.guard.action=skip", "training.guard.warmup=5", "training.ema_decay=0.9"]
+    common += [
+        "checkpoint.every_steps=5",
+        "checkpoint.keep_last=4",
+        "checkpoint.monitor=train/loss",
+    ]
+    runs = {}
+    for every in (1, 5):
+        run_dir = tmp_path / f"every{every}"
+        run_dir.mkdir()
+        sink = Records()
+        cfg = compose_config([*FAST, *common, f"training.log_every={every}"])
+        trainer = make_trainer(cfg, run_dir, sinks=[sink])
+        trainer.fit()
+        timed = ("throughput/", "time/")
+        records = [{k: v for k, v in r.items() if not k.startswith(timed)} for r in sink.records]
+        runs[every] = (trainer, records, run_dir)
+    (each, each_records, each_dir), (windowed, windowed_records, windowed_dir) = runs[1], runs[5]
+    assert [(e["step"], e["batch"]) for e in windowed.state.guard.events] == [
+        (5, 4), (6, 6), (6, 7), (6, 8), (20, 23),
+    ]  # fmt: skip
+    logged = {r["step"] for r in windowed_records if "event" not in r}
+    expected = [r for r in each_records if "event" in r or r["step"] in logged]
+    assert json.dumps(windowed_records) == json.dumps(expected)
+    for step in (5, 10, 15, 20):
+        saved = [
+            dict(flat(manager(d).load(manager(d).find(step)))) for d in (each_dir, windowed_dir)
+        ]
+        ignored = {".wandb_id", ".scheduler._step_count"}  # (the calls of step(): no number)
+        keys = {k for k in saved[0] if k not in ignored and not k.startswith(".config.")}
+        assert keys == {k for k in saved[1] if k not in ignored and not k.startswith(".config.")}
+        assert [k for k in sorted(keys) if not same_leaf(saved[0][k], saved[1][k])] == [], step
+    for a, b in zip(each.ema.average, windowed.ema.average, strict=True):
+        assert torch.equal(a, b)
+    for key, tensor in each.model.state_dict().items():
+        assert torch.equal(windowed.model.state_dict()[key], tensor), key
+
+
 @pytest.mark.parametrize("case", ["rejected", "overflow", "applied"])
 def test_the_masked_step_keeps_the_grad_scaler_as_the_host_did(case):
     """fp16 (a GradScaler on the CPU here): a guard rejection leaves the parameters, the
