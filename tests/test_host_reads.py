@@ -374,6 +374,37 @@ def test_a_stop_inside_a_window_saves_the_true_step_and_resumes_bit_identical(
         assert torch.equal(resumed.model.state_dict()[key], tensor), key
 
 
+def test_a_failure_inside_a_window_leaves_the_true_step_and_the_skips_on_record(
+    tmp_path, monkeypatch, one_thread
+):
+    """A crash (here a RuntimeError before the 9th attempt) while three attempts are unread,
+    the second of them skipped (NaN on batch 6): what the run reports (run.json's summary,
+    the guard's events in metrics.jsonl) is the true step 7 and the skip of step 7, as when
+    every step was read, not the host's count of 8 attempts."""
+    force_losses(monkeypatch, {6: math.nan})
+    cfg = compose_config(
+        [*FAST, *WINDOWED, "training.guard.action=skip", "training.guard.warmup=5"]
+    )
+    (tmp_path / "run").mkdir()
+    sink = Records()
+    trainer = make_trainer(cfg, tmp_path / "run", sinks=[sink])
+    attempt = trainer.train_step
+
+    def crash_before_the_ninth():
+        if trainer.state.data_step == 8:
+            assert len(trainer.pending) == 3
+            raise RuntimeError("the device fell off the bus")
+        return attempt()
+
+    monkeypatch.setattr(trainer, "train_step", crash_before_the_ninth)
+    with pytest.raises(RuntimeError, match="fell off the bus"):
+        trainer.fit()
+    summary = trainer.summary()
+    assert (summary["step"], summary["tokens_seen"]) == (7, 7 * trainer.tokens_per_step)
+    assert [(e["step"], e["batch"]) for e in summary["guard"]["events"]] == [(7, 6)]
+    assert [(r["step"], r["batch"]) for r in sink.records if "event" in r] == [(7, 6)]
+
+
 def optimizer_tensors(optimizer: torch.optim.Optimizer) -> list[torch.Tensor]:
     tensors = [p for group in optimizer.param_groups for p in group["params"]]
     for state in optimizer.state.values():

@@ -527,10 +527,24 @@ class Trainer(SpikeResponse):
                     self._save_if_due(metric, final)
                 self._report(progress, record)
             self.checkpoints.wait()
+        except BaseException:
+            self._read_back_after_failure()
+            raise
         finally:
             progress.close()
             self.stop.uninstall()
         return self.last_val_loss
+
+    def _read_back_after_failure(self) -> None:
+        """A failure between two reads (a crash, Ctrl-C without checkpoint.on_signal): the
+        attempts not yet read back are read where the device still answers, so that what the
+        run reports (run.json's step and tokens, the guard's events) is the truth, as when
+        every step was read; the failure stays the one raised. Not under ``rollback``, which
+        reads every step (its sync may wait for the other ranks)."""
+        if not self.pending or self.cfg.training.guard.action == ROLLBACK:
+            return
+        with contextlib.suppress(Exception):  # a lost device; a halt in the window is logged
+            self.sync()
 
     def _finish_at_step_zero(self) -> float | None:
         """training.max_steps=0 (only with model.init_from): the imported model's baseline,
