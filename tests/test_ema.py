@@ -15,6 +15,7 @@ import gptexp.compare
 import gptexp.eval
 import gptexp.export
 import gptexp.fork
+import gptexp.resume
 from gptexp.checkpoint.manager import CheckpointManager
 from gptexp.checkpoint.stored import load_run_checkpoint, rebuild_model
 from gptexp.core.config import CheckpointConfig, ModelConfig
@@ -22,7 +23,7 @@ from gptexp.core.errors import CheckpointError
 from gptexp.model.gpt import GPT
 from gptexp.observe.rundir import RunDirectory
 from gptexp.training.ema import WeightAverage
-from tests.conftest import call_main, files_of, read_metrics, run_module, subprocess_env, train
+from tests.conftest import call_main, files_of, read_metrics, subprocess_env, train
 from tests.test_eval import rewrite_checkpoint
 from tests.test_wandb import offline_run
 
@@ -175,10 +176,9 @@ def test_eval_and_export_take_the_average_and_refuse_it_where_there_is_none(
 def test_export_hf_takes_the_average(ema_run, tmp_path):
     pytest.importorskip("transformers")
     out = tmp_path / "hf"
-    result = run_module(
-        "gptexp.export", f"run={ema_run}", "format=hf", "weights=ema", f"out={out}", cwd=tmp_path
-    )
-    assert result.returncode == 0, result.stderr
+    args = (f"run={ema_run}", "format=hf", "weights=ema", f"out={out}")
+    code, stderr = call_main(gptexp.export.main, *args, cwd=tmp_path)
+    assert code == 0, stderr
     rebuilt = rebuild_model(load_run_checkpoint(RunDirectory(ema_run), "last", "ema").state, "ema")
     from safetensors.torch import load_file
 
@@ -189,10 +189,9 @@ def test_export_hf_takes_the_average(ema_run, tmp_path):
 
 def test_a_fork_with_weights_ema_starts_from_the_average(ema_run, tmp_path):
     out = tmp_path / "fork"
-    result = run_module(
-        "gptexp.fork", f"run={ema_run}", "ckpt=10", "weights=ema", f"out={out}", cwd=tmp_path
-    )
-    assert result.returncode == 0, result.stderr
+    args = (f"run={ema_run}", "ckpt=10", "weights=ema", f"out={out}")
+    code, stderr = call_main(gptexp.fork.main, *args, cwd=tmp_path)
+    assert code == 0, stderr
     start, origin = checkpoint(out, 10), checkpoint(ema_run, 10)  # the fork's first checkpoint
     for name, average in origin["ema"].items():
         assert torch.equal(start["model"][name], average), name
@@ -214,5 +213,5 @@ def test_a_hostile_average_in_a_listed_checkpoint_is_one_error_line(ema_run, tmp
     code, stderr = call_main(gptexp.eval.main, f"run={run_dir}", "weights=ema", "ckpt=20")
     assert code == 2 and stderr.count("error:") == 1
     assert "the checkpoint's ema does not fit the model (missing wpe.weight)" in stderr
-    result = run_module("gptexp.resume", f"run={run_dir}", "training.max_steps=22", cwd=tmp_path)
-    assert result.returncode == 2 and "ema does not fit the model" in result.stderr
+    code, stderr = call_main(gptexp.resume.main, f"run={run_dir}", "training.max_steps=22")
+    assert code == 2 and "ema does not fit the model" in stderr, stderr
