@@ -136,6 +136,14 @@ def test_the_summary_and_compare_give_the_averages_final_val_loss(
     assert (averaged[shown], plain[shown]) == (f"{logged:.4f}", "-")
     code, stderr = call_main(gptexp.compare.main, str(finished_run), f"csv={table}")
     assert code == 0 and "final/val_loss_ema" not in table.read_text(), stderr
+    # A run that went on without its average (a resume with ema_decay=0): no average beside its
+    # last val/loss, so none in the column (not the earlier one).
+    later = tmp_path / "later"
+    shutil.copytree(ema_run, later, ignore=shutil.ignore_patterns("checkpoints", "wandb"))
+    with open(later / "metrics.jsonl", "a") as metrics:
+        metrics.write(json.dumps({"step": 22, "val/loss": 3.5}) + "\n")
+    code, stderr = call_main(gptexp.compare.main, str(later), f"csv={table}")
+    assert code == 0 and "final/val_loss_ema" not in table.read_text(), stderr
 
 
 def test_eval_and_export_take_the_average_and_refuse_it_where_there_is_none(

@@ -77,7 +77,10 @@ def run_row(run: RunDirectory, base: Path | None = None) -> dict[str, Any]:
     config = flatten(status.get("config") or {})
     records = [r for r in read_metrics(run.metrics) if not r.get("event")]
     val, train = values_of(records, VAL_LOSS), values_of(records, TRAIN_LOSS)
-    averaged = values_of(records, VAL_LOSS_EMA)
+    # The average's loss beside the last val/loss: none where the run (a fork, a resume) no
+    # longer keeps one, though records before hold its (or its parent's) earlier average.
+    evaluated = next((r for r in reversed(records) if is_number(r.get(VAL_LOSS))), {})
+    averaged = evaluated.get(VAL_LOSS_EMA)
     chosen = dict(item.lstrip("+~").partition("=")[::2] for item in overrides)
     settings = {
         key: config.get(key, chosen.get(key)) if "." in key else chosen.get(key, DEFAULT_CHOICE)
@@ -92,7 +95,7 @@ def run_row(run: RunDirectory, base: Path | None = None) -> dict[str, Any]:
         "max_steps": config.get("training.max_steps", status.get("max_steps")),
         BEST_VAL_LOSS: min(val) if val else None,
         FINAL_VAL_LOSS: val[-1] if val else None,
-        FINAL_VAL_LOSS_EMA: averaged[-1] if averaged else None,
+        FINAL_VAL_LOSS_EMA: averaged if is_number(averaged) else None,
         FINAL_TRAIN_LOSS: train[-1] if train else None,
         # A fork's own speed: the records it inherited were its parent's (another process).
         MEDIAN_TOKENS_PER_S: median_throughput(
