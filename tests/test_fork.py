@@ -14,6 +14,7 @@ import torch
 import gptexp.compare
 import gptexp.eval
 import gptexp.fork
+import gptexp.resume
 from gptexp.checkpoint.manager import CheckpointManager
 from gptexp.core.config import CheckpointConfig, TrainingConfig
 from gptexp.training.optim import lr_factor
@@ -198,8 +199,8 @@ def test_a_fork_is_an_ordinary_run_resume_eval_fork_again_tree(parent, control, 
     assert status(grandchild)["parent"]["run"] == str(control.resolve())
     assert status(grandchild)["parent"]["step"] == 20
 
-    result = run_module("gptexp.resume", f"run={grandchild}", "training.max_steps=24", cwd=tmp_path)
-    assert result.returncode == 0, result.stderr
+    code, stderr = call_main(gptexp.resume.main, f"run={grandchild}", "training.max_steps=24")
+    assert code == 0, stderr
     steps = [r["step"] for r in read_metrics(grandchild)]
     assert steps == sorted(set(steps)) and steps[-1] == 24
     assert status(grandchild)["status"] == "finished" and status(grandchild)["parent"]["step"] == 20
