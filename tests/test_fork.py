@@ -306,11 +306,12 @@ def test_fork_sweeps_read_values_as_train_sweeps_do():
 @pytest.fixture(scope="module")
 def cooldowns(parent, tmp_path_factory) -> tuple[Path, Path]:
     """The parent and a sweep of its cooldown forks of 6 updates from steps 10 and 20 (the
-    parent's max_steps: that one extends it), in a directory of their own."""
+    parent's max_steps: that one extends it), mirrored to W&B, in a directory of their own."""
     parent_dir, _ = parent
     base = tmp_path_factory.mktemp("cooldown")
     sweep = base / "forks"
-    result = fork("-m", f"run={parent_dir}", "ckpt=10,20", "cooldown=6", f"out={sweep}", cwd=base)
+    cooldown = ("ckpt=10,20", "cooldown=6", "logger.wandb=true")
+    result = fork("-m", f"run={parent_dir}", *cooldown, f"out={sweep}", cwd=base)
     assert result.returncode == 0, result.stderr
     return parent_dir, sweep
 
@@ -324,7 +325,7 @@ def test_a_cooldown_fork_is_bit_identical_to_the_wsd_run_planned_from_the_start(
     assert result.returncode == 0, result.stderr
     fork_dir = sweep / "0"
     assert status(fork_dir)["parent"]["step"] == 10 and status(fork_dir)["cooldown"] == 6
-    assert status(fork_dir)["fork_overrides"] == wsd
+    assert status(fork_dir)["fork_overrides"] == ["logger.wandb=true", *wsd]
     # Every record from update 11 on: losses, evaluations and the lr, bit for bit.
     mine = [r for r in read_metrics(fork_dir) if not r.get("inherited")]
     theirs = [r for r in read_metrics(planned) if r["step"] > 10]
@@ -350,6 +351,15 @@ def test_cooldown_forks_extend_the_parent_and_compare_draws_their_frontier(coold
     assert [job["status"] for job in jobs] == ["finished", "finished"]
     late = status(sweep / "1")
     assert late["parent"]["step"] == 20 and late["cooldown"] == 6 and late["step"] == 26
+    # In W&B: in the parent's group (one named after it: it was launched alone), named by the
+    # cooldown, linked to the parent's W&B run at the fork step.
+    name = status(parent_dir)["wandb_name"]
+    for job, step in (("0", 10), ("1", 20)):
+        w = offline_run(sweep / job)
+        assert w["run"].run_group == name
+        assert w["run"].display_name.startswith(f"{name}@{step} cooldown=6")
+        assert w["config"]["parent_run_id"] == checkpoint(parent_dir, step)["wandb_id"]
+        assert w["config"]["fork_step"] == step
     table = gptexp.compare.compare(
         gptexp.compare.CompareOptions(paths=[str(parent_dir), str(sweep)], frontier=True)
     )
