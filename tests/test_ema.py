@@ -11,9 +11,11 @@ from pathlib import Path
 import pytest
 import torch
 
+import gptexp.compare
 import gptexp.eval
 import gptexp.export
 import gptexp.fork
+import gptexp.resume
 from gptexp.checkpoint.manager import CheckpointManager
 from gptexp.checkpoint.stored import load_run_checkpoint, rebuild_model
 from gptexp.core.config import CheckpointConfig, ModelConfig
@@ -21,8 +23,9 @@ from gptexp.core.errors import CheckpointError
 from gptexp.model.gpt import GPT
 from gptexp.observe.rundir import RunDirectory
 from gptexp.training.ema import WeightAverage
-from tests.conftest import call_main, files_of, read_metrics, run_module, train
+from tests.conftest import call_main, files_of, read_metrics, subprocess_env, train
 from tests.test_eval import rewrite_checkpoint
+from tests.test_wandb import offline_run
 
 
 def small_model(seed: int = 0) -> GPT:
@@ -96,9 +99,11 @@ def test_a_checkpoints_average_is_checked_like_the_weights(edit, message):
 
 @pytest.fixture(scope="module")
 def ema_run(tmp_path_factory) -> Path:
-    """A finished 20-step run with an average, checkpoints at 10 and 20."""
+    """A finished 20-step run with an average, checkpoints at 10 and 20, mirrored to W&B."""
     base = tmp_path_factory.mktemp("ema")
-    result = train(base / "run", "training.ema_decay=0.9", "checkpoint.every_steps=10", cwd=base)
+    env = subprocess_env(GPTEXP_CACHE=str(base / "cache"), WANDB_MODE="offline")
+    args = ("training.ema_decay=0.9", "checkpoint.every_steps=10", "logger=wandb")
+    result = train(base / "run", *args, cwd=base, env=env)
     assert result.returncode == 0, result.stderr
     return base / "run"
 
@@ -106,6 +111,39 @@ def ema_run(tmp_path_factory) -> Path:
 def checkpoint(run_dir: Path, which: str | int = "last") -> dict:
     manager = CheckpointManager(run_dir / "checkpoints", CheckpointConfig())
     return manager.load(manager.find(which))
+
+
+def test_the_summary_and_compare_give_the_averages_final_val_loss(
+    ema_run, finished_run, tmp_path, capsys
+):
+    (logged,) = [r["val/loss_ema"] for r in read_metrics(ema_run) if r["step"] == 20]
+    status = json.loads((ema_run / "run.json").read_text())
+    assert status["final/val_loss_ema"] == logged != status["final/val_loss"]
+    assert offline_run(ema_run)["summary"]["final/val_loss_ema"] == logged
+    assert "final/val_loss_ema" not in json.loads((finished_run / "run.json").read_text())
+
+    # compare: a column after final/val_loss where a run keeps an average ("-" for the others).
+    table = tmp_path / "table.csv"
+    code, stderr = call_main(gptexp.compare.main, str(ema_run), str(finished_run), f"csv={table}")
+    assert code == 0, stderr
+    header, *rows = [line.split(",") for line in table.read_text().splitlines()]
+    column = header.index("final/val_loss_ema")
+    assert header[column - 1] == "final/val_loss"
+    cells = {Path(row[-1]): row[column] for row in rows}
+    assert float(cells[ema_run]) == logged and cells[finished_run] == ""
+    names, _, averaged, plain = (line.split() for line in capsys.readouterr().out.splitlines())
+    shown = names.index("final/val_loss_ema")
+    assert (averaged[shown], plain[shown]) == (f"{logged:.4f}", "-")
+    code, stderr = call_main(gptexp.compare.main, str(finished_run), f"csv={table}")
+    assert code == 0 and "final/val_loss_ema" not in table.read_text(), stderr
+    # A run that went on without its average (a resume with ema_decay=0): no average beside its
+    # last val/loss, so none in the column (not the earlier one).
+    later = tmp_path / "later"
+    shutil.copytree(ema_run, later, ignore=shutil.ignore_patterns("checkpoints", "wandb"))
+    with open(later / "metrics.jsonl", "a") as metrics:
+        metrics.write(json.dumps({"step": 22, "val/loss": 3.5}) + "\n")
+    code, stderr = call_main(gptexp.compare.main, str(later), f"csv={table}")
+    assert code == 0 and "final/val_loss_ema" not in table.read_text(), stderr
 
 
 def test_eval_and_export_take_the_average_and_refuse_it_where_there_is_none(
@@ -146,10 +184,9 @@ def test_eval_and_export_take_the_average_and_refuse_it_where_there_is_none(
 def test_export_hf_takes_the_average(ema_run, tmp_path):
     pytest.importorskip("transformers")
     out = tmp_path / "hf"
-    result = run_module(
-        "gptexp.export", f"run={ema_run}", "format=hf", "weights=ema", f"out={out}", cwd=tmp_path
-    )
-    assert result.returncode == 0, result.stderr
+    args = (f"run={ema_run}", "format=hf", "weights=ema", f"out={out}")
+    code, stderr = call_main(gptexp.export.main, *args, cwd=tmp_path)
+    assert code == 0, stderr
     rebuilt = rebuild_model(load_run_checkpoint(RunDirectory(ema_run), "last", "ema").state, "ema")
     from safetensors.torch import load_file
 
@@ -160,10 +197,9 @@ def test_export_hf_takes_the_average(ema_run, tmp_path):
 
 def test_a_fork_with_weights_ema_starts_from_the_average(ema_run, tmp_path):
     out = tmp_path / "fork"
-    result = run_module(
-        "gptexp.fork", f"run={ema_run}", "ckpt=10", "weights=ema", f"out={out}", cwd=tmp_path
-    )
-    assert result.returncode == 0, result.stderr
+    args = (f"run={ema_run}", "ckpt=10", "weights=ema", f"out={out}")
+    code, stderr = call_main(gptexp.fork.main, *args, cwd=tmp_path)
+    assert code == 0, stderr
     start, origin = checkpoint(out, 10), checkpoint(ema_run, 10)  # the fork's first checkpoint
     for name, average in origin["ema"].items():
         assert torch.equal(start["model"][name], average), name
@@ -185,5 +221,5 @@ def test_a_hostile_average_in_a_listed_checkpoint_is_one_error_line(ema_run, tmp
     code, stderr = call_main(gptexp.eval.main, f"run={run_dir}", "weights=ema", "ckpt=20")
     assert code == 2 and stderr.count("error:") == 1
     assert "the checkpoint's ema does not fit the model (missing wpe.weight)" in stderr
-    result = run_module("gptexp.resume", f"run={run_dir}", "training.max_steps=22", cwd=tmp_path)
-    assert result.returncode == 2 and "ema does not fit the model" in result.stderr
+    code, stderr = call_main(gptexp.resume.main, f"run={run_dir}", "training.max_steps=22")
+    assert code == 2 and "ema does not fit the model" in stderr, stderr

@@ -14,6 +14,7 @@ import torch
 import gptexp.compare
 import gptexp.eval
 import gptexp.fork
+import gptexp.resume
 from gptexp.checkpoint.manager import CheckpointManager
 from gptexp.core.config import CheckpointConfig, TrainingConfig
 from gptexp.training.optim import lr_factor
@@ -22,8 +23,13 @@ from tests.test_wandb import offline_run
 
 pytestmark = pytest.mark.slow  # every test trains (in subprocesses)
 
-# Dropout on, so that the fork must carry the RNG state for the losses to match.
-PARENT = ["model.dropout=0.1", "checkpoint.every_steps=10", "checkpoint.keep_last=2"]
+# Dropout on, so that the fork must carry the RNG state for the losses to match. A constant lr
+# (its cooldown forks are then the wsd runs planned from the start), evaluated every 2 steps
+# (a val/loss at each cooldown's end), checkpoints at 10 and 20.
+PARENT = [
+    "model.dropout=0.1", "training.lr_schedule=constant", "training.eval_every=2",
+    "checkpoint.every_steps=10", "checkpoint.keep_last=2",
+]  # fmt: skip
 
 
 def fork(*args: str, cwd: Path):
@@ -193,8 +199,8 @@ def test_a_fork_is_an_ordinary_run_resume_eval_fork_again_tree(parent, control, 
     assert status(grandchild)["parent"]["run"] == str(control.resolve())
     assert status(grandchild)["parent"]["step"] == 20
 
-    result = run_module("gptexp.resume", f"run={grandchild}", "training.max_steps=24", cwd=tmp_path)
-    assert result.returncode == 0, result.stderr
+    code, stderr = call_main(gptexp.resume.main, f"run={grandchild}", "training.max_steps=24")
+    assert code == 0, stderr
     steps = [r["step"] for r in read_metrics(grandchild)]
     assert steps == sorted(set(steps)) and steps[-1] == 24
     assert status(grandchild)["status"] == "finished" and status(grandchild)["parent"]["step"] == 20
@@ -296,38 +302,30 @@ def test_fork_sweeps_read_values_as_train_sweeps_do():
 
 # ----------------------------------------------------------------------------- cooldown forks
 
-# A constant-lr parent, evaluated every 2 steps (so that it has a val/loss at each cooldown's
-# end), checkpoints at 10 and 20; dropout on, so the RNG state must carry over too.
-CONSTANT = [
-    "model.dropout=0.1", "training.lr_schedule=constant", "training.eval_every=2",
-    "checkpoint.every_steps=10", "checkpoint.keep_last=2",
-]  # fmt: skip
-
 
 @pytest.fixture(scope="module")
-def cooldowns(tmp_path_factory) -> tuple[Path, Path]:
-    """The constant parent (20 steps) and a sweep of its cooldown forks of 6 updates from steps
-    10 and 20 (the parent's max_steps: that one extends it)."""
+def cooldowns(parent, tmp_path_factory) -> tuple[Path, Path]:
+    """The parent and a sweep of its cooldown forks of 6 updates from steps 10 and 20 (the
+    parent's max_steps: that one extends it), mirrored to W&B, in a directory of their own."""
+    parent_dir, _ = parent
     base = tmp_path_factory.mktemp("cooldown")
-    result = train(base / "constant", *CONSTANT, cwd=base)
-    assert result.returncode == 0, result.stderr
     sweep = base / "forks"
-    result = fork(
-        "-m", f"run={base / 'constant'}", "ckpt=10,20", "cooldown=6", f"out={sweep}", cwd=base
-    )
+    cooldown = ("ckpt=10,20", "cooldown=6", "logger.wandb=true")
+    result = fork("-m", f"run={parent_dir}", *cooldown, f"out={sweep}", cwd=base)
     assert result.returncode == 0, result.stderr
-    return base / "constant", sweep
+    return parent_dir, sweep
 
 
 def test_a_cooldown_fork_is_bit_identical_to_the_wsd_run_planned_from_the_start(cooldowns):
     parent_dir, sweep = cooldowns
-    planned = parent_dir.parent / "planned"
+    planned = sweep.parent / "planned"
     wsd = ["training.lr_schedule=wsd", "training.max_steps=16", "training.decay_steps=6"]
-    result = train(planned, *CONSTANT[:1], *CONSTANT[2:], *wsd, cwd=parent_dir.parent)
+    same = [item for item in PARENT if not item.startswith("training.lr_schedule=")]
+    result = train(planned, *same, *wsd, cwd=sweep.parent)
     assert result.returncode == 0, result.stderr
     fork_dir = sweep / "0"
     assert status(fork_dir)["parent"]["step"] == 10 and status(fork_dir)["cooldown"] == 6
-    assert status(fork_dir)["fork_overrides"] == wsd
+    assert status(fork_dir)["fork_overrides"] == ["logger.wandb=true", *wsd]
     # Every record from update 11 on: losses, evaluations and the lr, bit for bit.
     mine = [r for r in read_metrics(fork_dir) if not r.get("inherited")]
     theirs = [r for r in read_metrics(planned) if r["step"] > 10]
@@ -353,8 +351,17 @@ def test_cooldown_forks_extend_the_parent_and_compare_draws_their_frontier(coold
     assert [job["status"] for job in jobs] == ["finished", "finished"]
     late = status(sweep / "1")
     assert late["parent"]["step"] == 20 and late["cooldown"] == 6 and late["step"] == 26
+    # In W&B: in the parent's group (one named after it: it was launched alone), named by the
+    # cooldown, linked to the parent's W&B run at the fork step.
+    name = status(parent_dir)["wandb_name"]
+    for job, step in (("0", 10), ("1", 20)):
+        w = offline_run(sweep / job)
+        assert w["run"].run_group == name
+        assert w["run"].display_name.startswith(f"{name}@{step} cooldown=6")
+        assert w["config"]["parent_run_id"] == checkpoint(parent_dir, step)["wandb_id"]
+        assert w["config"]["fork_step"] == step
     table = gptexp.compare.compare(
-        gptexp.compare.CompareOptions(paths=[str(parent_dir.parent)], frontier=True)
+        gptexp.compare.CompareOptions(paths=[str(parent_dir), str(sweep)], frontier=True)
     )
     header, _, first, second = table.splitlines()
     assert header.split() == list(gptexp.compare.frontier.COLUMNS)
@@ -362,10 +369,10 @@ def test_cooldown_forks_extend_the_parent_and_compare_draws_their_frontier(coold
     own = {r["step"]: r for r in read_metrics(sweep / "0") if "val/loss" in r}
     tokens = f"{own[16]['tokens']:,}"
     assert first.split() == [
-        "constant", "10", "6", "16", tokens, f"{own[16]['val/loss']:.4f}",
-        f"{parent_val[16]:.4f}", "forks/0",
+        "parent", "10", "6", "16", tokens, f"{own[16]['val/loss']:.4f}",
+        f"{parent_val[16]:.4f}", "0",
     ]  # fmt: skip
-    assert second.split()[:4] == ["constant", "20", "6", "26"] and second.split()[6] == "-"
+    assert second.split()[:4] == ["parent", "20", "6", "26"] and second.split()[6] == "-"
     code, stderr = call_main(
         gptexp.compare.main, "--frontier", str(sweep), str(parent_dir), f"plot={tmp_path}/f.png"
     )

@@ -1,7 +1,8 @@
 """gptexp's population-based training sweeper through the real CLI: the same seed gives the same
-population and weights; a launch SIGKILLed in a round's training or in pbt.json's write ends,
-relaunched, as an uninterrupted one; a damaged or foreign pbt.json and bad settings are one
-line and exit 2 (experiment=pbt on the nano model: 3 members, 3 rounds of 4 steps)."""
+population and weights; a launch SIGKILLed in a round's training, in pbt.json's write or in a
+fork member's start ends, relaunched, as an uninterrupted one; a damaged or foreign pbt.json
+and bad settings are one line and exit 2 (experiment=pbt on the nano model: 3 members, 3
+rounds of 4 steps)."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import gptexp.compare
 import gptexp.train
 from tests.conftest import FAST, ROOT, call_main, run_module, subprocess_env, wait_until
 from tests.test_optuna_sweep import checkpointed_steps
@@ -69,7 +71,7 @@ def reference(tmp_path_factory) -> Path:
     return base / "sweep"
 
 
-def test_the_same_seed_gives_the_same_population_scores_and_weights(reference, tmp_path):
+def test_the_same_seed_gives_the_same_population_scores_and_weights(reference, tmp_path, capsys):
     pbt = record(reference)
     rounds = pbt["rounds"]
     assert [r["round"] for r in rounds] == [0, 1, 2]
@@ -116,54 +118,26 @@ def test_the_same_seed_gives_the_same_population_scores_and_weights(reference, t
     assert_same_weights(again, reference)
 
     # The family tree shows the forks under their parents.
-    tree = run_module("gptexp.compare", "--tree", str(again), cwd=tmp_path)
-    assert tree.returncode == 0, tree.stderr
+    code, stderr = call_main(gptexp.compare.main, "--tree", str(again))
+    assert code == 0, stderr
+    tree = capsys.readouterr().out
     forks = [
         m for r in rounds for m in r["members"] if m["parent"] and m["run"][1] == str(r["round"])
     ]
     for fork in forks:
-        assert f"└─ {fork['run']}  @" in tree.stdout or f"├─ {fork['run']}  @" in tree.stdout
+        assert f"└─ {fork['run']}  @" in tree or f"├─ {fork['run']}  @" in tree
 
     # A relaunch of a finished PBT trains nothing and leaves pbt.json as it was.
     written = (again / "pbt.json").stat().st_mtime_ns
-    done = launch(again, cwd=tmp_path)
-    assert done.returncode == 0, done.stderr[-3000:]
-    assert "Launching" not in done.stderr
+    args = ("-m", *FAST, *PBT, f"hydra.sweep.dir={again}")
+    code, stderr = call_main(gptexp.train.main, *args, cwd=tmp_path)
+    assert code == 0, stderr[-3000:]
+    assert "round 2: best member" in stderr and "Launching" not in stderr
     assert (again / "pbt.json").stat().st_mtime_ns == written
 
 
-def test_a_pbt_killed_in_round_1_ends_as_an_uninterrupted_one(reference, tmp_path):
-    sweep_dir = tmp_path / "sweep"
-    command = [sys.executable, "-m", "gptexp.train", "-m", *FAST, *PBT]
-    process = subprocess.Popen(
-        [*command, f"hydra.sweep.dir={sweep_dir}"],
-        cwd=tmp_path,
-        env=subprocess_env(),
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,
-    )
-    # Round 1 trains steps 5..8; a checkpoint at step 6 is the middle of its training.
-    wait_until(
-        lambda: any(STEPS + 2 in checkpointed_steps(run) for run in sweep_dir.glob("r*-m*")),
-        process=process,
-        what="a member's checkpoint in the middle of round 1",
-    )
-    os.killpg(process.pid, signal.SIGKILL)
-    process.wait()
-    assert len(record(sweep_dir)["rounds"]) == 1  # round 0 was recorded, round 1 was not
-    cut = [run for run in sweep_dir.glob("r*-m*") if max(checkpointed_steps(run)) == STEPS + 2]
-
-    done = launch(sweep_dir, cwd=tmp_path)
-    assert done.returncode == 0, done.stderr[-3000:]
-    for run in cut:  # killed in the middle of round 1: resumed there
-        assert f"resuming from step_{STEPS + 2:07d}.pt" in (run / "train.log").read_text()
-    assert (sweep_dir / "pbt.json").read_text() == (reference / "pbt.json").read_text()
-    assert_same_weights(sweep_dir, reference)
-
-
-def killed_at(where: str, which: str, sweep_dir: Path, cwd: Path) -> None:
-    """A PBT launch that SIGKILLs itself at ``where`` (tests/killing_launcher.py)."""
+def killed_at(where: str, which: str, sweep_dir: Path, cwd: Path) -> str:
+    """A PBT launch that SIGKILLs itself at ``where`` (tests/killing_launcher.py); its stderr."""
     killer = [sys.executable, str(ROOT / "tests" / "killing_launcher.py"), where, which]
     killed = subprocess.run(
         [*killer, "gptexp.train", "-m", *FAST, *PBT, f"hydra.sweep.dir={sweep_dir}"],
@@ -174,19 +148,56 @@ def killed_at(where: str, which: str, sweep_dir: Path, cwd: Path) -> None:
         timeout=180,
     )
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
+    return killed.stderr
 
 
-def test_a_pbt_killed_while_it_writes_pbt_json_ends_as_an_uninterrupted_one(reference, tmp_path):
+def test_a_pbt_killed_anywhere_and_relaunched_ends_as_an_uninterrupted_one(reference, tmp_path):
+    # One sweep killed at each kind of point in turn, each relaunch going on from the last:
+    # 1. SIGKILLed from outside in the middle of round 1's training (round 1 trains steps 5..8;
+    #    a checkpoint at step 6 is its middle).
     sweep_dir = tmp_path / "sweep"
-    killed_at("pbt-record", "2", sweep_dir, tmp_path)
+    command = [sys.executable, "-m", "gptexp.train", "-m", *FAST, *PBT]
+    process = subprocess.Popen(
+        [*command, f"hydra.sweep.dir={sweep_dir}"],
+        cwd=tmp_path,
+        env=subprocess_env(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    wait_until(
+        lambda: any(STEPS + 2 in checkpointed_steps(run) for run in sweep_dir.glob("r*-m*")),
+        process=process,
+        what="a member's checkpoint in the middle of round 1",
+    )
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+    assert len(record(sweep_dir)["rounds"]) == 1  # round 0 was recorded, round 1 was not
+    cut = [run for run in sweep_dir.glob("r*-m*") if max(checkpointed_steps(run)) == STEPS + 2]
+
+    # 2. The relaunch resumes the cut runs there, ends round 1 and dies while it writes round
+    #    1's record (its first write: round 0's record is there already).
+    killed_at("pbt-record", "1", sweep_dir, tmp_path)
+    for run in cut:
+        assert f"resuming from step_{STEPS + 2:07d}.pt" in (run / "train.log").read_text()
     assert len(record(sweep_dir)["rounds"]) == 1  # the old pbt.json, and a torn temporary
     assert (sweep_dir / "pbt.json.tmp").is_file()
 
+    # 3. The next takes round 1's results without training it again, records them, and dies
+    #    in round 2's fork member once its run.json records it, before its first checkpoint
+    #    (resumed, it would start from scratch: it must begin again as the fork of its parent).
+    stderr = killed_at("fork-start", "r2-", sweep_dir, tmp_path)
+    assert "round 1: best member" in stderr
+    assert "Launching" not in stderr.split("round 1: best member")[0]
+    assert len(record(sweep_dir)["rounds"]) == 2 and not (sweep_dir / "pbt.json.tmp").exists()
+    (fork,) = sweep_dir.glob("r2-m*")
+    status = json.loads((fork / "run.json").read_text())
+    assert status["parent"]["step"] == 2 * STEPS and not checkpointed_steps(fork)
+
+    # 4. The last relaunch ends as the uninterrupted sweep: pbt.json and every weight.
     done = launch(sweep_dir, cwd=tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
-    assert "Launching 1 jobs" not in done.stderr.split("round 1")[0]  # round 1 was not retrained
     assert (sweep_dir / "pbt.json").read_text() == (reference / "pbt.json").read_text()
-    assert not (sweep_dir / "pbt.json.tmp").exists()
     assert_same_weights(sweep_dir, reference)
 
 
@@ -236,21 +247,6 @@ def test_bad_settings_are_one_line_and_exit_2(tmp_path, override, named):
     assert not list(sweep_dir.glob("r*-m*"))
 
 
-def test_a_fork_member_killed_before_its_first_checkpoint_forks_again(reference, tmp_path):
-    # Round 1's fork has recorded itself in run.json, but holds no checkpoint yet: resumed, it
-    # would start from scratch; it must begin again as the fork of its parent.
-    sweep_dir = tmp_path / "sweep"
-    killed_at("fork-start", "r1-", sweep_dir, tmp_path)
-    (fork,) = sweep_dir.glob("r1-m*")
-    status = json.loads((fork / "run.json").read_text())
-    assert status["parent"]["step"] == STEPS and not checkpointed_steps(fork)
-
-    done = launch(sweep_dir, cwd=tmp_path)
-    assert done.returncode == 0, done.stderr[-3000:]
-    assert (sweep_dir / "pbt.json").read_text() == (reference / "pbt.json").read_text()
-    assert_same_weights(sweep_dir, reference)
-
-
 def test_a_run_in_a_members_place_that_is_not_its_own_is_named_and_left_as_it_is(
     reference, tmp_path
 ):
@@ -270,22 +266,34 @@ def test_a_run_in_a_members_place_that_is_not_its_own_is_named_and_left_as_it_is
 
 
 def test_a_diverged_member_ranks_last_and_is_replaced(tmp_path):
-    # Seed 2 draws lr 1e4 (NaN within two steps) for member 0 and 1e-3 for member 1.
-    diverging = ["training.lr=choice(1e-3,1e4)", "hydra.sweeper.population=2"]
+    # In this process (the launches above hold the real CLI). Seed 2 draws lr 1e4 (NaN within
+    # two steps) for member 0 and 1e-3 for member 1.
+    diverging = ["-m", *FAST, *PBT, "training.lr=choice(1e-3,1e4)", "hydra.sweeper.population=2"]
     sweep_dir = tmp_path / "sweep"
-    done = launch(
-        sweep_dir, *diverging, "hydra.sweeper.rounds=2", "hydra.sweeper.seed=2", cwd=tmp_path
+    code, stderr = call_main(
+        gptexp.train.main,
+        *diverging,
+        "hydra.sweeper.rounds=2",
+        "hydra.sweeper.seed=2",
+        f"hydra.sweep.dir={sweep_dir}",
+        cwd=tmp_path,
     )
-    assert done.returncode == 0, done.stderr[-3000:]  # a diverged member is a result
+    assert code == 0, stderr[-3000:]  # a diverged member is a result
     first, second = record(sweep_dir)["rounds"]
     assert [m["params"]["training.lr"] for m in first["members"]] == [1e4, 1e-3]
     assert first["members"][0]["score"] is None and first["members"][1]["score"] > 0
     assert second["members"][0]["run"] == "r1-m0" and second["members"][0]["parent"] == "r0-m1"
-    assert "round 0: member 0 (r0-m0) failed" in done.stderr
+    assert "round 0: member 0 (r0-m0) failed" in stderr
 
     # Seed 1 draws 1e4 for both: a round without a result ends the search (exit 1).
     everyone = tmp_path / "everyone"
-    done = launch(everyone, *diverging, "hydra.sweeper.seed=1", cwd=tmp_path)
-    assert done.returncode == 1, done.stderr[-3000:]
-    assert "failed: every member of round 0 failed" in done.stderr
+    code, stderr = call_main(
+        gptexp.train.main,
+        *diverging,
+        "hydra.sweeper.seed=1",
+        f"hydra.sweep.dir={everyone}",
+        cwd=tmp_path,
+    )
+    assert code == 1, stderr[-3000:]
+    assert "failed: every member of round 0 failed" in stderr
     assert [m["score"] for m in record(everyone)["rounds"][0]["members"]] == [None, None]

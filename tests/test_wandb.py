@@ -1,4 +1,5 @@
-"""logger=wandb, offline: the W&B run files hold what a sweep and a resume should put there."""
+"""logger=wandb, offline: the W&B run files hold what a sweep, a PBT and a resume should put
+there."""
 
 from __future__ import annotations
 
@@ -104,3 +105,44 @@ def test_sweep_jobs_are_grouped_wandb_runs_and_resume_continues_them(tmp_path):
     assert again["run"].run_group == "sweep"
     assert again["run"].display_name == first["run"].display_name
     assert [row["trainer/step"] for row in again["history"]][-1] == 15
+
+
+def test_pbt_members_are_grouped_forks_name_their_parents_and_resumes_keep_their_id(tmp_path):
+    # Two members, two rounds of 3 steps: in round 1 the worse member forks the better one, the
+    # better one resumes its own run.
+    sweep_dir = tmp_path / "pbt"
+    result = sweep(
+        sweep_dir,
+        "experiment=pbt",
+        "logger=wandb",
+        "hydra.sweeper.population=2",
+        "hydra.sweeper.rounds=2",
+        "hydra.sweeper.steps_per_round=3",
+        "training.warmup_steps=1",
+        cwd=tmp_path,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    pbt = json.loads((sweep_dir / "pbt.json").read_text())
+    (fork,) = [m for m in pbt["rounds"][1]["members"] if m["parent"]]
+    (kept,) = [m for m in pbt["rounds"][1]["members"] if not m["parent"]]
+    assert fork["run"] == f"r1-m{fork['member']}" and kept["run"] == fork["parent"]
+
+    runs = {name: offline_run(sweep_dir / name) for name in ("r0-m0", "r0-m1", fork["run"])}
+    for name, got in runs.items():
+        status = json.loads((sweep_dir / name / "run.json").read_text())
+        assert got["run"].run_group == "pbt"  # the sweep directory's name
+        assert got["run"].run_id == status["wandb_id"]
+        assert got["run"].display_name == name
+    # The fork's W&B run names its parent's W&B run and the step it was forked at.
+    parent = json.loads((sweep_dir / fork["parent"] / "run.json").read_text())
+    config = runs[fork["run"]]["config"]
+    assert config["parent_run_id"] == parent["wandb_id"]
+    assert config["fork_step"] == 3
+    assert "parent_run_id" not in runs["r0-m0"]["config"]
+    assert [row["trainer/step"] for row in runs[fork["run"]]["history"]] == [4, 5, 6]
+    # The member that goes on resumes its own W&B run in round 1.
+    again = offline_run(sweep_dir / kept["run"], index=1)
+    assert again["n"] == 2
+    assert again["run"].run_id == runs[kept["run"]]["run"].run_id
+    assert again["run"].run_group == "pbt"
+    assert [row["trainer/step"] for row in again["history"]][-1] == 6

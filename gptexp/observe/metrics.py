@@ -42,6 +42,7 @@ EVENT_NUMBER = "n"  # guard events are numbered 1, 2, ... within a run
 # Run summaries (run.json, W&B summary, compare and sweep tables)
 BEST_VAL_LOSS = "best/val_loss"
 FINAL_VAL_LOSS = "final/val_loss"
+FINAL_VAL_LOSS_EMA = "final/val_loss_ema"  # the last val/loss_ema, where the run keeps an average
 FINAL_TRAIN_LOSS = "final/train_loss"
 MEDIAN_TOKENS_PER_S = "throughput/median_tokens_per_s"
 

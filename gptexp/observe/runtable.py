@@ -16,12 +16,14 @@ from gptexp.observe.metrics import (
     BEST_VAL_LOSS,
     FINAL_TRAIN_LOSS,
     FINAL_VAL_LOSS,
+    FINAL_VAL_LOSS_EMA,
     INHERITED,
     MEDIAN_TOKENS_PER_S,
     STEP,
     TOKENS_PER_S,
     TRAIN_LOSS,
     VAL_LOSS,
+    VAL_LOSS_EMA,
     flatten,
     is_number,
     median_throughput,
@@ -75,6 +77,10 @@ def run_row(run: RunDirectory, base: Path | None = None) -> dict[str, Any]:
     config = flatten(status.get("config") or {})
     records = [r for r in read_metrics(run.metrics) if not r.get("event")]
     val, train = values_of(records, VAL_LOSS), values_of(records, TRAIN_LOSS)
+    # The average's loss beside the last val/loss: none where the run (a fork, a resume) no
+    # longer keeps one, though records before hold its (or its parent's) earlier average.
+    evaluated = next((r for r in reversed(records) if is_number(r.get(VAL_LOSS))), {})
+    averaged = evaluated.get(VAL_LOSS_EMA)
     chosen = dict(item.lstrip("+~").partition("=")[::2] for item in overrides)
     settings = {
         key: config.get(key, chosen.get(key)) if "." in key else chosen.get(key, DEFAULT_CHOICE)
@@ -89,6 +95,7 @@ def run_row(run: RunDirectory, base: Path | None = None) -> dict[str, Any]:
         "max_steps": config.get("training.max_steps", status.get("max_steps")),
         BEST_VAL_LOSS: min(val) if val else None,
         FINAL_VAL_LOSS: val[-1] if val else None,
+        FINAL_VAL_LOSS_EMA: averaged if is_number(averaged) else None,
         FINAL_TRAIN_LOSS: train[-1] if train else None,
         # A fork's own speed: the records it inherited were its parent's (another process).
         MEDIAN_TOKENS_PER_S: median_throughput(
@@ -215,8 +222,13 @@ def labels(rows: list[dict[str, Any]], keys: list[str]) -> list[str]:
 
 
 def table_columns(rows: list[dict[str, Any]]) -> list[str]:
+    """The lineage column where a run is a fork; ``final/val_loss_ema`` after ``final/val_loss``
+    where a run keeps a weight average."""
     lineage = [PARENT] if any(PARENT in row for row in rows) else []
-    return ["run", "status", *lineage, *distinguishing_keys(rows), *METRIC_COLUMNS]
+    metrics = list(METRIC_COLUMNS)
+    if any(row.get(FINAL_VAL_LOSS_EMA) is not None for row in rows):
+        metrics.insert(metrics.index(FINAL_VAL_LOSS) + 1, FINAL_VAL_LOSS_EMA)
+    return ["run", "status", *lineage, *distinguishing_keys(rows), *metrics]
 
 
 def format_cell(row: dict[str, Any], column: str) -> str:
@@ -235,7 +247,7 @@ def format_cell(row: dict[str, Any], column: str) -> str:
         return f"{value / 1e6:.2f}M"
     if column == MEDIAN_TOKENS_PER_S and is_number(value):
         return f"{value:,.0f}"
-    if column.endswith("_loss") and is_number(value):
+    if column.endswith(("_loss", "_loss_ema")) and is_number(value):
         return f"{value:.4f}"
     return str(value) if column in ("run", "status") else shorten(str(value), VALUE_WIDTH)
 

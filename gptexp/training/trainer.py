@@ -41,6 +41,7 @@ from gptexp.model.gpt import GPT
 from gptexp.observe.metrics import (
     FINAL_TRAIN_LOSS,
     FINAL_VAL_LOSS,
+    FINAL_VAL_LOSS_EMA,
     GRAD_NORM,
     LR,
     MEDIAN_TOKENS_PER_S,
@@ -188,6 +189,7 @@ class Trainer(SpikeResponse):
         self.autocast = autocast_context(self.device, t.precision)
         self.stop = StopRequest()
         self.last_val_loss: float | None = None
+        self.last_val_loss_ema: float | None = None  # where the run keeps an average
         self.last_train_loss: float | None = None
         self.tokens_per_s: list[float] = []
         self.window = ThroughputWindow()
@@ -651,7 +653,8 @@ class Trainer(SpikeResponse):
         if self.ema is None:
             return {}
         with self.ema.swapped_in():
-            return {VAL_LOSS_EMA: self.evaluate()}
+            self.last_val_loss_ema = self.evaluate()
+        return {VAL_LOSS_EMA: self.last_val_loss_ema}
 
     def _sample_if_due(self, final: bool) -> None:
         if (self.dist.is_main or self.sharded) and self._samples(self.state.step, final):
@@ -730,6 +733,7 @@ class Trainer(SpikeResponse):
             "parameters": self.model.num_parameters(),
             best_metric_name(self.cfg.checkpoint.monitor): self.state.best_metric,
             FINAL_VAL_LOSS: self.last_val_loss,
+            FINAL_VAL_LOSS_EMA: self.last_val_loss_ema,
             FINAL_TRAIN_LOSS: self.last_train_loss,
             MEDIAN_TOKENS_PER_S: median_throughput(self.tokens_per_s),
             "guard": self.state.guard.report(),
