@@ -235,6 +235,22 @@ def test_multirun_makes_one_fork_per_value_under_one_sweep_dir(parent, tmp_path)
     assert files_of(parent_dir) == before
 
 
+def test_a_sweep_of_forks_checks_every_checkpoint_before_the_first_fork_trains(parent, tmp_path):
+    """A step that is not listed, or one with nothing left to train, is one error line and
+    exit 2 before any fork trains (not a sweep that trains the others and then exits 1)."""
+    parent_dir, before = parent
+    sweep = tmp_path / "sweep"
+    for args, message in (
+        (["ckpt=10,15", "cooldown=2"], "ckpt=15: "),
+        (["ckpt=10,20"], "training.max_steps=20: the fork starts at step 20"),
+    ):
+        code, stderr = call_main(gptexp.fork.main, "-m", f"run={parent_dir}", f"out={sweep}", *args)
+        assert code == 2 and stderr.count("error:") == 1 and message in stderr, stderr
+        assert "no checkpoint at step 15 (have: 10, 20)" in stderr or "15" not in message
+        assert not sweep.exists()
+    assert files_of(parent_dir) == before
+
+
 # ----------------------------------------------------------------------------- argument parsing
 
 
