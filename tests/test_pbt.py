@@ -19,7 +19,15 @@ import torch
 
 import gptexp.compare
 import gptexp.train
-from tests.conftest import FAST, ROOT, call_main, run_module, subprocess_env, wait_until
+from tests.conftest import (
+    FAST,
+    ROOT,
+    call_main,
+    files_of,
+    run_module,
+    subprocess_env,
+    wait_until,
+)
 from tests.test_optuna_sweep import checkpointed_steps
 
 STEPS = 4
@@ -245,6 +253,32 @@ def test_bad_settings_are_one_line_and_exit_2(tmp_path, override, named):
     errors = [line for line in stderr.splitlines() if "error:" in line]
     assert len(errors) == 1 and named in errors[0], stderr[-3000:]
     assert not list(sweep_dir.glob("r*-m*"))
+
+
+def test_a_relaunch_with_other_steps_per_round_is_one_line_and_launches_nothing(
+    reference, tmp_path
+):
+    """The members' runs trained in rounds of STEPS: a relaunch with other rounds is refused
+    by name before any member's job (whose Hydra files it would overwrite) is launched."""
+    sweep_dir = tmp_path / "sweep"
+    shutil.copytree(reference, sweep_dir)
+    before = files_of(sweep_dir)
+    for steps in (STEPS + 2, STEPS // 2):
+        rounds = f"hydra.sweeper.steps_per_round={steps}"
+        args = ("-m", *FAST, *PBT, rounds, f"hydra.sweep.dir={sweep_dir}")
+        code, stderr = call_main(gptexp.train.main, *args, cwd=tmp_path)
+        assert code == 2, stderr[-3000:]
+        errors = [line for line in stderr.splitlines() if "error:" in line]
+        assert (
+            len(errors) == 1
+            and f"{sweep_dir / 'r0-m0'}: trained in rounds of {STEPS} steps" in (errors[0])
+            and f"relaunch with steps_per_round={STEPS}" in errors[0]
+        ), stderr[-3000:]
+        assert "Launching" not in stderr
+    after = files_of(sweep_dir)
+    assert {k: v for k, v in after.items() if not k.endswith(".lock")} == {
+        k: v for k, v in before.items() if not k.endswith(".lock")
+    }
 
 
 def test_a_run_in_a_members_place_that_is_not_its_own_is_named_and_left_as_it_is(

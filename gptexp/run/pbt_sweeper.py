@@ -273,11 +273,12 @@ def plan_round(
 PENDING = object()  # a member whose run does not hold the round's result yet
 
 
-def round_result(sweep_dir: Path, member: Member, target: int) -> float | None | object:
+def round_result(sweep_dir: Path, member: Member, target: int, steps: int) -> float | None | object:
     """The member's score at step ``target`` from its run (the ``val/loss`` of that step, with
     the checkpoint the next round continues or forks from), or PENDING. A run in the member's
-    place that is not the member's (another fork link or other hyperparameters) is a RunError:
-    the sweep directory holds another sweep."""
+    place that is not the member's (another fork link, other hyperparameters, rounds of another
+    length than this launch's ``steps``) is a RunError: the sweep directory holds another
+    sweep."""
     run = RunDirectory(sweep_dir / member.run)
     status = run.read_status()
     config = status.get("config")
@@ -292,6 +293,13 @@ def round_result(sweep_dir: Path, member: Member, target: int) -> float | None |
             f"{run.path}: not the run of this sweep's member {member.member} (its fork link or "
             f"hyperparameters differ: {recorded} where the sweep has {member.params}); launch "
             "into another hydra.sweep.dir"
+        )
+    trained = _select(config, KEEP_EVERY)  # the sweeper sets it to steps_per_round
+    if trained != steps:
+        raise RunError(
+            f"{run.path}: trained in rounds of {trained} steps (its {KEEP_EVERY}), this launch "
+            f"has hydra.sweeper.steps_per_round={steps}; relaunch with steps_per_round="
+            f"{trained}, or launch into another hydra.sweep.dir"
         )
     try:
         files = {entry.step: entry.file for entry in run_checkpoints(run).entries()}
@@ -455,7 +463,7 @@ class PBTSearch(Sweeper):
         target = (round_ + 1) * self.steps
         todo = []
         for member in members:
-            result = round_result(self.sweep_dir, member, target)
+            result = round_result(self.sweep_dir, member, target, self.steps)
             if result is PENDING:
                 todo.append(member)
             else:
@@ -464,7 +472,7 @@ class PBTSearch(Sweeper):
             overrides = [self.overrides(m, target, fixed) for m in todo]
             returns = self.launcher.launch(overrides, initial_job_idx=round_ * self.population)
             for member, ret in zip(todo, returns, strict=True):
-                result = round_result(self.sweep_dir, member, target)
+                result = round_result(self.sweep_dir, member, target, self.steps)
                 member.score = None if result is PENDING else result
                 if member.score is None:
                     report(
