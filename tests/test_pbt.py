@@ -281,6 +281,29 @@ def test_a_relaunch_with_other_steps_per_round_is_one_line_and_launches_nothing(
     }
 
 
+def test_a_moved_sweep_names_the_fork_link_that_ties_it_to_its_old_place(reference, tmp_path):
+    """pbt.json names runs relative to the sweep, but a fork member's run.json names its parent
+    by absolute path: a moved sweep is refused naming both places, not 'hyperparameters'."""
+    sweep_dir = tmp_path / "moved"
+    shutil.copytree(reference, sweep_dir)
+    before = files_of(sweep_dir)
+    fork = next(m for m in record(reference)["rounds"][1]["members"] if m["parent"])
+    args = ("-m", *FAST, *PBT, f"hydra.sweep.dir={sweep_dir}")
+    code, stderr = call_main(gptexp.train.main, *args, cwd=tmp_path)
+    assert code == 2, stderr[-3000:]
+    errors = [line for line in stderr.splitlines() if "error:" in line]
+    said = (
+        f"{sweep_dir / fork['run']}: not the run of this sweep's member {fork['member']} (it is "
+        f"a fork of {reference / fork['parent']} at step {STEPS}, the member a fork of "
+        f"{sweep_dir / fork['parent']} at step {STEPS})"
+    )
+    assert len(errors) == 1 and said in errors[0], stderr[-3000:]
+    after = files_of(sweep_dir)
+    assert {k: v for k, v in after.items() if not k.endswith(".lock")} == {
+        k: v for k, v in before.items() if not k.endswith(".lock")
+    }
+
+
 def test_a_run_in_a_members_place_that_is_not_its_own_is_named_and_left_as_it_is(
     reference, tmp_path
 ):

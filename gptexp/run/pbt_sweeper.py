@@ -289,10 +289,14 @@ def round_result(sweep_dir: Path, member: Member, target: int, steps: int) -> fl
     expected = None if member.parent is None else ((sweep_dir / member.parent), member.step)
     recorded = {key: _select(config, key) for key in member.params}
     if found != expected or recorded != member.params:
+        differ = (
+            f"it is {_link(found)}, the member {_link(expected)}"
+            if found != expected
+            else f"its hyperparameters are {recorded}, the member's {member.params}"
+        )
         raise RunError(
-            f"{run.path}: not the run of this sweep's member {member.member} (its fork link or "
-            f"hyperparameters differ: {recorded} where the sweep has {member.params}); launch "
-            "into another hydra.sweep.dir"
+            f"{run.path}: not the run of this sweep's member {member.member} ({differ}); "
+            "launch into another hydra.sweep.dir"
         )
     trained = _select(config, KEEP_EVERY)  # the sweeper sets it to steps_per_round
     if trained != steps:
@@ -315,6 +319,10 @@ def round_result(sweep_dir: Path, member: Member, target: int, steps: int) -> fl
     if not scores:
         return PENDING
     return float(scores[-1]) if math.isfinite(scores[-1]) else None
+
+
+def _link(link: tuple[Path, int] | None) -> str:
+    return "no fork" if link is None else f"a fork of {link[0]} at step {link[1]}"
 
 
 def _select(config: dict[str, Any], key: str) -> Any:
