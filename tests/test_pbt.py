@@ -281,6 +281,30 @@ def test_a_relaunch_with_other_steps_per_round_is_one_line_and_launches_nothing(
     }
 
 
+def test_a_relaunch_with_other_settings_takes_no_result_and_launches_nothing(tmp_path):
+    """A finished sweep (one round) relaunched with another fixed setting: its runs trained
+    otherwise, so their results are not this command's (it exited 0 with them) and their jobs
+    would refuse."""
+    sweep_dir = tmp_path / "sweep"
+    one_round = [item.replace("rounds=3", "rounds=1") for item in PBT]
+    args = ("-m", *FAST, *one_round, f"hydra.sweep.dir={sweep_dir}")
+    code, stderr = call_main(gptexp.train.main, *args, cwd=tmp_path)
+    assert code == 0, stderr[-3000:]
+    before = files_of(sweep_dir)
+    args = (*args, "training.weight_decay=0.2")
+    code, stderr = call_main(gptexp.train.main, *args, cwd=tmp_path)
+    assert code == 2, stderr[-3000:]
+    errors = [line for line in stderr.splitlines() if "error:" in line]
+    said = f"{sweep_dir / 'r0-m0'}: trained with other settings than this launch's"
+    assert len(errors) == 1 and said in errors[0], stderr[-3000:]
+    assert "training.weight_decay=0.1 where this launch gives 0.2" in errors[0]
+    assert "Launching" not in stderr
+    after = files_of(sweep_dir)
+    assert {k: v for k, v in after.items() if not k.endswith(".lock")} == {
+        k: v for k, v in before.items() if not k.endswith(".lock")
+    }
+
+
 def test_a_moved_sweep_names_the_fork_link_that_ties_it_to_its_old_place(reference, tmp_path):
     """pbt.json names runs relative to the sweep, but a fork member's run.json names its parent
     by absolute path: a moved sweep is refused naming both places, not 'hyperparameters'."""

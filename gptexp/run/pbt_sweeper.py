@@ -16,7 +16,8 @@ member trains as a Hydra job (gptexp.run.pbt_member) in its run directory ``r<ro
 bit-exact, so a launch with the same seed gives the same population, scores and weights.
 **A sweep that survives any crash.** ``<sweep dir>/pbt.json`` is written atomically after
 every round; but a relaunch trusts nothing in it: it plans every round again from the seed and
-the runs, finds each member's run (checked: its fork link and hyperparameters are the plan's),
+the runs, finds each member's run (checked: its fork link and hyperparameters are the plan's,
+its config, but for ``max_steps``, the one this launch gives the member's job),
 takes the result of a member that holds it (a checkpoint and a ``val/loss`` at the round's end)
 and launches the others, which resume where they stopped. A pbt.json that is damaged or tells
 another story than the runs is named in one line and left as it is (exit 2).
@@ -40,15 +41,23 @@ from hydra.core.plugins import Plugins
 from hydra.errors import HydraException
 from hydra.plugins.sweeper import Sweeper
 from hydra.types import HydraContext, TaskFunction
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 from gptexp.checkpoint.manager import run_checkpoints
 from gptexp.core.cli import report, run_command
-from gptexp.core.config import check_key
+from gptexp.core.config import check_key, config_to_dict, to_train_config
 from gptexp.core.errors import CheckpointError, ConfigError, JobFailed, RunError
 from gptexp.core.fsio import atomic_write_json
+from gptexp.model.hf import resolve_init_from
 from gptexp.observe.lineage import fork_parent
-from gptexp.observe.metrics import INHERITED, STEP, VAL_LOSS, is_number, read_metrics
+from gptexp.observe.metrics import (
+    INHERITED,
+    STEP,
+    VAL_LOSS,
+    config_diff,
+    is_number,
+    read_metrics,
+)
 from gptexp.observe.rundir import RunDirectory, read_json_object
 from gptexp.run.optuna_sweeper import hydra_value
 from gptexp.run.pbt_member import MAX_STEPS, SWEEPER_TARGET, MemberJob
@@ -397,6 +406,7 @@ class PBTSearch(Sweeper):
             config=config, hydra_context=hydra_context, task_function=task_function
         )
         self.sweep_dir = Path(config.hydra.sweep.dir).resolve()
+        self.config_loader = hydra_context.config_loader  # each member's config, as its job's
 
     def sweep(self, arguments: list[str]) -> None:
         run_command(lambda: self.search(arguments))
@@ -472,6 +482,7 @@ class PBTSearch(Sweeper):
         todo = []
         for member in members:
             result = round_result(self.sweep_dir, member, target, self.steps)
+            self.check_settings(member, target, fixed)
             if result is PENDING:
                 todo.append(member)
             else:
@@ -488,6 +499,32 @@ class PBTSearch(Sweeper):
                         f"round {round_}: member {member.member} ({member.run}) failed: "
                         f"{ret._return_value}",
                     )
+
+    def check_settings(self, member: Member, target: int, fixed: list[str]) -> None:
+        """A RunError unless the member's run (where it has started) trained with the config
+        this launch gives the member's job, all but ``max_steps``: a relaunch with other
+        settings neither takes a result trained otherwise nor launches jobs that refuse."""
+        run = RunDirectory(self.sweep_dir / member.run)
+        recorded = run.read_status().get("config")
+        if not isinstance(recorded, dict):
+            return  # its job starts it with this launch's settings
+        overrides = self.overrides(member, target, fixed)
+        composed = self.config_loader.load_sweep_config(self.config, overrides)
+        with open_dict(composed):
+            del composed["hydra"]
+        wanted = config_to_dict(resolve_init_from(to_train_config(composed), overrides))
+        differ = sorted(set(config_diff(recorded, wanted)) - {MAX_STEPS})
+        if differ:
+            shown = ", ".join(
+                f"{key}={before!r} where this launch gives {after!r}"
+                for key, (before, after) in list(config_diff(recorded, wanted).items())
+                if key in differ[:3]
+            )
+            raise RunError(
+                f"{run.path}: trained with other settings than this launch's ({shown}); "
+                "relaunch with the command that made the sweep, or launch into another "
+                "hydra.sweep.dir"
+            )
 
     def overrides(self, member: Member, target: int, fixed: list[str]) -> list[str]:
         params = [f"{key}={hydra_value(value)}" for key, value in member.params.items()]
