@@ -263,7 +263,7 @@ def compare_frontier(options: CompareOptions) -> str:
     found = frontier.frontiers(list(runs.values()))
     rows = frontier.table_cells(found, base)
     if options.csv:
-        atomic_write_text(Path(options.csv), csv_table(frontier.COLUMNS, rows))
+        atomic_write_text(Path(options.csv), csv_table(frontier.COLUMNS, frontier.raw_rows(found)))
     if options.markdown:
         atomic_write_text(Path(options.markdown), markdown_table(frontier.COLUMNS, rows))
     if options.plot is not None:

@@ -30,7 +30,12 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import ClassVar
 
-from gptexp.checkpoint.stored import check_ckpt, check_weights, load_run_checkpoint
+from gptexp.checkpoint.stored import (
+    check_ckpt,
+    check_weights,
+    listed_checkpoint,
+    load_run_checkpoint,
+)
 from gptexp.core.cli import command_logging, parse_options, run_command
 from gptexp.core.config import CONFIG_KEYS, TrainConfig, parse_overrides
 from gptexp.core.errors import USER_ERRORS, ConfigError, JobFailed, RunError, TrainingInterrupted
@@ -48,6 +53,7 @@ from gptexp.run.forking import (
     COOLDOWN_KEYS,
     ForkStart,
     check_cooldown,
+    check_trains,
     cooldown_overrides,
     fork_start,
     parse_cooldown,
@@ -251,15 +257,19 @@ def sweep_jobs(options: ForkOptions, overrides: list[str]) -> list[Job]:
 
 
 def fork_sweep(options: ForkOptions, overrides: list[str]) -> None:
-    """One fork per job, ``<sweep>/0``, ``<sweep>/1``...; every job's config is checked
-    before the first fork starts. A fork that fails is recorded and the others go on; the
-    command then exits 1."""
+    """One fork per job, ``<sweep>/0``, ``<sweep>/1``...; every job's config and checkpoint
+    (listed in the parent's manifest) are checked before the first fork starts. A fork that
+    fails is recorded and the others go on; the command then exits 1."""
     jobs = sweep_jobs(options, overrides)
     parent = started_run(options.run)
-    for job in jobs:
-        overridden_config(parent, job.overrides, fork=True)
+    reset = parse_reset(options.reset)
+    for job in jobs:  # a missing checkpoint or a fork with nothing to train: before any fork
+        cfg, _ = overridden_config(parent, job.overrides, fork=True)
+        entry = listed_checkpoint(parent, job.ckpt)
         if job.cooldown is not None:
-            check_cooldown(job.overrides, parse_reset(options.reset))
+            check_cooldown(job.overrides, reset)
+        else:
+            check_trains(cfg, entry, reset)
     sweep_dir = Path(options.out) if options.out else timestamped(SWEEPS_DIR)
     check_destination(sweep_dir, parent)
     failed = []

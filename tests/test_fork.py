@@ -5,6 +5,7 @@ parts from the parent right after the fork step; the parent's directory is never
 
 from __future__ import annotations
 
+import csv
 import json
 from pathlib import Path
 
@@ -235,6 +236,22 @@ def test_multirun_makes_one_fork_per_value_under_one_sweep_dir(parent, tmp_path)
     assert files_of(parent_dir) == before
 
 
+def test_a_sweep_of_forks_checks_every_checkpoint_before_the_first_fork_trains(parent, tmp_path):
+    """A step that is not listed, or one with nothing left to train, is one error line and
+    exit 2 before any fork trains (not a sweep that trains the others and then exits 1)."""
+    parent_dir, before = parent
+    sweep = tmp_path / "sweep"
+    for args, message in (
+        (["ckpt=10,15", "cooldown=2"], "ckpt=15: "),
+        (["ckpt=10,20"], "training.max_steps=20: the fork starts at step 20"),
+    ):
+        code, stderr = call_main(gptexp.fork.main, "-m", f"run={parent_dir}", f"out={sweep}", *args)
+        assert code == 2 and stderr.count("error:") == 1 and message in stderr, stderr
+        assert "no checkpoint at step 15 (have: 10, 20)" in stderr or "15" not in message
+        assert not sweep.exists()
+    assert files_of(parent_dir) == before
+
+
 # ----------------------------------------------------------------------------- argument parsing
 
 
@@ -379,6 +396,26 @@ def test_cooldown_forks_extend_the_parent_and_compare_draws_their_frontier(coold
     assert code == 0 and (tmp_path / "f.png").stat().st_size > 0, stderr
     code, stderr = call_main(gptexp.compare.main, "--frontier", str(parent_dir))
     assert code == 2 and "no cooldown forks among these runs" in stderr
+
+
+def test_the_frontiers_csv_holds_the_values_as_recorded(cooldowns, tmp_path):
+    """Numbers a spreadsheet reads (not the printed '1,024' and 4 digits), full paths."""
+    parent_dir, sweep = cooldowns
+    path = tmp_path / "frontier.csv"
+    code, stderr = call_main(gptexp.compare.main, "--frontier", str(sweep), f"csv={path}")
+    assert code == 0, stderr
+    with path.open(newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    own = {r["step"]: r for r in read_metrics(sweep / "0") if "val/loss" in r}
+    assert rows[0] == {
+        "parent": str(parent_dir.resolve()), "from_step": "10", "cooldown": "6", "step": "16",
+        "tokens": str(own[16]["tokens"]), "val/loss": repr(own[16]["val/loss"]),
+        "parent_val/loss": repr(next(
+            r["val/loss"] for r in read_metrics(parent_dir) if r["step"] == 16 and "val/loss" in r
+        )),
+        "run": str((sweep / "0").resolve()),
+    }  # fmt: skip
+    assert rows[1]["step"] == "26" and rows[1]["parent_val/loss"] == ""  # the parent ended at 20
 
 
 @pytest.mark.parametrize(

@@ -19,7 +19,15 @@ import torch
 
 import gptexp.compare
 import gptexp.train
-from tests.conftest import FAST, ROOT, call_main, run_module, subprocess_env, wait_until
+from tests.conftest import (
+    FAST,
+    ROOT,
+    call_main,
+    files_of,
+    run_module,
+    subprocess_env,
+    wait_until,
+)
 from tests.test_optuna_sweep import checkpointed_steps
 
 STEPS = 4
@@ -245,6 +253,79 @@ def test_bad_settings_are_one_line_and_exit_2(tmp_path, override, named):
     errors = [line for line in stderr.splitlines() if "error:" in line]
     assert len(errors) == 1 and named in errors[0], stderr[-3000:]
     assert not list(sweep_dir.glob("r*-m*"))
+
+
+def test_a_relaunch_with_other_steps_per_round_is_one_line_and_launches_nothing(
+    reference, tmp_path
+):
+    """The members' runs trained in rounds of STEPS: a relaunch with other rounds is refused
+    by name before any member's job (whose Hydra files it would overwrite) is launched."""
+    sweep_dir = tmp_path / "sweep"
+    shutil.copytree(reference, sweep_dir)
+    before = files_of(sweep_dir)
+    for steps in (STEPS + 2, STEPS // 2):
+        rounds = f"hydra.sweeper.steps_per_round={steps}"
+        args = ("-m", *FAST, *PBT, rounds, f"hydra.sweep.dir={sweep_dir}")
+        code, stderr = call_main(gptexp.train.main, *args, cwd=tmp_path)
+        assert code == 2, stderr[-3000:]
+        errors = [line for line in stderr.splitlines() if "error:" in line]
+        assert (
+            len(errors) == 1
+            and f"{sweep_dir / 'r0-m0'}: trained in rounds of {STEPS} steps" in (errors[0])
+            and f"relaunch with steps_per_round={STEPS}" in errors[0]
+        ), stderr[-3000:]
+        assert "Launching" not in stderr
+    after = files_of(sweep_dir)
+    assert {k: v for k, v in after.items() if not k.endswith(".lock")} == {
+        k: v for k, v in before.items() if not k.endswith(".lock")
+    }
+
+
+def test_a_relaunch_with_other_settings_takes_no_result_and_launches_nothing(tmp_path):
+    """A finished sweep (one round) relaunched with another fixed setting: its runs trained
+    otherwise, so their results are not this command's (it exited 0 with them) and their jobs
+    would refuse."""
+    sweep_dir = tmp_path / "sweep"
+    one_round = [item.replace("rounds=3", "rounds=1") for item in PBT]
+    args = ("-m", *FAST, *one_round, f"hydra.sweep.dir={sweep_dir}")
+    code, stderr = call_main(gptexp.train.main, *args, cwd=tmp_path)
+    assert code == 0, stderr[-3000:]
+    before = files_of(sweep_dir)
+    args = (*args, "training.weight_decay=0.2")
+    code, stderr = call_main(gptexp.train.main, *args, cwd=tmp_path)
+    assert code == 2, stderr[-3000:]
+    errors = [line for line in stderr.splitlines() if "error:" in line]
+    said = f"{sweep_dir / 'r0-m0'}: trained with other settings than this launch's"
+    assert len(errors) == 1 and said in errors[0], stderr[-3000:]
+    assert "training.weight_decay=0.1 where this launch gives 0.2" in errors[0]
+    assert "Launching" not in stderr
+    after = files_of(sweep_dir)
+    assert {k: v for k, v in after.items() if not k.endswith(".lock")} == {
+        k: v for k, v in before.items() if not k.endswith(".lock")
+    }
+
+
+def test_a_moved_sweep_names_the_fork_link_that_ties_it_to_its_old_place(reference, tmp_path):
+    """pbt.json names runs relative to the sweep, but a fork member's run.json names its parent
+    by absolute path: a moved sweep is refused naming both places, not 'hyperparameters'."""
+    sweep_dir = tmp_path / "moved"
+    shutil.copytree(reference, sweep_dir)
+    before = files_of(sweep_dir)
+    fork = next(m for m in record(reference)["rounds"][1]["members"] if m["parent"])
+    args = ("-m", *FAST, *PBT, f"hydra.sweep.dir={sweep_dir}")
+    code, stderr = call_main(gptexp.train.main, *args, cwd=tmp_path)
+    assert code == 2, stderr[-3000:]
+    errors = [line for line in stderr.splitlines() if "error:" in line]
+    said = (
+        f"{sweep_dir / fork['run']}: not the run of this sweep's member {fork['member']} (it is "
+        f"a fork of {reference / fork['parent']} at step {STEPS}, the member a fork of "
+        f"{sweep_dir / fork['parent']} at step {STEPS})"
+    )
+    assert len(errors) == 1 and said in errors[0], stderr[-3000:]
+    after = files_of(sweep_dir)
+    assert {k: v for k, v in after.items() if not k.endswith(".lock")} == {
+        k: v for k, v in before.items() if not k.endswith(".lock")
+    }
 
 
 def test_a_run_in_a_members_place_that_is_not_its_own_is_named_and_left_as_it_is(

@@ -82,6 +82,16 @@ def load_run_checkpoint(run: RunDirectory, ckpt: str, weights: str = "raw") -> L
     return loaded
 
 
+def listed_checkpoint(run: RunDirectory, ckpt: str) -> CheckpointEntry:
+    """The manifest entry of ``ckpt`` (not loaded, not verified): a sweep of forks checks each
+    of its checkpoints is there before its first fork trains."""
+    check_ckpt(ckpt)
+    try:
+        return run_checkpoints(run).find(ckpt)
+    except CheckpointError as error:
+        raise CheckpointError(f"ckpt={ckpt}: {error}") from None
+
+
 def _load_run_checkpoint(run: RunDirectory, ckpt: str) -> LoadedCheckpoint:
     check_ckpt(ckpt)
     manager = run_checkpoints(run)

@@ -117,6 +117,25 @@ def table_cells(found: dict[Path, list[Point]], base: Path | None) -> list[list[
     ]
 
 
+def raw_rows(found: dict[Path, list[Point]]) -> list[list[Any]]:
+    """The table as the CSV holds it: numbers as recorded (not rounded, no thousands
+    separators), an empty cell where there is none, the parent and the run as full paths."""
+    return [
+        [
+            str(parent),
+            p.from_step,
+            p.cooldown,
+            p.step,
+            p.tokens,
+            p.val_loss,
+            p.parent_val_loss,
+            str(p.run.path),
+        ]
+        for parent, points in found.items()
+        for p in points
+    ]
+
+
 def parent_curve(parent: Path) -> list[tuple[int, float]]:
     """(tokens, val/loss) of the parent's evaluations (step 0 at 0 tokens)."""
     points = []

@@ -275,6 +275,16 @@ class ForkStart(Start):
         atomic_write_text(run.metrics, "".join(json.dumps(r) + "\n" for r in records))
 
 
+def check_trains(cfg: TrainConfig, entry: CheckpointEntry, reset: tuple[str, ...]) -> None:
+    """A fork from ``entry`` with ``cfg`` has updates to make (else a ConfigError)."""
+    if "step" not in reset and cfg.training.max_steps <= entry.step:
+        raise ConfigError(
+            f"training.max_steps={cfg.training.max_steps}: the fork starts at step "
+            f"{entry.step} ({entry.file}), so it would not train; raise "
+            "training.max_steps, or add reset=step to count from 0 again"
+        )
+
+
 def fork_start(
     parent: RunDirectory,
     loaded: LoadedCheckpoint,
@@ -290,12 +300,7 @@ def fork_start(
     the parent's config with ``changes`` (what ``overrides`` made of it, a cooldown's
     included): everything a fork checks before it writes anything, the text encoded with the
     parent's tokenizer included."""
-    if "step" not in reset and cfg.training.max_steps <= loaded.entry.step:
-        raise ConfigError(
-            f"training.max_steps={cfg.training.max_steps}: the fork starts at step "
-            f"{loaded.entry.step} ({loaded.entry.file}), so it would not train; raise "
-            "training.max_steps, or add reset=step to count from 0 again"
-        )
+    check_trains(cfg, loaded.entry, reset)
     corpus = fork_corpus(cfg, loaded.state, data_changed(changes))
     return ForkStart(
         parent=parent,

@@ -16,7 +16,8 @@ member trains as a Hydra job (gptexp.run.pbt_member) in its run directory ``r<ro
 bit-exact, so a launch with the same seed gives the same population, scores and weights.
 **A sweep that survives any crash.** ``<sweep dir>/pbt.json`` is written atomically after
 every round; but a relaunch trusts nothing in it: it plans every round again from the seed and
-the runs, finds each member's run (checked: its fork link and hyperparameters are the plan's),
+the runs, finds each member's run (checked: its fork link and hyperparameters are the plan's,
+its config, but for ``max_steps``, the one this launch gives the member's job),
 takes the result of a member that holds it (a checkpoint and a ``val/loss`` at the round's end)
 and launches the others, which resume where they stopped. A pbt.json that is damaged or tells
 another story than the runs is named in one line and left as it is (exit 2).
@@ -40,15 +41,23 @@ from hydra.core.plugins import Plugins
 from hydra.errors import HydraException
 from hydra.plugins.sweeper import Sweeper
 from hydra.types import HydraContext, TaskFunction
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 from gptexp.checkpoint.manager import run_checkpoints
 from gptexp.core.cli import report, run_command
-from gptexp.core.config import check_key
+from gptexp.core.config import check_key, config_to_dict, to_train_config
 from gptexp.core.errors import CheckpointError, ConfigError, JobFailed, RunError
 from gptexp.core.fsio import atomic_write_json
+from gptexp.model.hf import resolve_init_from
 from gptexp.observe.lineage import fork_parent
-from gptexp.observe.metrics import INHERITED, STEP, VAL_LOSS, is_number, read_metrics
+from gptexp.observe.metrics import (
+    INHERITED,
+    STEP,
+    VAL_LOSS,
+    config_diff,
+    is_number,
+    read_metrics,
+)
 from gptexp.observe.rundir import RunDirectory, read_json_object
 from gptexp.run.optuna_sweeper import hydra_value
 from gptexp.run.pbt_member import MAX_STEPS, SWEEPER_TARGET, MemberJob
@@ -273,11 +282,12 @@ def plan_round(
 PENDING = object()  # a member whose run does not hold the round's result yet
 
 
-def round_result(sweep_dir: Path, member: Member, target: int) -> float | None | object:
+def round_result(sweep_dir: Path, member: Member, target: int, steps: int) -> float | None | object:
     """The member's score at step ``target`` from its run (the ``val/loss`` of that step, with
     the checkpoint the next round continues or forks from), or PENDING. A run in the member's
-    place that is not the member's (another fork link or other hyperparameters) is a RunError:
-    the sweep directory holds another sweep."""
+    place that is not the member's (another fork link, other hyperparameters, rounds of another
+    length than this launch's ``steps``) is a RunError: the sweep directory holds another
+    sweep."""
     run = RunDirectory(sweep_dir / member.run)
     status = run.read_status()
     config = status.get("config")
@@ -288,10 +298,21 @@ def round_result(sweep_dir: Path, member: Member, target: int) -> float | None |
     expected = None if member.parent is None else ((sweep_dir / member.parent), member.step)
     recorded = {key: _select(config, key) for key in member.params}
     if found != expected or recorded != member.params:
+        differ = (
+            f"it is {_link(found)}, the member {_link(expected)}"
+            if found != expected
+            else f"its hyperparameters are {recorded}, the member's {member.params}"
+        )
         raise RunError(
-            f"{run.path}: not the run of this sweep's member {member.member} (its fork link or "
-            f"hyperparameters differ: {recorded} where the sweep has {member.params}); launch "
-            "into another hydra.sweep.dir"
+            f"{run.path}: not the run of this sweep's member {member.member} ({differ}); "
+            "launch into another hydra.sweep.dir"
+        )
+    trained = _select(config, KEEP_EVERY)  # the sweeper sets it to steps_per_round
+    if trained != steps:
+        raise RunError(
+            f"{run.path}: trained in rounds of {trained} steps (its {KEEP_EVERY}), this launch "
+            f"has hydra.sweeper.steps_per_round={steps}; relaunch with steps_per_round="
+            f"{trained}, or launch into another hydra.sweep.dir"
         )
     try:
         files = {entry.step: entry.file for entry in run_checkpoints(run).entries()}
@@ -307,6 +328,10 @@ def round_result(sweep_dir: Path, member: Member, target: int) -> float | None |
     if not scores:
         return PENDING
     return float(scores[-1]) if math.isfinite(scores[-1]) else None
+
+
+def _link(link: tuple[Path, int] | None) -> str:
+    return "no fork" if link is None else f"a fork of {link[0]} at step {link[1]}"
 
 
 def _select(config: dict[str, Any], key: str) -> Any:
@@ -381,6 +406,7 @@ class PBTSearch(Sweeper):
             config=config, hydra_context=hydra_context, task_function=task_function
         )
         self.sweep_dir = Path(config.hydra.sweep.dir).resolve()
+        self.config_loader = hydra_context.config_loader  # each member's config, as its job's
 
     def sweep(self, arguments: list[str]) -> None:
         run_command(lambda: self.search(arguments))
@@ -455,7 +481,8 @@ class PBTSearch(Sweeper):
         target = (round_ + 1) * self.steps
         todo = []
         for member in members:
-            result = round_result(self.sweep_dir, member, target)
+            result = round_result(self.sweep_dir, member, target, self.steps)
+            self.check_settings(member, target, fixed)
             if result is PENDING:
                 todo.append(member)
             else:
@@ -464,7 +491,7 @@ class PBTSearch(Sweeper):
             overrides = [self.overrides(m, target, fixed) for m in todo]
             returns = self.launcher.launch(overrides, initial_job_idx=round_ * self.population)
             for member, ret in zip(todo, returns, strict=True):
-                result = round_result(self.sweep_dir, member, target)
+                result = round_result(self.sweep_dir, member, target, self.steps)
                 member.score = None if result is PENDING else result
                 if member.score is None:
                     report(
@@ -472,6 +499,32 @@ class PBTSearch(Sweeper):
                         f"round {round_}: member {member.member} ({member.run}) failed: "
                         f"{ret._return_value}",
                     )
+
+    def check_settings(self, member: Member, target: int, fixed: list[str]) -> None:
+        """A RunError unless the member's run (where it has started) trained with the config
+        this launch gives the member's job, all but ``max_steps``: a relaunch with other
+        settings neither takes a result trained otherwise nor launches jobs that refuse."""
+        run = RunDirectory(self.sweep_dir / member.run)
+        recorded = run.read_status().get("config")
+        if not isinstance(recorded, dict):
+            return  # its job starts it with this launch's settings
+        overrides = self.overrides(member, target, fixed)
+        composed = self.config_loader.load_sweep_config(self.config, overrides)
+        with open_dict(composed):
+            del composed["hydra"]
+        wanted = config_to_dict(resolve_init_from(to_train_config(composed), overrides))
+        differ = sorted(set(config_diff(recorded, wanted)) - {MAX_STEPS})
+        if differ:
+            shown = ", ".join(
+                f"{key}={before!r} where this launch gives {after!r}"
+                for key, (before, after) in list(config_diff(recorded, wanted).items())
+                if key in differ[:3]
+            )
+            raise RunError(
+                f"{run.path}: trained with other settings than this launch's ({shown}); "
+                "relaunch with the command that made the sweep, or launch into another "
+                "hydra.sweep.dir"
+            )
 
     def overrides(self, member: Member, target: int, fixed: list[str]) -> list[str]:
         params = [f"{key}={hydra_value(value)}" for key, value in member.params.items()]
