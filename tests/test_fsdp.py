@@ -40,6 +40,7 @@ from tests.conftest import (
     train,
 )
 
+EMA = "training.ema_decay=0.9"
 SETTINGS = [
     "model.dropout=0.1",
     "training.max_steps=16",
@@ -55,7 +56,10 @@ def final_state(run_dir) -> dict:
 
 
 def losses(run_dir) -> list:
-    return [(r["step"], r.get("train/loss"), r.get("val/loss")) for r in read_metrics(run_dir)]
+    return [
+        (r["step"], r.get("train/loss"), r.get("val/loss"), r.get("val/loss_ema"))
+        for r in read_metrics(run_dir)
+    ]
 
 
 def test_config_names_a_bad_parallel_or_format():
@@ -67,8 +71,10 @@ def test_config_names_a_bad_parallel_or_format():
 
 @pytest.mark.slow
 def test_fsdp_dcp_killed_mid_save_resumes_exactly_on_two_ranks_and_on_one(tmp_path):
+    """Also the weight average (training.ema_decay): each rank averages its own shards, the DCP
+    checkpoint holds them per rank, and it resumes exactly like the weights."""
     straight, crashed = tmp_path / "straight", tmp_path / "crashed"
-    result = torchrun("gptexp.train", *FAST, *SETTINGS, f"hydra.run.dir={straight}")
+    result = torchrun("gptexp.train", *FAST, *SETTINGS, EMA, f"hydra.run.dir={straight}")
     assert_finished(result, straight)
     listed = json.loads((straight / "checkpoints" / "manifest.json").read_text())["checkpoints"]
     assert [e["file"] for e in listed] == [
@@ -79,18 +85,30 @@ def test_fsdp_dcp_killed_mid_save_resumes_exactly_on_two_ranks_and_on_one(tmp_pa
     # Two ranks wrote their own shards; every file is listed with its sha256.
     assert {"__0_0.distcp", "__1_0.distcp", ".metadata", "meta.pt"} == set(listed[-1]["files"])
     assert not (straight / "checkpoints" / "step_0000005.dcp").exists()  # retention
+    metadata = pickle.loads(
+        (straight / "checkpoints" / "step_0000016.dcp" / ".metadata").read_bytes()
+    )
+    assert len(metadata.state_dict_metadata["ema.wpe.weight"].chunks) == 2  # a shard per rank
 
     # The same seed starts from the same model on one process as on two FSDP ranks (whose
     # seeds differ and which FSDP itself does not make agree): step 0's val/loss, bit for bit.
     alone = tmp_path / "alone"
     one_step = [s for s in SETTINGS if not s.startswith("training.max_steps")]
-    result = train(alone, *one_step, "training.max_steps=1", cwd=tmp_path)
+    result = train(alone, *one_step, EMA, "training.max_steps=1", cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert read_metrics(alone)[0] == read_metrics(straight)[0] == {"step": 0, "val/loss": ANY}
+    assert (
+        read_metrics(alone)[0]
+        == read_metrics(straight)[0]
+        == {
+            "step": 0,
+            "val/loss": ANY,
+            "val/loss_ema": ANY,
+        }
+    )
 
     # Rank 0 dies (SIGKILL) at step 10: every shard is written, the directory is not complete.
     result = torchrun(
-        "gptexp.train", *FAST, *SETTINGS, f"hydra.run.dir={crashed}", crash="10:write"
+        "gptexp.train", *FAST, *SETTINGS, EMA, f"hydra.run.dir={crashed}", crash="10:write"
     )
     assert result.returncode != 0
     assert (crashed / "checkpoints" / "step_0000010.dcp.tmp").is_dir()
@@ -102,8 +120,9 @@ def test_fsdp_dcp_killed_mid_save_resumes_exactly_on_two_ranks_and_on_one(tmp_pa
     assert "resuming from step_0000005.dcp" in result.stderr
     a, b = final_state(crashed), final_state(straight)
     assert a["step"] == b["step"] == 16 and a["world_size"] == 2
-    for key, tensor in b["model"].items():
-        assert torch.equal(a["model"][key], tensor), key
+    for part in ("model", "ema"):
+        for key, tensor in b[part].items():
+            assert torch.equal(a[part][key], tensor), (part, key)
     assert losses(crashed) == losses(straight)
 
     # One process reads the two ranks' shards (resharded to a world of one) and carries on.
@@ -112,7 +131,7 @@ def test_fsdp_dcp_killed_mid_save_resumes_exactly_on_two_ranks_and_on_one(tmp_pa
     assert "resuming from step_0000005.dcp" in result.stderr
     alone = final_state(one_rank)
     assert alone["step"] == 16 and alone["world_size"] == 1
-    assert [step for step, _, _ in losses(one_rank)] == list(range(17))  # 6..16 trained once
+    assert [step for step, *_ in losses(one_rank)] == list(range(17))  # 6..16 trained once
 
     # eval and export read a DCP checkpoint on one process.
     code, err = call_main(eval_main, f"run={straight}", "ckpt=15", "samples=0")
@@ -131,41 +150,33 @@ def test_fsdp_dcp_killed_mid_save_resumes_exactly_on_two_ranks_and_on_one(tmp_pa
 
 
 @pytest.mark.slow
-def test_the_weight_average_is_sharded_like_the_weights_and_resumes_exactly(tmp_path):
-    """training.ema_decay under FSDP: each rank averages its own shards; a single-file
-    checkpoint gathers them (rank 0 writes whole tensors), a DCP one holds each rank's shards,
-    and a run stopped at step 4 and resumed ends with the straight run's average, bit for bit."""
-    ema = ["training.ema_decay=0.9", "training.lr_schedule=constant", "training.eval_every=4"]
-    fsdp = [*FAST, *SETTINGS[:1], "training.parallel=fsdp", "checkpoint.every_steps=4", *ema]
-    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
-    result = torchrun(
-        "gptexp.train", *fsdp, "training.max_steps=8", f"hydra.run.dir={straight}"
-    )  # checkpoint.format=file
-    assert_finished(result, straight)
-    result = torchrun(
-        "gptexp.train", *fsdp, "checkpoint.format=dcp", "training.max_steps=4",
-        f"hydra.run.dir={resumed}",
-    )  # fmt: skip
-    assert_finished(result, resumed)
-    shards = resumed / "checkpoints" / "step_0000004.dcp"
-    metadata = pickle.loads((shards / ".metadata").read_bytes())
-    assert len(metadata.state_dict_metadata["ema.wpe.weight"].chunks) == 2  # a shard per rank
-    result = torchrun("gptexp.resume", f"run={resumed}", "training.max_steps=8")
-    assert_finished(result, resumed)
-
-    manager = CheckpointManager(straight / "checkpoints", CheckpointConfig())
-    a, b = final_state(resumed), manager.load(manager.find("last"))
-    assert a["step"] == b["step"] == 8
-    assert b["ema"].keys() == b["model"].keys() - {"lm_head.weight"}
-    for name, tensor in b["ema"].items():
-        assert tensor.shape == b["model"][name].shape, name  # whole tensors in the file
-        assert torch.equal(a["ema"][name], tensor), name
-    for name, tensor in b["model"].items():
-        assert torch.equal(a["model"][name], tensor), name
-    ema_losses = [(r["step"], r.get("val/loss_ema")) for r in read_metrics(resumed)]
-    assert ema_losses == [(r["step"], r.get("val/loss_ema")) for r in read_metrics(straight)]
-    code, err = call_main(eval_main, f"run={straight}", "weights=ema", "samples=0")
+def test_the_sharded_weight_average_is_evaluated_and_saved_whole_and_changes_no_weight(tmp_path):
+    """training.ema_decay under FSDP with checkpoint.format=file: val/loss_ema is the loss of
+    the average itself (eval's weights=ema on the checkpoint gives the logged number: FSDP2
+    keeps the root's gathered weights after a forward, and a swap must not be hidden by them),
+    rank 0 writes the average as whole tensors, and the samples and the training after an
+    evaluation of the average are those without one, bit for bit. (That the average is
+    sharded and resumes exactly: the DCP test above.)"""
+    fsdp = [*FAST, *SETTINGS[:1], "training.parallel=fsdp", "checkpoint.every_steps=4"]
+    fsdp += ["training.lr_schedule=constant", "training.eval_every=4", "training.max_steps=8"]
+    fsdp += ["training.sample_every=4"]  # a sample right after each evaluation of the average
+    averaged, plain = tmp_path / "averaged", tmp_path / "plain"
+    assert_finished(torchrun("gptexp.train", *fsdp, EMA, f"hydra.run.dir={averaged}"), averaged)
+    assert_finished(torchrun("gptexp.train", *fsdp, f"hydra.run.dir={plain}"), plain)
+    manager = CheckpointManager(averaged / "checkpoints", CheckpointConfig())
+    state = manager.load(manager.find("last"))
+    assert state["ema"].keys() == state["model"].keys() - {"lm_head.weight"}
+    for name, tensor in state["ema"].items():
+        assert tensor.shape == state["model"][name].shape, name  # whole tensors in the file
+    manager = CheckpointManager(plain / "checkpoints", CheckpointConfig())
+    for name, tensor in manager.load(manager.find("last"))["model"].items():
+        assert torch.equal(state["model"][name], tensor), name
+    assert (averaged / "samples.txt").read_text() == (plain / "samples.txt").read_text()
+    code, err = call_main(eval_main, f"run={averaged}", "ckpt=4", "weights=ema", "samples=0")
     assert code == 0, err
+    logged = [r["val/loss_ema"] for r in read_metrics(averaged) if r["step"] == 4]
+    evaluated = json.loads((averaged / "eval" / "step_0000004_ema.json").read_text())["loss"]
+    assert evaluated == logged[-1]
 
 
 @pytest.mark.slow
@@ -194,8 +205,9 @@ def test_dcp_on_one_process_resumes_bit_identical_to_the_single_file_format(tmp_
     assert "step_0000008.dcp: missing; falling back" in result.stderr
     assert "resuming from step_0000004.dcp" in result.stderr
     a, b = final_state(crashed), final_state(straight)  # a DCP directory, a single file
-    for key, tensor in b["model"].items():
-        assert torch.equal(a["model"][key], tensor), key
+    for part in ("model", "ema"):
+        for key, tensor in b[part].items():
+            assert torch.equal(a[part][key], tensor), (part, key)
     assert losses(crashed) == losses(straight)
 
 

@@ -53,6 +53,19 @@ def assign(target: torch.Tensor, whole: torch.Tensor) -> None:
             target.copy_(whole)
 
 
+def regather(model: torch.nn.Module) -> None:
+    """After weights were written into their shards in place: make the next forward see them.
+    FSDP2 keeps the root module's gathered weights after a forward (the root does not reshard
+    after it, its weights being wanted by the backward next), so a forward after a swap would
+    run the embeddings and the last norm with the values gathered before it. Resharding every
+    FSDP module drops what was gathered; a plain model has nothing to drop."""
+    for module in model.modules():
+        if callable(getattr(module, "reshard", None)) and callable(
+            getattr(module, "unshard", None)
+        ):
+            module.reshard()
+
+
 def copy_average_into(model: torch.nn.Module, average: Any) -> None:
     """Load a checkpoint's average (checked against the model) into the model's weights, sharded
     or not: a fork's ``weights=ema`` (eval and export rebuild their model in
@@ -60,6 +73,7 @@ def copy_average_into(model: torch.nn.Module, average: Any) -> None:
     average = check_average(average, average_layout(model))
     for name, param in model.named_parameters():
         assign(param, average[name].to(param.dtype))
+    regather(model)
 
 
 class WeightAverage:
@@ -67,6 +81,7 @@ class WeightAverage:
 
     def __init__(self, model: torch.nn.Module, decay: float) -> None:
         self.decay = decay
+        self.model = model
         self.names = [name for name, _ in model.named_parameters()]
         self.params = [param for _, param in model.named_parameters()]
         with torch.no_grad():
@@ -134,8 +149,10 @@ class WeightAverage:
             weights = [_local(p.detach()) for p in self.params]
             kept = [w.clone() for w in weights]
             torch._foreach_copy_(weights, averages)
+        regather(self.model)
         try:
             yield
         finally:
             with torch.no_grad():
                 torch._foreach_copy_(weights, kept)
+            regather(self.model)  # the next forward (a sample, a step) runs the weights
