@@ -4,8 +4,10 @@ sharded checkpoints."""
 
 from __future__ import annotations
 
+import io
 import json
 import os
+import pathlib
 import pickle
 import shutil
 import subprocess
@@ -337,3 +339,31 @@ def test_a_dcp_entry_that_does_not_list_every_file_is_damaged(dcp_copy, damage, 
     else:
         (directory / "extra.pt").write_bytes(b"not listed")
     assert_refused(dcp_copy, message)
+
+
+class _ByName:
+    """An object that pickles as ``getattr(owner, name)`` (how Python 3.11.2 pickles an Enum
+    member, DCP's memory-format encoding among them)."""
+
+    def __init__(self, owner, name):
+        self.owner, self.name = owner, name
+
+    def __reduce__(self):
+        return getattr, (self.owner, self.name)
+
+
+def test_dcp_metadata_may_name_an_enum_member_by_getattr_and_nothing_else():
+    from torch.distributed.checkpoint.metadata import _MEM_FORMAT_ENCODING
+
+    def load(obj):
+        return sharded_checkpoint._MetadataUnpickler(io.BytesIO(pickle.dumps(obj))).load()
+
+    member = _MEM_FORMAT_ENCODING.TORCH_CONTIGUOUS_FORMAT
+    assert load(_ByName(_MEM_FORMAT_ENCODING, member.name)) is member
+    for owner, name in [
+        (_MEM_FORMAT_ENCODING, "__class__"),  # not a member
+        (torch.Size, "__subclasses__"),  # an admitted class, but no Enum
+        (pathlib.PurePosixPath, "__init__"),
+    ]:
+        with pytest.raises(pickle.UnpicklingError, match="is not DCP metadata"):
+            load(_ByName(owner, name))

@@ -16,6 +16,7 @@ This module knows DCP; :mod:`gptexp.checkpoint.manager` owns the manifest, reten
 
 from __future__ import annotations
 
+import enum
 import hashlib
 import os
 import pathlib
@@ -222,8 +223,21 @@ _PATHS = {
 }
 
 
+_ENUMS = tuple(cls for cls in _DCP_CLASSES.values() if isinstance(cls, enum.EnumMeta))
+
+
 class _NotMetadata(pickle.UnpicklingError):
     """A global that DCP metadata never names."""
+
+
+def _enum_member(cls: Any, name: Any) -> Any:
+    """``getattr(cls, name)`` as some Pythons pickle an Enum member (3.11.2 does; 3.11.7 pickles
+    it by value): only a member, by its name, of an Enum admitted above. A getattr of anything
+    else could reach any callable of an admitted class (``__subclasses__``, ``__init__``...)."""
+    admitted = isinstance(cls, type) and issubclass(cls, enum.Enum) and cls in _ENUMS
+    if admitted and isinstance(name, str) and name in cls.__members__:
+        return cls.__members__[name]
+    raise _NotMetadata(f"getattr({cls!r:.60}, {name!r:.60}) is not DCP metadata")
 
 
 class _MetadataUnpickler(pickle.Unpickler):
@@ -234,6 +248,8 @@ class _MetadataUnpickler(pickle.Unpickler):
         found = _DCP_CLASSES.get((module, name))
         if found is not None:
             return found
+        if (module, name) == ("builtins", "getattr"):
+            return _enum_member  # an Enum member by name, nothing else
         if module in ("pathlib", "pathlib._local") and name in _PATHS:
             return _PATHS[name]
         dtype = vars(torch).get(name) if module == "torch" else None  # no lazy imports
