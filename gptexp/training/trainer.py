@@ -591,9 +591,9 @@ class Trainer(SpikeResponse):
         if self.dist.enabled:
             flag = torch.tensor([int(requested)], device=self.device)
             dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-            if flag.item():
+            requested = bool(flag.item())  # one read: at sync steps only (see fit)
+            if requested:
                 self.stop.mark_stopped_elsewhere()
-            requested = bool(flag.item())
         if not requested:
             return
         self.sync()
