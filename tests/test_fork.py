@@ -268,6 +268,14 @@ def stored_parent(tmp_path) -> Path:
     return parent
 
 
+def assert_refused_in_one_line(parent, tmp_path, args, message) -> None:
+    """``fork`` with ``args`` exits 2 with one error line holding ``message``, writing nothing."""
+    out = tmp_path / "never"
+    code, stderr = call_main(gptexp.fork.main, f"run={parent}", f"out={out}", *args)
+    assert code == 2 and stderr.count("error:") == 1 and message in stderr, stderr
+    assert not out.exists()
+
+
 @pytest.mark.parametrize(
     ("args", "message"),
     [
@@ -279,10 +287,7 @@ def stored_parent(tmp_path) -> Path:
     ],
 )
 def test_fork_checks_overrides_as_train_does(stored_parent, tmp_path, args, message):
-    out = tmp_path / "never"
-    code, stderr = call_main(gptexp.fork.main, f"run={stored_parent}", f"out={out}", *args)
-    assert code == 2 and stderr.count("error:") == 1 and message in stderr, stderr
-    assert not out.exists()
+    assert_refused_in_one_line(stored_parent, tmp_path, args, message)
 
 
 def test_fork_reads_yaml_words_as_train_does(stored_parent):
@@ -431,10 +436,7 @@ def test_the_frontiers_csv_holds_the_values_as_recorded(cooldowns, tmp_path):
     ],
 )
 def test_bad_cooldowns_are_refused_in_one_line(stored_parent, tmp_path, args, message):
-    out = tmp_path / "never"
-    code, stderr = call_main(gptexp.fork.main, f"run={stored_parent}", f"out={out}", *args)
-    assert code == 2 and stderr.count("error:") == 1 and message in stderr, stderr
-    assert not out.exists()
+    assert_refused_in_one_line(stored_parent, tmp_path, args, message)
 
 
 def test_a_cooldown_forks_wandb_run_is_in_its_parents_group_named_by_its_cooldown(tmp_path):
