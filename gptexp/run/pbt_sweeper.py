@@ -513,12 +513,13 @@ class PBTSearch(Sweeper):
         with open_dict(composed):
             del composed["hydra"]
         wanted = config_to_dict(resolve_init_from(to_train_config(composed), overrides))
-        differ = sorted(set(config_diff(recorded, wanted)) - {MAX_STEPS})
+        differ = {k: v for k, v in config_diff(recorded, wanted).items() if k != MAX_STEPS}
         if differ:
+            first = sorted(differ)[:3]
             shown = ", ".join(
                 f"{key}={before!r} where this launch gives {after!r}"
-                for key, (before, after) in list(config_diff(recorded, wanted).items())
-                if key in differ[:3]
+                for key, (before, after) in differ.items()
+                if key in first
             )
             raise RunError(
                 f"{run.path}: trained with other settings than this launch's ({shown}); "
