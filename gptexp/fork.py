@@ -60,6 +60,7 @@ from gptexp.run.forking import (
     parse_reset,
 )
 from gptexp.run.session import overridden_config, run_training
+from gptexp.training.progress import plural
 from gptexp.training.speed import prepare_command_process
 
 log = logging.getLogger(__name__)
@@ -147,6 +148,19 @@ def prepare(options: ForkOptions, overrides: list[str]) -> tuple[TrainConfig, Fo
     if cooldown is not None:  # its schedule is counted from the checkpoint's step
         overrides = [*overrides, *cooldown_overrides(loaded.entry.step, cooldown)]
         cfg, changes = overridden_config(parent, overrides, fork=True)
+        warmup = cfg.training.warmup_steps
+        if loaded.entry.step < warmup:  # as the planned wsd run: warm-up wins (lr_factor)
+            log.warning(
+                "cooldown=%d from step %d: inside training.warmup_steps=%d, where the lr still "
+                "rises; %s",
+                cooldown,
+                loaded.entry.step,
+                warmup,
+                "it never decays (cool down from a later checkpoint)"
+                if loaded.entry.step + cooldown <= warmup
+                else f"only its last {plural(loaded.entry.step + cooldown - warmup, 'update')} "
+                "decay",
+            )
     start = fork_start(
         parent, loaded, cfg, changes, overrides, reset, cooldown=cooldown, weights=options.weights
     )

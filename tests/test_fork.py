@@ -338,6 +338,18 @@ def cooldowns(parent, tmp_path_factory) -> tuple[Path, Path]:
     return parent_dir, sweep
 
 
+def test_a_cooldown_inside_the_warm_up_says_how_much_of_it_decays(parent, tmp_path):
+    """Warm-up wins over the decay (lr_factor), as in the planned wsd run: a cooldown that
+    starts inside it says so, and one that also ends inside it never decays."""
+    parent_dir, _ = parent
+    for warmup, said in [(30, "it never decays"), (11, "only its last 1 update decay")]:
+        args = ["ckpt=10", "cooldown=2", f"training.warmup_steps={warmup}"]
+        out = tmp_path / str(warmup)
+        code, stderr = call_main(gptexp.fork.main, f"run={parent_dir}", f"out={out}", *args)
+        assert code == 0, stderr
+        assert f"inside training.warmup_steps={warmup}" in stderr and said in stderr, stderr
+
+
 def test_a_cooldown_fork_is_bit_identical_to_the_wsd_run_planned_from_the_start(cooldowns):
     parent_dir, sweep = cooldowns
     planned = sweep.parent / "planned"
